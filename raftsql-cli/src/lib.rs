@@ -1,0 +1,413 @@
+//! The `raftsql` command line: run a node, a local development cluster, SQL and status.
+//!
+//! The binary (`main.rs`) only calls [`main`]; integration tests run the same code through
+//! their own binary target.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use raftsql_core::{Client, Node, NodeConfig, Value};
+
+/// Replicated SQLite over Raft.
+#[derive(Parser, Debug)]
+#[command(name = "raftsql", version, about = "Raft-replicated SQLite: run nodes, a local cluster, SQL and status")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run one node in the foreground (Ctrl-C or SIGTERM stops it cleanly).
+    Node(NodeArgs),
+    /// Start a local 3-node cluster as child processes and keep it running until Ctrl-C.
+    Dev(DevArgs),
+    /// Run SQL against a cluster.
+    Sql(SqlArgs),
+    /// Show each node's Raft status.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+struct NodeArgs {
+    /// Directory for the Raft log, databases and snapshots.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address for peers and clients, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// This node's id (1, 2, ...).
+    #[arg(long)]
+    id: u64,
+    /// Every member of a new cluster: 1=HOST:PORT,2=HOST:PORT,... (ignored on restart).
+    #[arg(long)]
+    bootstrap_peers: Option<String>,
+    /// Cluster name; nodes of other clusters are refused.
+    #[arg(long, default_value = "raftsql")]
+    cluster: String,
+    /// Raft tick in milliseconds (election timeout is 10 ticks, heartbeat 2).
+    #[arg(long, default_value_t = 50)]
+    tick_ms: u64,
+    /// Checkpoint the WAL into the database files after this many pages.
+    #[arg(long, default_value_t = 4000)]
+    checkpoint_frames: u64,
+    /// Compact the Raft log once it exceeds this many bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    compact_log_bytes: u64,
+}
+
+#[derive(Args, Debug)]
+struct DevArgs {
+    /// Where the nodes keep their data (default: ./raftsql-dev).
+    #[arg(long, default_value = "raftsql-dev")]
+    dir: PathBuf,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Port of node 1; node N listens on base-port + N - 1.
+    #[arg(long, default_value_t = 7001)]
+    base_port: u16,
+    /// Host to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+}
+
+#[derive(Args, Debug)]
+struct SqlArgs {
+    /// Nodes to contact: HOST:PORT[,HOST:PORT...].
+    #[arg(long, default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003")]
+    endpoints: String,
+    /// Database name.
+    #[arg(long, default_value = "main")]
+    db: String,
+    /// SQL to run (otherwise statements are read from standard input, one per line).
+    #[arg(short = 'e', long)]
+    execute: Option<String>,
+    /// Print rows as JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// Read from the contacted node's applied state instead of a linearizable read.
+    #[arg(long)]
+    local: bool,
+    /// Cluster name.
+    #[arg(long, default_value = "raftsql")]
+    cluster: String,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Nodes to ask: HOST:PORT[,HOST:PORT...].
+    #[arg(long, default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003")]
+    endpoints: String,
+    /// Also compute a digest of every database (reads every page).
+    #[arg(long)]
+    digests: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Cluster name.
+    #[arg(long, default_value = "raftsql")]
+    cluster: String,
+}
+
+/// Entry point of the `raftsql` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let r = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Node(a) => run_node(a).await,
+            Cmd::Dev(a) => tokio::task::spawn_blocking(move || run_dev(a)).await.unwrap(),
+            Cmd::Sql(a) => run_sql(a).await,
+            Cmd::Status(a) => run_status(a).await,
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("raftsql: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RAFTSQL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+type CliResult = Result<(), String>;
+
+async fn run_node(a: NodeArgs) -> CliResult {
+    let mut cfg = NodeConfig::new(a.id, a.data_dir.clone(), a.listen);
+    if let Some(p) = &a.bootstrap_peers {
+        cfg.peers = raftsql_core::parse_peers(p).map_err(|e| format!("--bootstrap-peers: {e}"))?;
+    }
+    cfg.cluster = a.cluster;
+    cfg.tick = Duration::from_millis(a.tick_ms.max(1));
+    cfg.checkpoint_frames = a.checkpoint_frames.max(1);
+    cfg.compact_log_bytes = a.compact_log_bytes;
+    let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
+    eprintln!("raftsql: node {} listening on {} (data in {})", a.id, a.listen, a.data_dir.display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("raftsql: stopping node {}", a.id);
+    node.shutdown().await;
+    Ok(())
+}
+
+fn run_dev(a: DevArgs) -> CliResult {
+    if a.nodes == 0 {
+        return Err("--nodes must be at least 1".into());
+    }
+    std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let dir = a.dir.canonicalize().map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let addrs: Vec<String> = (0..a.nodes).map(|i| format!("{}:{}", a.host, a.base_port + i as u16)).collect();
+    let peers: Vec<String> = addrs.iter().enumerate().map(|(i, ad)| format!("{}={ad}", i + 1)).collect();
+    let peers = peers.join(",");
+    let mut children: Vec<Child> = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = i + 1;
+        let data = dir.join(format!("node{id}"));
+        let log = std::fs::File::create(dir.join(format!("node{id}.log"))).map_err(|e| e.to_string())?;
+        let child = Command::new(&exe)
+            .args(["node", "--id", &id.to_string(), "--listen", addr, "--bootstrap-peers", &peers])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting node {id}: {e}"))?;
+        children.push(child);
+    }
+    let endpoints = addrs.join(",");
+    println!("raftsql dev cluster: {} nodes, data and logs under {}", a.nodes, dir.display());
+    for (i, addr) in addrs.iter().enumerate() {
+        println!("  node {}: {addr}  (log: {})", i + 1, dir.join(format!("node{}.log", i + 1)).display());
+    }
+    // Wait for a leader so the printed commands work right away.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let sockaddrs: Vec<SocketAddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let started = Instant::now();
+    let leader = rt.block_on(async {
+        while started.elapsed() < Duration::from_secs(20) {
+            for a in &sockaddrs {
+                if let Ok(s) = Client::status_of(*a, "raftsql", false).await {
+                    if s.leader_id != 0 {
+                        return Some(s.leader_id);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    });
+    match leader {
+        Some(l) => println!("leader: node {l} (elected in {:.1}s)", started.elapsed().as_secs_f64()),
+        None => println!("no leader yet: see the node logs"),
+    }
+    println!("\nTry:\n  raftsql sql --endpoints {endpoints} -e \"CREATE TABLE t(k TEXT PRIMARY KEY, v TEXT)\"");
+    println!("  raftsql sql --endpoints {endpoints} -e \"INSERT INTO t VALUES('hello', 'world')\"");
+    println!("  raftsql sql --endpoints {endpoints} -e \"SELECT * FROM t\"");
+    println!("  raftsql status --endpoints {endpoints}");
+    println!("(through cargo: cargo run -p raftsql-cli -- sql ...). Ctrl-C stops the cluster.");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let s = stop.clone();
+        // The handler only sets a flag; the loop below does the work.
+        unsafe {
+            STOP_FLAG = std::sync::Arc::as_ptr(&s);
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(st)) = c.try_wait() {
+                eprintln!("raftsql dev: node {} exited ({st}); see its log", i + 1);
+            }
+        }
+        children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        if children.is_empty() {
+            return Err("every node exited".into());
+        }
+    }
+    println!("\nstopping the cluster...");
+    for c in &children {
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    for mut c in children {
+        let _ = c.wait();
+    }
+    println!("stopped; data kept in {}", dir.display());
+    Ok(())
+}
+
+static mut STOP_FLAG: *const std::sync::atomic::AtomicBool = std::ptr::null();
+extern "C" fn on_signal(_: libc::c_int) {
+    unsafe {
+        if !STOP_FLAG.is_null() {
+            (*STOP_FLAG).store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn parse_endpoints(s: &str) -> Result<Vec<SocketAddr>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().map_err(|_| format!("bad endpoint {p:?}: expected IP:PORT")))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| if v.is_empty() { Err("no endpoints given".into()) } else { Ok(v) })
+}
+
+fn is_query(sql: &str) -> bool {
+    let w = sql.trim_start().split(|c: char| c.is_whitespace() || c == '(').next().unwrap_or("").to_ascii_uppercase();
+    matches!(w.as_str(), "SELECT" | "WITH" | "VALUES" | "EXPLAIN") || (w == "PRAGMA" && !sql.contains('='))
+}
+
+fn fmt_value(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::Integer(i) => i.to_string(),
+        Value::Real(f) => f.to_string(),
+        Value::Text(s) => s.clone(),
+        Value::Blob(b) => format!("x'{}'", b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
+    }
+}
+
+fn json_value(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Null => serde_json::Value::Null,
+        Value::Integer(i) => (*i).into(),
+        Value::Real(f) => (*f).into(),
+        Value::Text(s) => s.clone().into(),
+        Value::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect::<String>().into(),
+    }
+}
+
+async fn run_one(client: &Client, a: &SqlArgs, sql: &str) -> Result<(), String> {
+    if is_query(sql) {
+        let rows = client.query_with(&a.db, sql, vec![], a.local).await.map_err(|e| e.to_string())?;
+        if a.json {
+            for r in &rows.rows {
+                let obj: serde_json::Map<String, serde_json::Value> =
+                    rows.columns.iter().cloned().zip(r.iter().map(json_value)).collect();
+                println!("{}", serde_json::Value::Object(obj));
+            }
+        } else {
+            let cells: Vec<Vec<String>> = rows.rows.iter().map(|r| r.iter().map(fmt_value).collect()).collect();
+            let mut w: Vec<usize> = rows.columns.iter().map(|c| c.len()).collect();
+            for r in &cells {
+                for (i, c) in r.iter().enumerate() {
+                    w[i] = w[i].max(c.len());
+                }
+            }
+            let line = |r: &[String]| r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = w[i])).collect::<Vec<_>>().join(" | ");
+            println!("{}", line(&rows.columns));
+            println!("{}", w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().join("-+-"));
+            for r in &cells {
+                println!("{}", line(r));
+            }
+            println!("({} row{})", cells.len(), if cells.len() == 1 { "" } else { "s" });
+        }
+    } else {
+        let r = client.execute(&a.db, sql, vec![]).await.map_err(|e| e.to_string())?;
+        if a.json {
+            println!("{}", serde_json::json!({"rows_affected": r.rows_affected, "last_insert_rowid": r.last_insert_rowid}));
+        } else {
+            println!("ok: {} row(s) affected, last insert rowid {}", r.rows_affected, r.last_insert_rowid);
+        }
+    }
+    Ok(())
+}
+
+async fn run_sql(a: SqlArgs) -> CliResult {
+    let client = Client::new(parse_endpoints(&a.endpoints)?, &a.cluster);
+    if let Some(sql) = &a.execute {
+        return run_one(&client, &a, sql).await;
+    }
+    let mut failed = false;
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    while {
+        line.clear();
+        stdin.read_line(&mut line).map_err(|e| e.to_string())? > 0
+    } {
+        let sql = line.trim();
+        if sql.is_empty() {
+            continue;
+        }
+        if let Err(e) = run_one(&client, &a, sql).await {
+            eprintln!("error: {e}");
+            failed = true;
+        }
+    }
+    if failed {
+        Err("some statements failed".into())
+    } else {
+        Ok(())
+    }
+}
+
+async fn run_status(a: StatusArgs) -> CliResult {
+    let mut any = false;
+    for addr in parse_endpoints(&a.endpoints)? {
+        match Client::status_of(addr, &a.cluster, a.digests).await {
+            Ok(s) => {
+                any = true;
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "endpoint": addr.to_string(), "id": s.id, "role": s.role, "leader_id": s.leader_id,
+                            "leader_addr": s.leader_addr, "term": s.term, "commit_index": s.commit_index,
+                            "applied_index": s.applied_index, "checkpoint_index": s.checkpoint_index,
+                            "log_first_index": s.log_first_index, "log_last_index": s.log_last_index,
+                            "db_digests": s.db_digests,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{addr}  node {}  {:<9} term {}  leader {}  commit {}  applied {}  checkpoint {}  log {}..{}{}",
+                        s.id,
+                        s.role,
+                        s.term,
+                        s.leader_id,
+                        s.commit_index,
+                        s.applied_index,
+                        s.checkpoint_index,
+                        s.log_first_index,
+                        s.log_last_index,
+                        if s.db_digests.is_empty() { String::new() } else { format!("  digests {:?}", s.db_digests) }
+                    );
+                }
+            }
+            Err(e) => {
+                if a.json {
+                    println!("{}", serde_json::json!({"endpoint": addr.to_string(), "error": e.to_string()}));
+                } else {
+                    println!("{addr}  unreachable: {e}");
+                }
+            }
+        }
+    }
+    if any {
+        Ok(())
+    } else {
+        Err("no node answered".into())
+    }
+}

@@ -1,0 +1,183 @@
+//! A client for raftsql nodes in other processes.
+//!
+//! It talks to any node, follows `NotLeader` hints to the leader, and retries only what is
+//! safe to retry: a request refused before it ran (not leader, no leader yet, connection
+//! refused). A write whose connection broke after it was sent is reported as
+//! [`Error::OutcomeUnknown`], never retried blindly.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use raftsql_proto::v1 as pb;
+use tokio::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::transport::RpcConn;
+use crate::value::{ExecResult, Rows, Statement, Value};
+
+/// Client of a raftsql cluster.
+pub struct Client {
+    endpoints: Vec<SocketAddr>,
+    cluster: String,
+    conn: Mutex<Option<(SocketAddr, RpcConn)>>,
+    preferred: parking_lot::Mutex<Option<SocketAddr>>,
+    /// How long a call keeps retrying (elections, reconnects) before giving up.
+    pub timeout: Duration,
+}
+
+impl Client {
+    /// A client of the cluster named `cluster` reachable at any of `endpoints`.
+    pub fn new(endpoints: Vec<SocketAddr>, cluster: &str) -> Client {
+        Client {
+            endpoints,
+            cluster: cluster.to_string(),
+            conn: Mutex::new(None),
+            preferred: parking_lot::Mutex::new(None),
+            timeout: Duration::from_secs(15),
+        }
+    }
+
+    /// Sends one request to one node (no retries, no leader following).
+    pub async fn call_node(addr: SocketAddr, cluster: &str, body: pb::request::Body) -> Result<pb::response::Body> {
+        let mut c = RpcConn::connect(addr, 0, cluster, None)
+            .await
+            .map_err(|e| Error::Transport(format!("{addr}: {e}")))?;
+        c.call(body).await.map_err(|e| Error::Transport(format!("{addr}: {e}")))
+    }
+
+    /// Status of one node.
+    pub async fn status_of(addr: SocketAddr, cluster: &str, with_digests: bool) -> Result<pb::StatusResponse> {
+        match Self::call_node(addr, cluster, pb::request::Body::Status(pb::StatusRequest { with_digests })).await? {
+            pb::response::Body::Status(s) => Ok(s),
+            pb::response::Body::Error(e) => Err(from_pb(e)),
+            _ => Err(Error::Transport("unexpected response".into())),
+        }
+    }
+
+    async fn call(&self, body: pb::request::Body, is_write: bool) -> Result<pb::response::Body> {
+        let deadline = Instant::now() + self.timeout;
+        let mut next = 0usize;
+        let mut last_err = Error::Unavailable("no endpoint answered".into());
+        while Instant::now() < deadline {
+            let target = self.preferred.lock().take().unwrap_or_else(|| {
+                let a = self.endpoints[next % self.endpoints.len()];
+                next += 1;
+                a
+            });
+            let mut guard = self.conn.lock().await;
+            if guard.as_ref().map(|(a, _)| *a) != Some(target) {
+                *guard = match RpcConn::connect(target, 0, &self.cluster, None).await {
+                    Ok(c) => Some((target, c)),
+                    Err(e) => {
+                        last_err = Error::Transport(format!("{target}: {e}"));
+                        drop(guard);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+            }
+            let (_, conn) = guard.as_mut().unwrap();
+            let r = conn.call(body.clone()).await;
+            match r {
+                Err(e) => {
+                    *guard = None;
+                    if is_write {
+                        tracing::debug!("write to {target} lost its connection: {e}");
+                        return Err(Error::OutcomeUnknown);
+                    }
+                    last_err = Error::Transport(format!("{target}: {e}"));
+                }
+                Ok(pb::response::Body::Error(e)) => {
+                    let err = from_pb(e);
+                    match &err {
+                        Error::NotLeader { leader_addr, .. } => {
+                            if let Some(a) = leader_addr.as_ref().and_then(|a| a.parse().ok()) {
+                                *self.preferred.lock() = Some(a);
+                            } else {
+                                drop(guard);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            last_err = err;
+                        }
+                        Error::Unavailable(_) => {
+                            drop(guard);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            last_err = err;
+                        }
+                        _ => {
+                            // Stick to this node next time.
+                            *self.preferred.lock() = Some(target);
+                            return Err(err);
+                        }
+                    }
+                }
+                Ok(body) => {
+                    *self.preferred.lock() = Some(target);
+                    return Ok(body);
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Runs statements atomically on `db`.
+    pub async fn execute_batch(&self, db: &str, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
+        let body = pb::request::Body::Execute(pb::ExecuteRequest {
+            db: db.to_string(),
+            statements: stmts.iter().map(pb::Statement::from).collect(),
+        });
+        match self.call(body, true).await? {
+            pb::response::Body::Execute(r) => Ok(r
+                .results
+                .into_iter()
+                .map(|r| ExecResult { rows_affected: r.rows_affected, last_insert_rowid: r.last_insert_rowid })
+                .collect()),
+            _ => Err(Error::Transport("unexpected response".into())),
+        }
+    }
+
+    /// Runs one write statement.
+    pub async fn execute(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<ExecResult> {
+        let mut r = self.execute_batch(db, &[Statement::with_params(sql, params)]).await?;
+        Ok(r.pop().unwrap_or_default())
+    }
+
+    /// Runs a query (linearizable unless `local`).
+    pub async fn query_with(&self, db: &str, sql: &str, params: Vec<Value>, local: bool) -> Result<Rows> {
+        let body = pb::request::Body::Query(pb::QueryRequest {
+            db: db.to_string(),
+            statement: Some(pb::Statement::from(&Statement::with_params(sql, params))),
+            consistency: if local { pb::ReadConsistency::Local as i32 } else { pb::ReadConsistency::Linearizable as i32 },
+        });
+        match self.call(body, false).await? {
+            pb::response::Body::Query(q) => Ok(Rows {
+                columns: q.columns,
+                rows: q.rows.into_iter().map(|r| r.values.into_iter().map(Value::from).collect()).collect(),
+            }),
+            _ => Err(Error::Transport("unexpected response".into())),
+        }
+    }
+
+    /// Runs a linearizable query.
+    pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
+        self.query_with(db, sql, params, false).await
+    }
+}
+
+/// Converts a wire error to [`Error`].
+pub fn from_pb(e: pb::Error) -> Error {
+    use pb::error::Code;
+    match Code::try_from(e.code).unwrap_or(Code::Internal) {
+        Code::NotLeader => Error::NotLeader {
+            leader_id: (e.leader_id != 0).then_some(e.leader_id),
+            leader_addr: (!e.leader_addr.is_empty()).then_some(e.leader_addr),
+        },
+        Code::Sql => Error::Sql { code: e.sqlite_code, message: e.message },
+        Code::OutcomeUnknown => Error::OutcomeUnknown,
+        Code::Unavailable => Error::Unavailable(e.message),
+        Code::Timeout => Error::Timeout(Duration::ZERO),
+        Code::Invalid => Error::Invalid(e.message),
+        Code::Shutdown => Error::Shutdown,
+        Code::Internal => Error::Internal(e.message),
+    }
+}

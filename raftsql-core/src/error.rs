@@ -1,0 +1,106 @@
+//! The errors of raftsql-core. Each says what happened and, where there is one, what to do.
+
+use std::path::PathBuf;
+
+/// Errors returned by [`crate::Node`], [`crate::Client`] and the storage layers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writes (and linearizable reads when no leader is known) go to the leader.
+    #[error("this node is not the leader{}", leader_hint(.leader_id, .leader_addr))]
+    NotLeader {
+        /// Leader's node id, if known.
+        leader_id: Option<u64>,
+        /// Leader's address, if known: send the request there.
+        leader_addr: Option<String>,
+    },
+    /// SQLite rejected the statement (constraint, syntax, ...); nothing was written.
+    #[error("SQL error (SQLite code {code}): {message}")]
+    Sql {
+        /// SQLite's primary result code.
+        code: i32,
+        /// SQLite's message.
+        message: String,
+    },
+    /// The leader lost leadership after the write was proposed: the write may or may not
+    /// commit. Read back before retrying.
+    #[error("leadership was lost while the write was being replicated; its outcome is unknown")]
+    OutcomeUnknown,
+    /// No quorum answered in time.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    /// The request did not complete in time.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// Bad input from the caller.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The node is stopping.
+    #[error("the node is shutting down")]
+    Shutdown,
+    /// Another process holds this data directory.
+    #[error("data directory {} is in use by another raftsql process (lock file {} is held)", .dir.display(), .dir.join("LOCK").display())]
+    DataDirInUse {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// A file operation failed.
+    #[error("I/O error on {}: {source}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Raft log on disk is damaged or inconsistent.
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    /// Stored state is damaged (a checksum or format check failed).
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// An error inside raft-rs.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// A network or protocol error talking to another node.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// Anything else (a bug, or an unexpected SQLite failure).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn leader_hint(id: &Option<u64>, addr: &Option<String>) -> String {
+    match (id, addr) {
+        (Some(id), Some(a)) => format!("; the leader is node {id} at {a}"),
+        (Some(id), None) => format!("; the leader is node {id}"),
+        _ => "; no leader is known right now (an election may be in progress)".into(),
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        match &e {
+            rusqlite::Error::SqliteFailure(f, msg) => Error::Sql {
+                code: f.extended_code & 0xff,
+                message: msg.clone().unwrap_or_else(|| f.to_string()),
+            },
+            _ => Error::Sql { code: 1, message: e.to_string() },
+        }
+    }
+}
+
+impl From<raft::Error> for Error {
+    fn from(e: raft::Error) -> Self {
+        Error::Raft(e.to_string())
+    }
+}

@@ -1,0 +1,31 @@
+//! raftsql-core: SQLite databases replicated through Raft by their WAL frames.
+//!
+//! A write runs on the leader's single writer connection; the pages its COMMIT appends to
+//! the WAL become one Raft log entry ([`entry::Frames`]); every node applies the same pages,
+//! so replicas are byte-identical. See `docs/ARCHITECTURE.md` for the whole data path and
+//! the invariants, and each module for the part it owns:
+//!
+//! - [`vfs`]: the SQLite VFS giving access to the wal-index header;
+//! - [`entry`]: the replicated entry format;
+//! - [`log`]: the durable Raft log (segments of checksummed records);
+//! - [`state`]: the state machine (databases, writer, apply, checkpoints);
+//! - [`snapshot`]: snapshots for lagging followers;
+//! - [`transport`]: framed TCP between nodes and clients;
+//! - [`node`]: the Raft thread and the [`Node`] API; [`client`]: the remote [`Client`].
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod entry;
+pub mod error;
+pub mod log;
+pub mod node;
+pub mod snapshot;
+pub mod state;
+pub mod transport;
+pub mod value;
+pub mod vfs;
+
+pub use client::Client;
+pub use error::{Error, Result};
+pub use node::{parse_peers, Node, NodeConfig, Status, Transaction};
+pub use value::{ExecResult, Rows, Statement, Value};

@@ -1,0 +1,990 @@
+//! A raftsql node: the Raft thread, the state machine thread, the network endpoint, and the
+//! [`Node`] API that ties them together.
+//!
+//! # Threads
+//! - **raft** (`raftsql-raft`): owns the `RawNode`. Each turn it drains its inbox (peer
+//!   messages, proposals, read-index requests), ticks, then handles one `Ready` the way
+//!   raft-rs prescribes: send the leader's messages, hand committed entries to the state
+//!   machine, append new entries and the hard state to the log, **fsync once**, send the
+//!   messages that had to wait for that fsync, advance. Everything proposed while the
+//!   previous fsync ran shares the next one (group commit at the log).
+//! - **state machine** (`raftsql-sm`, see `state.rs`): owns the SQLite writer connections;
+//!   applies committed entries; runs leader write batches and proposes their pages.
+//! - **tokio**: the listener, one sender task per peer, request handlers, readers
+//!   (`spawn_blocking`).
+//!
+//! # Reads
+//! Linearizable reads use Raft's ReadIndex (raft-rs `ReadOnlyOption::Safe`): the leader
+//! confirms with a heartbeat quorum that it still leads at commit index `r`, the node waits
+//! until it has applied `r`, then reads. We chose ReadIndex over a lease because a lease
+//! relies on bounded clock drift and pauses (a paused leader with a stale lease would serve
+//! stale reads, which the fault tests provoke on purpose). The cost is one heartbeat round
+//! trip per read batch. Followers serve linearizable reads the same way (the read index
+//! comes from the leader), and `LOCAL` reads from whatever they have applied.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fs2::FileExt;
+use parking_lot::Mutex;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType, SnapshotMetadata};
+use raft::{RawNode, StateRole};
+use raftsql_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use crate::error::{Error, Result};
+use crate::log::{LogStorage, RaftLog};
+use crate::snapshot::{Manifest, SnapshotStore};
+use crate::state::{self, DbMap, Progress, SmMsg, SmSettings, StateMachine, ToRaft, TxOp, WriteReq};
+use crate::transport::{Handler, ResponseFuture, RpcConn, Transport};
+use crate::value::{ExecResult, Rows, Statement, Value};
+
+/// How to run a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id (non-zero, unique in the cluster).
+    pub id: u64,
+    /// Directory holding the Raft log, databases and snapshots.
+    pub data_dir: PathBuf,
+    /// Address to listen on for peers and clients.
+    pub listen: SocketAddr,
+    /// Every member's id and address (this node included), used to bootstrap a new cluster.
+    /// A node restarting from an existing data directory uses the membership it stored.
+    pub peers: BTreeMap<u64, SocketAddr>,
+    /// Cluster name; connections from another cluster are refused.
+    pub cluster: String,
+    /// Raft tick.
+    pub tick: Duration,
+    /// Election timeout in ticks (randomized up to twice that).
+    pub election_ticks: usize,
+    /// Heartbeat interval in ticks.
+    pub heartbeat_ticks: usize,
+    /// Checkpoint after this many WAL frames (pages) since the last one.
+    pub checkpoint_frames: u64,
+    /// Compact the Raft log (up to the checkpoint) once it is larger than this.
+    pub compact_log_bytes: u64,
+    /// Longest a write waits for the writer and for its commit.
+    pub write_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for node `id` at `listen`, storing under `data_dir`, with no peers set.
+    pub fn new(id: u64, data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        NodeConfig {
+            id,
+            data_dir: data_dir.into(),
+            listen,
+            peers: BTreeMap::from([(id, listen)]),
+            cluster: "raftsql".into(),
+            tick: Duration::from_millis(50),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            checkpoint_frames: 4000,
+            compact_log_bytes: 64 << 20,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What `<data>/node.json` records.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct NodeFile {
+    id: u64,
+    cluster: String,
+    peers: BTreeMap<u64, SocketAddr>,
+}
+
+/// Raft-side facts, refreshed after every Ready.
+#[derive(Clone, Debug, Default)]
+pub struct RaftStatus {
+    /// Leader's id, 0 if unknown.
+    pub leader_id: u64,
+    /// Current term.
+    pub term: u64,
+    /// Commit index.
+    pub commit: u64,
+    /// "leader", "follower", "candidate" or "pre-candidate".
+    pub role: String,
+    /// First index in the log.
+    pub log_first: u64,
+    /// Last index in the log.
+    pub log_last: u64,
+}
+
+/// A snapshot of the node's state, for `status` and tests.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// This node.
+    pub id: u64,
+    /// Raft facts.
+    pub raft: RaftStatus,
+    /// Leader address, if known.
+    pub leader_addr: Option<SocketAddr>,
+    /// Last applied index.
+    pub applied: u64,
+    /// Durable checkpoint index.
+    pub checkpoint: u64,
+}
+
+enum RaftMsg {
+    Step(Message),
+    Sm(ToRaft),
+    ReadIndex(oneshot::Sender<Result<u64>>),
+    Shutdown,
+}
+
+struct Shared {
+    cfg: NodeConfig,
+    raft_tx: Mutex<Sender<RaftMsg>>,
+    sm_tx: Mutex<Sender<SmMsg>>,
+    raft_status: Mutex<RaftStatus>,
+    dbs: DbMap,
+    progress: Arc<Progress>,
+    applied_rx: watch::Receiver<u64>,
+    snapshots: Arc<SnapshotStore>,
+    transport: Mutex<Option<Arc<Transport>>>,
+    peers: Mutex<BTreeMap<u64, SocketAddr>>,
+    receiving_snapshot: AtomicBool,
+    stopped: AtomicBool,
+}
+
+/// A running raftsql node. Cheap to clone; all clones drive the same node.
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    _lock: Arc<File>,
+}
+
+fn lock_data_dir(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let p = dir.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| Error::io(&p, e))?;
+    f.try_lock_exclusive().map_err(|_| Error::DataDirInUse { dir: dir.to_path_buf() })?;
+    Ok(f)
+}
+
+fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
+    let p = cfg.data_dir.join("node.json");
+    match std::fs::read(&p) {
+        Ok(b) => {
+            let nf: NodeFile = serde_json::from_slice(&b).map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))?;
+            if nf.id != cfg.id {
+                return Err(Error::Invalid(format!(
+                    "data directory {} belongs to node {}, not node {}",
+                    cfg.data_dir.display(),
+                    nf.id,
+                    cfg.id
+                )));
+            }
+            Ok(nf)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !cfg.peers.contains_key(&cfg.id) {
+                return Err(Error::Invalid(format!("the peer list does not include this node ({})", cfg.id)));
+            }
+            let nf = NodeFile { id: cfg.id, cluster: cfg.cluster.clone(), peers: cfg.peers.clone() };
+            state::write_atomic(&p, &serde_json::to_vec_pretty(&nf).unwrap())?;
+            Ok(nf)
+        }
+        Err(e) => Err(Error::io(&p, e)),
+    }
+}
+
+impl Node {
+    /// Starts a node: recovers its state from `data_dir` (or bootstraps a new cluster from
+    /// `peers`), binds `listen`, and joins the cluster. Must run inside a tokio runtime.
+    pub async fn start(mut cfg: NodeConfig) -> Result<Node> {
+        if cfg.id == 0 {
+            return Err(Error::Invalid("node id must be non-zero".into()));
+        }
+        let lock = lock_data_dir(&cfg.data_dir)?;
+        let nf = load_or_create_node_file(&cfg)?;
+        cfg.peers = nf.peers.clone();
+        cfg.cluster = nf.cluster.clone();
+
+        let mut log = RaftLog::open(&cfg.data_dir.join("raft"))?;
+        if !log.is_initialized() {
+            let mut cs = ConfState::default();
+            cs.voters = cfg.peers.keys().copied().collect();
+            log.bootstrap(cs)?;
+        }
+        let snapshots = Arc::new(SnapshotStore::open(&cfg.data_dir.join("snapshots"), cfg.id)?);
+        let (raft_tx, raft_rx) = mpsc::channel::<RaftMsg>();
+        let (sm_tx, sm_rx) = mpsc::channel::<SmMsg>();
+        let dbs: DbMap = Default::default();
+        let progress = Arc::new(Progress::default());
+        let (applied_tx, applied_rx) = watch::channel(0u64);
+        let to_raft = {
+            let tx = Mutex::new(raft_tx.clone());
+            Box::new(move |m: ToRaft| {
+                let _ = tx.lock().send(RaftMsg::Sm(m));
+            }) as Box<dyn Fn(ToRaft) + Send>
+        };
+        let sm = StateMachine::open(
+            cfg.id,
+            &cfg.data_dir.join("state"),
+            SmSettings { checkpoint_frames: cfg.checkpoint_frames },
+            to_raft,
+            dbs.clone(),
+            progress.clone(),
+            snapshots.clone(),
+            applied_tx,
+        )?;
+        let meta = sm.meta().clone();
+        // A crash between installing a snapshot into the state directory and rebasing the
+        // log leaves the databases ahead of the log: rebase the log now.
+        if meta.checkpoint_index > log.last_index() || meta.checkpoint_index > log.hard_state().commit {
+            let mut md = SnapshotMetadata::default();
+            md.index = meta.checkpoint_index;
+            md.term = meta.checkpoint_term;
+            let mut cs = ConfState::default();
+            cs.voters = meta.voters.clone();
+            cs.learners = meta.learners.clone();
+            if cs.voters.is_empty() {
+                cs = log.conf_state().clone();
+            }
+            md.set_conf_state(cs);
+            log.apply_snapshot(&md)?;
+        }
+        if meta.checkpoint_index + 1 < log.first_index() {
+            return Err(Error::Corrupt(format!(
+                "the Raft log starts at {} but the databases are only durable up to {}: entries in between are missing",
+                log.first_index(),
+                meta.checkpoint_index
+            )));
+        }
+        *snapshots.conf_state.lock() = log.conf_state().clone();
+        snapshots.log_first_index.store(log.first_index(), Ordering::SeqCst);
+        snapshots.set_state_machine(sm_tx.clone());
+        let storage = LogStorage::new(log, snapshots.clone());
+
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: meta.checkpoint_index,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_cfg, storage.clone(), &logger)?;
+
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            raft_tx: Mutex::new(raft_tx.clone()),
+            sm_tx: Mutex::new(sm_tx.clone()),
+            raft_status: Mutex::new(RaftStatus::default()),
+            dbs,
+            progress: progress.clone(),
+            applied_rx,
+            snapshots: snapshots.clone(),
+            transport: Mutex::new(None),
+            peers: Mutex::new(cfg.peers.clone()),
+            receiving_snapshot: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+        });
+        let handler = Arc::new(NodeHandler { shared: Arc::downgrade(&shared) });
+        let (transport, _) = Transport::bind(cfg.id, &cfg.cluster, cfg.listen, handler)
+            .await
+            .map_err(|e| Error::io(PathBuf::from(cfg.listen.to_string()), e))?;
+        for (id, addr) in &cfg.peers {
+            transport.set_peer(*id, *addr);
+        }
+        *shared.transport.lock() = Some(transport.clone());
+
+        let mut threads = Vec::new();
+        threads.push(
+            std::thread::Builder::new()
+                .name("raftsql-sm".into())
+                .spawn(move || sm.run(sm_rx))
+                .expect("spawn state machine thread"),
+        );
+        let driver = RaftDriver {
+            raw,
+            storage,
+            rx: raft_rx,
+            sm_tx,
+            transport,
+            shared: shared.clone(),
+            reads: HashMap::new(),
+            next_read: 1,
+            compact_log_bytes: cfg.compact_log_bytes,
+            last_leader: (false, 0),
+        };
+        let tick = cfg.tick;
+        threads.push(
+            std::thread::Builder::new()
+                .name("raftsql-raft".into())
+                .spawn(move || driver.run(tick))
+                .expect("spawn raft thread"),
+        );
+        tracing::info!(id = cfg.id, listen = %cfg.listen, "node started at checkpoint {}", meta.checkpoint_index);
+        Ok(Node { shared, threads: Arc::new(Mutex::new(threads)), _lock: Arc::new(lock) })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.shared.cfg.id
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        self.shared.status()
+    }
+
+    /// Runs one write statement (atomically, replicated) and says what it changed.
+    pub async fn execute(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<ExecResult> {
+        let mut r = self.execute_batch(db, vec![Statement::with_params(sql, params)]).await?;
+        Ok(r.pop().unwrap_or_default())
+    }
+
+    /// Runs statements atomically as one transaction: all take effect or none.
+    pub async fn execute_batch(&self, db: &str, stmts: Vec<Statement>) -> Result<Vec<ExecResult>> {
+        self.shared.execute_batch(db, stmts).await
+    }
+
+    /// Runs a query with a linearizable read (ReadIndex).
+    pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
+        self.shared.query(db, Statement::with_params(sql, params), true).await
+    }
+
+    /// Runs a query on what this node has applied (may be stale on a follower).
+    pub async fn query_local(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
+        self.shared.query(db, Statement::with_params(sql, params), false).await
+    }
+
+    /// Starts an interactive transaction on `db` (leader only). It holds the writer, so other
+    /// writes wait; it is rolled back after `idle` without a statement, or when dropped.
+    pub async fn transaction(&self, db: &str, idle: Duration) -> Result<Transaction> {
+        state::check_db_name(db)?;
+        let deadline = Instant::now() + self.shared.cfg.write_timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.shared.send_sm(SmMsg::Tx(TxOp::Begin { db: db.to_string(), idle, reply: tx }))?;
+            match rx.await.map_err(|_| Error::Shutdown)? {
+                Ok(id) => return Ok(Transaction { shared: self.shared.clone(), id, done: false }),
+                Err(Error::Unavailable(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(e) => return Err(self.shared.with_leader_hint(e)),
+            }
+        }
+    }
+
+    /// Names of the databases on this node.
+    pub fn databases(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.shared.dbs.read().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Digest of each database's pages (equal on every replica once they applied the same
+    /// index).
+    pub async fn digests(&self) -> Result<BTreeMap<String, String>> {
+        self.shared.digests().await
+    }
+
+    /// Stops the node: the Raft and state machine threads finish, files are closed, the data
+    /// directory lock is released when the last clone is dropped.
+    pub async fn shutdown(&self) {
+        if self.shared.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.shared.raft_tx.lock().send(RaftMsg::Shutdown);
+        let _ = self.shared.sm_tx.lock().send(SmMsg::Shutdown);
+        let threads: Vec<_> = self.threads.lock().drain(..).collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        tracing::info!(id = self.id(), "node stopped");
+    }
+}
+
+/// An interactive transaction (see [`Node::transaction`]).
+pub struct Transaction {
+    shared: Arc<Shared>,
+    id: u64,
+    done: bool,
+}
+
+impl Transaction {
+    /// Runs a statement inside the transaction; returns its rows (if any) and changes.
+    pub async fn execute(&mut self, sql: &str, params: Vec<Value>) -> Result<(Rows, ExecResult)> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.send_sm(SmMsg::Tx(TxOp::Exec { id: self.id, stmt: Statement::with_params(sql, params), reply: tx }))?;
+        rx.await.map_err(|_| Error::Shutdown)?
+    }
+
+    /// Commits: returns once the transaction is committed by a quorum.
+    pub async fn commit(mut self) -> Result<()> {
+        self.done = true;
+        let (tx, rx) = oneshot::channel();
+        self.shared.send_sm(SmMsg::Tx(TxOp::Commit { id: self.id, reply: tx }))?;
+        match tokio::time::timeout(self.shared.cfg.write_timeout, rx).await {
+            Ok(r) => r.map_err(|_| Error::Shutdown)?,
+            Err(_) => Err(Error::Timeout(self.shared.cfg.write_timeout)),
+        }
+    }
+
+    /// Rolls back.
+    pub fn rollback(mut self) {
+        self.done = true;
+        let _ = self.shared.send_sm(SmMsg::Tx(TxOp::Rollback { id: self.id }));
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.shared.send_sm(SmMsg::Tx(TxOp::Rollback { id: self.id }));
+        }
+    }
+}
+
+impl Shared {
+    fn send_sm(&self, m: SmMsg) -> Result<()> {
+        self.sm_tx.lock().send(m).map_err(|_| Error::Shutdown)
+    }
+
+    fn status(&self) -> Status {
+        let raft = self.raft_status.lock().clone();
+        let leader_addr = self.peers.lock().get(&raft.leader_id).copied();
+        Status {
+            id: self.cfg.id,
+            leader_addr,
+            applied: self.progress.applied.load(Ordering::SeqCst),
+            checkpoint: self.progress.checkpoint.load(Ordering::SeqCst),
+            raft,
+        }
+    }
+
+    fn with_leader_hint(&self, e: Error) -> Error {
+        match e {
+            Error::NotLeader { .. } => {
+                let id = self.raft_status.lock().leader_id;
+                let addr = self.peers.lock().get(&id).map(|a| a.to_string());
+                Error::NotLeader { leader_id: (id != 0 && id != self.cfg.id).then_some(id), leader_addr: if id != self.cfg.id { addr } else { None } }
+            }
+            other => other,
+        }
+    }
+
+    async fn execute_batch(&self, db: &str, stmts: Vec<Statement>) -> Result<Vec<ExecResult>> {
+        state::check_db_name(db)?;
+        if stmts.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.raft_status.lock().role != "leader" {
+            return Err(self.with_leader_hint(Error::NotLeader { leader_id: None, leader_addr: None }));
+        }
+        let (tx, rx) = oneshot::channel();
+        let timeout = self.cfg.write_timeout;
+        self.send_sm(SmMsg::Write(WriteReq { db: db.to_string(), stmts, reply: tx, deadline: Instant::now() + timeout }))?;
+        match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {
+            Ok(Ok(r)) => r.map_err(|e| match e {
+                Error::Timeout(_) => Error::Timeout(timeout),
+                e => self.with_leader_hint(e),
+            }),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+
+    async fn read_index(&self) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.raft_tx.lock().send(RaftMsg::ReadIndex(tx)).map_err(|_| Error::Shutdown)?;
+        match tokio::time::timeout(Duration::from_secs(3), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::Unavailable("no leader confirmed a read index within 3s (no quorum?)".into())),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<()> {
+        let mut rx = self.applied_rx.clone();
+        let r = tokio::time::timeout(Duration::from_secs(10), async { rx.wait_for(|a| *a >= index).await.map(|_| ()) }).await;
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::Timeout(Duration::from_secs(10))),
+        }
+    }
+
+    async fn query(&self, db: &str, stmt: Statement, linearizable: bool) -> Result<Rows> {
+        state::check_db_name(db)?;
+        if linearizable {
+            let idx = self.read_index().await?;
+            self.wait_applied(idx).await?;
+        }
+        let handle = self.dbs.read().get(db).cloned();
+        let Some(handle) = handle else {
+            return Err(Error::Invalid(format!("no such database: {db}")));
+        };
+        tokio::task::spawn_blocking(move || handle.query(&stmt))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    async fn digests(&self) -> Result<BTreeMap<String, String>> {
+        let handles: Vec<_> = self.dbs.read().values().cloned().collect();
+        tokio::task::spawn_blocking(move || {
+            let mut out = BTreeMap::new();
+            for h in handles {
+                let d = h.digest()?;
+                // An empty file (a first write that failed on the leader) holds no data and
+                // exists only where it was tried: not part of the replicated state.
+                if !d.starts_with("0:") {
+                    out.insert(h.name.clone(), d);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    async fn status_pb(&self, with_digests: bool) -> pb::Response {
+        let s = self.status();
+        let db_digests = if with_digests {
+            match self.digests().await {
+                Ok(d) => d.into_iter().collect(),
+                Err(e) => return error_response(0, &e),
+            }
+        } else {
+            Default::default()
+        };
+        pb::Response {
+            id: 0,
+            body: Some(pb::response::Body::Status(pb::StatusResponse {
+                id: s.id,
+                leader_id: s.raft.leader_id,
+                leader_addr: s.leader_addr.map(|a| a.to_string()).unwrap_or_default(),
+                term: s.raft.term,
+                commit_index: s.raft.commit,
+                applied_index: s.applied,
+                checkpoint_index: s.checkpoint,
+                role: s.raft.role.clone(),
+                log_first_index: s.raft.log_first,
+                log_last_index: s.raft.log_last,
+                db_digests,
+            })),
+        }
+    }
+}
+
+/// Maps an error to its wire form.
+pub fn error_response(id: u64, e: &Error) -> pb::Response {
+    use pb::error::Code;
+    let mut err = pb::Error { code: Code::Internal as i32, message: e.to_string(), ..Default::default() };
+    match e {
+        Error::NotLeader { leader_id, leader_addr } => {
+            err.code = Code::NotLeader as i32;
+            err.leader_id = leader_id.unwrap_or(0);
+            err.leader_addr = leader_addr.clone().unwrap_or_default();
+        }
+        Error::Sql { code, message } => {
+            err.code = Code::Sql as i32;
+            err.sqlite_code = *code;
+            err.message = message.clone();
+        }
+        Error::OutcomeUnknown => err.code = Code::OutcomeUnknown as i32,
+        Error::Unavailable(_) => err.code = Code::Unavailable as i32,
+        Error::Timeout(_) => err.code = Code::Timeout as i32,
+        Error::Invalid(_) => err.code = Code::Invalid as i32,
+        Error::Shutdown => err.code = Code::Shutdown as i32,
+        _ => {}
+    }
+    pb::Response { id, body: Some(pb::response::Body::Error(err)) }
+}
+
+struct NodeHandler {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl Handler for NodeHandler {
+    fn raft(&self, _from: u64, messages: Vec<Bytes>) {
+        let Some(shared) = self.shared.upgrade() else { return };
+        for b in messages {
+            let Ok(m) = Message::parse_from_bytes(&b) else {
+                tracing::warn!("dropped an undecodable raft message");
+                continue;
+            };
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                receive_snapshot(shared.clone(), m);
+            } else {
+                let _ = shared.raft_tx.lock().send(RaftMsg::Step(m));
+            }
+        }
+    }
+
+    fn request(&self, req: pb::Request) -> ResponseFuture {
+        let shared = self.shared.upgrade();
+        Box::pin(async move {
+            let Some(shared) = shared else { return error_response(req.id, &Error::Shutdown) };
+            let id = req.id;
+            let mut resp = match req.body {
+                Some(pb::request::Body::Execute(x)) => {
+                    let stmts = x.statements.into_iter().map(Statement::from).collect();
+                    match shared.execute_batch(&x.db, stmts).await {
+                        Ok(rs) => pb::Response {
+                            id,
+                            body: Some(pb::response::Body::Execute(pb::ExecuteResponse {
+                                results: rs
+                                    .into_iter()
+                                    .map(|r| pb::ExecResult { rows_affected: r.rows_affected, last_insert_rowid: r.last_insert_rowid })
+                                    .collect(),
+                            })),
+                        },
+                        Err(e) => error_response(id, &e),
+                    }
+                }
+                Some(pb::request::Body::Query(q)) => {
+                    let stmt = q.statement.map(Statement::from).unwrap_or_else(|| Statement::new(""));
+                    let lin = q.consistency != pb::ReadConsistency::Local as i32;
+                    match shared.query(&q.db, stmt, lin).await {
+                        Ok(rows) => pb::Response {
+                            id,
+                            body: Some(pb::response::Body::Query(pb::QueryResponse {
+                                columns: rows.columns,
+                                rows: rows
+                                    .rows
+                                    .iter()
+                                    .map(|r| pb::Row { values: r.iter().map(pb::Value::from).collect() })
+                                    .collect(),
+                            })),
+                        },
+                        Err(e) => error_response(id, &e),
+                    }
+                }
+                Some(pb::request::Body::Status(s)) => shared.status_pb(s.with_digests).await,
+                Some(pb::request::Body::SnapshotChunk(c)) => {
+                    let snaps = shared.snapshots.clone();
+                    let r = tokio::task::spawn_blocking(move || snaps.read_chunk(c.index, c.term, &c.file, c.offset))
+                        .await
+                        .unwrap_or_else(|e| Err(Error::Internal(e.to_string())));
+                    match r {
+                        Ok((data, eof)) => pb::Response {
+                            id,
+                            body: Some(pb::response::Body::SnapshotChunk(pb::SnapshotChunkResponse { data, eof })),
+                        },
+                        Err(e) => error_response(id, &e),
+                    }
+                }
+                None => error_response(id, &Error::Invalid("empty request".into())),
+            };
+            resp.id = id;
+            resp
+        })
+    }
+}
+
+/// Pulls the files of an incoming snapshot from its maker, then steps the message into Raft.
+fn receive_snapshot(shared: Arc<Shared>, m: Message) {
+    if shared.receiving_snapshot.swap(true, Ordering::SeqCst) {
+        return; // one at a time; the leader will send it again
+    }
+    tokio::spawn(async move {
+        let r = async {
+            let manifest = Manifest::decode(&m.get_snapshot().data)?;
+            let addr = shared
+                .peers
+                .lock()
+                .get(&manifest.from)
+                .copied()
+                .ok_or_else(|| Error::Invalid(format!("snapshot from unknown node {}", manifest.from)))?;
+            let started = Instant::now();
+            let conn = RpcConn::connect(addr, shared.cfg.id, &shared.cfg.cluster, Some(shared.cfg.listen.ip()))
+                .await
+                .map_err(|e| Error::Transport(format!("snapshot source {addr}: {e}")))?;
+            let conn = tokio::sync::Mutex::new(conn);
+            let (index, term) = (manifest.index, manifest.term);
+            shared
+                .snapshots
+                .receive(&manifest, |file, offset| {
+                    let conn = &conn;
+                    async move {
+                        let body = pb::request::Body::SnapshotChunk(pb::SnapshotChunkRequest { index, term, file, offset });
+                        match conn.lock().await.call(body).await {
+                            Ok(pb::response::Body::SnapshotChunk(c)) => Ok((c.data, c.eof)),
+                            Ok(pb::response::Body::Error(e)) => Err(Error::Transport(e.message)),
+                            Ok(_) => Err(Error::Transport("unexpected response".into())),
+                            Err(e) => Err(Error::Transport(e.to_string())),
+                        }
+                    }
+                })
+                .await?;
+            tracing::info!("received snapshot at index {index} in {:?}", started.elapsed());
+            Ok::<_, Error>(())
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                let _ = shared.raft_tx.lock().send(RaftMsg::Step(m));
+            }
+            Err(e) => tracing::warn!("receiving snapshot failed: {e}"),
+        }
+        shared.receiving_snapshot.store(false, Ordering::SeqCst);
+    });
+}
+
+struct RaftDriver {
+    raw: RawNode<LogStorage>,
+    storage: LogStorage,
+    rx: Receiver<RaftMsg>,
+    sm_tx: Sender<SmMsg>,
+    transport: Arc<Transport>,
+    shared: Arc<Shared>,
+    reads: HashMap<u64, (oneshot::Sender<Result<u64>>, Instant)>,
+    next_read: u64,
+    compact_log_bytes: u64,
+    last_leader: (bool, u64),
+}
+
+impl RaftDriver {
+    fn run(mut self, tick: Duration) {
+        let mut next_tick = Instant::now() + tick;
+        'outer: loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(m) => {
+                    if !self.handle(m) {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while let Ok(m) = self.rx.try_recv() {
+                if !self.handle(m) {
+                    break 'outer;
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                next_tick += tick;
+                if next_tick < now {
+                    next_tick = now + tick;
+                }
+                self.expire_reads();
+            }
+            if let Err(e) = self.on_ready() {
+                tracing::error!("raft thread failed, stopping the node: {e}");
+                eprintln!("raftsql: fatal: {e}");
+                std::process::exit(70);
+            }
+        }
+        let _ = self.storage.write().sync();
+    }
+
+    fn handle(&mut self, m: RaftMsg) -> bool {
+        match m {
+            RaftMsg::Step(msg) => {
+                let _ = self.raw.step(msg);
+            }
+            RaftMsg::Sm(ToRaft::Propose { data, seq }) => {
+                if self.raw.propose(Vec::new(), data.to_vec()).is_err() {
+                    let _ = self.sm_tx.send(SmMsg::ProposalFailed(seq));
+                }
+            }
+            RaftMsg::Sm(ToRaft::Checkpointed(c)) => {
+                let mut log = self.storage.write();
+                if log.disk_bytes() > self.compact_log_bytes && c + 1 > log.first_index() {
+                    match log.compact(c + 1) {
+                        Ok(()) => {
+                            self.shared.snapshots.log_first_index.store(log.first_index(), Ordering::SeqCst);
+                            tracing::info!("compacted the raft log up to index {c}");
+                        }
+                        Err(e) => tracing::warn!("log compaction failed: {e}"),
+                    }
+                }
+            }
+            RaftMsg::ReadIndex(reply) => {
+                let id = self.next_read;
+                self.next_read += 1;
+                self.reads.insert(id, (reply, Instant::now()));
+                self.raw.read_index(id.to_le_bytes().to_vec());
+            }
+            RaftMsg::Shutdown => return false,
+        }
+        true
+    }
+
+    fn expire_reads(&mut self) {
+        self.reads.retain(|_, (tx, at)| !tx.is_closed() && at.elapsed() < Duration::from_secs(5));
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            match m.write_to_bytes() {
+                Ok(b) => self.transport.send(m.to, Bytes::from(b)),
+                Err(e) => tracing::warn!("cannot encode raft message: {e}"),
+            }
+        }
+    }
+
+    fn apply_committed(&mut self, entries: Vec<raft::eraftpb::Entry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for e in &entries {
+            let cs = match e.get_entry_type() {
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
+                    Some(self.raw.apply_conf_change(&cc)?)
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
+                    Some(self.raw.apply_conf_change(&cc)?)
+                }
+                EntryType::EntryNormal => None,
+            };
+            if let Some(cs) = cs {
+                self.storage.write().set_conf_state(&cs)?;
+                *self.shared.snapshots.conf_state.lock() = cs;
+            }
+        }
+        let _ = self.sm_tx.send(SmMsg::Apply(entries));
+        Ok(())
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        self.send(ready.take_messages());
+        if ready.ss().is_some() {
+            let is_leader = self.raw.raft.state == StateRole::Leader;
+            let term = self.raw.raft.term;
+            if (is_leader, term) != self.last_leader {
+                self.last_leader = (is_leader, term);
+                let _ = self.sm_tx.send(SmMsg::Role { is_leader, term });
+            }
+        }
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            let manifest = Manifest::decode(&snap.data)?;
+            let dir = self.shared.snapshots.incoming_dir(&manifest);
+            let (done_tx, done_rx) = mpsc::channel();
+            let _ = self.sm_tx.send(SmMsg::InstallSnapshot { meta: snap.get_metadata().clone(), dir, done: done_tx });
+            done_rx.recv().map_err(|_| Error::Shutdown)??;
+            let mut log = self.storage.write();
+            log.apply_snapshot(snap.get_metadata())?;
+            self.shared.snapshots.log_first_index.store(log.first_index(), Ordering::SeqCst);
+            *self.shared.snapshots.conf_state.lock() = snap.get_metadata().get_conf_state().clone();
+        }
+        let committed = ready.take_committed_entries();
+        self.apply_committed(committed)?;
+        let mut wrote = false;
+        if !ready.entries().is_empty() {
+            self.storage.write().append(ready.entries())?;
+            wrote = true;
+        }
+        if let Some(hs) = ready.hs() {
+            self.storage.write().set_hard_state(hs)?;
+            wrote = true;
+        }
+        if wrote {
+            self.storage.write().sync()?;
+        }
+        self.send(ready.take_persisted_messages());
+        for rs in ready.take_read_states() {
+            let id = u64::from_le_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            if let Some((tx, _)) = self.reads.remove(&id) {
+                let _ = tx.send(Ok(rs.index));
+            }
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hs = self.storage.read().hard_state().clone();
+            hs.commit = commit;
+            self.storage.write().set_hard_state(&hs)?;
+        }
+        self.send(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply_committed(committed)?;
+        self.raw.advance_apply();
+        self.publish_status();
+        Ok(())
+    }
+
+    fn publish_status(&self) {
+        let r = &self.raw.raft;
+        let log = self.storage.read();
+        let mut s = self.shared.raft_status.lock();
+        s.leader_id = r.leader_id;
+        s.term = r.term;
+        s.commit = r.raft_log.committed;
+        s.role = match r.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        }
+        .into();
+        s.log_first = log.first_index();
+        s.log_last = log.last_index();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Only the last clone stops the node (the threads hold their own references).
+        if Arc::strong_count(&self.threads) == 1 && !self.shared.stopped.swap(true, Ordering::SeqCst) {
+            let _ = self.shared.raft_tx.lock().send(RaftMsg::Shutdown);
+            let _ = self.shared.sm_tx.lock().send(SmMsg::Shutdown);
+            for t in self.threads.lock().drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Parses `1=127.0.0.1:7001,2=...` into a peer map.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("bad peer {part:?}: expected ID=HOST:PORT")))?;
+        let id: u64 = id.trim().parse().map_err(|_| Error::Invalid(format!("bad node id {id:?} in {part:?}")))?;
+        if id == 0 {
+            return Err(Error::Invalid("node ids start at 1".into()));
+        }
+        let addr: SocketAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| Error::Invalid(format!("bad address {addr:?} in {part:?}: expected IP:PORT")))?;
+        if out.insert(id, addr).is_some() {
+            return Err(Error::Invalid(format!("node {id} listed twice")));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Invalid("empty peer list".into()));
+    }
+    Ok(out)
+}

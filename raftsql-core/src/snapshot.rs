@@ -1,0 +1,257 @@
+//! Snapshots for followers that are too far behind for the log.
+//!
+//! A snapshot is a directory `<data>/snapshots/out-<index>-<term>/` holding one `<db>.db`
+//! file per database (its pages at `index`, read through `sqlite_dbpage` in one read
+//! transaction, so byte-identical to the leader's) and `manifest.json` (index, term, each
+//! file's length and crc32). The Raft snapshot message carries only the manifest; the
+//! follower pulls the files in chunks from the node that made it, checks every length and
+//! checksum, and only then steps the message into Raft, which asks the state machine to
+//! install it (a new generation directory, switched by an atomic rename of `CURRENT`).
+//!
+//! Only the newest outgoing snapshot is kept; received ones are deleted once installed, and
+//! stale `in-*`/`*.tmp` directories are removed at start-up.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use raft::eraftpb::{ConfState, Snapshot};
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::state::SmMsg;
+
+/// Size of one chunk pulled by a follower.
+pub const CHUNK: usize = 1 << 20;
+
+/// One file of a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileInfo {
+    /// File name (`<db>.db`).
+    pub name: String,
+    /// Length in bytes.
+    pub len: u64,
+    /// crc32 of the whole file.
+    pub crc32: u32,
+}
+
+/// What the Raft snapshot message carries.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// Last entry included.
+    pub index: u64,
+    /// Its term.
+    pub term: u64,
+    /// Node serving the files.
+    pub from: u64,
+    /// The files.
+    pub files: Vec<FileInfo>,
+}
+
+impl Manifest {
+    /// Parses the manifest carried in a snapshot message (bytes from the network).
+    pub fn decode(data: &[u8]) -> Result<Manifest> {
+        let m: Manifest = serde_json::from_slice(data).map_err(|e| Error::Corrupt(format!("snapshot manifest: {e}")))?;
+        for f in &m.files {
+            let stem = f.name.strip_suffix(".db").unwrap_or("");
+            crate::state::check_db_name(stem).map_err(|_| Error::Corrupt(format!("snapshot file name {:?}", f.name)))?;
+        }
+        Ok(m)
+    }
+}
+
+/// Builds, serves and receives snapshots.
+pub struct SnapshotStore {
+    dir: PathBuf,
+    me: u64,
+    latest: Mutex<Option<Manifest>>,
+    building: AtomicBool,
+    /// Configuration to put in snapshot metadata (kept current by the Raft thread).
+    pub conf_state: Mutex<ConfState>,
+    /// First index still in the Raft log (kept current by the Raft thread): a snapshot older
+    /// than it cannot be followed by log entries, so it is rebuilt.
+    pub log_first_index: AtomicU64,
+    sm: Mutex<Option<Sender<SmMsg>>>,
+}
+
+impl SnapshotStore {
+    /// Opens `<data>/snapshots`, removing partial and received leftovers.
+    pub fn open(dir: &Path, me: u64) -> Result<SnapshotStore> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut latest = None;
+        for e in fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("out-") && !name.ends_with(".tmp") {
+                if let Ok(m) = fs::read(p.join("manifest.json")).map_err(|e| Error::io(&p, e)).and_then(|b| Manifest::decode(&b)) {
+                    if latest.as_ref().is_none_or(|l: &Manifest| l.index < m.index) {
+                        latest = Some(m);
+                        continue;
+                    }
+                }
+            }
+            let _ = fs::remove_dir_all(&p);
+        }
+        Ok(SnapshotStore {
+            dir: dir.to_path_buf(),
+            me,
+            latest: Mutex::new(latest),
+            building: AtomicBool::new(false),
+            conf_state: Mutex::new(ConfState::default()),
+            log_first_index: AtomicU64::new(1),
+            sm: Mutex::new(None),
+        })
+    }
+
+    /// Connects the store to the state machine, which it asks for new snapshots.
+    pub fn set_state_machine(&self, tx: Sender<SmMsg>) {
+        *self.sm.lock() = Some(tx);
+    }
+
+    fn out_dir(&self, index: u64, term: u64) -> PathBuf {
+        self.dir.join(format!("out-{index}-{term}"))
+    }
+
+    /// Writes the pinned databases to a new snapshot on a background thread.
+    pub fn build_in_background(self: &Arc<Self>, index: u64, term: u64, pinned: Vec<(String, Connection)>) {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("raftsql-snapshot".into())
+            .spawn(move || {
+                match me.build(index, term, pinned) {
+                    Ok(m) => tracing::info!("snapshot at index {} term {} ready ({} files)", m.index, m.term, m.files.len()),
+                    Err(e) => tracing::warn!("building snapshot at index {index} failed: {e}"),
+                }
+                me.building.store(false, Ordering::SeqCst);
+            })
+            .expect("spawn snapshot thread");
+    }
+
+    fn build(&self, index: u64, term: u64, pinned: Vec<(String, Connection)>) -> Result<Manifest> {
+        let tmp = self.dir.join(format!("out-{index}-{term}.tmp"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut files = Vec::new();
+        for (name, conn) in pinned {
+            let path = tmp.join(format!("{name}.db"));
+            let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            let mut w = BufWriter::new(f);
+            let mut h = crc32fast::Hasher::new();
+            let mut len = 0u64;
+            {
+                let mut st = conn.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
+                let mut rows = st.query([])?;
+                while let Some(r) = rows.next()? {
+                    let page = r.get_ref(0)?.as_blob().map_err(|e| Error::Internal(e.to_string()))?;
+                    h.update(page);
+                    len += page.len() as u64;
+                    w.write_all(page).map_err(|e| Error::io(&path, e))?;
+                }
+            }
+            let _ = conn.execute_batch("COMMIT");
+            let f = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&path, e))?;
+            files.push(FileInfo { name: format!("{name}.db"), len, crc32: h.finalize() });
+        }
+        let m = Manifest { index, term, from: self.me, files };
+        fs::write(tmp.join("manifest.json"), serde_json::to_vec(&m).unwrap()).map_err(|e| Error::io(&tmp, e))?;
+        let out = self.out_dir(index, term);
+        fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
+        let old = self.latest.lock().replace(m.clone());
+        if let Some(old) = old {
+            if (old.index, old.term) != (index, term) {
+                let _ = fs::remove_dir_all(self.out_dir(old.index, old.term));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Reads a chunk of a file of the snapshot at (index, term).
+    pub fn read_chunk(&self, index: u64, term: u64, file: &str, offset: u64) -> Result<(Bytes, bool)> {
+        let known = self.latest.lock().as_ref().is_some_and(|m| m.index == index && m.term == term && m.files.iter().any(|f| f.name == file));
+        if !known {
+            return Err(Error::Invalid(format!("no snapshot file {file} at index {index} term {term}")));
+        }
+        let path = self.out_dir(index, term).join(file);
+        let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+        f.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(&path, e))?;
+        let mut buf = vec![0u8; CHUNK.min(len.saturating_sub(offset) as usize)];
+        f.read_exact(&mut buf).map_err(|e| Error::io(&path, e))?;
+        let eof = offset + buf.len() as u64 >= len;
+        Ok((Bytes::from(buf), eof))
+    }
+
+    /// Where a received snapshot is assembled.
+    pub fn incoming_dir(&self, m: &Manifest) -> PathBuf {
+        self.dir.join(format!("in-{}-{}", m.index, m.term))
+    }
+
+    /// Pulls every file of `m` with `fetch(file, offset)`, checking lengths and checksums.
+    pub async fn receive<F, Fut>(&self, m: &Manifest, mut fetch: F) -> Result<PathBuf>
+    where
+        F: FnMut(String, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<(Bytes, bool)>>,
+    {
+        let dir = self.incoming_dir(m);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        for fi in &m.files {
+            let path = dir.join(&fi.name);
+            let mut f = BufWriter::new(File::create(&path).map_err(|e| Error::io(&path, e))?);
+            let mut h = crc32fast::Hasher::new();
+            let mut off = 0u64;
+            loop {
+                let (data, eof) = fetch(fi.name.clone(), off).await?;
+                h.update(&data);
+                off += data.len() as u64;
+                f.write_all(&data).map_err(|e| Error::io(&path, e))?;
+                if off > fi.len {
+                    return Err(Error::Corrupt(format!("snapshot file {} longer than its manifest says", fi.name)));
+                }
+                if eof || data.is_empty() {
+                    break;
+                }
+            }
+            f.flush().map_err(|e| Error::io(&path, e))?;
+            let crc = h.finalize();
+            if off != fi.len || crc != fi.crc32 {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(Error::Corrupt(format!(
+                    "snapshot file {}: got {off} bytes crc {crc:08x}, manifest says {} bytes crc {:08x}",
+                    fi.name, fi.len, fi.crc32
+                )));
+            }
+        }
+        Ok(dir)
+    }
+}
+
+impl crate::log::SnapshotProvider for SnapshotStore {
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let first = self.log_first_index.load(Ordering::SeqCst);
+        if let Some(m) = self.latest.lock().as_ref() {
+            if m.index >= request_index && m.index + 1 >= first {
+                let mut s = Snapshot::default();
+                s.data = serde_json::to_vec(m).unwrap().into();
+                let md = s.mut_metadata();
+                md.index = m.index;
+                md.term = m.term;
+                md.set_conf_state(self.conf_state.lock().clone());
+                return Ok(s);
+            }
+        }
+        if !self.building.swap(true, Ordering::SeqCst) {
+            if let Some(tx) = self.sm.lock().as_ref() {
+                let _ = tx.send(SmMsg::MakeSnapshot);
+            }
+        }
+        Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
+    }
+}

@@ -1,0 +1,1078 @@
+//! The replicated state machine: the SQLite databases of one node, and the thread that owns
+//! their writer connections.
+//!
+//! # Layout on disk
+//! ```text
+//! <data>/state/CURRENT              name of the current generation directory
+//! <data>/state/gen-<index>-<n>/     one generation: <db>.db files + meta.json
+//! ```
+//! `meta.json` holds the **checkpoint index C**: every database file in the generation holds
+//! exactly the effects of the Raft entries up to C. A new generation is made only by a
+//! snapshot install; checkpoints advance C inside the current one.
+//!
+//! # Invariants (each is checked by a test named in docs/ARCHITECTURE.md)
+//! 1. *Committed-only visibility.* A reader sees the effects of entry i only after entry i is
+//!    committed by Raft. On the leader a batch's frames are written to the WAL by COMMIT
+//!    before its entry commits, so the read gate ([`Gate`]) is closed from just before COMMIT
+//!    until the entry applies or is abandoned; readers pin their snapshot only with the gate
+//!    open. Readers that pinned earlier keep their older snapshot (SQLite MVCC).
+//! 2. *Abandoned frames vanish.* If leadership is lost with a batch in flight, the wal-index
+//!    header saved before the batch is put back (or, if the batch restarted the WAL, the
+//!    WAL is emptied and the index rebuilt), so the frames are unreachable before the gate
+//!    reopens. If the entry does commit later, it is applied like any other node's entry.
+//! 3. *Same pages everywhere.* Followers (and a leader applying another node's entry) write
+//!    the entry's page images through `sqlite_dbpage` in one transaction and truncate to the
+//!    entry's database size; SQL is never re-executed, so `random()` or `now()` cannot make
+//!    replicas diverge.
+//! 4. *Checkpoints never outrun durability.* C advances only after a TRUNCATE checkpoint of
+//!    every database has completed AND each database file has been fsynced; the node never
+//!    compacts the Raft log past C, and on restart deletes `-wal`/`-shm` and replays entries
+//!    after C. A crash mid-checkpoint is therefore harmless: the replay rewrites every page
+//!    the checkpoint may have torn.
+//! 5. *Leader writes start from the committed state.* A batch executes only when this node
+//!    leads and has applied an entry of its own term (so every earlier entry is applied),
+//!    and only one batch is in flight, so frames are always computed against exactly the
+//!    state that precedes them in the log.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use raft::eraftpb::{Entry, EntryType, SnapshotMetadata};
+use rusqlite::{Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::entry::{Frames, Page};
+use crate::error::{Error, Result};
+use crate::value::{ExecResult, Rows, Statement, Value};
+use crate::vfs;
+
+/// Page size of every raftsql database.
+pub const PAGE_SIZE: u32 = 4096;
+/// Most requests group-committed into one batch.
+const MAX_BATCH: usize = 512;
+
+/// Closes the door on new read snapshots while a leader batch's frames are uncommitted.
+///
+/// Readers call [`Gate::enter`] / [`Gate::leave`] only around pinning their snapshot (a few
+/// microseconds), not around the whole query.
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    pinning: usize,
+    closed: bool,
+}
+
+impl Gate {
+    /// Waits until the gate is open and registers a reader pinning its snapshot.
+    pub fn enter(&self) {
+        let mut g = self.state.lock();
+        while g.closed {
+            self.cv.wait(&mut g);
+        }
+        g.pinning += 1;
+    }
+    /// The reader has pinned its snapshot.
+    pub fn leave(&self) {
+        let mut g = self.state.lock();
+        g.pinning -= 1;
+        if g.pinning == 0 {
+            self.cv.notify_all();
+        }
+    }
+    /// Closes the gate and waits for readers that are pinning to finish.
+    fn close(&self) {
+        let mut g = self.state.lock();
+        g.closed = true;
+        while g.pinning > 0 {
+            self.cv.wait(&mut g);
+        }
+    }
+    /// Reopens the gate.
+    fn open(&self) {
+        let mut g = self.state.lock();
+        g.closed = false;
+        self.cv.notify_all();
+    }
+}
+
+/// The read side of one database, shared by every thread that queries it.
+pub struct DbHandle {
+    /// Database name.
+    pub name: String,
+    /// Path of the database file.
+    pub path: PathBuf,
+    key: String,
+    gate: Gate,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl DbHandle {
+    fn new(name: &str, path: PathBuf) -> Self {
+        let key = path.to_string_lossy().into_owned();
+        DbHandle { name: name.to_string(), path, key, gate: Gate::default(), pool: Mutex::new(Vec::new()) }
+    }
+
+    fn reader(&self) -> Result<Connection> {
+        if let Some(c) = self.pool.lock().pop() {
+            return Ok(c);
+        }
+        let c = Connection::open_with_flags_and_vfs(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            vfs::VFS_NAME,
+        )?;
+        c.execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")?;
+        Ok(c)
+    }
+
+    /// Runs `f` inside a read transaction whose snapshot holds only committed entries.
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.reader()?;
+        self.gate.enter();
+        let pinned = conn
+            .execute_batch("BEGIN")
+            .and_then(|_| conn.query_row("PRAGMA schema_version", [], |_| Ok(())));
+        self.gate.leave();
+        let out = pinned.map_err(Error::from).and_then(|_| f(&conn));
+        let _ = conn.execute_batch("COMMIT");
+        if conn.is_autocommit() {
+            self.pool.lock().push(conn);
+        }
+        out
+    }
+
+    /// Runs one statement and returns its rows.
+    pub fn query(&self, stmt: &Statement) -> Result<Rows> {
+        self.read(|c| query_rows(c, stmt))
+    }
+
+    /// crc32 of every page in page order, with the page count: equal digests mean
+    /// byte-identical databases.
+    pub fn digest(&self) -> Result<String> {
+        self.read(|c| {
+            let mut h = crc32fast::Hasher::new();
+            let mut n = 0u64;
+            let mut st = c.prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let pgno: u32 = r.get(0)?;
+                h.update(&pgno.to_le_bytes());
+                h.update(r.get_ref(1)?.as_blob().map_err(|e| Error::Internal(e.to_string()))?);
+                n += 1;
+            }
+            Ok(format!("{n}:{:08x}", h.finalize()))
+        })
+    }
+}
+
+/// Runs a statement on `c` and collects its rows.
+pub fn query_rows(c: &Connection, stmt: &Statement) -> Result<Rows> {
+    let mut st = c.prepare_cached(&stmt.sql)?;
+    let columns: Vec<String> = st.column_names().into_iter().map(String::from).collect();
+    let n = columns.len();
+    let mut rows = st.query(rusqlite::params_from_iter(stmt.params.iter()))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let mut row = Vec::with_capacity(n);
+        for i in 0..n {
+            row.push(Value::from(r.get_ref(i)?));
+        }
+        out.push(row);
+    }
+    Ok(Rows { columns, rows: out })
+}
+
+/// Databases by name, as the readers see them.
+pub type DbMap = Arc<RwLock<HashMap<String, Arc<DbHandle>>>>;
+
+/// Checks a database name: 1-64 of `[A-Za-z0-9_-]`.
+pub fn check_db_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(Error::Invalid(format!(
+            "bad database name {name:?}: use 1 to 64 letters, digits, '_' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// What `meta.json` records about a generation.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// Every database file holds exactly the entries up to this index.
+    pub checkpoint_index: u64,
+    /// Term of that entry.
+    pub checkpoint_term: u64,
+    /// Voters at that index.
+    pub voters: Vec<u64>,
+    /// Learners at that index.
+    pub learners: Vec<u64>,
+}
+
+/// One write request waiting for the writer.
+pub struct WriteReq {
+    /// Target database.
+    pub db: String,
+    /// Statements run atomically.
+    pub stmts: Vec<Statement>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<Vec<ExecResult>>>,
+    /// Answer Timeout if not started by then.
+    pub deadline: Instant,
+}
+
+/// Operations on an interactive transaction.
+pub enum TxOp {
+    /// Start one on `db`; answers with the transaction id.
+    Begin {
+        /// Database.
+        db: String,
+        /// Idle time after which it is rolled back.
+        idle: Duration,
+        /// Answer.
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    /// Run a statement (rows returned, e.g. a SELECT or RETURNING).
+    Exec {
+        /// Transaction id.
+        id: u64,
+        /// Statement.
+        stmt: Statement,
+        /// Answer: rows plus what it changed.
+        reply: oneshot::Sender<Result<(Rows, ExecResult)>>,
+    },
+    /// Commit: replicate and answer once committed.
+    Commit {
+        /// Transaction id.
+        id: u64,
+        /// Answer.
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Roll back.
+    Rollback {
+        /// Transaction id.
+        id: u64,
+    },
+}
+
+/// Messages to the state machine thread.
+pub enum SmMsg {
+    /// Committed entries, in log order.
+    Apply(Vec<Entry>),
+    /// Leadership changed: `leader` is this node's view of who leads in `term`.
+    Role {
+        /// True if this node is the leader.
+        is_leader: bool,
+        /// Current term.
+        term: u64,
+    },
+    /// Raft refused a proposal (not leader any more).
+    ProposalFailed(u64),
+    /// A write request.
+    Write(WriteReq),
+    /// An interactive transaction operation.
+    Tx(TxOp),
+    /// Replace every database with a received snapshot.
+    InstallSnapshot {
+        /// Snapshot position.
+        meta: SnapshotMetadata,
+        /// Directory holding the received `<db>.db` files.
+        dir: PathBuf,
+        /// Answer once durable.
+        done: std::sync::mpsc::Sender<Result<()>>,
+    },
+    /// Build a snapshot for followers (see `snapshot.rs`).
+    MakeSnapshot,
+    /// Stop the thread.
+    Shutdown,
+}
+
+/// Messages from the state machine to the Raft thread.
+pub enum ToRaft {
+    /// Propose an entry.
+    Propose {
+        /// Encoded [`Frames`].
+        data: Bytes,
+        /// Proposer sequence, echoed in ProposalFailed.
+        seq: u64,
+    },
+    /// Databases are durable up to this index: the log may be compacted to it.
+    Checkpointed(u64),
+}
+
+/// Progress published by the state machine.
+#[derive(Default)]
+pub struct Progress {
+    /// Index of the last applied entry.
+    pub applied: AtomicU64,
+    /// Durable checkpoint index C.
+    pub checkpoint: AtomicU64,
+}
+
+struct Db {
+    handle: Arc<DbHandle>,
+    writer: Connection,
+    wal: Option<File>,
+}
+
+struct InFlight {
+    db: String,
+    seq: u64,
+    saved: vfs::SavedHeader,
+    restarted: bool,
+    waiters: Vec<(oneshot::Sender<Result<Vec<ExecResult>>>, Vec<ExecResult>)>,
+    tx_waiter: Option<oneshot::Sender<Result<()>>>,
+}
+
+struct OpenTx {
+    id: u64,
+    db: String,
+    idle: Duration,
+    last_used: Instant,
+}
+
+/// Tunables of the state machine.
+#[derive(Clone, Debug)]
+pub struct SmSettings {
+    /// Checkpoint once this many WAL frames have accumulated over all databases.
+    pub checkpoint_frames: u64,
+}
+
+/// The state machine. Lives on its own thread (see [`StateMachine::run`]).
+pub struct StateMachine {
+    me: u64,
+    root: PathBuf,
+    gen_dir: PathBuf,
+    meta: Meta,
+    dbs: HashMap<String, Db>,
+    shared: DbMap,
+    progress: Arc<Progress>,
+    applied_term: u64,
+    is_leader: bool,
+    term: u64,
+    queue: VecDeque<WriteReq>,
+    in_flight: Option<InFlight>,
+    open_tx: Option<OpenTx>,
+    seq: u64,
+    frames_since_checkpoint: u64,
+    settings: SmSettings,
+    to_raft: Box<dyn Fn(ToRaft) + Send>,
+    snapshots: Arc<crate::snapshot::SnapshotStore>,
+    snapshot_wanted: bool,
+    applied_tx: tokio::sync::watch::Sender<u64>,
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::io(dir, e))
+}
+
+/// Writes `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    fsync_dir(path.parent().unwrap())
+}
+
+fn read_meta(gen: &Path) -> Result<Meta> {
+    let p = gen.join("meta.json");
+    let mut s = String::new();
+    File::open(&p).and_then(|mut f| f.read_to_string(&mut s)).map_err(|e| Error::io(&p, e))?;
+    serde_json::from_str(&s).map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))
+}
+
+fn remove_wal_files(db: &Path) {
+    for suffix in ["-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(p));
+    }
+}
+
+fn open_writer(path: &Path) -> Result<Connection> {
+    let c = Connection::open_with_flags_and_vfs(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        vfs::VFS_NAME,
+    )?;
+    // The frames of an uncommitted batch must never reach the database file, so SQLite may
+    // not checkpoint on its own, not even on close.
+    c.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+    c.execute_batch(&format!(
+        "PRAGMA page_size={PAGE_SIZE}; PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; \
+         PRAGMA wal_autocheckpoint=0; PRAGMA busy_timeout=200; PRAGMA cache_size=-16384;"
+    ))?;
+    // Map the wal-index now, so its header can be read before the first write.
+    c.query_row("PRAGMA schema_version", [], |_| Ok(()))?;
+    Ok(c)
+}
+
+impl StateMachine {
+    /// Opens the current generation under `root` (creating an empty one), dropping any WAL.
+    /// Returns the machine positioned at its checkpoint index; Raft then re-delivers the
+    /// committed entries after it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        me: u64,
+        root: &Path,
+        settings: SmSettings,
+        to_raft: Box<dyn Fn(ToRaft) + Send>,
+        shared: DbMap,
+        progress: Arc<Progress>,
+        snapshots: Arc<crate::snapshot::SnapshotStore>,
+        applied_tx: tokio::sync::watch::Sender<u64>,
+    ) -> Result<StateMachine> {
+        vfs::register().map_err(Error::Internal)?;
+        fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let current = root.join("CURRENT");
+        let gen_dir = match fs::read_to_string(&current) {
+            Ok(name) => root.join(name.trim()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let g = root.join("gen-0");
+                fs::create_dir_all(&g).map_err(|e| Error::io(&g, e))?;
+                write_atomic(&g.join("meta.json"), &serde_json::to_vec(&Meta::default()).unwrap())?;
+                write_atomic(&current, b"gen-0")?;
+                g
+            }
+            Err(e) => return Err(Error::io(&current, e)),
+        };
+        let meta = read_meta(&gen_dir)?;
+        // Remove generations left behind by an interrupted snapshot install.
+        if let Ok(rd) = fs::read_dir(root) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() && p != gen_dir {
+                    let _ = fs::remove_dir_all(&p);
+                }
+            }
+        }
+        let mut sm = StateMachine {
+            me,
+            root: root.to_path_buf(),
+            gen_dir,
+            meta: meta.clone(),
+            dbs: HashMap::new(),
+            shared,
+            progress,
+            applied_term: meta.checkpoint_term,
+            is_leader: false,
+            term: 0,
+            queue: VecDeque::new(),
+            in_flight: None,
+            open_tx: None,
+            seq: 0,
+            frames_since_checkpoint: 0,
+            settings,
+            to_raft,
+            snapshots,
+            snapshot_wanted: false,
+            applied_tx,
+        };
+        sm.open_all()?;
+        sm.set_applied(meta.checkpoint_index, meta.checkpoint_term);
+        sm.progress.checkpoint.store(meta.checkpoint_index, Ordering::SeqCst);
+        Ok(sm)
+    }
+
+    /// The durable checkpoint (what the database files hold).
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    fn open_all(&mut self) -> Result<()> {
+        let rd = fs::read_dir(&self.gen_dir).map_err(|e| Error::io(&self.gen_dir, e))?;
+        let mut names = Vec::new();
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) == Some("db") {
+                names.push(p.file_stem().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        let mut shared = HashMap::new();
+        for name in names {
+            let path = self.gen_dir.join(format!("{name}.db"));
+            remove_wal_files(&path);
+            let db = self.open_db_at(&name, path)?;
+            shared.insert(name.clone(), db.handle.clone());
+            self.dbs.insert(name, db);
+        }
+        *self.shared.write() = shared;
+        Ok(())
+    }
+
+    fn open_db_at(&self, name: &str, path: PathBuf) -> Result<Db> {
+        let writer = open_writer(&path)?;
+        Ok(Db { handle: Arc::new(DbHandle::new(name, path)), writer, wal: None })
+    }
+
+    fn db(&mut self, name: &str) -> Result<&mut Db> {
+        if !self.dbs.contains_key(name) {
+            check_db_name(name)?;
+            let path = self.gen_dir.join(format!("{name}.db"));
+            remove_wal_files(&path);
+            let db = self.open_db_at(name, path)?;
+            // The new (empty) file must survive a crash, or replay would find no file.
+            fsync_dir(&self.gen_dir)?;
+            self.shared.write().insert(name.to_string(), db.handle.clone());
+            self.dbs.insert(name.to_string(), db);
+        }
+        Ok(self.dbs.get_mut(name).unwrap())
+    }
+
+    fn set_applied(&mut self, index: u64, term: u64) {
+        self.applied_term = term;
+        self.progress.applied.store(index, Ordering::SeqCst);
+        let _ = self.applied_tx.send(index);
+    }
+
+    fn applied(&self) -> u64 {
+        self.progress.applied.load(Ordering::SeqCst)
+    }
+
+    /// The thread body: handles messages until Shutdown or the channel closes.
+    pub fn run(mut self, rx: Receiver<SmMsg>) {
+        loop {
+            let msg = match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if let Some(msg) = msg {
+                if matches!(msg, SmMsg::Shutdown) {
+                    break;
+                }
+                if let Err(e) = self.handle(msg) {
+                    // Failing to apply a committed entry leaves this replica unable to go on
+                    // without diverging: stop the process with the reason.
+                    tracing::error!("state machine failed, stopping the node: {e}");
+                    eprintln!("raftsql: fatal: state machine failed: {e}");
+                    std::process::exit(70);
+                }
+            }
+            self.expire();
+            self.maybe_start_batch();
+            if self.in_flight.is_none() && self.open_tx.is_none() {
+                if let Err(e) = self.maybe_checkpoint() {
+                    tracing::warn!("checkpoint failed (will retry): {e}");
+                }
+                if self.snapshot_wanted {
+                    self.snapshot_wanted = false;
+                    self.make_snapshot();
+                }
+            }
+        }
+        self.abort_in_flight(Error::Shutdown);
+        for r in self.queue.drain(..) {
+            let _ = r.reply.send(Err(Error::Shutdown));
+        }
+    }
+
+    fn handle(&mut self, msg: SmMsg) -> Result<()> {
+        match msg {
+            SmMsg::Apply(entries) => {
+                for e in entries {
+                    self.apply_entry(e)?;
+                }
+            }
+            SmMsg::Role { is_leader, term } => {
+                let changed = is_leader != self.is_leader || term != self.term;
+                self.is_leader = is_leader;
+                self.term = term;
+                if changed {
+                    self.abort_in_flight(Error::OutcomeUnknown);
+                    self.rollback_tx();
+                    if !is_leader {
+                        for r in self.queue.drain(..) {
+                            let _ = r.reply.send(Err(Error::NotLeader { leader_id: None, leader_addr: None }));
+                        }
+                    }
+                }
+            }
+            SmMsg::ProposalFailed(seq) => {
+                if self.in_flight.as_ref().map(|f| f.seq) == Some(seq) {
+                    self.abort_in_flight(Error::NotLeader { leader_id: None, leader_addr: None });
+                }
+            }
+            SmMsg::Write(req) => {
+                if !self.is_leader {
+                    let _ = req.reply.send(Err(Error::NotLeader { leader_id: None, leader_addr: None }));
+                } else {
+                    self.queue.push_back(req);
+                }
+            }
+            SmMsg::Tx(op) => self.handle_tx(op),
+            SmMsg::InstallSnapshot { meta, dir, done } => {
+                let r = self.install_snapshot(&meta, &dir);
+                let failed = r.as_ref().err().map(|e| e.to_string());
+                let _ = done.send(r);
+                if let Some(e) = failed {
+                    return Err(Error::Internal(format!("snapshot install failed: {e}")));
+                }
+            }
+            SmMsg::MakeSnapshot => self.snapshot_wanted = true,
+            SmMsg::Shutdown => {}
+        }
+        Ok(())
+    }
+
+    /// Ready to execute a leader batch (invariant 5).
+    fn can_write(&self) -> bool {
+        self.is_leader && self.applied_term == self.term && self.in_flight.is_none() && self.open_tx.is_none()
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while self.queue.front().is_some_and(|r| r.deadline <= now) {
+            let r = self.queue.pop_front().unwrap();
+            let _ = r.reply.send(Err(Error::Timeout(Duration::ZERO)));
+        }
+        if let Some(tx) = &self.open_tx {
+            if tx.last_used.elapsed() > tx.idle {
+                tracing::info!("interactive transaction {} idle for {:?}: rolled back", tx.id, tx.idle);
+                self.rollback_tx();
+            }
+        }
+    }
+
+    fn maybe_start_batch(&mut self) {
+        if !self.can_write() || self.queue.is_empty() {
+            return;
+        }
+        let db_name = self.queue[0].db.clone();
+        let mut batch = Vec::new();
+        let mut rest = VecDeque::new();
+        while let Some(r) = self.queue.pop_front() {
+            if r.db == db_name && batch.len() < MAX_BATCH {
+                batch.push(r);
+            } else {
+                rest.push_back(r);
+            }
+        }
+        self.queue = rest;
+        if let Err(e) = self.run_batch(&db_name, batch) {
+            tracing::warn!("write batch on {db_name} failed: {e}");
+        }
+    }
+
+    /// Executes a group of write requests as one SQLite transaction, one SAVEPOINT each, then
+    /// proposes the transaction's pages as one entry.
+    fn run_batch(&mut self, db_name: &str, batch: Vec<WriteReq>) -> Result<()> {
+        let db = match self.db(db_name) {
+            Ok(db) => db,
+            Err(e) => {
+                let msg = e.to_string();
+                for r in batch {
+                    let _ = r.reply.send(Err(Error::Invalid(msg.clone())));
+                }
+                return Ok(());
+            }
+        };
+        let w = &db.writer;
+        if let Err(e) = w.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for r in batch {
+                let _ = r.reply.send(Err(Error::Internal(msg.clone())));
+            }
+            return Ok(());
+        }
+        let mut waiters = Vec::new();
+        for req in batch {
+            match run_request(w, &req.stmts) {
+                Ok(results) => waiters.push((req.reply, results)),
+                Err(e) => {
+                    let _ = req.reply.send(Err(e));
+                }
+            }
+        }
+        self.commit_and_propose(db_name, waiters, None)
+    }
+
+    /// COMMITs the writer's transaction behind a closed gate and proposes its frames.
+    fn commit_and_propose(
+        &mut self,
+        db_name: &str,
+        waiters: Vec<(oneshot::Sender<Result<Vec<ExecResult>>>, Vec<ExecResult>)>,
+        tx_waiter: Option<oneshot::Sender<Result<()>>>,
+    ) -> Result<()> {
+        let me = self.me;
+        self.seq += 1;
+        let seq = self.seq;
+        let db = self.dbs.get_mut(db_name).unwrap();
+        let key = db.handle.key.clone();
+        let saved = vfs::save_header(&key).ok_or_else(|| Error::Internal("wal-index not mapped".into()))?;
+        let before = vfs::read_header(&key);
+        db.handle.gate.close();
+        if let Err(e) = db.writer.execute_batch("COMMIT") {
+            let _ = db.writer.execute_batch("ROLLBACK");
+            db.handle.gate.open();
+            let e = Error::from(e);
+            for (w, _) in waiters {
+                let _ = w.send(Err(Error::Internal(e.to_string())));
+            }
+            if let Some(t) = tx_waiter {
+                let _ = t.send(Err(e));
+            }
+            return Ok(());
+        }
+        let after = vfs::read_header(&key).ok_or_else(|| Error::Internal("wal-index header unreadable after commit".into()))?;
+        let restarted = before.map(|b| b.salt != after.salt).unwrap_or(true);
+        let first = if restarted { 1 } else { before.unwrap().max_frame + 1 };
+        if !restarted && after.max_frame == before.unwrap().max_frame {
+            // Nothing changed (only reads, or writes that changed no page): done.
+            db.handle.gate.open();
+            for (w, r) in waiters {
+                let _ = w.send(Ok(r));
+            }
+            if let Some(t) = tx_waiter {
+                let _ = t.send(Ok(()));
+            }
+            return Ok(());
+        }
+        let pages = read_frames(db, first, after.max_frame, after.page_size)?;
+        self.frames_since_checkpoint += (after.max_frame + 1 - first) as u64;
+        let frames = Frames {
+            proposer: me,
+            sequence: seq,
+            db: db_name.to_string(),
+            page_size: after.page_size,
+            db_pages: after.n_page,
+            pages,
+        };
+        self.in_flight = Some(InFlight { db: db_name.to_string(), seq, saved, restarted, waiters, tx_waiter });
+        (self.to_raft)(ToRaft::Propose { data: frames.encode(), seq });
+        Ok(())
+    }
+
+    /// Makes the in-flight batch's frames unreachable and fails its callers (invariant 2).
+    fn abort_in_flight(&mut self, why: Error) {
+        let Some(f) = self.in_flight.take() else { return };
+        let db = self.dbs.get_mut(&f.db).unwrap();
+        let key = db.handle.key.clone();
+        if f.restarted {
+            // The batch rewrote the WAL from its start, so the old header points at frames
+            // that are gone. The restart only happens once every frame is checkpointed, so
+            // the database file alone holds the committed state: empty the WAL and let
+            // SQLite rebuild the index from it.
+            vfs::invalidate_header(&key);
+            let mut wal = db.handle.path.as_os_str().to_owned();
+            wal.push("-wal");
+            if let Ok(f) = fs::OpenOptions::new().write(true).open(PathBuf::from(wal)) {
+                let _ = f.set_len(0);
+            }
+        } else {
+            vfs::restore_header(&key, &f.saved);
+        }
+        db.handle.gate.open();
+        tracing::warn!("abandoned uncommitted write batch {} on {}: {why}", f.seq, f.db);
+        for (w, _) in f.waiters {
+            let _ = w.send(Err(clone_err(&why)));
+        }
+        if let Some(t) = f.tx_waiter {
+            let _ = t.send(Err(clone_err(&why)));
+        }
+    }
+
+    fn apply_entry(&mut self, e: Entry) -> Result<()> {
+        let index = e.index;
+        if index <= self.applied() {
+            return Ok(());
+        }
+        if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
+            let frames = Frames::decode(Bytes::from(e.data.clone()))
+                .map_err(|err| Error::Corrupt(format!("entry {index}: {err}")))?;
+            let own = self
+                .in_flight
+                .as_ref()
+                .is_some_and(|f| frames.proposer == self.me && f.seq == frames.sequence);
+            if own {
+                // Our batch committed: its frames are already in our WAL; publish them.
+                let f = self.in_flight.take().unwrap();
+                let db = self.dbs.get(&f.db).unwrap();
+                db.handle.gate.open();
+                for (w, r) in f.waiters {
+                    let _ = w.send(Ok(r));
+                }
+                if let Some(t) = f.tx_waiter {
+                    let _ = t.send(Ok(()));
+                }
+            } else {
+                // Another node's entry (or ours, abandoned and committed anyway).
+                self.abort_in_flight(Error::OutcomeUnknown);
+                self.rollback_tx();
+                self.apply_frames(&frames)?;
+            }
+        }
+        self.set_applied(index, e.term);
+        Ok(())
+    }
+
+    /// Writes an entry's page images through SQLite (invariant 3).
+    fn apply_frames(&mut self, f: &Frames) -> Result<()> {
+        if f.page_size != PAGE_SIZE {
+            return Err(Error::Corrupt(format!("entry for {} has page size {}", f.db, f.page_size)));
+        }
+        self.frames_since_checkpoint += f.pages.len() as u64;
+        let db = self.db(&f.db)?;
+        let w = &db.writer;
+        w.execute_batch("BEGIN IMMEDIATE")?;
+        let r = (|| -> Result<()> {
+            let mut st = w.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+            for p in &f.pages {
+                st.execute(rusqlite::params![p.pgno, &p.data[..]])?;
+            }
+            let count: u32 = w.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            if f.db_pages >= 1 && f.db_pages < count {
+                st.execute(rusqlite::params![f.db_pages + 1, rusqlite::types::Null])?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => w.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = w.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_tx(&mut self, op: TxOp) {
+        match op {
+            TxOp::Begin { db, idle, reply } => {
+                if !self.is_leader {
+                    let _ = reply.send(Err(Error::NotLeader { leader_id: None, leader_addr: None }));
+                    return;
+                }
+                // Wait for the writer: retried by the caller if busy.
+                if !self.can_write() {
+                    let _ = reply.send(Err(Error::Unavailable("the writer is busy; retry".into())));
+                    return;
+                }
+                let r = self.db(&db).and_then(|d| d.writer.execute_batch("BEGIN IMMEDIATE").map_err(Error::from));
+                match r {
+                    Ok(()) => {
+                        self.seq += 1;
+                        let id = self.seq;
+                        self.open_tx = Some(OpenTx { id, db, idle, last_used: Instant::now() });
+                        let _ = reply.send(Ok(id));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            TxOp::Exec { id, stmt, reply } => {
+                let Some(tx) = self.open_tx.as_mut().filter(|t| t.id == id) else {
+                    let _ = reply.send(Err(Error::Invalid("no such open transaction (rolled back?)".into())));
+                    return;
+                };
+                tx.last_used = Instant::now();
+                let w = &self.dbs[&tx.db].writer;
+                let r = query_rows(w, &stmt).map(|rows| {
+                    (rows, ExecResult { rows_affected: w.changes(), last_insert_rowid: w.last_insert_rowid() })
+                });
+                let _ = reply.send(r);
+            }
+            TxOp::Commit { id, reply } => {
+                let Some(tx) = self.open_tx.take_if(|t| t.id == id) else {
+                    let _ = reply.send(Err(Error::Invalid("no such open transaction (rolled back?)".into())));
+                    return;
+                };
+                if let Err(e) = self.commit_and_propose(&tx.db, Vec::new(), Some(reply)) {
+                    tracing::warn!("commit of transaction {id} failed: {e}");
+                }
+            }
+            TxOp::Rollback { id } => {
+                if self.open_tx.as_ref().is_some_and(|t| t.id == id) {
+                    self.rollback_tx();
+                }
+            }
+        }
+    }
+
+    fn rollback_tx(&mut self) {
+        if let Some(tx) = self.open_tx.take() {
+            let _ = self.dbs[&tx.db].writer.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// Checkpoints every database into its file and advances C (invariant 4).
+    fn maybe_checkpoint(&mut self) -> Result<()> {
+        if self.frames_since_checkpoint < self.settings.checkpoint_frames {
+            return Ok(());
+        }
+        self.checkpoint()
+    }
+
+    /// Forces a checkpoint of every database.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let applied = self.applied();
+        if applied <= self.meta.checkpoint_index {
+            return Ok(());
+        }
+        for db in self.dbs.values() {
+            let (busy, log, done): (i64, i64, i64) =
+                db.writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            if busy != 0 || (log > 0 && done < log) {
+                // A reader still uses the WAL; try again later.
+                return Ok(());
+            }
+        }
+        for db in self.dbs.values() {
+            File::open(&db.handle.path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&db.handle.path, e))?;
+        }
+        fsync_dir(&self.gen_dir)?;
+        failpoint("checkpoint-before-meta");
+        self.meta.checkpoint_index = applied;
+        self.meta.checkpoint_term = self.applied_term;
+        write_atomic(&self.gen_dir.join("meta.json"), &serde_json::to_vec(&self.meta).unwrap())?;
+        self.frames_since_checkpoint = 0;
+        self.progress.checkpoint.store(applied, Ordering::SeqCst);
+        (self.to_raft)(ToRaft::Checkpointed(applied));
+        tracing::debug!("checkpoint at index {applied}");
+        Ok(())
+    }
+
+    /// Pins every database at the applied index and hands them to the snapshot writer.
+    fn make_snapshot(&mut self) {
+        let index = self.applied();
+        let term = self.applied_term;
+        let mut pinned = Vec::new();
+        for (name, db) in &self.dbs {
+            match db.handle.reader() {
+                Ok(c) => {
+                    if c.execute_batch("BEGIN").and_then(|_| c.query_row("PRAGMA schema_version", [], |_| Ok(()))).is_ok() {
+                        pinned.push((name.clone(), c));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("snapshot: cannot open {name}: {e}");
+                    return;
+                }
+            }
+        }
+        self.snapshots.build_in_background(index, term, pinned);
+    }
+
+    /// Replaces all databases with a received snapshot, atomically and durably.
+    fn install_snapshot(&mut self, meta: &SnapshotMetadata, dir: &Path) -> Result<()> {
+        self.abort_in_flight(Error::OutcomeUnknown);
+        self.rollback_tx();
+        let gen_name = format!("gen-{}-{}", meta.index, rand::random::<u32>());
+        let gen = self.root.join(&gen_name);
+        fs::create_dir_all(&gen).map_err(|e| Error::io(&gen, e))?;
+        for e in fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) == Some("db") {
+                let to = gen.join(p.file_name().unwrap());
+                fs::rename(&p, &to).map_err(|e| Error::io(&p, e))?;
+                File::open(&to).and_then(|f| f.sync_all()).map_err(|e| Error::io(&to, e))?;
+            }
+        }
+        let cs = meta.get_conf_state();
+        let new_meta = Meta {
+            checkpoint_index: meta.index,
+            checkpoint_term: meta.term,
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+        };
+        write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&new_meta).unwrap())?;
+        fsync_dir(&gen)?;
+        write_atomic(&self.root.join("CURRENT"), gen_name.as_bytes())?;
+        // Switch: drop the old writers; readers holding old handles finish on the old files.
+        let old = std::mem::replace(&mut self.gen_dir, gen);
+        for (_, db) in self.dbs.drain() {
+            vfs::forget(&db.handle.key);
+        }
+        self.meta = new_meta;
+        self.open_all()?;
+        let _ = fs::remove_dir_all(&old);
+        let _ = fs::remove_dir_all(dir);
+        self.frames_since_checkpoint = 0;
+        self.set_applied(meta.index, meta.term);
+        self.progress.checkpoint.store(meta.index, Ordering::SeqCst);
+        tracing::info!("installed snapshot at index {} term {}", meta.index, meta.term);
+        Ok(())
+    }
+}
+
+/// Crash-test hook: aborts the process at the named point when the environment variable
+/// `RAFTSQL_CRASH_AT` names it (used by the crash tests; costs one env lookup).
+fn failpoint(name: &str) {
+    if std::env::var("RAFTSQL_CRASH_AT").is_ok_and(|v| v == name) {
+        eprintln!("raftsql: failpoint {name} reached: aborting");
+        std::process::abort();
+    }
+}
+
+fn clone_err(e: &Error) -> Error {
+    match e {
+        Error::OutcomeUnknown => Error::OutcomeUnknown,
+        Error::Shutdown => Error::Shutdown,
+        Error::NotLeader { leader_id, leader_addr } => {
+            Error::NotLeader { leader_id: *leader_id, leader_addr: leader_addr.clone() }
+        }
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+/// Runs one request's statements inside a SAVEPOINT; on error rolls back to it.
+fn run_request(w: &Connection, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
+    w.execute_batch("SAVEPOINT req")?;
+    let r = (|| {
+        let mut out = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            let mut st = w.prepare_cached(&s.sql)?;
+            let mut rows = st.query(rusqlite::params_from_iter(s.params.iter()))?;
+            while rows.next()?.is_some() {}
+            out.push(ExecResult { rows_affected: w.changes(), last_insert_rowid: w.last_insert_rowid() });
+        }
+        Ok(out)
+    })();
+    if r.is_err() {
+        w.execute_batch("ROLLBACK TO req")?;
+    }
+    w.execute_batch("RELEASE req")?;
+    r
+}
+
+/// Reads WAL frames `first..=last`, keeping the newest image of each page, sorted by page.
+fn read_frames(db: &mut Db, first: u32, last: u32, page_size: u32) -> Result<Vec<Page>> {
+    let mut wal_path = db.handle.path.as_os_str().to_owned();
+    wal_path.push("-wal");
+    let wal_path = PathBuf::from(wal_path);
+    if db.wal.is_none() {
+        db.wal = Some(File::open(&wal_path).map_err(|e| Error::io(&wal_path, e))?);
+    }
+    let wal = db.wal.as_ref().unwrap();
+    let frame = 24 + page_size as u64;
+    let n = (last + 1 - first) as u64;
+    let mut buf = vec![0u8; (n * frame) as usize];
+    wal.read_exact_at(&mut buf, 32 + (first as u64 - 1) * frame)
+        .map_err(|e| Error::io(&wal_path, e))?;
+    let buf = Bytes::from(buf);
+    let mut pages = BTreeMap::new();
+    for i in 0..n as usize {
+        let off = i * frame as usize;
+        let pgno = u32::from_be_bytes(buf[off..off + 4].try_into().unwrap());
+        pages.insert(pgno, buf.slice(off + 24..off + frame as usize));
+    }
+    Ok(pages.into_iter().map(|(pgno, data)| Page { pgno, data }).collect())
+}

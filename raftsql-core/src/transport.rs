@@ -1,0 +1,371 @@
+//! TCP between nodes and from clients: length-prefixed, checksummed frames of
+//! [`raftsql_proto::v1::Frame`].
+//!
+//! ```text
+//! frame = len: u32 LE | crc32(payload): u32 LE | payload (protobuf Frame, len bytes)
+//! ```
+//! Every connection starts with a `Hello` (sender id, cluster name). Raft traffic flows one
+//! way per connection: each node dials every peer and sends `RaftBatch` frames, batching
+//! whatever queued while the previous write was in progress. Lost connections are redialled
+//! with exponential backoff (50 ms to 2 s); messages queued meanwhile are dropped when the
+//! queue is full, which Raft tolerates (it retransmits). Requests (client calls, snapshot
+//! chunk pulls) get their `Response` on the connection they came on.
+//!
+//! Outgoing peer sockets bind the node's own listen address as their source, so per-address
+//! firewall rules (used by the fault tests on 127.0.0.x) see the real sender.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use parking_lot::RwLock;
+use prost::Message;
+use raftsql_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+/// Largest frame accepted (requests up to this size).
+pub const MAX_FRAME: usize = 64 << 20;
+const PEER_QUEUE: usize = 8192;
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Why bytes from the network are not a frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length prefix exceeds [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// Checksum mismatch.
+    #[error("frame checksum mismatch")]
+    Checksum,
+    /// Not a valid protobuf Frame.
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+}
+
+/// Encodes a frame with its length and checksum.
+pub fn encode_frame(f: &pb::Frame) -> Bytes {
+    let len = f.encoded_len();
+    let mut b = BytesMut::with_capacity(8 + len);
+    b.put_u32_le(len as u32);
+    b.put_u32_le(0);
+    f.encode(&mut b).expect("BytesMut grows");
+    let crc = crc32fast::hash(&b[8..]);
+    b[4..8].copy_from_slice(&crc.to_le_bytes());
+    b.freeze()
+}
+
+/// Decodes one frame from the front of `buf`: `Ok(None)` if more bytes are needed, else the
+/// frame and how many bytes it used.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(pb::Frame, usize)>, FrameError> {
+    if buf.len() < 8 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    if buf.len() < 8 + len {
+        return Ok(None);
+    }
+    let crc = u32::from_le_bytes(buf[4..8].try_into().unwrap());
+    let payload = &buf[8..8 + len];
+    if crc32fast::hash(payload) != crc {
+        return Err(FrameError::Checksum);
+    }
+    let f = pb::Frame::decode(payload).map_err(|e| FrameError::Decode(e.to_string()))?;
+    Ok(Some((f, 8 + len)))
+}
+
+/// Reads frames from a socket.
+pub struct FrameReader<R> {
+    r: R,
+    buf: BytesMut,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps a reader.
+    pub fn new(r: R) -> Self {
+        FrameReader { r, buf: BytesMut::with_capacity(64 << 10) }
+    }
+    /// Next frame, or `None` at a clean end of stream.
+    pub async fn next(&mut self) -> io::Result<Option<pb::Frame>> {
+        loop {
+            match decode_frame(&self.buf) {
+                Ok(Some((f, used))) => {
+                    self.buf.advance(used);
+                    return Ok(Some(f));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            }
+            if self.r.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-frame"))
+                };
+            }
+        }
+    }
+}
+
+/// A boxed future of a response.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = pb::Response> + Send>>;
+
+/// What a node does with what arrives.
+pub trait Handler: Send + Sync + 'static {
+    /// Raft messages (encoded eraftpb::Message) from peer `from`.
+    fn raft(&self, from: u64, messages: Vec<Bytes>);
+    /// A request; the response goes back on the same connection.
+    fn request(&self, req: pb::Request) -> ResponseFuture;
+}
+
+/// The node's network endpoint.
+pub struct Transport {
+    me: u64,
+    cluster: String,
+    local_ip: IpAddr,
+    peers: RwLock<HashMap<u64, mpsc::Sender<Bytes>>>,
+    addrs: RwLock<HashMap<u64, SocketAddr>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Transport {
+    /// Binds `listen` and starts accepting; frames go to `handler`.
+    pub async fn bind(
+        me: u64,
+        cluster: &str,
+        listen: SocketAddr,
+        handler: Arc<dyn Handler>,
+    ) -> io::Result<(Arc<Transport>, SocketAddr)> {
+        let listener = TcpListener::bind(listen).await?;
+        let local = listener.local_addr()?;
+        let t = Arc::new(Transport {
+            me,
+            cluster: cluster.to_string(),
+            local_ip: local.ip(),
+            peers: RwLock::new(HashMap::new()),
+            addrs: RwLock::new(HashMap::new()),
+            rt: tokio::runtime::Handle::current(),
+        });
+        let cluster = cluster.to_string();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        let _ = s.set_nodelay(true);
+                        tokio::spawn(serve_conn(s, cluster.clone(), handler.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        Ok((t, local))
+    }
+
+    /// Sets the address of a peer (starts its sender on first use).
+    pub fn set_peer(&self, id: u64, addr: SocketAddr) {
+        if id == self.me {
+            return;
+        }
+        let old = self.addrs.write().insert(id, addr);
+        if old != Some(addr) {
+            self.peers.write().remove(&id);
+        }
+    }
+
+    /// Address of a peer, if known.
+    pub fn peer_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.addrs.read().get(&id).copied()
+    }
+
+    /// Queues an encoded Raft message for `to`; never blocks (drops when the queue is full).
+    pub fn send(&self, to: u64, msg: Bytes) {
+        let tx = self.peers.read().get(&to).cloned();
+        let tx = match tx {
+            Some(tx) => tx,
+            None => {
+                let Some(addr) = self.peer_addr(to) else { return };
+                let (tx, rx) = mpsc::channel(PEER_QUEUE);
+                self.peers.write().insert(to, tx.clone());
+                self.rt.spawn(peer_sender(self.me, self.cluster.clone(), self.local_ip, addr, rx));
+                tx
+            }
+        };
+        let _ = tx.try_send(msg);
+    }
+}
+
+async fn peer_sender(me: u64, cluster: String, local_ip: IpAddr, addr: SocketAddr, mut rx: mpsc::Receiver<Bytes>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let mut stream = match dial(addr, Some(local_ip)).await {
+            Ok(s) => s,
+            Err(_) => {
+                // Drop what queued while the peer is down; Raft resends what matters.
+                while rx.try_recv().is_ok() {}
+                if rx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let hello = pb::Frame { kind: Some(pb::frame::Kind::Hello(pb::Hello { from_id: me, cluster: cluster.clone() })) };
+        if stream.write_all(&encode_frame(&hello)).await.is_err() {
+            continue;
+        }
+        loop {
+            let Some(first) = rx.recv().await else { return };
+            let mut size = first.len();
+            let mut messages = vec![first];
+            while size < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        size += m.len();
+                        messages.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let f = pb::Frame { kind: Some(pb::frame::Kind::Raft(pb::RaftBatch { messages })) };
+            if stream.write_all(&encode_frame(&f)).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Dials `addr`, binding the source address to `local` when given (port chosen by the OS).
+pub async fn dial(addr: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(ip) = local {
+        if ip.is_ipv4() == addr.is_ipv4() && !ip.is_unspecified() {
+            sock.bind(SocketAddr::new(ip, 0))?;
+        }
+    }
+    let s = tokio::time::timeout(Duration::from_secs(2), sock.connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler>) {
+    let (r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(r);
+    let from = match reader.next().await {
+        Ok(Some(pb::Frame { kind: Some(pb::frame::Kind::Hello(h)) })) => {
+            if h.cluster != cluster {
+                tracing::warn!("refused connection from node {} of cluster {:?} (this is {:?})", h.from_id, h.cluster, cluster);
+                return;
+            }
+            h.from_id
+        }
+        _ => return,
+    };
+    let (tx, mut out) = mpsc::channel::<Bytes>(1024);
+    tokio::spawn(async move {
+        while let Some(b) = out.recv().await {
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        match reader.next().await {
+            Ok(Some(pb::Frame { kind: Some(pb::frame::Kind::Raft(b)) })) => handler.raft(from, b.messages),
+            Ok(Some(pb::Frame { kind: Some(pb::frame::Kind::Request(req)) })) => {
+                let fut = handler.request(req);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let resp = fut.await;
+                    let f = pb::Frame { kind: Some(pb::frame::Kind::Response(resp)) };
+                    let _ = tx.send(encode_frame(&f)).await;
+                });
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("connection from {from} closed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// A request/response connection to one node (one call at a time).
+pub struct RpcConn {
+    reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl RpcConn {
+    /// Connects and says hello as `from_id` (0 for clients).
+    pub async fn connect(addr: SocketAddr, from_id: u64, cluster: &str, local: Option<IpAddr>) -> io::Result<RpcConn> {
+        let s = dial(addr, local).await?;
+        let (r, mut w) = s.into_split();
+        let hello = pb::Frame { kind: Some(pb::frame::Kind::Hello(pb::Hello { from_id, cluster: cluster.to_string() })) };
+        w.write_all(&encode_frame(&hello)).await?;
+        Ok(RpcConn { reader: FrameReader::new(r), writer: w, next_id: 1 })
+    }
+
+    /// Sends a request body and waits for its response.
+    pub async fn call(&mut self, body: pb::request::Body) -> io::Result<pb::response::Body> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let f = pb::Frame { kind: Some(pb::frame::Kind::Request(pb::Request { id, body: Some(body) })) };
+        self.writer.write_all(&encode_frame(&f)).await?;
+        loop {
+            match self.reader.next().await? {
+                Some(pb::Frame { kind: Some(pb::frame::Kind::Response(r)) }) if r.id == id => {
+                    return r.body.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty response"));
+                }
+                Some(_) => continue,
+                None => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(msgs in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            let f = pb::Frame { kind: Some(pb::frame::Kind::Raft(pb::RaftBatch { messages: msgs.into_iter().map(Bytes::from).collect() })) };
+            let b = encode_frame(&f);
+            for cut in 0..b.len() {
+                prop_assert_eq!(decode_frame(&b[..cut]).unwrap(), None);
+            }
+            let (g, used) = decode_frame(&b).unwrap().unwrap();
+            prop_assert_eq!(used, b.len());
+            prop_assert_eq!(g, f);
+        }
+
+        #[test]
+        fn damaged_frames_are_rejected(at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let f = pb::Frame { kind: Some(pb::frame::Kind::Hello(pb::Hello { from_id: 7, cluster: "c".into() })) };
+            let mut b = encode_frame(&f).to_vec();
+            let i = 4 + at.index(b.len() - 4);
+            b[i] ^= 1 << bit;
+            prop_assert!(decode_frame(&b).is_err());
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The `raftsql` SQLite VFS: the unix VFS plus a window onto each database's wal-index.
+//!
+//! Every raftsql database is opened through this VFS. Files (the database, its WAL, the
+//! wal-index `-shm`) are the unix VFS's own, so the database lives on disk and SQLite keeps
+//! only its page cache in memory. What the wrapper adds is access to the **wal-index header**
+//! (the first 96 bytes of shm region 0: two copies of SQLite's `WalIndexHdr`). The state
+//! machine reads it to find the WAL frames a write transaction appended (frame range, page
+//! size, database size, salts), and writes it to make those frames disappear again when the
+//! transaction's Raft entry does not commit.
+//!
+//! # Invariants
+//! - The WAL and the wal-index are never trusted across a process restart: the node deletes
+//!   `-wal` and `-shm` before opening a database and rebuilds the WAL by replaying Raft entries
+//!   after the last durable checkpoint (see `state.rs`). That is why the WAL is written with
+//!   `synchronous=OFF`: the Raft log, not the WAL, is the durable record.
+//! - Only the state machine's writer connection writes the WAL; the header is only rewritten
+//!   by this module while the state machine holds the read gate closed, so no reader can
+//!   start a snapshot from a header that is being rewritten.
+//!
+//! The header layout used here is SQLite's documented wal-index format
+//! (<https://www.sqlite.org/walformat.html>): native-endian u32 fields, `szPage` u16 at 14,
+//! `mxFrame` at 16, `nPage` at 20, salts at 32..40.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
+use rusqlite::ffi;
+
+/// Name under which the VFS is registered with SQLite.
+pub const VFS_NAME: &str = "raftsql";
+
+/// Bytes of the two wal-index header copies at the start of shm region 0.
+pub const WAL_INDEX_HDR_BYTES: usize = 96;
+
+/// Address of region 0 of the wal-index of each open database, keyed by the database path
+/// SQLite opened. Stored as `usize` so the map is `Send`.
+static SHM_REGIONS: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
+static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+/// The unix VFS we delegate to.
+static mut UNIX_VFS: *mut ffi::sqlite3_vfs = std::ptr::null_mut();
+static mut IO_METHODS: Option<ffi::sqlite3_io_methods> = None;
+
+fn shm_regions() -> &'static Mutex<HashMap<String, usize>> {
+    SHM_REGIONS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Our file object: SQLite's base struct first (so SQLite can use it as a `sqlite3_file`),
+/// then the unix VFS's file object, allocated in the same block right after ours.
+#[repr(C)]
+struct File {
+    base: ffi::sqlite3_file,
+    real: *mut ffi::sqlite3_file,
+    /// Path of a main database file (used as the key of its wal-index), else null.
+    main_db_path: *mut c_char,
+}
+
+/// Registers the `raftsql` VFS with SQLite (idempotent). It is not made the default VFS.
+pub fn register() -> Result<(), String> {
+    REGISTERED
+        .get_or_init(|| unsafe { register_inner() })
+        .clone()
+}
+
+unsafe fn register_inner() -> Result<(), String> {
+    let unix = ffi::sqlite3_vfs_find(c"unix".as_ptr());
+    if unix.is_null() {
+        return Err("SQLite has no unix VFS".into());
+    }
+    UNIX_VFS = unix;
+    let mut vfs: ffi::sqlite3_vfs = *unix;
+    vfs.szOsFile = (std::mem::size_of::<File>() as c_int) + (*unix).szOsFile;
+    vfs.zName = CString::new(VFS_NAME).unwrap().into_raw();
+    vfs.pNext = std::ptr::null_mut();
+    vfs.xOpen = Some(x_open);
+    let vfs = Box::into_raw(Box::new(vfs));
+    let rc = ffi::sqlite3_vfs_register(vfs, 0);
+    if rc != ffi::SQLITE_OK {
+        return Err(format!("sqlite3_vfs_register failed: {rc}"));
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn x_open(
+    _vfs: *mut ffi::sqlite3_vfs,
+    name: ffi::sqlite3_filename,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    let f = file as *mut File;
+    let real = (file as *mut u8).add(std::mem::size_of::<File>()) as *mut ffi::sqlite3_file;
+    (*f).real = real;
+    (*f).main_db_path = std::ptr::null_mut();
+    (*f).base.pMethods = std::ptr::null();
+    let rc = ((*UNIX_VFS).xOpen.unwrap())(UNIX_VFS, name, real, flags, out_flags);
+    if rc != ffi::SQLITE_OK || (*real).pMethods.is_null() {
+        return rc;
+    }
+    if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 && !name.is_null() {
+        (*f).main_db_path = CString::from(CStr::from_ptr(name)).into_raw();
+    }
+    #[allow(static_mut_refs)]
+    let methods = IO_METHODS.get_or_insert_with(|| io_methods((*(*real).pMethods).iVersion));
+    (*f).base.pMethods = methods as *const _;
+    rc
+}
+
+fn io_methods(version: c_int) -> ffi::sqlite3_io_methods {
+    ffi::sqlite3_io_methods {
+        // Version 2 keeps the shm methods and drops xFetch/xUnfetch (no memory-mapped I/O).
+        iVersion: version.min(2),
+        xClose: Some(x_close),
+        xRead: Some(x_read),
+        xWrite: Some(x_write),
+        xTruncate: Some(x_truncate),
+        xSync: Some(x_sync),
+        xFileSize: Some(x_file_size),
+        xLock: Some(x_lock),
+        xUnlock: Some(x_unlock),
+        xCheckReservedLock: Some(x_check_reserved_lock),
+        xFileControl: Some(x_file_control),
+        xSectorSize: Some(x_sector_size),
+        xDeviceCharacteristics: Some(x_device_characteristics),
+        xShmMap: Some(x_shm_map),
+        xShmLock: Some(x_shm_lock),
+        xShmBarrier: Some(x_shm_barrier),
+        xShmUnmap: Some(x_shm_unmap),
+        xFetch: None,
+        xUnfetch: None,
+    }
+}
+
+unsafe fn real(file: *mut ffi::sqlite3_file) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {
+    let real = (*(file as *mut File)).real;
+    (real, &*(*real).pMethods)
+}
+
+unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
+    let f = file as *mut File;
+    let (r, m) = real(file);
+    let rc = m.xClose.unwrap()(r);
+    if !(*f).main_db_path.is_null() {
+        drop(CString::from_raw((*f).main_db_path));
+        (*f).main_db_path = std::ptr::null_mut();
+    }
+    rc
+}
+unsafe extern "C" fn x_read(file: *mut ffi::sqlite3_file, buf: *mut c_void, n: c_int, off: i64) -> c_int {
+    let (r, m) = real(file);
+    m.xRead.unwrap()(r, buf, n, off)
+}
+unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, buf: *const c_void, n: c_int, off: i64) -> c_int {
+    let (r, m) = real(file);
+    m.xWrite.unwrap()(r, buf, n, off)
+}
+unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    let (r, m) = real(file);
+    m.xTruncate.unwrap()(r, size)
+}
+unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    let (r, m) = real(file);
+    m.xSync.unwrap()(r, flags)
+}
+unsafe extern "C" fn x_file_size(file: *mut ffi::sqlite3_file, out: *mut i64) -> c_int {
+    let (r, m) = real(file);
+    m.xFileSize.unwrap()(r, out)
+}
+unsafe extern "C" fn x_lock(file: *mut ffi::sqlite3_file, lock: c_int) -> c_int {
+    let (r, m) = real(file);
+    m.xLock.unwrap()(r, lock)
+}
+unsafe extern "C" fn x_unlock(file: *mut ffi::sqlite3_file, lock: c_int) -> c_int {
+    let (r, m) = real(file);
+    m.xUnlock.unwrap()(r, lock)
+}
+unsafe extern "C" fn x_check_reserved_lock(file: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
+    let (r, m) = real(file);
+    m.xCheckReservedLock.unwrap()(r, out)
+}
+unsafe extern "C" fn x_file_control(file: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
+    let (r, m) = real(file);
+    if op == ffi::SQLITE_FCNTL_VFSNAME {
+        // Report our name (SQLite frees the string with sqlite3_free).
+        let s = ffi::sqlite3_mprintf(c"%s".as_ptr(), c"raftsql".as_ptr());
+        *(arg as *mut *mut c_char) = s;
+        return ffi::SQLITE_OK;
+    }
+    m.xFileControl.unwrap()(r, op, arg)
+}
+unsafe extern "C" fn x_sector_size(file: *mut ffi::sqlite3_file) -> c_int {
+    let (r, m) = real(file);
+    m.xSectorSize.unwrap()(r)
+}
+unsafe extern "C" fn x_device_characteristics(file: *mut ffi::sqlite3_file) -> c_int {
+    let (r, m) = real(file);
+    m.xDeviceCharacteristics.unwrap()(r)
+}
+unsafe extern "C" fn x_shm_map(
+    file: *mut ffi::sqlite3_file,
+    region: c_int,
+    size: c_int,
+    extend: c_int,
+    out: *mut *mut c_void,
+) -> c_int {
+    let f = file as *mut File;
+    let (r, m) = real(file);
+    let rc = m.xShmMap.unwrap()(r, region, size, extend, out);
+    if rc == ffi::SQLITE_OK && region == 0 && !(*out).is_null() && !(*f).main_db_path.is_null() {
+        let path = CStr::from_ptr((*f).main_db_path).to_string_lossy().into_owned();
+        shm_regions().lock().insert(path, *out as usize);
+    }
+    rc
+}
+unsafe extern "C" fn x_shm_lock(file: *mut ffi::sqlite3_file, off: c_int, n: c_int, flags: c_int) -> c_int {
+    let (r, m) = real(file);
+    m.xShmLock.unwrap()(r, off, n, flags)
+}
+unsafe extern "C" fn x_shm_barrier(file: *mut ffi::sqlite3_file) {
+    let (r, m) = real(file);
+    m.xShmBarrier.unwrap()(r)
+}
+unsafe extern "C" fn x_shm_unmap(file: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
+    let (r, m) = real(file);
+    m.xShmUnmap.unwrap()(r, delete)
+}
+
+/// Forgets the wal-index of `db_path` (call after closing every connection to it).
+pub fn forget(db_path: &str) {
+    shm_regions().lock().remove(db_path);
+}
+
+/// The fields of a wal-index header this crate uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalHeader {
+    /// Database page size in bytes.
+    pub page_size: u32,
+    /// Number of valid frames in the WAL (the last commit frame).
+    pub max_frame: u32,
+    /// Size of the database in pages after the last commit.
+    pub n_page: u32,
+    /// The WAL's salts; they change when the WAL is restarted from its beginning.
+    pub salt: [u32; 2],
+}
+
+/// A raw copy of both wal-index header copies, to be put back by [`restore_header`].
+#[derive(Clone, Copy)]
+pub struct SavedHeader(pub [u8; WAL_INDEX_HDR_BYTES]);
+
+fn region0(db_path: &str) -> Option<*mut u8> {
+    shm_regions().lock().get(db_path).map(|p| *p as *mut u8)
+}
+
+/// Reads the wal-index header of `db_path`, if its wal-index is mapped.
+///
+/// Call it only while the caller's connection holds a transaction or the read gate is closed,
+/// so that the header is not being rewritten concurrently (SQLite writes copy 2 then copy 1;
+/// we read copy 1 and check it equals copy 2).
+pub fn read_header(db_path: &str) -> Option<WalHeader> {
+    let saved = save_header(db_path)?;
+    let h = &saved.0;
+    if h[..48] != h[48..96] || h[12] == 0 {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_ne_bytes(h[o..o + 4].try_into().unwrap());
+    let sz = u16::from_ne_bytes([h[14], h[15]]) as u32;
+    Some(WalHeader {
+        page_size: if sz == 1 { 65536 } else { sz },
+        max_frame: u32_at(16),
+        n_page: u32_at(20),
+        salt: [u32_at(32), u32_at(36)],
+    })
+}
+
+/// Copies both header copies of `db_path`'s wal-index.
+pub fn save_header(db_path: &str) -> Option<SavedHeader> {
+    let p = region0(db_path)?;
+    let mut out = [0u8; WAL_INDEX_HDR_BYTES];
+    // SAFETY: region 0 is at least 32 KiB and stays mapped while any connection is open.
+    unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), WAL_INDEX_HDR_BYTES) };
+    Some(out).map(SavedHeader)
+}
+
+/// Puts back a header saved by [`save_header`], the way SQLite writes it: the second copy,
+/// a barrier, then the first copy (readers compare both).
+pub fn restore_header(db_path: &str, saved: &SavedHeader) -> bool {
+    let Some(p) = region0(db_path) else { return false };
+    unsafe {
+        std::ptr::copy_nonoverlapping(saved.0.as_ptr().add(48), p.add(48), 48);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        std::ptr::copy_nonoverlapping(saved.0.as_ptr(), p, 48);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+    true
+}
+
+/// Marks the wal-index header invalid, so the next connection to read rebuilds the index
+/// from the WAL file (SQLite's recovery).
+pub fn invalidate_header(db_path: &str) -> bool {
+    let Some(p) = region0(db_path) else { return false };
+    unsafe {
+        std::ptr::write_bytes(p, 0, WAL_INDEX_HDR_BYTES);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+    true
+}

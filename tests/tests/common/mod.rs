@@ -1,0 +1,240 @@
+//! Test harness: clusters of real `raftsql` processes on loopback.
+//!
+//! Each cluster gets its own 127.x.y.0/24 addresses (x from the process id, y from a
+//! per-process counter), so tests can run in parallel and every node has its own address.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use raftsql_core::{Client, Value};
+
+static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(1);
+
+/// The binary under test: the real CLI code, built as this package's binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_raftsql-under-test")
+}
+
+pub struct NodeProc {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    pub peers: String,
+    pub args: Vec<String>,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with extra `raftsql node` arguments.
+    pub fn start(n: usize, args: &[&str]) -> Cluster {
+        let c = NEXT_CLUSTER.fetch_add(1, Ordering::SeqCst);
+        let x = (std::process::id() % 200) + 20;
+        let dir = tempfile::Builder::new().prefix("raftsql-test-").tempdir().unwrap();
+        let nodes: Vec<NodeProc> = (1..=n as u64)
+            .map(|id| NodeProc {
+                id,
+                addr: format!("127.{x}.{c}.{id}:7000").parse().unwrap(),
+                data: dir.path().join(format!("node{id}")),
+                log: dir.path().join(format!("node{id}.log")),
+                child: None,
+            })
+            .collect();
+        let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mut cl = Cluster { dir, nodes, peers, args: args.iter().map(|s| s.to_string()).collect(), rt };
+        for id in 1..=n as u64 {
+            cl.spawn(id);
+        }
+        cl
+    }
+
+    fn node(&self, id: u64) -> &NodeProc {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let peers = self.peers.clone();
+        let args = self.args.clone();
+        let n = &mut self.nodes[(id - 1) as usize];
+        assert!(n.child.is_none(), "node {id} already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).unwrap();
+        let child = Command::new(bin())
+            .args(["node", "--id", &id.to_string(), "--listen", &n.addr.to_string(), "--bootstrap-peers", &peers])
+            .arg("--data-dir")
+            .arg(&n.data)
+            .args(&args)
+            .env("RAFTSQL_LOG", std::env::var("RAFTSQL_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        n.child = Some(child);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, id: u64) {
+        let n = &mut self.nodes[(id - 1) as usize];
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self, id: u64) -> std::process::ExitStatus {
+        let n = &mut self.nodes[(id - 1) as usize];
+        let mut c = n.child.take().expect("node not running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    pub fn pause(&self, id: u64) {
+        let c = self.node(id).child.as_ref().unwrap();
+        unsafe { libc::kill(c.id() as i32, libc::SIGSTOP) };
+    }
+
+    pub fn resume(&self, id: u64) {
+        let c = self.node(id).child.as_ref().unwrap();
+        unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        self.kill(id);
+        self.spawn(id);
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+    }
+
+    /// Waits for a node process to exit on its own; returns its status.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let n = &mut self.nodes[(id - 1) as usize];
+        while Instant::now() < deadline {
+            if let Some(st) = n.child.as_mut().unwrap().try_wait().unwrap() {
+                n.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.node(id).log).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self, id: u64) -> &Path {
+        &self.node(id).data
+    }
+
+    pub fn addr(&self, id: u64) -> SocketAddr {
+        self.node(id).addr
+    }
+
+    /// A client of every node.
+    pub fn client(&self) -> Client {
+        Client::new(self.nodes.iter().map(|n| n.addr).collect(), "raftsql")
+    }
+
+    /// A client of one node only.
+    pub fn client_of(&self, id: u64) -> Client {
+        Client::new(vec![self.addr(id)], "raftsql")
+    }
+
+    pub fn status(&self, id: u64, digests: bool) -> Option<raftsql_proto::v1::StatusResponse> {
+        self.rt.block_on(Client::status_of(self.addr(id), "raftsql", digests)).ok()
+    }
+
+    /// Waits until a running node reports itself leader; returns its id.
+    pub fn wait_leader(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            for id in self.running() {
+                if let Some(s) = self.status(id, false) {
+                    if s.role == "leader" {
+                        return id;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no leader within {timeout:?}\n{}", self.logs());
+    }
+
+    /// Waits until every running node has applied the same index and (if `digests`) has
+    /// byte-identical databases; returns the digests.
+    pub fn wait_converged(&self, timeout: Duration) -> std::collections::HashMap<String, String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let st: Vec<_> = self.running().into_iter().map(|id| self.status(id, true)).collect();
+            if st.iter().all(|s| s.is_some()) {
+                let st: Vec<_> = st.into_iter().map(|s| s.unwrap()).collect();
+                let applied_same = st.iter().all(|s| s.applied_index == st[0].applied_index && s.commit_index == s.applied_index);
+                let digests_same = st.iter().all(|s| s.db_digests == st[0].db_digests);
+                if applied_same && digests_same {
+                    return st[0].db_digests.clone();
+                }
+                last = format!("{:?}", st.iter().map(|s| (s.id, s.applied_index, s.commit_index, s.db_digests.clone())).collect::<Vec<_>>());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("nodes did not converge within {timeout:?}: {last}\n{}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            let t = self.log_text(n.id);
+            let tail: Vec<&str> = t.lines().rev().take(30).collect();
+            s += &format!("--- node {} log (last 30 lines) ---\n", n.id);
+            for l in tail.into_iter().rev() {
+                s += l;
+                s += "\n";
+            }
+        }
+        s
+    }
+
+    /// Count of rows from `sql` on one node's applied state.
+    pub fn local_count(&self, id: u64, db: &str, sql: &str) -> i64 {
+        let c = self.client_of(id);
+        let rows = self.rt.block_on(c.query_with(db, sql, vec![], true)).expect("local query");
+        match rows.rows[0][0] {
+            Value::Integer(i) => i,
+            ref v => panic!("not a count: {v:?}"),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            // Keep the data and logs of a failed test for inspection.
+            let p = self.dir.path().to_path_buf();
+            eprintln!("test data kept in {}", p.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+        }
+    }
+}
