@@ -214,6 +214,8 @@ impl Node {
             return Err(Error::Invalid("node id must be non-zero".into()));
         }
         let lock = lock_data_dir(&cfg.data_dir)?;
+        // SQLite names files by absolute path; so do we (the wal-index is found by path).
+        cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| Error::io(&cfg.data_dir, e))?;
         let nf = load_or_create_node_file(&cfg)?;
         cfg.peers = nf.peers.clone();
         cfg.cluster = nf.cluster.clone();

@@ -332,8 +332,6 @@ struct Db {
 struct InFlight {
     db: String,
     seq: u64,
-    saved: vfs::SavedHeader,
-    restarted: bool,
     waiters: Vec<(oneshot::Sender<Result<Vec<ExecResult>>>, Vec<ExecResult>)>,
     tx_waiter: Option<oneshot::Sender<Result<()>>>,
 }
@@ -683,7 +681,7 @@ impl StateMachine {
             }
         };
         let w = &db.writer;
-        if let Err(e) = w.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = reset_cache(w).and_then(|_| w.execute_batch("BEGIN IMMEDIATE").map_err(Error::from)) {
             let msg = e.to_string();
             for r in batch {
                 let _ = r.reply.send(Err(Error::Internal(msg.clone())));
@@ -702,7 +700,12 @@ impl StateMachine {
         self.commit_and_propose(db_name, waiters, None)
     }
 
-    /// COMMITs the writer's transaction behind a closed gate and proposes its frames.
+    /// COMMITs the writer's transaction, captures the pages it appended to the WAL, rewinds
+    /// the WAL so they vanish again, and proposes them as one entry.
+    ///
+    /// The read gate is closed only from COMMIT to the rewind (microseconds): the frames are
+    /// visible to no reader. When the entry commits, this node applies it exactly like every
+    /// other node does ([`apply_pages`]), so all replicas are built by the same code path.
     fn commit_and_propose(
         &mut self,
         db_name: &str,
@@ -714,37 +717,48 @@ impl StateMachine {
         let seq = self.seq;
         let db = self.dbs.get_mut(db_name).unwrap();
         let key = db.handle.key.clone();
-        let saved = vfs::save_header(&key).ok_or_else(|| Error::Internal("wal-index not mapped".into()))?;
-        let before = vfs::read_header(&key);
-        db.handle.gate.close();
-        if let Err(e) = db.writer.execute_batch("COMMIT") {
-            let _ = db.writer.execute_batch("ROLLBACK");
-            db.handle.gate.open();
-            let e = Error::from(e);
+        let fail = |waiters: Vec<(oneshot::Sender<Result<Vec<ExecResult>>>, Vec<ExecResult>)>,
+                    tx_waiter: Option<oneshot::Sender<Result<()>>>,
+                    e: Error| {
+            tracing::error!("write batch on {db_name} failed: {e}");
             for (w, _) in waiters {
                 let _ = w.send(Err(Error::Internal(e.to_string())));
             }
             if let Some(t) = tx_waiter {
                 let _ = t.send(Err(e));
             }
+        };
+        let (Some(saved), Some(before)) = (vfs::save_header(&key), vfs::read_header(&key)) else {
+            let _ = db.writer.execute_batch("ROLLBACK");
+            fail(waiters, tx_waiter, Error::Internal(format!("the wal-index of {key} is not readable")));
             return Ok(());
-        }
-        let after = vfs::read_header(&key).ok_or_else(|| Error::Internal("wal-index header unreadable after commit".into()))?;
-        let restarted = before.map(|b| b.salt != after.salt).unwrap_or(true);
-        let first = if restarted { 1 } else { before.unwrap().max_frame + 1 };
-        if !restarted && after.max_frame == before.unwrap().max_frame {
-            // Nothing changed (only reads, or writes that changed no page): done.
+        };
+        db.handle.gate.close();
+        if let Err(e) = db.writer.execute_batch("COMMIT") {
+            let _ = db.writer.execute_batch("ROLLBACK");
             db.handle.gate.open();
-            for (w, r) in waiters {
-                let _ = w.send(Ok(r));
-            }
-            if let Some(t) = tx_waiter {
-                let _ = t.send(Ok(()));
-            }
+            fail(waiters, tx_waiter, e.into());
             return Ok(());
         }
-        let pages = read_frames(db, first, after.max_frame, after.page_size)?;
-        self.frames_since_checkpoint += (after.max_frame + 1 - first) as u64;
+        let captured = capture_and_rewind(db, &key, &saved, &before);
+        db.handle.gate.open();
+        let (pages, after) = match captured {
+            Ok(Some(x)) => x,
+            Ok(None) => {
+                // No page changed (only reads, or writes that changed nothing): done.
+                for (w, r) in waiters {
+                    let _ = w.send(Ok(r));
+                }
+                if let Some(t) = tx_waiter {
+                    let _ = t.send(Ok(()));
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                fail(waiters, tx_waiter, e);
+                return Ok(());
+            }
+        };
         let frames = Frames {
             proposer: me,
             sequence: seq,
@@ -753,32 +767,16 @@ impl StateMachine {
             db_pages: after.n_page,
             pages,
         };
-        self.in_flight = Some(InFlight { db: db_name.to_string(), seq, saved, restarted, waiters, tx_waiter });
+        self.in_flight = Some(InFlight { db: db_name.to_string(), seq, waiters, tx_waiter });
         (self.to_raft)(ToRaft::Propose { data: frames.encode(), seq });
         Ok(())
     }
 
-    /// Makes the in-flight batch's frames unreachable and fails its callers (invariant 2).
+    /// Fails the callers of the in-flight batch. Its frames were rewound at capture, so
+    /// nothing is visible; if its entry commits anyway, it is applied like any other.
     fn abort_in_flight(&mut self, why: Error) {
         let Some(f) = self.in_flight.take() else { return };
-        let db = self.dbs.get_mut(&f.db).unwrap();
-        let key = db.handle.key.clone();
-        if f.restarted {
-            // The batch rewrote the WAL from its start, so the old header points at frames
-            // that are gone. The restart only happens once every frame is checkpointed, so
-            // the database file alone holds the committed state: empty the WAL and let
-            // SQLite rebuild the index from it.
-            vfs::invalidate_header(&key);
-            let mut wal = db.handle.path.as_os_str().to_owned();
-            wal.push("-wal");
-            if let Ok(f) = fs::OpenOptions::new().write(true).open(PathBuf::from(wal)) {
-                let _ = f.set_len(0);
-            }
-        } else {
-            vfs::restore_header(&key, &f.saved);
-        }
-        db.handle.gate.open();
-        tracing::warn!("abandoned uncommitted write batch {} on {}: {why}", f.seq, f.db);
+        tracing::warn!("write batch {} on {} not known to be committed: {why}", f.seq, f.db);
         for (w, _) in f.waiters {
             let _ = w.send(Err(clone_err(&why)));
         }
@@ -799,22 +797,20 @@ impl StateMachine {
                 .in_flight
                 .as_ref()
                 .is_some_and(|f| frames.proposer == self.me && f.seq == frames.sequence);
+            if !own {
+                // Another node's entry: whatever this node had in flight lost its place.
+                self.abort_in_flight(Error::OutcomeUnknown);
+                self.rollback_tx();
+            }
+            self.apply_frames(&frames)?;
             if own {
-                // Our batch committed: its frames are already in our WAL; publish them.
                 let f = self.in_flight.take().unwrap();
-                let db = self.dbs.get(&f.db).unwrap();
-                db.handle.gate.open();
                 for (w, r) in f.waiters {
                     let _ = w.send(Ok(r));
                 }
                 if let Some(t) = f.tx_waiter {
                     let _ = t.send(Ok(()));
                 }
-            } else {
-                // Another node's entry (or ours, abandoned and committed anyway).
-                self.abort_in_flight(Error::OutcomeUnknown);
-                self.rollback_tx();
-                self.apply_frames(&frames)?;
             }
         }
         self.set_applied(index, e.term);
@@ -828,27 +824,7 @@ impl StateMachine {
         }
         self.frames_since_checkpoint += f.pages.len() as u64;
         let db = self.db(&f.db)?;
-        let w = &db.writer;
-        w.execute_batch("BEGIN IMMEDIATE")?;
-        let r = (|| -> Result<()> {
-            let mut st = w.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
-            for p in &f.pages {
-                st.execute(rusqlite::params![p.pgno, &p.data[..]])?;
-            }
-            let count: u32 = w.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            if f.db_pages >= 1 && f.db_pages < count {
-                st.execute(rusqlite::params![f.db_pages + 1, rusqlite::types::Null])?;
-            }
-            Ok(())
-        })();
-        match r {
-            Ok(()) => w.execute_batch("COMMIT")?,
-            Err(e) => {
-                let _ = w.execute_batch("ROLLBACK");
-                return Err(e);
-            }
-        }
-        Ok(())
+        apply_pages(&db.writer, f)
     }
 
     fn handle_tx(&mut self, op: TxOp) {
@@ -863,7 +839,10 @@ impl StateMachine {
                     let _ = reply.send(Err(Error::Unavailable("the writer is busy; retry".into())));
                     return;
                 }
-                let r = self.db(&db).and_then(|d| d.writer.execute_batch("BEGIN IMMEDIATE").map_err(Error::from));
+                let r = self.db(&db).and_then(|d| {
+                    reset_cache(&d.writer)?;
+                    d.writer.execute_batch("BEGIN IMMEDIATE").map_err(Error::from)
+                });
                 match r {
                     Ok(()) => {
                         self.seq += 1;
@@ -1033,6 +1012,66 @@ fn clone_err(e: &Error) -> Error {
     }
 }
 
+/// Writes an entry's page images into the database of `w`.
+///
+/// Pages are written through `sqlite_dbpage` in one transaction, page 1 last (it holds the
+/// schema cookie; nothing may make SQLite re-read the schema while the b-tree's view of the
+/// pages is stale). If the database shrank, a second transaction truncates it; between the
+/// two, readers already see the new database, whose header gives its new size, so the extra
+/// pages are unreachable. After each, the connection's page cache is purged: sqlite_dbpage
+/// copies bytes into cached pages but leaves the b-tree's parsed view of them stale.
+pub fn apply_pages(w: &Connection, f: &Frames) -> Result<()> {
+    let grown = in_transaction(w, |w| {
+        let old_pages: u32 = w.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let mut st = w.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+        let (first, rest): (Vec<&Page>, Vec<&Page>) = f.pages.iter().partition(|p| p.pgno == 1);
+        for p in rest.into_iter().chain(first) {
+            st.execute(rusqlite::params![p.pgno, &p.data[..]])?;
+        }
+        Ok(f.pages.last().map_or(old_pages, |p| p.pgno.max(old_pages)))
+    })?;
+    if f.db_pages >= 1 && f.db_pages < grown {
+        in_transaction(w, |w| {
+            w.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)")?
+                .execute([f.db_pages + 1])?;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+fn in_transaction<T>(w: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    w.execute_batch("BEGIN IMMEDIATE")?;
+    let r = f(w);
+    match &r {
+        Ok(_) => w.execute_batch("COMMIT")?,
+        Err(_) => {
+            let _ = w.execute_batch("ROLLBACK");
+        }
+    }
+    reset_cache(w)?;
+    r
+}
+
+/// Purges the page cache of `w` (outside a transaction).
+///
+/// Two reasons. sqlite_dbpage copies bytes into cached pages but leaves the b-tree's parsed
+/// view of them stale. And in WAL mode SQLite stamps page 1's change counter as "the
+/// counter it last *read* from disk, plus one": a warm cache would make the leader repeat a
+/// stale value while followers count on, and replicas would differ in those bytes. With the
+/// cache purged before every leader batch and after every apply, every node writes
+/// "previous counter + 1" and the pages stay byte-identical.
+fn reset_cache(w: &Connection) -> Result<()> {
+    // SAFETY: a valid open connection; this file control takes no argument.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(w.handle(), c"main".as_ptr(), rusqlite::ffi::SQLITE_FCNTL_RESET_CACHE, std::ptr::null_mut())
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        return Err(Error::Internal(format!("resetting the page cache failed: {rc}")));
+    }
+    Ok(())
+}
+
 /// Runs one request's statements inside a SAVEPOINT; on error rolls back to it.
 fn run_request(w: &Connection, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
     w.execute_batch("SAVEPOINT req")?;
@@ -1051,6 +1090,47 @@ fn run_request(w: &Connection, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
     }
     w.execute_batch("RELEASE req")?;
     r
+}
+
+/// After a speculative COMMIT: reads the frames it appended and rewinds the WAL to `saved`.
+///
+/// Returns `None` if the transaction appended nothing. The rewind puts back the wal-index
+/// header saved before the COMMIT (the frames stay in the WAL file past the last valid
+/// frame, where SQLite ignores them and the next write overwrites them). If the COMMIT
+/// restarted the WAL from its beginning (SQLite does so once every frame is checkpointed),
+/// the old header would point at overwritten frames, so instead the WAL is emptied and the
+/// header invalidated: the database file alone holds the committed state, and SQLite
+/// rebuilds the index from the (empty) WAL.
+fn capture_and_rewind(
+    db: &mut Db,
+    key: &str,
+    saved: &vfs::SavedHeader,
+    before: &vfs::WalHeader,
+) -> Result<Option<(Vec<Page>, vfs::WalHeader)>> {
+    let after = vfs::read_header(key);
+    let restarted = after.is_none_or(|a| a.salt != before.salt);
+    let captured = match after {
+        Some(a) if !restarted && a.max_frame == before.max_frame => Ok(None),
+        Some(a) => {
+            let first = if restarted { 1 } else { before.max_frame + 1 };
+            read_frames(db, first, a.max_frame, a.page_size).map(|p| Some((p, a)))
+        }
+        None => Err(Error::Internal("wal-index header unreadable after commit".into())),
+    };
+    if restarted {
+        let mut wal = db.handle.path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&wal)
+            .and_then(|f| f.set_len(0))
+            .map_err(|e| Error::io(&wal, e))?;
+        vfs::invalidate_header(key);
+    } else {
+        vfs::restore_header(key, saved);
+    }
+    captured
 }
 
 /// Reads WAL frames `first..=last`, keeping the newest image of each page, sorted by page.
@@ -1075,4 +1155,78 @@ fn read_frames(db: &mut Db, first: u32, last: u32, page_size: u32) -> Result<Vec
         pages.insert(pgno, buf.slice(off + 24..off + frame as usize));
     }
     Ok(pages.into_iter().map(|(pgno, data)| Page { pgno, data }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages_of(c: &Connection) -> BTreeMap<u32, Vec<u8>> {
+        let mut st = c.prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno").unwrap();
+        let rows = st.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?))).unwrap();
+        rows.map(|r| r.unwrap()).collect()
+    }
+
+    /// Runs `sql` the way the leader does (cache purged first) and returns the entry a
+    /// leader would ship: the pages that changed and the new size.
+    fn leader_write(a: &Connection, sql: &str) -> Frames {
+        reset_cache(a).unwrap();
+        let before = pages_of(a);
+        a.execute_batch(sql).unwrap();
+        let after = pages_of(a);
+        let pages = after
+            .iter()
+            .filter(|(n, d)| before.get(n) != Some(d))
+            .map(|(n, d)| Page { pgno: *n, data: Bytes::from(d.clone()) })
+            .collect();
+        Frames { proposer: 1, sequence: 1, db: "main".into(), page_size: PAGE_SIZE, db_pages: after.len() as u32, pages }
+    }
+
+    fn digest(c: &Connection) -> (usize, u32) {
+        let pages = pages_of(c);
+        let mut h = crc32fast::Hasher::new();
+        for (n, d) in &pages {
+            h.update(&n.to_le_bytes());
+            h.update(d);
+        }
+        (pages.len(), h.finalize())
+    }
+
+    /// Two replicas applying the same entries through sqlite_dbpage end byte-identical
+    /// (page 1's change counter included), whether one restarted first or not; they truncate
+    /// when the source shrank; and each applier's connection sees schema changes at once.
+    #[test]
+    fn replicas_applying_the_same_entries_are_identical() {
+        vfs::register().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // The source of entries (what a leader's speculative transactions produce).
+        let a = open_writer(&dir.path().join("a.db")).unwrap();
+        // B restarts before applying (as after kill -9): its file holds only page 1.
+        let b = open_writer(&dir.path().join("b.db")).unwrap();
+        drop(b);
+        remove_wal_files(&dir.path().join("b.db"));
+        let b = open_writer(&dir.path().join("b.db")).unwrap();
+        let c = open_writer(&dir.path().join("c.db")).unwrap();
+        let step = |sql: &str| {
+            let f = leader_write(&a, sql);
+            apply_pages(&b, &f).unwrap();
+            apply_pages(&c, &f).unwrap();
+            assert_eq!(digest(&b), digest(&c), "after {sql}");
+        };
+        step("CREATE TABLE t(k TEXT PRIMARY KEY)");
+        // B sees the new table at once (preparing against a stale schema would fail).
+        b.prepare("INSERT INTO t VALUES ('x')").unwrap();
+        for i in 0..50 {
+            step(&format!("INSERT INTO t VALUES ('k{i}')"));
+        }
+        step("CREATE TABLE big(v); WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i < 2000) INSERT INTO big SELECT randomblob(500) FROM c;");
+        step("DROP TABLE big");
+        step("VACUUM");
+        for conn in [&b, &c] {
+            let n: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+            assert_eq!(n, 50);
+            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+            assert!(pages < 10, "not truncated: {pages} pages");
+        }
+    }
 }
