@@ -226,6 +226,8 @@ impl Node {
             cs.voters = cfg.peers.keys().copied().collect();
             log.bootstrap(cs)?;
         }
+        // Bring the database files up to the committed log before SQLite reads them.
+        state::recover_files(&cfg.data_dir.join("state"), &log)?;
         let snapshots = Arc::new(SnapshotStore::open(&cfg.data_dir.join("snapshots"), cfg.id)?);
         let (raft_tx, raft_rx) = mpsc::channel::<RaftMsg>();
         let (sm_tx, sm_rx) = mpsc::channel::<SmMsg>();
@@ -251,7 +253,14 @@ impl Node {
         let meta = sm.meta().clone();
         // A crash between installing a snapshot into the state directory and rebasing the
         // log leaves the databases ahead of the log: rebase the log now.
-        if meta.checkpoint_index > log.last_index() || meta.checkpoint_index > log.hard_state().commit {
+        if meta.checkpoint_index <= log.last_index() && meta.checkpoint_index > log.hard_state().commit {
+            // The databases hold entries this node applied, so they were committed; the
+            // hard state just had not recorded it yet.
+            let mut hs = log.hard_state().clone();
+            hs.commit = meta.checkpoint_index;
+            log.set_hard_state(&hs)?;
+            log.sync()?;
+        } else if meta.checkpoint_index > log.last_index() {
             let mut md = SnapshotMetadata::default();
             md.index = meta.checkpoint_index;
             md.term = meta.checkpoint_term;

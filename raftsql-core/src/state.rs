@@ -221,6 +221,10 @@ pub struct Meta {
     pub voters: Vec<u64>,
     /// Learners at that index.
     pub learners: Vec<u64>,
+    /// A checkpoint to this index was started: the database files may hold pages of entries
+    /// up to it (recovery replays at least that far before SQLite opens them).
+    #[serde(default)]
+    pub checkpoint_target: u64,
 }
 
 /// One write request waiting for the writer.
@@ -759,6 +763,18 @@ impl StateMachine {
                 return Ok(());
             }
         };
+        let mut pages = pages;
+        if let Some(p1) = pages.first_mut().filter(|p| p.pgno == 1) {
+            // Stamp page 1 with the change counter every node's apply will write: the
+            // committed counter (the WAL is rewound, so the writer reads it) plus one.
+            match page1_counter(&db.writer) {
+                Ok(c) => p1.data = stamp_change_counter(&p1.data, c.wrapping_add(1)),
+                Err(e) => {
+                    fail(waiters, tx_waiter, e);
+                    return Ok(());
+                }
+            }
+        }
         let frames = Frames {
             proposer: me,
             sequence: seq,
@@ -904,6 +920,12 @@ impl StateMachine {
         if applied <= self.meta.checkpoint_index {
             return Ok(());
         }
+        // Record the target first: once SQLite starts copying, the files hold pages of
+        // entries up to `applied`, and recovery must replay at least that far.
+        if self.meta.checkpoint_target != applied {
+            self.meta.checkpoint_target = applied;
+            write_atomic(&self.gen_dir.join("meta.json"), &serde_json::to_vec(&self.meta).unwrap())?;
+        }
         for db in self.dbs.values() {
             let (busy, log, done): (i64, i64, i64) =
                 db.writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
@@ -971,6 +993,7 @@ impl StateMachine {
             checkpoint_term: meta.term,
             voters: cs.voters.clone(),
             learners: cs.learners.clone(),
+            checkpoint_target: 0,
         };
         write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&new_meta).unwrap())?;
         fsync_dir(&gen)?;
@@ -1030,6 +1053,14 @@ pub fn apply_pages(w: &Connection, f: &Frames) -> Result<()> {
         }
         Ok(f.pages.last().map_or(old_pages, |p| p.pgno.max(old_pages)))
     })?;
+    if let Some(p1) = f.pages.first().filter(|p| p.pgno == 1) {
+        // Replicas must be byte-identical: check the one page SQLite rewrites on its own.
+        let now: Vec<u8> = w.query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| r.get(0))?;
+        if now[..] != p1.data[..] {
+            let diff: Vec<usize> = (0..now.len()).filter(|i| now[*i] != p1.data[*i]).take(8).collect();
+            return Err(Error::Corrupt(format!("applied page 1 differs from the entry's at offsets {diff:?}")));
+        }
+    }
     if f.db_pages >= 1 && f.db_pages < grown {
         in_transaction(w, |w| {
             w.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)")?
@@ -1090,6 +1121,85 @@ fn run_request(w: &Connection, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
     }
     w.execute_batch("RELEASE req")?;
     r
+}
+
+/// Page 1's file change counter (offset 24) as committed; 0 for an empty database.
+fn page1_counter(w: &Connection) -> Result<u32> {
+    let r: Option<Vec<u8>> = w
+        .query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| r.get(0))
+        .map(Some)
+        .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })?;
+    Ok(r.map_or(0, |d| u32::from_be_bytes(d[24..28].try_into().unwrap())))
+}
+
+/// Page 1 with its change counter and "version valid for" set to `counter` and the SQLite
+/// version number set, as SQLite's pager writes them when it commits page 1 in WAL mode.
+fn stamp_change_counter(page: &Bytes, counter: u32) -> Bytes {
+    let mut p = page.to_vec();
+    p[24..28].copy_from_slice(&counter.to_be_bytes());
+    p[92..96].copy_from_slice(&counter.to_be_bytes());
+    p[96..100].copy_from_slice(&(rusqlite::ffi::SQLITE_VERSION_NUMBER as u32).to_be_bytes());
+    Bytes::from(p)
+}
+
+/// Brings the database files of the current generation up to the last committed entry the
+/// log holds, by writing the entries' pages straight into the files, before SQLite opens
+/// them (invariant 4).
+///
+/// After a crash in the middle of a checkpoint the files mix pages of several states; SQLite
+/// must not read them until they are whole again, so this replay does not go through it.
+/// Writing every page of every entry from the checkpoint index on, in log order, and
+/// truncating each file to its entry's size rebuilds exactly the state of the last entry.
+/// Returns the index the files now hold.
+pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
+    let current = root.join("CURRENT");
+    let Ok(name) = fs::read_to_string(&current) else { return Ok(0) };
+    let gen = root.join(name.trim());
+    let mut meta = read_meta(&gen)?;
+    let upto = log.hard_state().commit.max(meta.checkpoint_target).min(log.last_index());
+    if upto <= meta.checkpoint_index {
+        return Ok(meta.checkpoint_index);
+    }
+    let started = Instant::now();
+    let mut files: HashMap<String, File> = HashMap::new();
+    let mut last_term = meta.checkpoint_term;
+    let mut next = meta.checkpoint_index + 1;
+    while next <= upto {
+        let entries = log
+            .entries(next, upto + 1, Some(8 << 20))
+            .map_err(|e| Error::Corrupt(format!("replaying the log from {next}: {e}")))?;
+        for e in entries {
+            next = e.index + 1;
+            last_term = e.term;
+            if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+                continue;
+            }
+            let f = Frames::decode(Bytes::from(e.data.clone()))
+                .map_err(|err| Error::Corrupt(format!("entry {}: {err}", e.index)))?;
+            check_db_name(&f.db)?;
+            let path = gen.join(format!("{}.db", f.db));
+            if !files.contains_key(&f.db) {
+                remove_wal_files(&path);
+                let file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+                files.insert(f.db.clone(), file);
+            }
+            let file = &files[&f.db];
+            for p in &f.pages {
+                file.write_all_at(&p.data, (p.pgno as u64 - 1) * f.page_size as u64).map_err(|e| Error::io(&path, e))?;
+            }
+            file.set_len(f.db_pages as u64 * f.page_size as u64).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    for (name, f) in &files {
+        f.sync_all().map_err(|e| Error::io(gen.join(format!("{name}.db")), e))?;
+    }
+    fsync_dir(&gen)?;
+    meta.checkpoint_index = upto;
+    meta.checkpoint_term = last_term;
+    meta.checkpoint_target = 0;
+    write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&meta).unwrap())?;
+    tracing::info!("replayed the log into the database files up to index {upto} in {:?}", started.elapsed());
+    Ok(upto)
 }
 
 /// After a speculative COMMIT: reads the frames it appended and rewinds the WAL to `saved`.
@@ -1208,7 +1318,11 @@ mod tests {
         let b = open_writer(&dir.path().join("b.db")).unwrap();
         let c = open_writer(&dir.path().join("c.db")).unwrap();
         let step = |sql: &str| {
-            let f = leader_write(&a, sql);
+            let mut f = leader_write(&a, sql);
+            // As the leader does: page 1 carries the counter the replicas will write.
+            if let Some(p1) = f.pages.first_mut().filter(|p| p.pgno == 1) {
+                p1.data = stamp_change_counter(&p1.data, page1_counter(&b).unwrap() + 1);
+            }
             apply_pages(&b, &f).unwrap();
             apply_pages(&c, &f).unwrap();
             assert_eq!(digest(&b), digest(&c), "after {sql}");

@@ -138,10 +138,12 @@ fn crash_in_the_middle_of_a_checkpoint_recovers_exactly() {
         }
     });
     c.wait_converged(T);
-    // Node 3 restarts armed: its next checkpoint crashes between the copy and the record.
-    c.kill(3);
+    // A follower restarts armed: its next checkpoint crashes between the copy and the record.
+    let leader = c.wait_leader(T);
+    let f = (1..=3).find(|i| *i != leader).unwrap();
+    c.kill(f);
     std::env::set_var("RAFTSQL_CRASH_AT", "checkpoint-before-meta");
-    c.spawn(3);
+    c.spawn(f);
     std::env::remove_var("RAFTSQL_CRASH_AT");
     c.rt.block_on(async {
         for i in 50..400 {
@@ -149,12 +151,13 @@ fn crash_in_the_middle_of_a_checkpoint_recovers_exactly() {
             client.execute("main", "INSERT INTO t VALUES (?1, 'x')", vec![Value::Integer(i)]).await.unwrap();
         }
     });
-    let st = c.wait_exit(3, T).expect("node 3 should have crashed at the failpoint");
+    let st = c.wait_exit(f, T).expect("the armed node should have crashed at the failpoint");
     assert!(!st.success());
-    assert!(c.log_text(3).contains("failpoint checkpoint-before-meta"), "{}", c.log_text(3));
-    c.spawn(3);
+    assert!(c.log_text(f).contains("failpoint checkpoint-before-meta"), "{}", c.log_text(f));
+    c.spawn(f);
     c.wait_converged(T);
-    assert_eq!(c.local_count(3, "main", "SELECT count(*) FROM t"), 400);
+    assert!(c.log_text(f).contains("replayed the log into the database files"), "{}", c.log_text(f));
+    assert_eq!(c.local_count(f, "main", "SELECT count(*) FROM t"), 400);
 }
 
 /// A damaged byte inside the committed part of the Raft log is detected at start-up and
