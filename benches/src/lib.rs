@@ -23,7 +23,11 @@ pub async fn start_cluster(n: u64, base: &Path) -> Vec<Node> {
     for (&id, &addr) in &peers {
         let mut cfg = NodeConfig::new(id, base.join(format!("n{id}")), addr);
         cfg.peers = peers.clone();
-        nodes.push(Node::start(cfg).await.unwrap_or_else(|e| panic!("start node {id}: {e}")));
+        nodes.push(
+            Node::start(cfg)
+                .await
+                .unwrap_or_else(|e| panic!("start node {id}: {e}")),
+        );
     }
     nodes
 }
@@ -35,7 +39,10 @@ pub async fn wait_leader(nodes: &[Node], timeout: Duration) -> usize {
         if let Some(i) = nodes.iter().position(|n| n.status().raft.role == "leader") {
             return i;
         }
-        assert!(Instant::now() < deadline, "no leader elected within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no leader elected within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -61,7 +68,11 @@ pub fn bench_line(name: &str, samples: &[Duration]) -> String {
     let mut s = samples.to_vec();
     s.sort();
     let us = |d: Duration| (d.as_secs_f64() * 1e6 * 10.0).round() / 10.0;
-    let mean = if s.is_empty() { Duration::ZERO } else { s.iter().sum::<Duration>() / s.len() as u32 };
+    let mean = if s.is_empty() {
+        Duration::ZERO
+    } else {
+        s.iter().sum::<Duration>() / s.len() as u32
+    };
     let v = serde_json::json!({
         "name": name,
         "n": s.len(),
@@ -77,7 +88,9 @@ pub fn proc_status_kib() -> BTreeMap<String, u64> {
     let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let mut out = BTreeMap::new();
     for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         if matches!(k, "VmRSS" | "VmHWM" | "RssAnon" | "RssFile" | "RssShmem") {
             if let Some(n) = v.split_whitespace().next().and_then(|x| x.parse().ok()) {
                 out.insert(k.to_string(), n);

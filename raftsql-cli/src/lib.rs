@@ -13,7 +13,11 @@ use raftsql_core::{Client, Node, NodeConfig, Value};
 
 /// Replicated SQLite over Raft.
 #[derive(Parser, Debug)]
-#[command(name = "raftsql", version, about = "Raft-replicated SQLite: run nodes, a local cluster, SQL and status")]
+#[command(
+    name = "raftsql",
+    version,
+    about = "Raft-replicated SQLite: run nodes, a local cluster, SQL and status"
+)]
 pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -117,11 +121,16 @@ struct StatusArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let r = rt.block_on(async move {
         match cli.cmd {
             Cmd::Node(a) => run_node(a).await,
-            Cmd::Dev(a) => tokio::task::spawn_blocking(move || run_dev(a)).await.unwrap(),
+            Cmd::Dev(a) => tokio::task::spawn_blocking(move || run_dev(a))
+                .await
+                .unwrap(),
             Cmd::Sql(a) => run_sql(a).await,
             Cmd::Status(a) => run_status(a).await,
         }
@@ -138,7 +147,10 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RAFTSQL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 type CliResult = Result<(), String>;
@@ -153,8 +165,14 @@ async fn run_node(a: NodeArgs) -> CliResult {
     cfg.checkpoint_frames = a.checkpoint_frames.max(1);
     cfg.compact_log_bytes = a.compact_log_bytes;
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
-    eprintln!("raftsql: node {} listening on {} (data in {})", a.id, a.listen, a.data_dir.display());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    eprintln!(
+        "raftsql: node {} listening on {} (data in {})",
+        a.id,
+        a.listen,
+        a.data_dir.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -169,18 +187,36 @@ fn run_dev(a: DevArgs) -> CliResult {
         return Err("--nodes must be at least 1".into());
     }
     std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
-    let dir = a.dir.canonicalize().map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let dir = a
+        .dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", a.dir.display()))?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let addrs: Vec<String> = (0..a.nodes).map(|i| format!("{}:{}", a.host, a.base_port + i as u16)).collect();
-    let peers: Vec<String> = addrs.iter().enumerate().map(|(i, ad)| format!("{}={ad}", i + 1)).collect();
+    let addrs: Vec<String> = (0..a.nodes)
+        .map(|i| format!("{}:{}", a.host, a.base_port + i as u16))
+        .collect();
+    let peers: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, ad)| format!("{}={ad}", i + 1))
+        .collect();
     let peers = peers.join(",");
     let mut children: Vec<Child> = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let id = i + 1;
         let data = dir.join(format!("node{id}"));
-        let log = std::fs::File::create(dir.join(format!("node{id}.log"))).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.join(format!("node{id}.log"))).map_err(|e| e.to_string())?;
         let child = Command::new(&exe)
-            .args(["node", "--id", &id.to_string(), "--listen", addr, "--bootstrap-peers", &peers])
+            .args([
+                "node",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                addr,
+                "--bootstrap-peers",
+                &peers,
+            ])
             .arg("--data-dir")
             .arg(&data)
             .stdin(Stdio::null())
@@ -191,12 +227,23 @@ fn run_dev(a: DevArgs) -> CliResult {
         children.push(child);
     }
     let endpoints = addrs.join(",");
-    println!("raftsql dev cluster: {} nodes, data and logs under {}", a.nodes, dir.display());
+    println!(
+        "raftsql dev cluster: {} nodes, data and logs under {}",
+        a.nodes,
+        dir.display()
+    );
     for (i, addr) in addrs.iter().enumerate() {
-        println!("  node {}: {addr}  (log: {})", i + 1, dir.join(format!("node{}.log", i + 1)).display());
+        println!(
+            "  node {}: {addr}  (log: {})",
+            i + 1,
+            dir.join(format!("node{}.log", i + 1)).display()
+        );
     }
     // Wait for a leader so the printed commands work right away.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let sockaddrs: Vec<SocketAddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
     let started = Instant::now();
     let leader = rt.block_on(async {
@@ -213,7 +260,10 @@ fn run_dev(a: DevArgs) -> CliResult {
         None
     });
     match leader {
-        Some(l) => println!("leader: node {l} (elected in {:.1}s)", started.elapsed().as_secs_f64()),
+        Some(l) => println!(
+            "leader: node {l} (elected in {:.1}s)",
+            started.elapsed().as_secs_f64()
+        ),
         None => println!("no leader yet: see the node logs"),
     }
     println!("\nTry:\n  raftsql sql --endpoints {endpoints} -e \"CREATE TABLE t(k TEXT PRIMARY KEY, v TEXT)\"");
@@ -269,14 +319,29 @@ fn parse_endpoints(s: &str) -> Result<Vec<SocketAddr>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| p.parse().map_err(|_| format!("bad endpoint {p:?}: expected IP:PORT")))
+        .map(|p| {
+            p.parse()
+                .map_err(|_| format!("bad endpoint {p:?}: expected IP:PORT"))
+        })
         .collect::<Result<Vec<_>, _>>()
-        .and_then(|v| if v.is_empty() { Err("no endpoints given".into()) } else { Ok(v) })
+        .and_then(|v| {
+            if v.is_empty() {
+                Err("no endpoints given".into())
+            } else {
+                Ok(v)
+            }
+        })
 }
 
 fn is_query(sql: &str) -> bool {
-    let w = sql.trim_start().split(|c: char| c.is_whitespace() || c == '(').next().unwrap_or("").to_ascii_uppercase();
-    matches!(w.as_str(), "SELECT" | "WITH" | "VALUES" | "EXPLAIN") || (w == "PRAGMA" && !sql.contains('='))
+    let w = sql
+        .trim_start()
+        .split(|c: char| c.is_whitespace() || c == '(')
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    matches!(w.as_str(), "SELECT" | "WITH" | "VALUES" | "EXPLAIN")
+        || (w == "PRAGMA" && !sql.contains('='))
 }
 
 fn fmt_value(v: &Value) -> String {
@@ -285,7 +350,10 @@ fn fmt_value(v: &Value) -> String {
         Value::Integer(i) => i.to_string(),
         Value::Real(f) => f.to_string(),
         Value::Text(s) => s.clone(),
-        Value::Blob(b) => format!("x'{}'", b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
+        Value::Blob(b) => format!(
+            "x'{}'",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        ),
     }
 }
 
@@ -295,41 +363,81 @@ fn json_value(v: &Value) -> serde_json::Value {
         Value::Integer(i) => (*i).into(),
         Value::Real(f) => (*f).into(),
         Value::Text(s) => s.clone().into(),
-        Value::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect::<String>().into(),
+        Value::Blob(b) => b
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+            .into(),
     }
 }
 
 async fn run_one(client: &Client, a: &SqlArgs, sql: &str) -> Result<(), String> {
     if is_query(sql) {
-        let rows = client.query_with(&a.db, sql, vec![], a.local).await.map_err(|e| e.to_string())?;
+        let rows = client
+            .query_with(&a.db, sql, vec![], a.local)
+            .await
+            .map_err(|e| e.to_string())?;
         if a.json {
             for r in &rows.rows {
-                let obj: serde_json::Map<String, serde_json::Value> =
-                    rows.columns.iter().cloned().zip(r.iter().map(json_value)).collect();
+                let obj: serde_json::Map<String, serde_json::Value> = rows
+                    .columns
+                    .iter()
+                    .cloned()
+                    .zip(r.iter().map(json_value))
+                    .collect();
                 println!("{}", serde_json::Value::Object(obj));
             }
         } else {
-            let cells: Vec<Vec<String>> = rows.rows.iter().map(|r| r.iter().map(fmt_value).collect()).collect();
+            let cells: Vec<Vec<String>> = rows
+                .rows
+                .iter()
+                .map(|r| r.iter().map(fmt_value).collect())
+                .collect();
             let mut w: Vec<usize> = rows.columns.iter().map(|c| c.len()).collect();
             for r in &cells {
                 for (i, c) in r.iter().enumerate() {
                     w[i] = w[i].max(c.len());
                 }
             }
-            let line = |r: &[String]| r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = w[i])).collect::<Vec<_>>().join(" | ");
+            let line = |r: &[String]| {
+                r.iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{c:<w$}", w = w[i]))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
             println!("{}", line(&rows.columns));
-            println!("{}", w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().join("-+-"));
+            println!(
+                "{}",
+                w.iter()
+                    .map(|n| "-".repeat(*n))
+                    .collect::<Vec<_>>()
+                    .join("-+-")
+            );
             for r in &cells {
                 println!("{}", line(r));
             }
-            println!("({} row{})", cells.len(), if cells.len() == 1 { "" } else { "s" });
+            println!(
+                "({} row{})",
+                cells.len(),
+                if cells.len() == 1 { "" } else { "s" }
+            );
         }
     } else {
-        let r = client.execute(&a.db, sql, vec![]).await.map_err(|e| e.to_string())?;
+        let r = client
+            .execute(&a.db, sql, vec![])
+            .await
+            .map_err(|e| e.to_string())?;
         if a.json {
-            println!("{}", serde_json::json!({"rows_affected": r.rows_affected, "last_insert_rowid": r.last_insert_rowid}));
+            println!(
+                "{}",
+                serde_json::json!({"rows_affected": r.rows_affected, "last_insert_rowid": r.last_insert_rowid})
+            );
         } else {
-            println!("ok: {} row(s) affected, last insert rowid {}", r.rows_affected, r.last_insert_rowid);
+            println!(
+                "ok: {} row(s) affected, last insert rowid {}",
+                r.rows_affected, r.last_insert_rowid
+            );
         }
     }
     Ok(())
@@ -398,7 +506,10 @@ async fn run_status(a: StatusArgs) -> CliResult {
             }
             Err(e) => {
                 if a.json {
-                    println!("{}", serde_json::json!({"endpoint": addr.to_string(), "error": e.to_string()}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"endpoint": addr.to_string(), "error": e.to_string()})
+                    );
                 } else {
                     println!("{addr}  unreachable: {e}");
                 }

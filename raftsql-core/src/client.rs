@@ -38,16 +38,32 @@ impl Client {
     }
 
     /// Sends one request to one node (no retries, no leader following).
-    pub async fn call_node(addr: SocketAddr, cluster: &str, body: pb::request::Body) -> Result<pb::response::Body> {
+    pub async fn call_node(
+        addr: SocketAddr,
+        cluster: &str,
+        body: pb::request::Body,
+    ) -> Result<pb::response::Body> {
         let mut c = RpcConn::connect(addr, 0, cluster, None)
             .await
             .map_err(|e| Error::Transport(format!("{addr}: {e}")))?;
-        c.call(body).await.map_err(|e| Error::Transport(format!("{addr}: {e}")))
+        c.call(body)
+            .await
+            .map_err(|e| Error::Transport(format!("{addr}: {e}")))
     }
 
     /// Status of one node.
-    pub async fn status_of(addr: SocketAddr, cluster: &str, with_digests: bool) -> Result<pb::StatusResponse> {
-        match Self::call_node(addr, cluster, pb::request::Body::Status(pb::StatusRequest { with_digests })).await? {
+    pub async fn status_of(
+        addr: SocketAddr,
+        cluster: &str,
+        with_digests: bool,
+    ) -> Result<pb::StatusResponse> {
+        match Self::call_node(
+            addr,
+            cluster,
+            pb::request::Body::Status(pb::StatusRequest { with_digests }),
+        )
+        .await?
+        {
             pb::response::Body::Status(s) => Ok(s),
             pb::response::Body::Error(e) => Err(from_pb(e)),
             _ => Err(Error::Transport("unexpected response".into())),
@@ -130,7 +146,10 @@ impl Client {
             pb::response::Body::Execute(r) => Ok(r
                 .results
                 .into_iter()
-                .map(|r| ExecResult { rows_affected: r.rows_affected, last_insert_rowid: r.last_insert_rowid })
+                .map(|r| ExecResult {
+                    rows_affected: r.rows_affected,
+                    last_insert_rowid: r.last_insert_rowid,
+                })
                 .collect()),
             _ => Err(Error::Transport("unexpected response".into())),
         }
@@ -138,21 +157,37 @@ impl Client {
 
     /// Runs one write statement.
     pub async fn execute(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<ExecResult> {
-        let mut r = self.execute_batch(db, &[Statement::with_params(sql, params)]).await?;
+        let mut r = self
+            .execute_batch(db, &[Statement::with_params(sql, params)])
+            .await?;
         Ok(r.pop().unwrap_or_default())
     }
 
     /// Runs a query (linearizable unless `local`).
-    pub async fn query_with(&self, db: &str, sql: &str, params: Vec<Value>, local: bool) -> Result<Rows> {
+    pub async fn query_with(
+        &self,
+        db: &str,
+        sql: &str,
+        params: Vec<Value>,
+        local: bool,
+    ) -> Result<Rows> {
         let body = pb::request::Body::Query(pb::QueryRequest {
             db: db.to_string(),
             statement: Some(pb::Statement::from(&Statement::with_params(sql, params))),
-            consistency: if local { pb::ReadConsistency::Local as i32 } else { pb::ReadConsistency::Linearizable as i32 },
+            consistency: if local {
+                pb::ReadConsistency::Local as i32
+            } else {
+                pb::ReadConsistency::Linearizable as i32
+            },
         });
         match self.call(body, false).await? {
             pb::response::Body::Query(q) => Ok(Rows {
                 columns: q.columns,
-                rows: q.rows.into_iter().map(|r| r.values.into_iter().map(Value::from).collect()).collect(),
+                rows: q
+                    .rows
+                    .into_iter()
+                    .map(|r| r.values.into_iter().map(Value::from).collect())
+                    .collect(),
             }),
             _ => Err(Error::Transport("unexpected response".into())),
         }
@@ -172,7 +207,10 @@ pub fn from_pb(e: pb::Error) -> Error {
             leader_id: (e.leader_id != 0).then_some(e.leader_id),
             leader_addr: (!e.leader_addr.is_empty()).then_some(e.leader_addr),
         },
-        Code::Sql => Error::Sql { code: e.sqlite_code, message: e.message },
+        Code::Sql => Error::Sql {
+            code: e.sqlite_code,
+            message: e.message,
+        },
         Code::OutcomeUnknown => Error::OutcomeUnknown,
         Code::Unavailable => Error::Unavailable(e.message),
         Code::Timeout => Error::Timeout(Duration::ZERO),

@@ -78,7 +78,8 @@ pub struct Frames {
 impl Frames {
     /// Encodes the entry.
     pub fn encode(&self) -> Bytes {
-        let len = HEADER + 16 + 2 + self.db.len() + 12 + self.pages.len() * (4 + self.page_size as usize);
+        let len =
+            HEADER + 16 + 2 + self.db.len() + 12 + self.pages.len() * (4 + self.page_size as usize);
         let mut b = BytesMut::with_capacity(len);
         b.put_slice(MAGIC);
         b.put_u8(VERSION);
@@ -144,7 +145,11 @@ impl Frames {
         let db_pages = body.get_u32_le();
         let count = body.get_u32_le() as usize;
         let each = 4 + page_size as usize;
-        if body.remaining() != count.checked_mul(each).ok_or(EntryError::Malformed("page count overflows"))? {
+        if body.remaining()
+            != count
+                .checked_mul(each)
+                .ok_or(EntryError::Malformed("page count overflows"))?
+        {
             return Err(EntryError::Malformed("page count does not match length"));
         }
         let mut pages = Vec::with_capacity(count);
@@ -158,7 +163,14 @@ impl Frames {
             let data = body.split_to(page_size as usize);
             pages.push(Page { pgno, data });
         }
-        Ok(Frames { proposer, sequence, db, page_size, db_pages, pages })
+        Ok(Frames {
+            proposer,
+            sequence,
+            db,
+            page_size,
+            db_pages,
+            pages,
+        })
     }
 }
 
@@ -177,20 +189,22 @@ mod tests {
             prop::collection::btree_set(1u32..10_000, 0..6),
             any::<u8>(),
         )
-            .prop_map(|(proposer, sequence, db, page_size, db_pages, pgnos, fill)| Frames {
-                proposer,
-                sequence,
-                db,
-                page_size,
-                db_pages,
-                pages: pgnos
-                    .into_iter()
-                    .map(|pgno| Page {
-                        pgno,
-                        data: Bytes::from(vec![fill ^ pgno as u8; page_size as usize]),
-                    })
-                    .collect(),
-            })
+            .prop_map(
+                |(proposer, sequence, db, page_size, db_pages, pgnos, fill)| Frames {
+                    proposer,
+                    sequence,
+                    db,
+                    page_size,
+                    db_pages,
+                    pages: pgnos
+                        .into_iter()
+                        .map(|pgno| Page {
+                            pgno,
+                            data: Bytes::from(vec![fill ^ pgno as u8; page_size as usize]),
+                        })
+                        .collect(),
+                },
+            )
     }
 
     proptest! {

@@ -83,7 +83,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -94,7 +97,10 @@ impl From<rusqlite::Error> for Error {
                 code: f.extended_code & 0xff,
                 message: msg.clone().unwrap_or_else(|| f.to_string()),
             },
-            _ => Error::Sql { code: 1, message: e.to_string() },
+            _ => Error::Sql {
+                code: 1,
+                message: e.to_string(),
+            },
         }
     }
 }

@@ -36,7 +36,9 @@ use bytes::Bytes;
 use fs2::FileExt;
 use parking_lot::Mutex;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType, SnapshotMetadata};
+use raft::eraftpb::{
+    ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType, SnapshotMetadata,
+};
 use raft::{RawNode, StateRole};
 use raftsql_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -45,7 +47,9 @@ use tokio::sync::{oneshot, watch};
 use crate::error::{Error, Result};
 use crate::log::{LogStorage, RaftLog};
 use crate::snapshot::{Manifest, SnapshotStore};
-use crate::state::{self, DbMap, Progress, SmMsg, SmSettings, StateMachine, ToRaft, TxOp, WriteReq};
+use crate::state::{
+    self, DbMap, Progress, SmMsg, SmSettings, StateMachine, ToRaft, TxOp, WriteReq,
+};
 use crate::transport::{Handler, ResponseFuture, RpcConn, Transport};
 use crate::value::{ExecResult, Rows, Statement, Value};
 
@@ -175,7 +179,9 @@ fn lock_data_dir(dir: &Path) -> Result<File> {
         .write(true)
         .open(&p)
         .map_err(|e| Error::io(&p, e))?;
-    f.try_lock_exclusive().map_err(|_| Error::DataDirInUse { dir: dir.to_path_buf() })?;
+    f.try_lock_exclusive().map_err(|_| Error::DataDirInUse {
+        dir: dir.to_path_buf(),
+    })?;
     Ok(f)
 }
 
@@ -183,7 +189,8 @@ fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
     let p = cfg.data_dir.join("node.json");
     match std::fs::read(&p) {
         Ok(b) => {
-            let nf: NodeFile = serde_json::from_slice(&b).map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))?;
+            let nf: NodeFile = serde_json::from_slice(&b)
+                .map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))?;
             if nf.id != cfg.id {
                 return Err(Error::Invalid(format!(
                     "data directory {} belongs to node {}, not node {}",
@@ -196,9 +203,16 @@ fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !cfg.peers.contains_key(&cfg.id) {
-                return Err(Error::Invalid(format!("the peer list does not include this node ({})", cfg.id)));
+                return Err(Error::Invalid(format!(
+                    "the peer list does not include this node ({})",
+                    cfg.id
+                )));
             }
-            let nf = NodeFile { id: cfg.id, cluster: cfg.cluster.clone(), peers: cfg.peers.clone() };
+            let nf = NodeFile {
+                id: cfg.id,
+                cluster: cfg.cluster.clone(),
+                peers: cfg.peers.clone(),
+            };
             state::write_atomic(&p, &serde_json::to_vec_pretty(&nf).unwrap())?;
             Ok(nf)
         }
@@ -215,7 +229,10 @@ impl Node {
         }
         let lock = lock_data_dir(&cfg.data_dir)?;
         // SQLite names files by absolute path; so do we (the wal-index is found by path).
-        cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| Error::io(&cfg.data_dir, e))?;
+        cfg.data_dir = cfg
+            .data_dir
+            .canonicalize()
+            .map_err(|e| Error::io(&cfg.data_dir, e))?;
         let nf = load_or_create_node_file(&cfg)?;
         cfg.peers = nf.peers.clone();
         cfg.cluster = nf.cluster.clone();
@@ -228,7 +245,10 @@ impl Node {
         }
         // Bring the database files up to the committed log before SQLite reads them.
         state::recover_files(&cfg.data_dir.join("state"), &log)?;
-        let snapshots = Arc::new(SnapshotStore::open(&cfg.data_dir.join("snapshots"), cfg.id)?);
+        let snapshots = Arc::new(SnapshotStore::open(
+            &cfg.data_dir.join("snapshots"),
+            cfg.id,
+        )?);
         let (raft_tx, raft_rx) = mpsc::channel::<RaftMsg>();
         let (sm_tx, sm_rx) = mpsc::channel::<SmMsg>();
         let dbs: DbMap = Default::default();
@@ -243,7 +263,9 @@ impl Node {
         let sm = StateMachine::open(
             cfg.id,
             &cfg.data_dir.join("state"),
-            SmSettings { checkpoint_frames: cfg.checkpoint_frames },
+            SmSettings {
+                checkpoint_frames: cfg.checkpoint_frames,
+            },
             to_raft,
             dbs.clone(),
             progress.clone(),
@@ -253,7 +275,9 @@ impl Node {
         let meta = sm.meta().clone();
         // A crash between installing a snapshot into the state directory and rebasing the
         // log leaves the databases ahead of the log: rebase the log now.
-        if meta.checkpoint_index <= log.last_index() && meta.checkpoint_index > log.hard_state().commit {
+        if meta.checkpoint_index <= log.last_index()
+            && meta.checkpoint_index > log.hard_state().commit
+        {
             // The databases hold entries this node applied, so they were committed; the
             // hard state just had not recorded it yet.
             let mut hs = log.hard_state().clone();
@@ -281,7 +305,9 @@ impl Node {
             )));
         }
         *snapshots.conf_state.lock() = log.conf_state().clone();
-        snapshots.log_first_index.store(log.first_index(), Ordering::SeqCst);
+        snapshots
+            .log_first_index
+            .store(log.first_index(), Ordering::SeqCst);
         snapshots.set_state_machine(sm_tx.clone());
         let storage = LogStorage::new(log, snapshots.clone());
 
@@ -314,7 +340,9 @@ impl Node {
             receiving_snapshot: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
         });
-        let handler = Arc::new(NodeHandler { shared: Arc::downgrade(&shared) });
+        let handler = Arc::new(NodeHandler {
+            shared: Arc::downgrade(&shared),
+        });
         let (transport, _) = Transport::bind(cfg.id, &cfg.cluster, cfg.listen, handler)
             .await
             .map_err(|e| Error::io(PathBuf::from(cfg.listen.to_string()), e))?;
@@ -350,7 +378,11 @@ impl Node {
                 .expect("spawn raft thread"),
         );
         tracing::info!(id = cfg.id, listen = %cfg.listen, "node started at checkpoint {}", meta.checkpoint_index);
-        Ok(Node { shared, threads: Arc::new(Mutex::new(threads)), _lock: Arc::new(lock) })
+        Ok(Node {
+            shared,
+            threads: Arc::new(Mutex::new(threads)),
+            _lock: Arc::new(lock),
+        })
     }
 
     /// This node's id.
@@ -365,7 +397,9 @@ impl Node {
 
     /// Runs one write statement (atomically, replicated) and says what it changed.
     pub async fn execute(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<ExecResult> {
-        let mut r = self.execute_batch(db, vec![Statement::with_params(sql, params)]).await?;
+        let mut r = self
+            .execute_batch(db, vec![Statement::with_params(sql, params)])
+            .await?;
         Ok(r.pop().unwrap_or_default())
     }
 
@@ -376,12 +410,16 @@ impl Node {
 
     /// Runs a query with a linearizable read (ReadIndex).
     pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
-        self.shared.query(db, Statement::with_params(sql, params), true).await
+        self.shared
+            .query(db, Statement::with_params(sql, params), true)
+            .await
     }
 
     /// Runs a query on what this node has applied (may be stale on a follower).
     pub async fn query_local(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
-        self.shared.query(db, Statement::with_params(sql, params), false).await
+        self.shared
+            .query(db, Statement::with_params(sql, params), false)
+            .await
     }
 
     /// Starts an interactive transaction on `db` (leader only). It holds the writer, so other
@@ -391,9 +429,19 @@ impl Node {
         let deadline = Instant::now() + self.shared.cfg.write_timeout;
         loop {
             let (tx, rx) = oneshot::channel();
-            self.shared.send_sm(SmMsg::Tx(TxOp::Begin { db: db.to_string(), idle, reply: tx }))?;
+            self.shared.send_sm(SmMsg::Tx(TxOp::Begin {
+                db: db.to_string(),
+                idle,
+                reply: tx,
+            }))?;
             match rx.await.map_err(|_| Error::Shutdown)? {
-                Ok(id) => return Ok(Transaction { shared: self.shared.clone(), id, done: false }),
+                Ok(id) => {
+                    return Ok(Transaction {
+                        shared: self.shared.clone(),
+                        id,
+                        done: false,
+                    })
+                }
                 Err(Error::Unavailable(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
@@ -421,6 +469,9 @@ impl Node {
         if self.shared.stopped.swap(true, Ordering::SeqCst) {
             return;
         }
+        if let Some(t) = self.shared.transport.lock().take() {
+            t.close();
+        }
         let _ = self.shared.raft_tx.lock().send(RaftMsg::Shutdown);
         let _ = self.shared.sm_tx.lock().send(SmMsg::Shutdown);
         let threads: Vec<_> = self.threads.lock().drain(..).collect();
@@ -445,7 +496,11 @@ impl Transaction {
     /// Runs a statement inside the transaction; returns its rows (if any) and changes.
     pub async fn execute(&mut self, sql: &str, params: Vec<Value>) -> Result<(Rows, ExecResult)> {
         let (tx, rx) = oneshot::channel();
-        self.shared.send_sm(SmMsg::Tx(TxOp::Exec { id: self.id, stmt: Statement::with_params(sql, params), reply: tx }))?;
+        self.shared.send_sm(SmMsg::Tx(TxOp::Exec {
+            id: self.id,
+            stmt: Statement::with_params(sql, params),
+            reply: tx,
+        }))?;
         rx.await.map_err(|_| Error::Shutdown)?
     }
 
@@ -453,7 +508,10 @@ impl Transaction {
     pub async fn commit(mut self) -> Result<()> {
         self.done = true;
         let (tx, rx) = oneshot::channel();
-        self.shared.send_sm(SmMsg::Tx(TxOp::Commit { id: self.id, reply: tx }))?;
+        self.shared.send_sm(SmMsg::Tx(TxOp::Commit {
+            id: self.id,
+            reply: tx,
+        }))?;
         match tokio::time::timeout(self.shared.cfg.write_timeout, rx).await {
             Ok(r) => r.map_err(|_| Error::Shutdown)?,
             Err(_) => Err(Error::Timeout(self.shared.cfg.write_timeout)),
@@ -463,14 +521,18 @@ impl Transaction {
     /// Rolls back.
     pub fn rollback(mut self) {
         self.done = true;
-        let _ = self.shared.send_sm(SmMsg::Tx(TxOp::Rollback { id: self.id }));
+        let _ = self
+            .shared
+            .send_sm(SmMsg::Tx(TxOp::Rollback { id: self.id }));
     }
 }
 
 impl Drop for Transaction {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.shared.send_sm(SmMsg::Tx(TxOp::Rollback { id: self.id }));
+            let _ = self
+                .shared
+                .send_sm(SmMsg::Tx(TxOp::Rollback { id: self.id }));
         }
     }
 }
@@ -497,7 +559,10 @@ impl Shared {
             Error::NotLeader { .. } => {
                 let id = self.raft_status.lock().leader_id;
                 let addr = self.peers.lock().get(&id).map(|a| a.to_string());
-                Error::NotLeader { leader_id: (id != 0 && id != self.cfg.id).then_some(id), leader_addr: if id != self.cfg.id { addr } else { None } }
+                Error::NotLeader {
+                    leader_id: (id != 0 && id != self.cfg.id).then_some(id),
+                    leader_addr: if id != self.cfg.id { addr } else { None },
+                }
             }
             other => other,
         }
@@ -509,11 +574,19 @@ impl Shared {
             return Ok(Vec::new());
         }
         if self.raft_status.lock().role != "leader" {
-            return Err(self.with_leader_hint(Error::NotLeader { leader_id: None, leader_addr: None }));
+            return Err(self.with_leader_hint(Error::NotLeader {
+                leader_id: None,
+                leader_addr: None,
+            }));
         }
         let (tx, rx) = oneshot::channel();
         let timeout = self.cfg.write_timeout;
-        self.send_sm(SmMsg::Write(WriteReq { db: db.to_string(), stmts, reply: tx, deadline: Instant::now() + timeout }))?;
+        self.send_sm(SmMsg::Write(WriteReq {
+            db: db.to_string(),
+            stmts,
+            reply: tx,
+            deadline: Instant::now() + timeout,
+        }))?;
         match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {
             Ok(Ok(r)) => r.map_err(|e| match e {
                 Error::Timeout(_) => Error::Timeout(timeout),
@@ -526,17 +599,25 @@ impl Shared {
 
     async fn read_index(&self) -> Result<u64> {
         let (tx, rx) = oneshot::channel();
-        self.raft_tx.lock().send(RaftMsg::ReadIndex(tx)).map_err(|_| Error::Shutdown)?;
+        self.raft_tx
+            .lock()
+            .send(RaftMsg::ReadIndex(tx))
+            .map_err(|_| Error::Shutdown)?;
         match tokio::time::timeout(Duration::from_secs(3), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::Shutdown),
-            Err(_) => Err(Error::Unavailable("no leader confirmed a read index within 3s (no quorum?)".into())),
+            Err(_) => Err(Error::Unavailable(
+                "no leader confirmed a read index within 3s (no quorum?)".into(),
+            )),
         }
     }
 
     async fn wait_applied(&self, index: u64) -> Result<()> {
         let mut rx = self.applied_rx.clone();
-        let r = tokio::time::timeout(Duration::from_secs(10), async { rx.wait_for(|a| *a >= index).await.map(|_| ()) }).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            rx.wait_for(|a| *a >= index).await.map(|_| ())
+        })
+        .await;
         match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Error::Shutdown),
@@ -609,9 +690,16 @@ impl Shared {
 /// Maps an error to its wire form.
 pub fn error_response(id: u64, e: &Error) -> pb::Response {
     use pb::error::Code;
-    let mut err = pb::Error { code: Code::Internal as i32, message: e.to_string(), ..Default::default() };
+    let mut err = pb::Error {
+        code: Code::Internal as i32,
+        message: e.to_string(),
+        ..Default::default()
+    };
     match e {
-        Error::NotLeader { leader_id, leader_addr } => {
+        Error::NotLeader {
+            leader_id,
+            leader_addr,
+        } => {
             err.code = Code::NotLeader as i32;
             err.leader_id = leader_id.unwrap_or(0);
             err.leader_addr = leader_addr.clone().unwrap_or_default();
@@ -628,7 +716,10 @@ pub fn error_response(id: u64, e: &Error) -> pb::Response {
         Error::Shutdown => err.code = Code::Shutdown as i32,
         _ => {}
     }
-    pb::Response { id, body: Some(pb::response::Body::Error(err)) }
+    pb::Response {
+        id,
+        body: Some(pb::response::Body::Error(err)),
+    }
 }
 
 struct NodeHandler {
@@ -637,7 +728,9 @@ struct NodeHandler {
 
 impl Handler for NodeHandler {
     fn raft(&self, _from: u64, messages: Vec<Bytes>) {
-        let Some(shared) = self.shared.upgrade() else { return };
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
         for b in messages {
             let Ok(m) = Message::parse_from_bytes(&b) else {
                 tracing::warn!("dropped an undecodable raft message");
@@ -654,7 +747,9 @@ impl Handler for NodeHandler {
     fn request(&self, req: pb::Request) -> ResponseFuture {
         let shared = self.shared.upgrade();
         Box::pin(async move {
-            let Some(shared) = shared else { return error_response(req.id, &Error::Shutdown) };
+            let Some(shared) = shared else {
+                return error_response(req.id, &Error::Shutdown);
+            };
             let id = req.id;
             let mut resp = match req.body {
                 Some(pb::request::Body::Execute(x)) => {
@@ -665,7 +760,10 @@ impl Handler for NodeHandler {
                             body: Some(pb::response::Body::Execute(pb::ExecuteResponse {
                                 results: rs
                                     .into_iter()
-                                    .map(|r| pb::ExecResult { rows_affected: r.rows_affected, last_insert_rowid: r.last_insert_rowid })
+                                    .map(|r| pb::ExecResult {
+                                        rows_affected: r.rows_affected,
+                                        last_insert_rowid: r.last_insert_rowid,
+                                    })
                                     .collect(),
                             })),
                         },
@@ -673,7 +771,10 @@ impl Handler for NodeHandler {
                     }
                 }
                 Some(pb::request::Body::Query(q)) => {
-                    let stmt = q.statement.map(Statement::from).unwrap_or_else(|| Statement::new(""));
+                    let stmt = q
+                        .statement
+                        .map(Statement::from)
+                        .unwrap_or_else(|| Statement::new(""));
                     let lin = q.consistency != pb::ReadConsistency::Local as i32;
                     match shared.query(&q.db, stmt, lin).await {
                         Ok(rows) => pb::Response {
@@ -683,7 +784,9 @@ impl Handler for NodeHandler {
                                 rows: rows
                                     .rows
                                     .iter()
-                                    .map(|r| pb::Row { values: r.iter().map(pb::Value::from).collect() })
+                                    .map(|r| pb::Row {
+                                        values: r.iter().map(pb::Value::from).collect(),
+                                    })
                                     .collect(),
                             })),
                         },
@@ -693,13 +796,17 @@ impl Handler for NodeHandler {
                 Some(pb::request::Body::Status(s)) => shared.status_pb(s.with_digests).await,
                 Some(pb::request::Body::SnapshotChunk(c)) => {
                     let snaps = shared.snapshots.clone();
-                    let r = tokio::task::spawn_blocking(move || snaps.read_chunk(c.index, c.term, &c.file, c.offset))
-                        .await
-                        .unwrap_or_else(|e| Err(Error::Internal(e.to_string())));
+                    let r = tokio::task::spawn_blocking(move || {
+                        snaps.read_chunk(c.index, c.term, &c.file, c.offset)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Internal(e.to_string())));
                     match r {
                         Ok((data, eof)) => pb::Response {
                             id,
-                            body: Some(pb::response::Body::SnapshotChunk(pb::SnapshotChunkResponse { data, eof })),
+                            body: Some(pb::response::Body::SnapshotChunk(
+                                pb::SnapshotChunkResponse { data, eof },
+                            )),
                         },
                         Err(e) => error_response(id, &e),
                     }
@@ -725,11 +832,18 @@ fn receive_snapshot(shared: Arc<Shared>, m: Message) {
                 .lock()
                 .get(&manifest.from)
                 .copied()
-                .ok_or_else(|| Error::Invalid(format!("snapshot from unknown node {}", manifest.from)))?;
+                .ok_or_else(|| {
+                    Error::Invalid(format!("snapshot from unknown node {}", manifest.from))
+                })?;
             let started = Instant::now();
-            let conn = RpcConn::connect(addr, shared.cfg.id, &shared.cfg.cluster, Some(shared.cfg.listen.ip()))
-                .await
-                .map_err(|e| Error::Transport(format!("snapshot source {addr}: {e}")))?;
+            let conn = RpcConn::connect(
+                addr,
+                shared.cfg.id,
+                &shared.cfg.cluster,
+                Some(shared.cfg.listen.ip()),
+            )
+            .await
+            .map_err(|e| Error::Transport(format!("snapshot source {addr}: {e}")))?;
             let conn = tokio::sync::Mutex::new(conn);
             let (index, term) = (manifest.index, manifest.term);
             shared
@@ -737,7 +851,12 @@ fn receive_snapshot(shared: Arc<Shared>, m: Message) {
                 .receive(&manifest, |file, offset| {
                     let conn = &conn;
                     async move {
-                        let body = pb::request::Body::SnapshotChunk(pb::SnapshotChunkRequest { index, term, file, offset });
+                        let body = pb::request::Body::SnapshotChunk(pb::SnapshotChunkRequest {
+                            index,
+                            term,
+                            file,
+                            offset,
+                        });
                         match conn.lock().await.call(body).await {
                             Ok(pb::response::Body::SnapshotChunk(c)) => Ok((c.data, c.eof)),
                             Ok(pb::response::Body::Error(e)) => Err(Error::Transport(e.message)),
@@ -747,7 +866,10 @@ fn receive_snapshot(shared: Arc<Shared>, m: Message) {
                     }
                 })
                 .await?;
-            tracing::info!("received snapshot at index {index} in {:?}", started.elapsed());
+            tracing::info!(
+                "received snapshot at index {index} in {:?}",
+                started.elapsed()
+            );
             Ok::<_, Error>(())
         }
         .await;
@@ -826,7 +948,10 @@ impl RaftDriver {
                 if log.disk_bytes() > self.compact_log_bytes && c + 1 > log.first_index() {
                     match log.compact(c + 1) {
                         Ok(()) => {
-                            self.shared.snapshots.log_first_index.store(log.first_index(), Ordering::SeqCst);
+                            self.shared
+                                .snapshots
+                                .log_first_index
+                                .store(log.first_index(), Ordering::SeqCst);
                             tracing::info!("compacted the raft log up to index {c}");
                         }
                         Err(e) => tracing::warn!("log compaction failed: {e}"),
@@ -845,7 +970,8 @@ impl RaftDriver {
     }
 
     fn expire_reads(&mut self) {
-        self.reads.retain(|_, (tx, at)| !tx.is_closed() && at.elapsed() < Duration::from_secs(5));
+        self.reads
+            .retain(|_, (tx, at)| !tx.is_closed() && at.elapsed() < Duration::from_secs(5));
     }
 
     fn send(&self, msgs: Vec<Message>) {
@@ -864,11 +990,13 @@ impl RaftDriver {
         for e in &entries {
             let cs = match e.get_entry_type() {
                 EntryType::EntryConfChange => {
-                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
+                    let cc = ConfChange::parse_from_bytes(&e.data)
+                        .map_err(|x| Error::Corrupt(x.to_string()))?;
                     Some(self.raw.apply_conf_change(&cc)?)
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data)
+                        .map_err(|x| Error::Corrupt(x.to_string()))?;
                     Some(self.raw.apply_conf_change(&cc)?)
                 }
                 EntryType::EntryNormal => None,
@@ -901,11 +1029,18 @@ impl RaftDriver {
             let manifest = Manifest::decode(&snap.data)?;
             let dir = self.shared.snapshots.incoming_dir(&manifest);
             let (done_tx, done_rx) = mpsc::channel();
-            let _ = self.sm_tx.send(SmMsg::InstallSnapshot { meta: snap.get_metadata().clone(), dir, done: done_tx });
+            let _ = self.sm_tx.send(SmMsg::InstallSnapshot {
+                meta: snap.get_metadata().clone(),
+                dir,
+                done: done_tx,
+            });
             done_rx.recv().map_err(|_| Error::Shutdown)??;
             let mut log = self.storage.write();
             log.apply_snapshot(snap.get_metadata())?;
-            self.shared.snapshots.log_first_index.store(log.first_index(), Ordering::SeqCst);
+            self.shared
+                .snapshots
+                .log_first_index
+                .store(log.first_index(), Ordering::SeqCst);
             *self.shared.snapshots.conf_state.lock() = snap.get_metadata().get_conf_state().clone();
         }
         let committed = ready.take_committed_entries();
@@ -965,7 +1100,9 @@ impl RaftDriver {
 impl Drop for Node {
     fn drop(&mut self) {
         // Only the last clone stops the node (the threads hold their own references).
-        if Arc::strong_count(&self.threads) == 1 && !self.shared.stopped.swap(true, Ordering::SeqCst) {
+        if Arc::strong_count(&self.threads) == 1
+            && !self.shared.stopped.swap(true, Ordering::SeqCst)
+        {
             let _ = self.shared.raft_tx.lock().send(RaftMsg::Shutdown);
             let _ = self.shared.sm_tx.lock().send(SmMsg::Shutdown);
             for t in self.threads.lock().drain(..) {
@@ -982,14 +1119,18 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>> {
         let (id, addr) = part
             .split_once('=')
             .ok_or_else(|| Error::Invalid(format!("bad peer {part:?}: expected ID=HOST:PORT")))?;
-        let id: u64 = id.trim().parse().map_err(|_| Error::Invalid(format!("bad node id {id:?} in {part:?}")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| Error::Invalid(format!("bad node id {id:?} in {part:?}")))?;
         if id == 0 {
             return Err(Error::Invalid("node ids start at 1".into()));
         }
-        let addr: SocketAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| Error::Invalid(format!("bad address {addr:?} in {part:?}: expected IP:PORT")))?;
+        let addr: SocketAddr = addr.trim().parse().map_err(|_| {
+            Error::Invalid(format!(
+                "bad address {addr:?} in {part:?}: expected IP:PORT"
+            ))
+        })?;
         if out.insert(id, addr).is_some() {
             return Err(Error::Invalid(format!("node {id} listed twice")));
         }

@@ -57,10 +57,12 @@ pub struct Manifest {
 impl Manifest {
     /// Parses the manifest carried in a snapshot message (bytes from the network).
     pub fn decode(data: &[u8]) -> Result<Manifest> {
-        let m: Manifest = serde_json::from_slice(data).map_err(|e| Error::Corrupt(format!("snapshot manifest: {e}")))?;
+        let m: Manifest = serde_json::from_slice(data)
+            .map_err(|e| Error::Corrupt(format!("snapshot manifest: {e}")))?;
         for f in &m.files {
             let stem = f.name.strip_suffix(".db").unwrap_or("");
-            crate::state::check_db_name(stem).map_err(|_| Error::Corrupt(format!("snapshot file name {:?}", f.name)))?;
+            crate::state::check_db_name(stem)
+                .map_err(|_| Error::Corrupt(format!("snapshot file name {:?}", f.name)))?;
         }
         Ok(m)
     }
@@ -89,7 +91,10 @@ impl SnapshotStore {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("out-") && !name.ends_with(".tmp") {
-                if let Ok(m) = fs::read(p.join("manifest.json")).map_err(|e| Error::io(&p, e)).and_then(|b| Manifest::decode(&b)) {
+                if let Ok(m) = fs::read(p.join("manifest.json"))
+                    .map_err(|e| Error::io(&p, e))
+                    .and_then(|b| Manifest::decode(&b))
+                {
                     if latest.as_ref().is_none_or(|l: &Manifest| l.index < m.index) {
                         latest = Some(m);
                         continue;
@@ -119,13 +124,23 @@ impl SnapshotStore {
     }
 
     /// Writes the pinned databases to a new snapshot on a background thread.
-    pub fn build_in_background(self: &Arc<Self>, index: u64, term: u64, pinned: Vec<(String, Connection)>) {
+    pub fn build_in_background(
+        self: &Arc<Self>,
+        index: u64,
+        term: u64,
+        pinned: Vec<(String, Connection)>,
+    ) {
         let me = self.clone();
         std::thread::Builder::new()
             .name("raftsql-snapshot".into())
             .spawn(move || {
                 match me.build(index, term, pinned) {
-                    Ok(m) => tracing::info!("snapshot at index {} term {} ready ({} files)", m.index, m.term, m.files.len()),
+                    Ok(m) => tracing::info!(
+                        "snapshot at index {} term {} ready ({} files)",
+                        m.index,
+                        m.term,
+                        m.files.len()
+                    ),
                     Err(e) => tracing::warn!("building snapshot at index {index} failed: {e}"),
                 }
                 me.building.store(false, Ordering::SeqCst);
@@ -148,19 +163,34 @@ impl SnapshotStore {
                 let mut st = conn.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
                 let mut rows = st.query([])?;
                 while let Some(r) = rows.next()? {
-                    let page = r.get_ref(0)?.as_blob().map_err(|e| Error::Internal(e.to_string()))?;
+                    let page = r
+                        .get_ref(0)?
+                        .as_blob()
+                        .map_err(|e| Error::Internal(e.to_string()))?;
                     h.update(page);
                     len += page.len() as u64;
                     w.write_all(page).map_err(|e| Error::io(&path, e))?;
                 }
             }
             let _ = conn.execute_batch("COMMIT");
-            let f = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
+            let f = w
+                .into_inner()
+                .map_err(|e| Error::io(&path, e.into_error()))?;
             f.sync_all().map_err(|e| Error::io(&path, e))?;
-            files.push(FileInfo { name: format!("{name}.db"), len, crc32: h.finalize() });
+            files.push(FileInfo {
+                name: format!("{name}.db"),
+                len,
+                crc32: h.finalize(),
+            });
         }
-        let m = Manifest { index, term, from: self.me, files };
-        fs::write(tmp.join("manifest.json"), serde_json::to_vec(&m).unwrap()).map_err(|e| Error::io(&tmp, e))?;
+        let m = Manifest {
+            index,
+            term,
+            from: self.me,
+            files,
+        };
+        fs::write(tmp.join("manifest.json"), serde_json::to_vec(&m).unwrap())
+            .map_err(|e| Error::io(&tmp, e))?;
         let out = self.out_dir(index, term);
         fs::rename(&tmp, &out).map_err(|e| Error::io(&out, e))?;
         let old = self.latest.lock().replace(m.clone());
@@ -173,15 +203,26 @@ impl SnapshotStore {
     }
 
     /// Reads a chunk of a file of the snapshot at (index, term).
-    pub fn read_chunk(&self, index: u64, term: u64, file: &str, offset: u64) -> Result<(Bytes, bool)> {
-        let known = self.latest.lock().as_ref().is_some_and(|m| m.index == index && m.term == term && m.files.iter().any(|f| f.name == file));
+    pub fn read_chunk(
+        &self,
+        index: u64,
+        term: u64,
+        file: &str,
+        offset: u64,
+    ) -> Result<(Bytes, bool)> {
+        let known = self.latest.lock().as_ref().is_some_and(|m| {
+            m.index == index && m.term == term && m.files.iter().any(|f| f.name == file)
+        });
         if !known {
-            return Err(Error::Invalid(format!("no snapshot file {file} at index {index} term {term}")));
+            return Err(Error::Invalid(format!(
+                "no snapshot file {file} at index {index} term {term}"
+            )));
         }
         let path = self.out_dir(index, term).join(file);
         let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
-        f.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(&path, e))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| Error::io(&path, e))?;
         let mut buf = vec![0u8; CHUNK.min(len.saturating_sub(offset) as usize)];
         f.read_exact(&mut buf).map_err(|e| Error::io(&path, e))?;
         let eof = offset + buf.len() as u64 >= len;
@@ -213,7 +254,10 @@ impl SnapshotStore {
                 off += data.len() as u64;
                 f.write_all(&data).map_err(|e| Error::io(&path, e))?;
                 if off > fi.len {
-                    return Err(Error::Corrupt(format!("snapshot file {} longer than its manifest says", fi.name)));
+                    return Err(Error::Corrupt(format!(
+                        "snapshot file {} longer than its manifest says",
+                        fi.name
+                    )));
                 }
                 if eof || data.is_empty() {
                     break;
@@ -252,6 +296,8 @@ impl crate::log::SnapshotProvider for SnapshotStore {
                 let _ = tx.send(SmMsg::MakeSnapshot);
             }
         }
-        Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }

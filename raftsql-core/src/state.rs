@@ -124,7 +124,13 @@ pub struct DbHandle {
 impl DbHandle {
     fn new(name: &str, path: PathBuf) -> Self {
         let key = path.to_string_lossy().into_owned();
-        DbHandle { name: name.to_string(), path, key, gate: Gate::default(), pool: Mutex::new(Vec::new()) }
+        DbHandle {
+            name: name.to_string(),
+            path,
+            key,
+            gate: Gate::default(),
+            pool: Mutex::new(Vec::new()),
+        }
     }
 
     fn reader(&self) -> Result<Connection> {
@@ -133,7 +139,9 @@ impl DbHandle {
         }
         let c = Connection::open_with_flags_and_vfs(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
             vfs::VFS_NAME,
         )?;
         c.execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")?;
@@ -172,7 +180,11 @@ impl DbHandle {
             while let Some(r) = rows.next()? {
                 let pgno: u32 = r.get(0)?;
                 h.update(&pgno.to_le_bytes());
-                h.update(r.get_ref(1)?.as_blob().map_err(|e| Error::Internal(e.to_string()))?);
+                h.update(
+                    r.get_ref(1)?
+                        .as_blob()
+                        .map_err(|e| Error::Internal(e.to_string()))?,
+                );
                 n += 1;
             }
             Ok(format!("{n}:{:08x}", h.finalize()))
@@ -202,7 +214,12 @@ pub type DbMap = Arc<RwLock<HashMap<String, Arc<DbHandle>>>>;
 
 /// Checks a database name: 1-64 of `[A-Za-z0-9_-]`.
 pub fn check_db_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         return Err(Error::Invalid(format!(
             "bad database name {name:?}: use 1 to 64 letters, digits, '_' or '-'"
         )));
@@ -379,14 +396,18 @@ pub struct StateMachine {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::io(dir, e))
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
 }
 
 /// Writes `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     fsync_dir(path.parent().unwrap())
 }
@@ -394,7 +415,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 fn read_meta(gen: &Path) -> Result<Meta> {
     let p = gen.join("meta.json");
     let mut s = String::new();
-    File::open(&p).and_then(|mut f| f.read_to_string(&mut s)).map_err(|e| Error::io(&p, e))?;
+    File::open(&p)
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .map_err(|e| Error::io(&p, e))?;
     serde_json::from_str(&s).map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))
 }
 
@@ -409,12 +432,17 @@ fn remove_wal_files(db: &Path) {
 fn open_writer(path: &Path) -> Result<Connection> {
     let c = Connection::open_with_flags_and_vfs(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         vfs::VFS_NAME,
     )?;
     // The frames of an uncommitted batch must never reach the database file, so SQLite may
     // not checkpoint on its own, not even on close.
-    c.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+    c.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
     c.execute_batch(&format!(
         "PRAGMA page_size={PAGE_SIZE}; PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; \
          PRAGMA wal_autocheckpoint=0; PRAGMA busy_timeout=200; PRAGMA cache_size=-16384;"
@@ -447,7 +475,10 @@ impl StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let g = root.join("gen-0");
                 fs::create_dir_all(&g).map_err(|e| Error::io(&g, e))?;
-                write_atomic(&g.join("meta.json"), &serde_json::to_vec(&Meta::default()).unwrap())?;
+                write_atomic(
+                    &g.join("meta.json"),
+                    &serde_json::to_vec(&Meta::default()).unwrap(),
+                )?;
                 write_atomic(&current, b"gen-0")?;
                 g
             }
@@ -487,7 +518,9 @@ impl StateMachine {
         };
         sm.open_all()?;
         sm.set_applied(meta.checkpoint_index, meta.checkpoint_term);
-        sm.progress.checkpoint.store(meta.checkpoint_index, Ordering::SeqCst);
+        sm.progress
+            .checkpoint
+            .store(meta.checkpoint_index, Ordering::SeqCst);
         Ok(sm)
     }
 
@@ -519,7 +552,11 @@ impl StateMachine {
 
     fn open_db_at(&self, name: &str, path: PathBuf) -> Result<Db> {
         let writer = open_writer(&path)?;
-        Ok(Db { handle: Arc::new(DbHandle::new(name, path)), writer, wal: None })
+        Ok(Db {
+            handle: Arc::new(DbHandle::new(name, path)),
+            writer,
+            wal: None,
+        })
     }
 
     fn db(&mut self, name: &str) -> Result<&mut Db> {
@@ -530,7 +567,9 @@ impl StateMachine {
             let db = self.open_db_at(name, path)?;
             // The new (empty) file must survive a crash, or replay would find no file.
             fsync_dir(&self.gen_dir)?;
-            self.shared.write().insert(name.to_string(), db.handle.clone());
+            self.shared
+                .write()
+                .insert(name.to_string(), db.handle.clone());
             self.dbs.insert(name.to_string(), db);
         }
         Ok(self.dbs.get_mut(name).unwrap())
@@ -600,19 +639,28 @@ impl StateMachine {
                     self.rollback_tx();
                     if !is_leader {
                         for r in self.queue.drain(..) {
-                            let _ = r.reply.send(Err(Error::NotLeader { leader_id: None, leader_addr: None }));
+                            let _ = r.reply.send(Err(Error::NotLeader {
+                                leader_id: None,
+                                leader_addr: None,
+                            }));
                         }
                     }
                 }
             }
             SmMsg::ProposalFailed(seq) => {
                 if self.in_flight.as_ref().map(|f| f.seq) == Some(seq) {
-                    self.abort_in_flight(Error::NotLeader { leader_id: None, leader_addr: None });
+                    self.abort_in_flight(Error::NotLeader {
+                        leader_id: None,
+                        leader_addr: None,
+                    });
                 }
             }
             SmMsg::Write(req) => {
                 if !self.is_leader {
-                    let _ = req.reply.send(Err(Error::NotLeader { leader_id: None, leader_addr: None }));
+                    let _ = req.reply.send(Err(Error::NotLeader {
+                        leader_id: None,
+                        leader_addr: None,
+                    }));
                 } else {
                     self.queue.push_back(req);
                 }
@@ -634,7 +682,10 @@ impl StateMachine {
 
     /// Ready to execute a leader batch (invariant 5).
     fn can_write(&self) -> bool {
-        self.is_leader && self.applied_term == self.term && self.in_flight.is_none() && self.open_tx.is_none()
+        self.is_leader
+            && self.applied_term == self.term
+            && self.in_flight.is_none()
+            && self.open_tx.is_none()
     }
 
     fn expire(&mut self) {
@@ -645,7 +696,11 @@ impl StateMachine {
         }
         if let Some(tx) = &self.open_tx {
             if tx.last_used.elapsed() > tx.idle {
-                tracing::info!("interactive transaction {} idle for {:?}: rolled back", tx.id, tx.idle);
+                tracing::info!(
+                    "interactive transaction {} idle for {:?}: rolled back",
+                    tx.id,
+                    tx.idle
+                );
                 self.rollback_tx();
             }
         }
@@ -685,7 +740,9 @@ impl StateMachine {
             }
         };
         let w = &db.writer;
-        if let Err(e) = reset_cache(w).and_then(|_| w.execute_batch("BEGIN IMMEDIATE").map_err(Error::from)) {
+        if let Err(e) =
+            reset_cache(w).and_then(|_| w.execute_batch("BEGIN IMMEDIATE").map_err(Error::from))
+        {
             let msg = e.to_string();
             for r in batch {
                 let _ = r.reply.send(Err(Error::Internal(msg.clone())));
@@ -734,7 +791,11 @@ impl StateMachine {
         };
         let (Some(saved), Some(before)) = (vfs::save_header(&key), vfs::read_header(&key)) else {
             let _ = db.writer.execute_batch("ROLLBACK");
-            fail(waiters, tx_waiter, Error::Internal(format!("the wal-index of {key} is not readable")));
+            fail(
+                waiters,
+                tx_waiter,
+                Error::Internal(format!("the wal-index of {key} is not readable")),
+            );
             return Ok(());
         };
         db.handle.gate.close();
@@ -783,16 +844,30 @@ impl StateMachine {
             db_pages: after.n_page,
             pages,
         };
-        self.in_flight = Some(InFlight { db: db_name.to_string(), seq, waiters, tx_waiter });
-        (self.to_raft)(ToRaft::Propose { data: frames.encode(), seq });
+        self.in_flight = Some(InFlight {
+            db: db_name.to_string(),
+            seq,
+            waiters,
+            tx_waiter,
+        });
+        (self.to_raft)(ToRaft::Propose {
+            data: frames.encode(),
+            seq,
+        });
         Ok(())
     }
 
     /// Fails the callers of the in-flight batch. Its frames were rewound at capture, so
     /// nothing is visible; if its entry commits anyway, it is applied like any other.
     fn abort_in_flight(&mut self, why: Error) {
-        let Some(f) = self.in_flight.take() else { return };
-        tracing::warn!("write batch {} on {} not known to be committed: {why}", f.seq, f.db);
+        let Some(f) = self.in_flight.take() else {
+            return;
+        };
+        tracing::warn!(
+            "write batch {} on {} not known to be committed: {why}",
+            f.seq,
+            f.db
+        );
         for (w, _) in f.waiters {
             let _ = w.send(Err(clone_err(&why)));
         }
@@ -836,7 +911,10 @@ impl StateMachine {
     /// Writes an entry's page images through SQLite (invariant 3).
     fn apply_frames(&mut self, f: &Frames) -> Result<()> {
         if f.page_size != PAGE_SIZE {
-            return Err(Error::Corrupt(format!("entry for {} has page size {}", f.db, f.page_size)));
+            return Err(Error::Corrupt(format!(
+                "entry for {} has page size {}",
+                f.db, f.page_size
+            )));
         }
         self.frames_since_checkpoint += f.pages.len() as u64;
         let db = self.db(&f.db)?;
@@ -847,7 +925,10 @@ impl StateMachine {
         match op {
             TxOp::Begin { db, idle, reply } => {
                 if !self.is_leader {
-                    let _ = reply.send(Err(Error::NotLeader { leader_id: None, leader_addr: None }));
+                    let _ = reply.send(Err(Error::NotLeader {
+                        leader_id: None,
+                        leader_addr: None,
+                    }));
                     return;
                 }
                 // Wait for the writer: retried by the caller if busy.
@@ -857,13 +938,20 @@ impl StateMachine {
                 }
                 let r = self.db(&db).and_then(|d| {
                     reset_cache(&d.writer)?;
-                    d.writer.execute_batch("BEGIN IMMEDIATE").map_err(Error::from)
+                    d.writer
+                        .execute_batch("BEGIN IMMEDIATE")
+                        .map_err(Error::from)
                 });
                 match r {
                     Ok(()) => {
                         self.seq += 1;
                         let id = self.seq;
-                        self.open_tx = Some(OpenTx { id, db, idle, last_used: Instant::now() });
+                        self.open_tx = Some(OpenTx {
+                            id,
+                            db,
+                            idle,
+                            last_used: Instant::now(),
+                        });
                         let _ = reply.send(Ok(id));
                     }
                     Err(e) => {
@@ -873,19 +961,29 @@ impl StateMachine {
             }
             TxOp::Exec { id, stmt, reply } => {
                 let Some(tx) = self.open_tx.as_mut().filter(|t| t.id == id) else {
-                    let _ = reply.send(Err(Error::Invalid("no such open transaction (rolled back?)".into())));
+                    let _ = reply.send(Err(Error::Invalid(
+                        "no such open transaction (rolled back?)".into(),
+                    )));
                     return;
                 };
                 tx.last_used = Instant::now();
                 let w = &self.dbs[&tx.db].writer;
                 let r = query_rows(w, &stmt).map(|rows| {
-                    (rows, ExecResult { rows_affected: w.changes(), last_insert_rowid: w.last_insert_rowid() })
+                    (
+                        rows,
+                        ExecResult {
+                            rows_affected: w.changes(),
+                            last_insert_rowid: w.last_insert_rowid(),
+                        },
+                    )
                 });
                 let _ = reply.send(r);
             }
             TxOp::Commit { id, reply } => {
                 let Some(tx) = self.open_tx.take_if(|t| t.id == id) else {
-                    let _ = reply.send(Err(Error::Invalid("no such open transaction (rolled back?)".into())));
+                    let _ = reply.send(Err(Error::Invalid(
+                        "no such open transaction (rolled back?)".into(),
+                    )));
                     return;
                 };
                 if let Err(e) = self.commit_and_propose(&tx.db, Vec::new(), Some(reply)) {
@@ -924,11 +1022,17 @@ impl StateMachine {
         // entries up to `applied`, and recovery must replay at least that far.
         if self.meta.checkpoint_target != applied {
             self.meta.checkpoint_target = applied;
-            write_atomic(&self.gen_dir.join("meta.json"), &serde_json::to_vec(&self.meta).unwrap())?;
+            write_atomic(
+                &self.gen_dir.join("meta.json"),
+                &serde_json::to_vec(&self.meta).unwrap(),
+            )?;
         }
         for db in self.dbs.values() {
             let (busy, log, done): (i64, i64, i64) =
-                db.writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                db.writer
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?;
             if busy != 0 || (log > 0 && done < log) {
                 // A reader still uses the WAL; try again later.
                 return Ok(());
@@ -943,7 +1047,10 @@ impl StateMachine {
         failpoint("checkpoint-before-meta");
         self.meta.checkpoint_index = applied;
         self.meta.checkpoint_term = self.applied_term;
-        write_atomic(&self.gen_dir.join("meta.json"), &serde_json::to_vec(&self.meta).unwrap())?;
+        write_atomic(
+            &self.gen_dir.join("meta.json"),
+            &serde_json::to_vec(&self.meta).unwrap(),
+        )?;
         self.frames_since_checkpoint = 0;
         self.progress.checkpoint.store(applied, Ordering::SeqCst);
         (self.to_raft)(ToRaft::Checkpointed(applied));
@@ -959,7 +1066,10 @@ impl StateMachine {
         for (name, db) in &self.dbs {
             match db.handle.reader() {
                 Ok(c) => {
-                    if c.execute_batch("BEGIN").and_then(|_| c.query_row("PRAGMA schema_version", [], |_| Ok(()))).is_ok() {
+                    if c.execute_batch("BEGIN")
+                        .and_then(|_| c.query_row("PRAGMA schema_version", [], |_| Ok(())))
+                        .is_ok()
+                    {
                         pinned.push((name.clone(), c));
                     }
                 }
@@ -984,7 +1094,9 @@ impl StateMachine {
             if p.extension().and_then(|x| x.to_str()) == Some("db") {
                 let to = gen.join(p.file_name().unwrap());
                 fs::rename(&p, &to).map_err(|e| Error::io(&p, e))?;
-                File::open(&to).and_then(|f| f.sync_all()).map_err(|e| Error::io(&to, e))?;
+                File::open(&to)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::io(&to, e))?;
             }
         }
         let cs = meta.get_conf_state();
@@ -995,7 +1107,10 @@ impl StateMachine {
             learners: cs.learners.clone(),
             checkpoint_target: 0,
         };
-        write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&new_meta).unwrap())?;
+        write_atomic(
+            &gen.join("meta.json"),
+            &serde_json::to_vec(&new_meta).unwrap(),
+        )?;
         fsync_dir(&gen)?;
         write_atomic(&self.root.join("CURRENT"), gen_name.as_bytes())?;
         // Switch: drop the old writers; readers holding old handles finish on the old files.
@@ -1010,7 +1125,11 @@ impl StateMachine {
         self.frames_since_checkpoint = 0;
         self.set_applied(meta.index, meta.term);
         self.progress.checkpoint.store(meta.index, Ordering::SeqCst);
-        tracing::info!("installed snapshot at index {} term {}", meta.index, meta.term);
+        tracing::info!(
+            "installed snapshot at index {} term {}",
+            meta.index,
+            meta.term
+        );
         Ok(())
     }
 }
@@ -1028,9 +1147,13 @@ fn clone_err(e: &Error) -> Error {
     match e {
         Error::OutcomeUnknown => Error::OutcomeUnknown,
         Error::Shutdown => Error::Shutdown,
-        Error::NotLeader { leader_id, leader_addr } => {
-            Error::NotLeader { leader_id: *leader_id, leader_addr: leader_addr.clone() }
-        }
+        Error::NotLeader {
+            leader_id,
+            leader_addr,
+        } => Error::NotLeader {
+            leader_id: *leader_id,
+            leader_addr: leader_addr.clone(),
+        },
         other => Error::Internal(other.to_string()),
     }
 }
@@ -1055,10 +1178,18 @@ pub fn apply_pages(w: &Connection, f: &Frames) -> Result<()> {
     })?;
     if let Some(p1) = f.pages.first().filter(|p| p.pgno == 1) {
         // Replicas must be byte-identical: check the one page SQLite rewrites on its own.
-        let now: Vec<u8> = w.query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| r.get(0))?;
+        let now: Vec<u8> =
+            w.query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| {
+                r.get(0)
+            })?;
         if now[..] != p1.data[..] {
-            let diff: Vec<usize> = (0..now.len()).filter(|i| now[*i] != p1.data[*i]).take(8).collect();
-            return Err(Error::Corrupt(format!("applied page 1 differs from the entry's at offsets {diff:?}")));
+            let diff: Vec<usize> = (0..now.len())
+                .filter(|i| now[*i] != p1.data[*i])
+                .take(8)
+                .collect();
+            return Err(Error::Corrupt(format!(
+                "applied page 1 differs from the entry's at offsets {diff:?}"
+            )));
         }
     }
     if f.db_pages >= 1 && f.db_pages < grown {
@@ -1095,10 +1226,17 @@ fn in_transaction<T>(w: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -
 fn reset_cache(w: &Connection) -> Result<()> {
     // SAFETY: a valid open connection; this file control takes no argument.
     let rc = unsafe {
-        rusqlite::ffi::sqlite3_file_control(w.handle(), c"main".as_ptr(), rusqlite::ffi::SQLITE_FCNTL_RESET_CACHE, std::ptr::null_mut())
+        rusqlite::ffi::sqlite3_file_control(
+            w.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_RESET_CACHE,
+            std::ptr::null_mut(),
+        )
     };
     if rc != rusqlite::ffi::SQLITE_OK {
-        return Err(Error::Internal(format!("resetting the page cache failed: {rc}")));
+        return Err(Error::Internal(format!(
+            "resetting the page cache failed: {rc}"
+        )));
     }
     Ok(())
 }
@@ -1112,7 +1250,10 @@ fn run_request(w: &Connection, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
             let mut st = w.prepare_cached(&s.sql)?;
             let mut rows = st.query(rusqlite::params_from_iter(s.params.iter()))?;
             while rows.next()?.is_some() {}
-            out.push(ExecResult { rows_affected: w.changes(), last_insert_rowid: w.last_insert_rowid() });
+            out.push(ExecResult {
+                rows_affected: w.changes(),
+                last_insert_rowid: w.last_insert_rowid(),
+            });
         }
         Ok(out)
     })();
@@ -1126,9 +1267,17 @@ fn run_request(w: &Connection, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
 /// Page 1's file change counter (offset 24) as committed; 0 for an empty database.
 fn page1_counter(w: &Connection) -> Result<u32> {
     let r: Option<Vec<u8>> = w
-        .query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| r.get(0))
+        .query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| {
+            r.get(0)
+        })
         .map(Some)
-        .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })?;
+        .or_else(|e| {
+            if matches!(e, rusqlite::Error::QueryReturnedNoRows) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        })?;
     Ok(r.map_or(0, |d| u32::from_be_bytes(d[24..28].try_into().unwrap())))
 }
 
@@ -1153,10 +1302,16 @@ fn stamp_change_counter(page: &Bytes, counter: u32) -> Bytes {
 /// Returns the index the files now hold.
 pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
     let current = root.join("CURRENT");
-    let Ok(name) = fs::read_to_string(&current) else { return Ok(0) };
+    let Ok(name) = fs::read_to_string(&current) else {
+        return Ok(0);
+    };
     let gen = root.join(name.trim());
     let mut meta = read_meta(&gen)?;
-    let upto = log.hard_state().commit.max(meta.checkpoint_target).min(log.last_index());
+    let upto = log
+        .hard_state()
+        .commit
+        .max(meta.checkpoint_target)
+        .min(log.last_index());
     if upto <= meta.checkpoint_index {
         return Ok(meta.checkpoint_index);
     }
@@ -1180,25 +1335,37 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
             let path = gen.join(format!("{}.db", f.db));
             if !files.contains_key(&f.db) {
                 remove_wal_files(&path);
-                let file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+                let file = fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| Error::io(&path, e))?;
                 files.insert(f.db.clone(), file);
             }
             let file = &files[&f.db];
             for p in &f.pages {
-                file.write_all_at(&p.data, (p.pgno as u64 - 1) * f.page_size as u64).map_err(|e| Error::io(&path, e))?;
+                file.write_all_at(&p.data, (p.pgno as u64 - 1) * f.page_size as u64)
+                    .map_err(|e| Error::io(&path, e))?;
             }
-            file.set_len(f.db_pages as u64 * f.page_size as u64).map_err(|e| Error::io(&path, e))?;
+            file.set_len(f.db_pages as u64 * f.page_size as u64)
+                .map_err(|e| Error::io(&path, e))?;
         }
     }
     for (name, f) in &files {
-        f.sync_all().map_err(|e| Error::io(gen.join(format!("{name}.db")), e))?;
+        f.sync_all()
+            .map_err(|e| Error::io(gen.join(format!("{name}.db")), e))?;
     }
     fsync_dir(&gen)?;
     meta.checkpoint_index = upto;
     meta.checkpoint_term = last_term;
     meta.checkpoint_target = 0;
     write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&meta).unwrap())?;
-    tracing::info!("replayed the log into the database files up to index {upto} in {:?}", started.elapsed());
+    tracing::info!(
+        "replayed the log into the database files up to index {upto} in {:?}",
+        started.elapsed()
+    );
     Ok(upto)
 }
 
@@ -1225,7 +1392,9 @@ fn capture_and_rewind(
             let first = if restarted { 1 } else { before.max_frame + 1 };
             read_frames(db, first, a.max_frame, a.page_size).map(|p| Some((p, a)))
         }
-        None => Err(Error::Internal("wal-index header unreadable after commit".into())),
+        None => Err(Error::Internal(
+            "wal-index header unreadable after commit".into(),
+        )),
     };
     if restarted {
         let mut wal = db.handle.path.as_os_str().to_owned();
@@ -1264,7 +1433,10 @@ fn read_frames(db: &mut Db, first: u32, last: u32, page_size: u32) -> Result<Vec
         let pgno = u32::from_be_bytes(buf[off..off + 4].try_into().unwrap());
         pages.insert(pgno, buf.slice(off + 24..off + frame as usize));
     }
-    Ok(pages.into_iter().map(|(pgno, data)| Page { pgno, data }).collect())
+    Ok(pages
+        .into_iter()
+        .map(|(pgno, data)| Page { pgno, data })
+        .collect())
 }
 
 #[cfg(test)]
@@ -1272,8 +1444,12 @@ mod tests {
     use super::*;
 
     fn pages_of(c: &Connection) -> BTreeMap<u32, Vec<u8>> {
-        let mut st = c.prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno").unwrap();
-        let rows = st.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?))).unwrap();
+        let mut st = c
+            .prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")
+            .unwrap();
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .unwrap();
         rows.map(|r| r.unwrap()).collect()
     }
 
@@ -1287,9 +1463,19 @@ mod tests {
         let pages = after
             .iter()
             .filter(|(n, d)| before.get(n) != Some(d))
-            .map(|(n, d)| Page { pgno: *n, data: Bytes::from(d.clone()) })
+            .map(|(n, d)| Page {
+                pgno: *n,
+                data: Bytes::from(d.clone()),
+            })
             .collect();
-        Frames { proposer: 1, sequence: 1, db: "main".into(), page_size: PAGE_SIZE, db_pages: after.len() as u32, pages }
+        Frames {
+            proposer: 1,
+            sequence: 1,
+            db: "main".into(),
+            page_size: PAGE_SIZE,
+            db_pages: after.len() as u32,
+            pages,
+        }
     }
 
     fn digest(c: &Connection) -> (usize, u32) {
@@ -1337,9 +1523,13 @@ mod tests {
         step("DROP TABLE big");
         step("VACUUM");
         for conn in [&b, &c] {
-            let n: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+            let n: i64 = conn
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap();
             assert_eq!(n, 50);
-            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+            let pages: i64 = conn
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap();
             assert!(pages < 10, "not truncated: {pages} pages");
         }
     }

@@ -92,7 +92,10 @@ pub struct FrameReader<R> {
 impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a reader.
     pub fn new(r: R) -> Self {
-        FrameReader { r, buf: BytesMut::with_capacity(64 << 10) }
+        FrameReader {
+            r,
+            buf: BytesMut::with_capacity(64 << 10),
+        }
     }
     /// Next frame, or `None` at a clean end of stream.
     pub async fn next(&mut self) -> io::Result<Option<pb::Frame>> {
@@ -109,7 +112,10 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
-                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-frame"))
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed mid-frame",
+                    ))
                 };
             }
         }
@@ -135,6 +141,7 @@ pub struct Transport {
     peers: RwLock<HashMap<u64, mpsc::Sender<Bytes>>>,
     addrs: RwLock<HashMap<u64, SocketAddr>>,
     rt: tokio::runtime::Handle,
+    accept: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Transport {
@@ -154,9 +161,10 @@ impl Transport {
             peers: RwLock::new(HashMap::new()),
             addrs: RwLock::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
+            accept: parking_lot::Mutex::new(None),
         });
         let cluster = cluster.to_string();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((s, _)) => {
@@ -170,7 +178,17 @@ impl Transport {
                 }
             }
         });
+        *t.accept.lock() = Some(task);
         Ok((t, local))
+    }
+
+    /// Stops listening (the port is freed) and stops the peer senders.
+    pub fn close(&self) {
+        if let Some(t) = self.accept.lock().take() {
+            t.abort();
+        }
+        self.addrs.write().clear();
+        self.peers.write().clear();
     }
 
     /// Sets the address of a peer (starts its sender on first use).
@@ -195,10 +213,18 @@ impl Transport {
         let tx = match tx {
             Some(tx) => tx,
             None => {
-                let Some(addr) = self.peer_addr(to) else { return };
+                let Some(addr) = self.peer_addr(to) else {
+                    return;
+                };
                 let (tx, rx) = mpsc::channel(PEER_QUEUE);
                 self.peers.write().insert(to, tx.clone());
-                self.rt.spawn(peer_sender(self.me, self.cluster.clone(), self.local_ip, addr, rx));
+                self.rt.spawn(peer_sender(
+                    self.me,
+                    self.cluster.clone(),
+                    self.local_ip,
+                    addr,
+                    rx,
+                ));
                 tx
             }
         };
@@ -206,7 +232,13 @@ impl Transport {
     }
 }
 
-async fn peer_sender(me: u64, cluster: String, local_ip: IpAddr, addr: SocketAddr, mut rx: mpsc::Receiver<Bytes>) {
+async fn peer_sender(
+    me: u64,
+    cluster: String,
+    local_ip: IpAddr,
+    addr: SocketAddr,
+    mut rx: mpsc::Receiver<Bytes>,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let mut stream = match dial(addr, Some(local_ip)).await {
@@ -223,7 +255,12 @@ async fn peer_sender(me: u64, cluster: String, local_ip: IpAddr, addr: SocketAdd
             }
         };
         backoff = Duration::from_millis(50);
-        let hello = pb::Frame { kind: Some(pb::frame::Kind::Hello(pb::Hello { from_id: me, cluster: cluster.clone() })) };
+        let hello = pb::Frame {
+            kind: Some(pb::frame::Kind::Hello(pb::Hello {
+                from_id: me,
+                cluster: cluster.clone(),
+            })),
+        };
         if stream.write_all(&encode_frame(&hello)).await.is_err() {
             continue;
         }
@@ -240,7 +277,9 @@ async fn peer_sender(me: u64, cluster: String, local_ip: IpAddr, addr: SocketAdd
                     Err(_) => break,
                 }
             }
-            let f = pb::Frame { kind: Some(pb::frame::Kind::Raft(pb::RaftBatch { messages })) };
+            let f = pb::Frame {
+                kind: Some(pb::frame::Kind::Raft(pb::RaftBatch { messages })),
+            };
             if stream.write_all(&encode_frame(&f)).await.is_err() {
                 break;
             }
@@ -250,7 +289,11 @@ async fn peer_sender(me: u64, cluster: String, local_ip: IpAddr, addr: SocketAdd
 
 /// Dials `addr`, binding the source address to `local` when given (port chosen by the OS).
 pub async fn dial(addr: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if let Some(ip) = local {
         if ip.is_ipv4() == addr.is_ipv4() && !ip.is_unspecified() {
             sock.bind(SocketAddr::new(ip, 0))?;
@@ -267,9 +310,16 @@ async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler
     let (r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(r);
     let from = match reader.next().await {
-        Ok(Some(pb::Frame { kind: Some(pb::frame::Kind::Hello(h)) })) => {
+        Ok(Some(pb::Frame {
+            kind: Some(pb::frame::Kind::Hello(h)),
+        })) => {
             if h.cluster != cluster {
-                tracing::warn!("refused connection from node {} of cluster {:?} (this is {:?})", h.from_id, h.cluster, cluster);
+                tracing::warn!(
+                    "refused connection from node {} of cluster {:?} (this is {:?})",
+                    h.from_id,
+                    h.cluster,
+                    cluster
+                );
                 return;
             }
             h.from_id
@@ -286,13 +336,19 @@ async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler
     });
     loop {
         match reader.next().await {
-            Ok(Some(pb::Frame { kind: Some(pb::frame::Kind::Raft(b)) })) => handler.raft(from, b.messages),
-            Ok(Some(pb::Frame { kind: Some(pb::frame::Kind::Request(req)) })) => {
+            Ok(Some(pb::Frame {
+                kind: Some(pb::frame::Kind::Raft(b)),
+            })) => handler.raft(from, b.messages),
+            Ok(Some(pb::Frame {
+                kind: Some(pb::frame::Kind::Request(req)),
+            })) => {
                 let fut = handler.request(req);
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let resp = fut.await;
-                    let f = pb::Frame { kind: Some(pb::frame::Kind::Response(resp)) };
+                    let f = pb::Frame {
+                        kind: Some(pb::frame::Kind::Response(resp)),
+                    };
                     let _ = tx.send(encode_frame(&f)).await;
                 });
             }
@@ -315,27 +371,55 @@ pub struct RpcConn {
 
 impl RpcConn {
     /// Connects and says hello as `from_id` (0 for clients).
-    pub async fn connect(addr: SocketAddr, from_id: u64, cluster: &str, local: Option<IpAddr>) -> io::Result<RpcConn> {
+    pub async fn connect(
+        addr: SocketAddr,
+        from_id: u64,
+        cluster: &str,
+        local: Option<IpAddr>,
+    ) -> io::Result<RpcConn> {
         let s = dial(addr, local).await?;
         let (r, mut w) = s.into_split();
-        let hello = pb::Frame { kind: Some(pb::frame::Kind::Hello(pb::Hello { from_id, cluster: cluster.to_string() })) };
+        let hello = pb::Frame {
+            kind: Some(pb::frame::Kind::Hello(pb::Hello {
+                from_id,
+                cluster: cluster.to_string(),
+            })),
+        };
         w.write_all(&encode_frame(&hello)).await?;
-        Ok(RpcConn { reader: FrameReader::new(r), writer: w, next_id: 1 })
+        Ok(RpcConn {
+            reader: FrameReader::new(r),
+            writer: w,
+            next_id: 1,
+        })
     }
 
     /// Sends a request body and waits for its response.
     pub async fn call(&mut self, body: pb::request::Body) -> io::Result<pb::response::Body> {
         let id = self.next_id;
         self.next_id += 1;
-        let f = pb::Frame { kind: Some(pb::frame::Kind::Request(pb::Request { id, body: Some(body) })) };
+        let f = pb::Frame {
+            kind: Some(pb::frame::Kind::Request(pb::Request {
+                id,
+                body: Some(body),
+            })),
+        };
         self.writer.write_all(&encode_frame(&f)).await?;
         loop {
             match self.reader.next().await? {
-                Some(pb::Frame { kind: Some(pb::frame::Kind::Response(r)) }) if r.id == id => {
-                    return r.body.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty response"));
+                Some(pb::Frame {
+                    kind: Some(pb::frame::Kind::Response(r)),
+                }) if r.id == id => {
+                    return r.body.ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "empty response")
+                    });
                 }
                 Some(_) => continue,
-                None => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    ))
+                }
             }
         }
     }

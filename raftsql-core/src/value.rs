@@ -87,22 +87,34 @@ pub struct Statement {
 impl Statement {
     /// A statement without parameters.
     pub fn new(sql: impl Into<String>) -> Self {
-        Statement { sql: sql.into(), params: Vec::new() }
+        Statement {
+            sql: sql.into(),
+            params: Vec::new(),
+        }
     }
     /// A statement with parameters.
     pub fn with_params(sql: impl Into<String>, params: Vec<Value>) -> Self {
-        Statement { sql: sql.into(), params }
+        Statement {
+            sql: sql.into(),
+            params,
+        }
     }
 }
 
 impl From<&Statement> for pb::Statement {
     fn from(s: &Statement) -> Self {
-        pb::Statement { sql: s.sql.clone(), params: s.params.iter().map(Into::into).collect() }
+        pb::Statement {
+            sql: s.sql.clone(),
+            params: s.params.iter().map(Into::into).collect(),
+        }
     }
 }
 impl From<pb::Statement> for Statement {
     fn from(s: pb::Statement) -> Self {
-        Statement { sql: s.sql, params: s.params.into_iter().map(Into::into).collect() }
+        Statement {
+            sql: s.sql,
+            params: s.params.into_iter().map(Into::into).collect(),
+        }
     }
 }
 

@@ -132,7 +132,9 @@ fn io_methods(version: c_int) -> ffi::sqlite3_io_methods {
     }
 }
 
-unsafe fn real(file: *mut ffi::sqlite3_file) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {
+unsafe fn real(
+    file: *mut ffi::sqlite3_file,
+) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {
     let real = (*(file as *mut File)).real;
     (real, &*(*real).pMethods)
 }
@@ -147,11 +149,21 @@ unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
     }
     rc
 }
-unsafe extern "C" fn x_read(file: *mut ffi::sqlite3_file, buf: *mut c_void, n: c_int, off: i64) -> c_int {
+unsafe extern "C" fn x_read(
+    file: *mut ffi::sqlite3_file,
+    buf: *mut c_void,
+    n: c_int,
+    off: i64,
+) -> c_int {
     let (r, m) = real(file);
     m.xRead.unwrap()(r, buf, n, off)
 }
-unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, buf: *const c_void, n: c_int, off: i64) -> c_int {
+unsafe extern "C" fn x_write(
+    file: *mut ffi::sqlite3_file,
+    buf: *const c_void,
+    n: c_int,
+    off: i64,
+) -> c_int {
     let (r, m) = real(file);
     m.xWrite.unwrap()(r, buf, n, off)
 }
@@ -179,7 +191,11 @@ unsafe extern "C" fn x_check_reserved_lock(file: *mut ffi::sqlite3_file, out: *m
     let (r, m) = real(file);
     m.xCheckReservedLock.unwrap()(r, out)
 }
-unsafe extern "C" fn x_file_control(file: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
+unsafe extern "C" fn x_file_control(
+    file: *mut ffi::sqlite3_file,
+    op: c_int,
+    arg: *mut c_void,
+) -> c_int {
     let (r, m) = real(file);
     if op == ffi::SQLITE_FCNTL_VFSNAME {
         // Report our name (SQLite frees the string with sqlite3_free).
@@ -208,12 +224,19 @@ unsafe extern "C" fn x_shm_map(
     let (r, m) = real(file);
     let rc = m.xShmMap.unwrap()(r, region, size, extend, out);
     if rc == ffi::SQLITE_OK && region == 0 && !(*out).is_null() && !(*f).main_db_path.is_null() {
-        let path = CStr::from_ptr((*f).main_db_path).to_string_lossy().into_owned();
+        let path = CStr::from_ptr((*f).main_db_path)
+            .to_string_lossy()
+            .into_owned();
         shm_regions().lock().insert(path, *out as usize);
     }
     rc
 }
-unsafe extern "C" fn x_shm_lock(file: *mut ffi::sqlite3_file, off: c_int, n: c_int, flags: c_int) -> c_int {
+unsafe extern "C" fn x_shm_lock(
+    file: *mut ffi::sqlite3_file,
+    off: c_int,
+    n: c_int,
+    flags: c_int,
+) -> c_int {
     let (r, m) = real(file);
     m.xShmLock.unwrap()(r, off, n, flags)
 }
@@ -285,7 +308,9 @@ pub fn save_header(db_path: &str) -> Option<SavedHeader> {
 /// Puts back a header saved by [`save_header`], the way SQLite writes it: the second copy,
 /// a barrier, then the first copy (readers compare both).
 pub fn restore_header(db_path: &str, saved: &SavedHeader) -> bool {
-    let Some(p) = region0(db_path) else { return false };
+    let Some(p) = region0(db_path) else {
+        return false;
+    };
     unsafe {
         std::ptr::copy_nonoverlapping(saved.0.as_ptr().add(48), p.add(48), 48);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -298,7 +323,9 @@ pub fn restore_header(db_path: &str, saved: &SavedHeader) -> bool {
 /// Marks the wal-index header invalid, so the next connection to read rebuilds the index
 /// from the WAL file (SQLite's recovery).
 pub fn invalidate_header(db_path: &str) -> bool {
-    let Some(p) = region0(db_path) else { return false };
+    let Some(p) = region0(db_path) else {
+        return false;
+    };
     unsafe {
         std::ptr::write_bytes(p, 0, WAL_INDEX_HDR_BYTES);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);

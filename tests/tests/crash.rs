@@ -20,7 +20,10 @@ fn kill_leader_during_writes_loses_no_acknowledged_write() {
     let client = Arc::new(c.client());
     c.rt.block_on(client.execute_batch(
         "main",
-        &[Statement::new("CREATE TABLE a(k INTEGER PRIMARY KEY)"), Statement::new("CREATE TABLE b(k INTEGER PRIMARY KEY)")],
+        &[
+            Statement::new("CREATE TABLE a(k INTEGER PRIMARY KEY)"),
+            Statement::new("CREATE TABLE b(k INTEGER PRIMARY KEY)"),
+        ],
     ))
     .unwrap();
     let acked = Arc::new(parking_lot::Mutex::new(BTreeSet::new()));
@@ -39,8 +42,14 @@ fn kill_leader_during_writes_loses_no_acknowledged_write() {
                     .execute_batch(
                         "main",
                         &[
-                            Statement::with_params("INSERT INTO a VALUES (?1)", vec![Value::Integer(k)]),
-                            Statement::with_params("INSERT INTO b VALUES (?1)", vec![Value::Integer(k)]),
+                            Statement::with_params(
+                                "INSERT INTO a VALUES (?1)",
+                                vec![Value::Integer(k)],
+                            ),
+                            Statement::with_params(
+                                "INSERT INTO b VALUES (?1)",
+                                vec![Value::Integer(k)],
+                            ),
                         ],
                     )
                     .await;
@@ -71,7 +80,11 @@ fn kill_leader_during_writes_loses_no_acknowledged_write() {
     c.wait_converged(T);
     let acked = acked.lock().clone();
     let unknown = unknown.lock().clone();
-    assert!(acked.len() > 50, "too few writes succeeded: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "too few writes succeeded: {}",
+        acked.len()
+    );
     for id in 1..=3 {
         let q = |sql: &str| {
             c.rt.block_on(c.client_of(id).query_with("main", sql, vec![], true))
@@ -91,10 +104,17 @@ fn kill_leader_during_writes_loses_no_acknowledged_write() {
             assert!(a.contains(k), "node {id}: acknowledged write {k} lost");
         }
         for k in &a {
-            assert!(acked.contains(k) || unknown.contains(k), "node {id}: key {k} was never written");
+            assert!(
+                acked.contains(k) || unknown.contains(k),
+                "node {id}: key {k} was never written"
+            );
         }
     }
-    eprintln!("acked {} writes, {} with unknown outcome", acked.len(), unknown.len());
+    eprintln!(
+        "acked {} writes, {} with unknown outcome",
+        acked.len(),
+        unknown.len()
+    );
 }
 
 /// Kill every node at once, restart them all: the committed state comes back exactly.
@@ -104,9 +124,23 @@ fn kill_all_and_restart_restores_committed_state() {
     c.wait_leader(T);
     let client = c.client();
     c.rt.block_on(async {
-        client.execute("main", "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)", vec![]).await.unwrap();
+        client
+            .execute(
+                "main",
+                "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
+                vec![],
+            )
+            .await
+            .unwrap();
         for i in 0..300 {
-            client.execute("main", "INSERT INTO t VALUES (?1, hex(randomblob(100)))", vec![Value::Integer(i)]).await.unwrap();
+            client
+                .execute(
+                    "main",
+                    "INSERT INTO t VALUES (?1, hex(randomblob(100)))",
+                    vec![Value::Integer(i)],
+                )
+                .await
+                .unwrap();
         }
     });
     let before = c.wait_converged(T);
@@ -121,7 +155,11 @@ fn kill_all_and_restart_restores_committed_state() {
     assert_eq!(before, after, "state after restart differs");
     assert_eq!(c.local_count(1, "main", "SELECT count(*) FROM t"), 300);
     // And the cluster takes writes again.
-    c.rt.block_on(c.client().execute("main", "INSERT INTO t VALUES (1000, 'x')", vec![])).unwrap();
+    c.rt.block_on(
+        c.client()
+            .execute("main", "INSERT INTO t VALUES (1000, 'x')", vec![]),
+    )
+    .unwrap();
 }
 
 /// A crash in the middle of a checkpoint (after SQLite copied WAL pages into the database
@@ -132,9 +170,23 @@ fn crash_in_the_middle_of_a_checkpoint_recovers_exactly() {
     c.wait_leader(T);
     let client = c.client();
     c.rt.block_on(async {
-        client.execute("main", "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)", vec![]).await.unwrap();
+        client
+            .execute(
+                "main",
+                "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
+                vec![],
+            )
+            .await
+            .unwrap();
         for i in 0..50 {
-            client.execute("main", "INSERT INTO t VALUES (?1, hex(randomblob(200)))", vec![Value::Integer(i)]).await.unwrap();
+            client
+                .execute(
+                    "main",
+                    "INSERT INTO t VALUES (?1, hex(randomblob(200)))",
+                    vec![Value::Integer(i)],
+                )
+                .await
+                .unwrap();
         }
     });
     c.wait_converged(T);
@@ -147,16 +199,41 @@ fn crash_in_the_middle_of_a_checkpoint_recovers_exactly() {
     std::env::remove_var("RAFTSQL_CRASH_AT");
     c.rt.block_on(async {
         for i in 50..400 {
-            client.execute("main", "UPDATE t SET v = hex(randomblob(300)) WHERE k = ?1 % 50", vec![Value::Integer(i)]).await.unwrap();
-            client.execute("main", "INSERT INTO t VALUES (?1, 'x')", vec![Value::Integer(i)]).await.unwrap();
+            client
+                .execute(
+                    "main",
+                    "UPDATE t SET v = hex(randomblob(300)) WHERE k = ?1 % 50",
+                    vec![Value::Integer(i)],
+                )
+                .await
+                .unwrap();
+            client
+                .execute(
+                    "main",
+                    "INSERT INTO t VALUES (?1, 'x')",
+                    vec![Value::Integer(i)],
+                )
+                .await
+                .unwrap();
         }
     });
-    let st = c.wait_exit(f, T).expect("the armed node should have crashed at the failpoint");
+    let st = c
+        .wait_exit(f, T)
+        .expect("the armed node should have crashed at the failpoint");
     assert!(!st.success());
-    assert!(c.log_text(f).contains("failpoint checkpoint-before-meta"), "{}", c.log_text(f));
+    assert!(
+        c.log_text(f).contains("failpoint checkpoint-before-meta"),
+        "{}",
+        c.log_text(f)
+    );
     c.spawn(f);
     c.wait_converged(T);
-    assert!(c.log_text(f).contains("replayed the log into the database files"), "{}", c.log_text(f));
+    assert!(
+        c.log_text(f)
+            .contains("replayed the log into the database files"),
+        "{}",
+        c.log_text(f)
+    );
     assert_eq!(c.local_count(f, "main", "SELECT count(*) FROM t"), 400);
 }
 
@@ -168,9 +245,23 @@ fn corrupted_log_byte_is_detected() {
     c.wait_leader(T);
     let client = c.client();
     c.rt.block_on(async {
-        client.execute("main", "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)", vec![]).await.unwrap();
+        client
+            .execute(
+                "main",
+                "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
+                vec![],
+            )
+            .await
+            .unwrap();
         for i in 0..100 {
-            client.execute("main", "INSERT INTO t VALUES (?1, 'some text to make entries bigger')", vec![Value::Integer(i)]).await.unwrap();
+            client
+                .execute(
+                    "main",
+                    "INSERT INTO t VALUES (?1, 'some text to make entries bigger')",
+                    vec![Value::Integer(i)],
+                )
+                .await
+                .unwrap();
         }
     });
     c.wait_converged(T);
@@ -187,7 +278,9 @@ fn corrupted_log_byte_is_detected() {
     bytes[at] ^= 0x5a;
     std::fs::write(&seg, bytes).unwrap();
     c.spawn(2);
-    let st = c.wait_exit(2, T).expect("node 2 must refuse to start on a corrupted log");
+    let st = c
+        .wait_exit(2, T)
+        .expect("node 2 must refuse to start on a corrupted log");
     assert!(!st.success());
     let log = c.log_text(2);
     assert!(log.to_lowercase().contains("corrupt"), "log: {log}");
@@ -197,22 +290,43 @@ fn corrupted_log_byte_is_detected() {
 /// chunks, and ends byte-identical.
 #[test]
 fn lagging_follower_catches_up_by_snapshot() {
-    let mut c = Cluster::start(3, &["--checkpoint-frames", "50", "--compact-log-bytes", "200000"]);
+    let mut c = Cluster::start(
+        3,
+        &["--checkpoint-frames", "50", "--compact-log-bytes", "200000"],
+    );
     c.wait_leader(T);
     let client = c.client();
-    c.rt.block_on(client.execute("main", "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)", vec![])).unwrap();
+    c.rt.block_on(client.execute(
+        "main",
+        "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)",
+        vec![],
+    ))
+    .unwrap();
     c.wait_converged(T);
     c.stop(3);
     c.rt.block_on(async {
         for i in 0..600 {
-            client.execute("main", "INSERT INTO t VALUES (?1, randomblob(3000))", vec![Value::Integer(i)]).await.unwrap();
+            client
+                .execute(
+                    "main",
+                    "INSERT INTO t VALUES (?1, randomblob(3000))",
+                    vec![Value::Integer(i)],
+                )
+                .await
+                .unwrap();
         }
     });
     let leader = c.wait_leader(T);
     let st = c.status(leader, false).unwrap();
-    assert!(st.log_first_index > 10, "the leader should have compacted its log: {st:?}");
+    assert!(
+        st.log_first_index > 10,
+        "the leader should have compacted its log: {st:?}"
+    );
     c.spawn(3);
     c.wait_converged(Duration::from_secs(60));
     assert_eq!(c.local_count(3, "main", "SELECT count(*) FROM t"), 600);
-    assert!(c.log_text(3).contains("installed snapshot"), "node 3 should have installed a snapshot");
+    assert!(
+        c.log_text(3).contains("installed snapshot"),
+        "node 3 should have installed a snapshot"
+    );
 }

@@ -41,19 +41,32 @@ fn replicates_to_every_node_byte_identical_even_with_nondeterministic_sql() {
     let digests = c.wait_converged(T);
     assert_eq!(digests.len(), 2, "two databases: {digests:?}");
     for id in 1..=3 {
-        assert_eq!(c.local_count(id, "main", "SELECT count(*) FROM t"), 200, "node {id}");
-        let rows = c
-            .rt
-            .block_on(c.client_of(id).query_with("other", "SELECT v FROM kv WHERE k='k'", vec![], true))
+        assert_eq!(
+            c.local_count(id, "main", "SELECT count(*) FROM t"),
+            200,
+            "node {id}"
+        );
+        let rows =
+            c.rt.block_on(c.client_of(id).query_with(
+                "other",
+                "SELECT v FROM kv WHERE k='k'",
+                vec![],
+                true,
+            ))
             .unwrap();
         assert_eq!(rows.rows, vec![vec![Value::Blob(vec![0, 1, 2, 255])]]);
     }
     // The random values are the leader's, everywhere: compare one row across nodes.
     let per_node: Vec<_> = (1..=3)
         .map(|id| {
-            c.rt.block_on(c.client_of(id).query_with("main", "SELECT r, ts, hex(b) FROM t WHERE id = 7", vec![], true))
-                .unwrap()
-                .rows
+            c.rt.block_on(c.client_of(id).query_with(
+                "main",
+                "SELECT r, ts, hex(b) FROM t WHERE id = 7",
+                vec![],
+                true,
+            ))
+            .unwrap()
+            .rows
         })
         .collect();
     assert_eq!(per_node[0], per_node[1]);
@@ -72,12 +85,17 @@ fn follower_refuses_writes_with_leader_address_and_serves_linearizable_reads() {
             db: "main".into(),
             statements: vec![pb::Statement::from(&Statement::new("CREATE TABLE x(a)"))],
         });
-        let r = Client::call_node(c.addr(follower), "raftsql", body).await.unwrap();
+        let r = Client::call_node(c.addr(follower), "raftsql", body)
+            .await
+            .unwrap();
         match r {
             pb::response::Body::Error(e) => {
                 let err = raftsql_core::client::from_pb(e);
                 match err {
-                    Error::NotLeader { leader_id, leader_addr } => {
+                    Error::NotLeader {
+                        leader_id,
+                        leader_addr,
+                    } => {
                         assert_eq!(leader_id, Some(leader));
                         assert_eq!(leader_addr, Some(c.addr(leader).to_string()));
                     }
@@ -88,16 +106,26 @@ fn follower_refuses_writes_with_leader_address_and_serves_linearizable_reads() {
         }
         // Through the client, which follows the hint, the write succeeds.
         let all = c.client();
-        all.execute("main", "CREATE TABLE x(a)", vec![]).await.unwrap();
+        all.execute("main", "CREATE TABLE x(a)", vec![])
+            .await
+            .unwrap();
         for i in 0..20 {
-            all.execute("main", "INSERT INTO x VALUES (?1)", vec![Value::Integer(i)]).await.unwrap();
+            all.execute("main", "INSERT INTO x VALUES (?1)", vec![Value::Integer(i)])
+                .await
+                .unwrap();
             // Linearizable read on the follower right after the ack: must see it.
             let f = Client::new(vec![c.addr(follower)], "raftsql");
-            let rows = f.query("main", "SELECT count(*) FROM x", vec![]).await.unwrap();
+            let rows = f
+                .query("main", "SELECT count(*) FROM x", vec![])
+                .await
+                .unwrap();
             assert_eq!(rows.rows[0][0], Value::Integer(i + 1));
         }
         // A SQL error is typed and nothing is written.
-        let e = all.execute("main", "INSERT INTO nope VALUES (1)", vec![]).await.unwrap_err();
+        let e = all
+            .execute("main", "INSERT INTO nope VALUES (1)", vec![])
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::Sql { .. }), "{e:?}");
     });
 }
@@ -111,7 +139,8 @@ fn uncommitted_write_is_never_visible_and_is_discarded() {
     let leader = c.wait_leader(T);
     let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
     let client = c.client();
-    c.rt.block_on(client.execute("main", "CREATE TABLE t(k TEXT PRIMARY KEY)", vec![])).unwrap();
+    c.rt.block_on(client.execute("main", "CREATE TABLE t(k TEXT PRIMARY KEY)", vec![]))
+        .unwrap();
     c.wait_converged(T);
     // Cut the leader off: its followers die.
     for id in &others {
@@ -119,34 +148,57 @@ fn uncommitted_write_is_never_visible_and_is_discarded() {
     }
     let only_leader = c.client_of(leader);
     let write = c.rt.spawn(async move {
-        only_leader.execute("main", "INSERT INTO t VALUES ('lost')", vec![]).await
+        only_leader
+            .execute("main", "INSERT INTO t VALUES ('lost')", vec![])
+            .await
     });
     // While the write is in flight, the leader must not show it.
     let watcher = c.client_of(leader);
     let deadline = std::time::Instant::now() + Duration::from_millis(1500);
     let mut reads = 0;
     while std::time::Instant::now() < deadline {
-        if let Ok(r) = c.rt.block_on(watcher.query_with("main", "SELECT count(*) FROM t", vec![], true)) {
-            assert_eq!(r.rows[0][0], Value::Integer(0), "uncommitted row visible on the leader");
+        if let Ok(r) =
+            c.rt.block_on(watcher.query_with("main", "SELECT count(*) FROM t", vec![], true))
+        {
+            assert_eq!(
+                r.rows[0][0],
+                Value::Integer(0),
+                "uncommitted row visible on the leader"
+            );
             reads += 1;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(reads > 10, "local reads kept working on the isolated leader ({reads})");
+    assert!(
+        reads > 10,
+        "local reads kept working on the isolated leader ({reads})"
+    );
     let outcome = c.rt.block_on(write).unwrap();
-    assert!(outcome.is_err(), "a write without quorum must fail, got {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "a write without quorum must fail, got {outcome:?}"
+    );
     // The old leader dies too; the two others come back, elect a leader, write.
     c.kill(leader);
     for id in &others {
         c.spawn(*id);
     }
     let survivors = Client::new(others.iter().map(|i| c.addr(*i)).collect(), "raftsql");
-    c.rt.block_on(survivors.execute("main", "INSERT INTO t VALUES ('kept')", vec![])).unwrap();
+    c.rt.block_on(survivors.execute("main", "INSERT INTO t VALUES ('kept')", vec![]))
+        .unwrap();
     c.spawn(leader);
     c.wait_converged(T);
     for id in 1..=3 {
-        assert_eq!(c.local_count(id, "main", "SELECT count(*) FROM t WHERE k = 'lost'"), 0, "node {id}");
-        assert_eq!(c.local_count(id, "main", "SELECT count(*) FROM t WHERE k = 'kept'"), 1, "node {id}");
+        assert_eq!(
+            c.local_count(id, "main", "SELECT count(*) FROM t WHERE k = 'lost'"),
+            0,
+            "node {id}"
+        );
+        assert_eq!(
+            c.local_count(id, "main", "SELECT count(*) FROM t WHERE k = 'kept'"),
+            1,
+            "node {id}"
+        );
     }
 }
 
@@ -156,12 +208,23 @@ fn second_process_on_same_data_dir_is_refused() {
     let c = Cluster::start(1, &[]);
     c.wait_leader(T);
     let out = std::process::Command::new(common::bin())
-        .args(["node", "--id", "1", "--listen", "127.0.0.1:0", "--bootstrap-peers", &c.peers])
+        .args([
+            "node",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap-peers",
+            &c.peers,
+        ])
         .arg("--data-dir")
         .arg(c.data_dir(1))
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("in use by another raftsql process"), "stderr: {err}");
+    assert!(
+        err.contains("in use by another raftsql process"),
+        "stderr: {err}"
+    );
 }

@@ -40,7 +40,10 @@ impl Cluster {
     pub fn start(n: usize, args: &[&str]) -> Cluster {
         let c = NEXT_CLUSTER.fetch_add(1, Ordering::SeqCst);
         let x = (std::process::id() % 200) + 20;
-        let dir = tempfile::Builder::new().prefix("raftsql-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("raftsql-test-")
+            .tempdir()
+            .unwrap();
         let nodes: Vec<NodeProc> = (1..=n as u64)
             .map(|id| NodeProc {
                 id,
@@ -50,9 +53,23 @@ impl Cluster {
                 child: None,
             })
             .collect();
-        let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let mut cl = Cluster { dir, nodes, peers, args: args.iter().map(|s| s.to_string()).collect(), rt };
+        let peers = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cl = Cluster {
+            dir,
+            nodes,
+            peers,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            rt,
+        };
         for id in 1..=n as u64 {
             cl.spawn(id);
         }
@@ -68,13 +85,28 @@ impl Cluster {
         let args = self.args.clone();
         let n = &mut self.nodes[(id - 1) as usize];
         assert!(n.child.is_none(), "node {id} already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .unwrap();
         let child = Command::new(bin())
-            .args(["node", "--id", &id.to_string(), "--listen", &n.addr.to_string(), "--bootstrap-peers", &peers])
+            .args([
+                "node",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &n.addr.to_string(),
+                "--bootstrap-peers",
+                &peers,
+            ])
             .arg("--data-dir")
             .arg(&n.data)
             .args(&args)
-            .env("RAFTSQL_LOG", std::env::var("RAFTSQL_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RAFTSQL_LOG",
+                std::env::var("RAFTSQL_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -116,7 +148,11 @@ impl Cluster {
     }
 
     pub fn running(&self) -> Vec<u64> {
-        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
     }
 
     /// Waits for a node process to exit on its own; returns its status.
@@ -156,7 +192,9 @@ impl Cluster {
     }
 
     pub fn status(&self, id: u64, digests: bool) -> Option<raftsql_proto::v1::StatusResponse> {
-        self.rt.block_on(Client::status_of(self.addr(id), "raftsql", digests)).ok()
+        self.rt
+            .block_on(Client::status_of(self.addr(id), "raftsql", digests))
+            .ok()
     }
 
     /// Waits until a running node reports itself leader; returns its id.
@@ -181,19 +219,33 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
-            let st: Vec<_> = self.running().into_iter().map(|id| self.status(id, true)).collect();
+            let st: Vec<_> = self
+                .running()
+                .into_iter()
+                .map(|id| self.status(id, true))
+                .collect();
             if st.iter().all(|s| s.is_some()) {
                 let st: Vec<_> = st.into_iter().map(|s| s.unwrap()).collect();
-                let applied_same = st.iter().all(|s| s.applied_index == st[0].applied_index && s.commit_index == s.applied_index);
+                let applied_same = st.iter().all(|s| {
+                    s.applied_index == st[0].applied_index && s.commit_index == s.applied_index
+                });
                 let digests_same = st.iter().all(|s| s.db_digests == st[0].db_digests);
                 if applied_same && digests_same {
                     return st[0].db_digests.clone();
                 }
-                last = format!("{:?}", st.iter().map(|s| (s.id, s.applied_index, s.commit_index, s.db_digests.clone())).collect::<Vec<_>>());
+                last = format!(
+                    "{:?}",
+                    st.iter()
+                        .map(|s| (s.id, s.applied_index, s.commit_index, s.db_digests.clone()))
+                        .collect::<Vec<_>>()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("nodes did not converge within {timeout:?}: {last}\n{}", self.logs());
+        panic!(
+            "nodes did not converge within {timeout:?}: {last}\n{}",
+            self.logs()
+        );
     }
 
     pub fn logs(&self) -> String {
@@ -213,7 +265,10 @@ impl Cluster {
     /// Count of rows from `sql` on one node's applied state.
     pub fn local_count(&self, id: u64, db: &str, sql: &str) -> i64 {
         let c = self.client_of(id);
-        let rows = self.rt.block_on(c.query_with(db, sql, vec![], true)).expect("local query");
+        let rows = self
+            .rt
+            .block_on(c.query_with(db, sql, vec![], true))
+            .expect("local query");
         match rows.rows[0][0] {
             Value::Integer(i) => i,
             ref v => panic!("not a count: {v:?}"),
@@ -234,7 +289,10 @@ impl Drop for Cluster {
             // Keep the data and logs of a failed test for inspection.
             let p = self.dir.path().to_path_buf();
             eprintln!("test data kept in {}", p.display());
-            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().unwrap(),
+            ));
         }
     }
 }
