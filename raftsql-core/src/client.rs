@@ -81,6 +81,11 @@ impl Client {
                 a
             });
             let mut guard = self.conn.lock().await;
+            // A connection the server already closed (it restarted, or lost leadership and
+            // was stopped) is replaced before sending, so the request is never lost in it.
+            if guard.as_mut().is_some_and(|(_, c)| c.is_closed()) {
+                *guard = None;
+            }
             if guard.as_ref().map(|(a, _)| *a) != Some(target) {
                 *guard = match RpcConn::connect(target, 0, &self.cluster, None).await {
                     Ok(c) => Some((target, c)),

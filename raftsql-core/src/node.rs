@@ -890,7 +890,7 @@ struct RaftDriver {
     sm_tx: Sender<SmMsg>,
     transport: Arc<Transport>,
     shared: Arc<Shared>,
-    reads: HashMap<u64, (oneshot::Sender<Result<u64>>, Instant)>,
+    reads: HashMap<u64, (oneshot::Sender<Result<u64>>, Instant, Instant)>,
     next_read: u64,
     compact_log_bytes: u64,
     last_leader: (bool, u64),
@@ -961,7 +961,8 @@ impl RaftDriver {
             RaftMsg::ReadIndex(reply) => {
                 let id = self.next_read;
                 self.next_read += 1;
-                self.reads.insert(id, (reply, Instant::now()));
+                self.reads
+                    .insert(id, (reply, Instant::now(), Instant::now()));
                 self.raw.read_index(id.to_le_bytes().to_vec());
             }
             RaftMsg::Shutdown => return false,
@@ -969,9 +970,18 @@ impl RaftDriver {
         true
     }
 
+    /// Drops abandoned reads and re-issues the others every 200 ms: raft-rs silently drops a
+    /// read index request while the leader has not committed an entry of its term yet, or
+    /// while a follower knows no leader.
     fn expire_reads(&mut self) {
         self.reads
-            .retain(|_, (tx, at)| !tx.is_closed() && at.elapsed() < Duration::from_secs(5));
+            .retain(|_, (tx, at, _)| !tx.is_closed() && at.elapsed() < Duration::from_secs(5));
+        for (id, (_, _, issued)) in self.reads.iter_mut() {
+            if issued.elapsed() >= Duration::from_millis(200) {
+                *issued = Instant::now();
+                self.raw.read_index(id.to_le_bytes().to_vec());
+            }
+        }
     }
 
     fn send(&self, msgs: Vec<Message>) {
@@ -1060,7 +1070,7 @@ impl RaftDriver {
         self.send(ready.take_persisted_messages());
         for rs in ready.take_read_states() {
             let id = u64::from_le_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
-            if let Some((tx, _)) = self.reads.remove(&id) {
+            if let Some((tx, _, _)) = self.reads.remove(&id) {
                 let _ = tx.send(Ok(rs.index));
             }
         }

@@ -122,6 +122,18 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
+    /// True if the peer has closed the connection (checked without blocking); bytes that
+    /// happen to be waiting are kept for [`FrameReader::next`].
+    pub fn peer_closed(&mut self) -> bool {
+        match self.r.try_read_buf(&mut self.buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
 /// A boxed future of a response.
 pub type ResponseFuture = Pin<Box<dyn Future<Output = pb::Response> + Send>>;
 
@@ -391,6 +403,11 @@ impl RpcConn {
             writer: w,
             next_id: 1,
         })
+    }
+
+    /// True if the server has closed this connection: a request sent on it would be lost.
+    pub fn is_closed(&mut self) -> bool {
+        self.reader.peer_closed()
     }
 
     /// Sends a request body and waits for its response.

@@ -40,7 +40,7 @@ static SHM_REGIONS: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
 static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
 /// The unix VFS we delegate to.
 static mut UNIX_VFS: *mut ffi::sqlite3_vfs = std::ptr::null_mut();
-static mut IO_METHODS: Option<ffi::sqlite3_io_methods> = None;
+static IO_METHODS: OnceLock<ffi::sqlite3_io_methods> = OnceLock::new();
 
 fn shm_regions() -> &'static Mutex<HashMap<String, usize>> {
     SHM_REGIONS.get_or_init(|| Mutex::new(HashMap::new()))
@@ -101,8 +101,7 @@ unsafe extern "C" fn x_open(
     if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 && !name.is_null() {
         (*f).main_db_path = CString::from(CStr::from_ptr(name)).into_raw();
     }
-    #[allow(static_mut_refs)]
-    let methods = IO_METHODS.get_or_insert_with(|| io_methods((*(*real).pMethods).iVersion));
+    let methods = IO_METHODS.get_or_init(|| io_methods((*(*real).pMethods).iVersion));
     (*f).base.pMethods = methods as *const _;
     rc
 }
