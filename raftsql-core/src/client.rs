@@ -71,6 +71,15 @@ impl Client {
     }
 
     async fn call(&self, body: pb::request::Body, is_write: bool) -> Result<pb::response::Body> {
+        self.call_at(body, is_write).await.map(|(_, b)| b)
+    }
+
+    /// Like `call`, also saying which node answered.
+    async fn call_at(
+        &self,
+        body: pb::request::Body,
+        is_write: bool,
+    ) -> Result<(SocketAddr, pb::response::Body)> {
         let deadline = Instant::now() + self.timeout;
         let mut next = 0usize;
         let mut last_err = Error::Unavailable("no endpoint answered".into());
@@ -133,8 +142,15 @@ impl Client {
                     }
                 }
                 Ok(body) => {
-                    *self.preferred.lock() = Some(target);
-                    return Ok(body);
+                    // A follower forwarded the write: go to the leader directly next time.
+                    let hint = match &body {
+                        pb::response::Body::Execute(r) if !r.leader_addr.is_empty() => {
+                            r.leader_addr.parse().ok()
+                        }
+                        _ => None,
+                    };
+                    *self.preferred.lock() = Some(hint.unwrap_or(target));
+                    return Ok((target, body));
                 }
             }
         }
@@ -144,6 +160,7 @@ impl Client {
     /// Runs statements atomically on `db`.
     pub async fn execute_batch(&self, db: &str, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
         let body = pb::request::Body::Execute(pb::ExecuteRequest {
+            forwarded: false,
             db: db.to_string(),
             statements: stmts.iter().map(pb::Statement::from).collect(),
         });
@@ -201,6 +218,157 @@ impl Client {
     /// Runs a linearizable query.
     pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
         self.query_with(db, sql, params, false).await
+    }
+}
+
+impl Client {
+    /// Starts an interactive transaction on the leader. Statements run one round trip each;
+    /// the leader rolls it back if it stays idle longer than `idle`, or if the transaction is
+    /// dropped without `commit` (best effort, by an explicit rollback).
+    pub async fn transaction(&self, db: &str, idle: Duration) -> Result<RemoteTransaction> {
+        let body = pb::request::Body::TxBegin(pb::TxBeginRequest {
+            db: db.to_string(),
+            idle_ms: idle.as_millis().min(u32::MAX as u128) as u32,
+        });
+        // Beginning is safe to retry: nothing is written until commit.
+        let (addr, body) = self.call_at(body, false).await?;
+        let pb::response::Body::TxBegin(b) = body else {
+            return Err(Error::Transport("unexpected response".into()));
+        };
+        let conn = RpcConn::connect(addr, 0, &self.cluster, None)
+            .await
+            .map_err(|e| Error::Transport(format!("{addr}: {e}")))?;
+        Ok(RemoteTransaction {
+            conn: Some(conn),
+            tx_id: b.tx_id,
+        })
+    }
+
+    /// A statement prepared for repeated use (the nodes cache its compiled form).
+    pub fn prepare<'a>(&'a self, db: &str, sql: &str) -> Prepared<'a> {
+        Prepared {
+            client: self,
+            db: db.to_string(),
+            sql: sql.to_string(),
+        }
+    }
+}
+
+/// A statement bound to a client and database (see [`Client::prepare`]).
+pub struct Prepared<'a> {
+    client: &'a Client,
+    db: String,
+    sql: String,
+}
+
+impl Prepared<'_> {
+    /// Runs it as a write with `params`.
+    pub async fn execute(&self, params: Vec<Value>) -> Result<ExecResult> {
+        self.client.execute(&self.db, &self.sql, params).await
+    }
+    /// Runs it as a linearizable query with `params`.
+    pub async fn query(&self, params: Vec<Value>) -> Result<Rows> {
+        self.client.query(&self.db, &self.sql, params).await
+    }
+}
+
+/// An interactive transaction held open on the leader (see [`Client::transaction`]).
+pub struct RemoteTransaction {
+    conn: Option<RpcConn>,
+    tx_id: u64,
+}
+
+impl RemoteTransaction {
+    async fn call(&mut self, body: pb::request::Body) -> Result<pb::response::Body> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| Error::Invalid("the transaction is over".into()))?;
+        match conn.call(body).await {
+            Ok(pb::response::Body::Error(e)) => Err(from_pb(e)),
+            Ok(b) => Ok(b),
+            Err(e) => {
+                self.conn = None;
+                Err(Error::Transport(format!(
+                    "transaction connection lost: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Runs a statement; returns its rows (if any) and what it changed.
+    pub async fn execute(&mut self, sql: &str, params: Vec<Value>) -> Result<(Rows, ExecResult)> {
+        let body = pb::request::Body::TxExec(pb::TxExecRequest {
+            tx_id: self.tx_id,
+            statement: Some(pb::Statement::from(&Statement::with_params(sql, params))),
+        });
+        match self.call(body).await? {
+            pb::response::Body::TxExec(r) => {
+                let res = r.result.unwrap_or_default();
+                Ok((
+                    Rows {
+                        columns: r.columns,
+                        rows: r
+                            .rows
+                            .into_iter()
+                            .map(|r| r.values.into_iter().map(Value::from).collect())
+                            .collect(),
+                    },
+                    ExecResult {
+                        rows_affected: res.rows_affected,
+                        last_insert_rowid: res.last_insert_rowid,
+                    },
+                ))
+            }
+            _ => Err(Error::Transport("unexpected response".into())),
+        }
+    }
+
+    /// Commits; returns once a quorum has it. A lost connection here means the outcome is
+    /// unknown.
+    pub async fn commit(mut self) -> Result<()> {
+        let body = pb::request::Body::TxEnd(pb::TxEndRequest {
+            tx_id: self.tx_id,
+            commit: true,
+        });
+        let r = self.call(body).await;
+        self.conn = None;
+        match r {
+            Ok(_) => Ok(()),
+            Err(Error::Transport(_)) => Err(Error::OutcomeUnknown),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rolls back.
+    pub async fn rollback(mut self) -> Result<()> {
+        let body = pb::request::Body::TxEnd(pb::TxEndRequest {
+            tx_id: self.tx_id,
+            commit: false,
+        });
+        let r = self.call(body).await.map(|_| ());
+        self.conn = None;
+        r
+    }
+}
+
+impl Drop for RemoteTransaction {
+    fn drop(&mut self) {
+        // Dropped without commit or rollback: roll back in the background if possible; the
+        // leader's idle timeout covers the rest.
+        if let Some(mut conn) = self.conn.take() {
+            let tx_id = self.tx_id;
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    let _ = conn
+                        .call(pb::request::Body::TxEnd(pb::TxEndRequest {
+                            tx_id,
+                            commit: false,
+                        }))
+                        .await;
+                });
+            }
+        }
     }
 }
 

@@ -160,6 +160,7 @@ struct Shared {
     peers: Mutex<BTreeMap<u64, SocketAddr>>,
     receiving_snapshot: AtomicBool,
     stopped: AtomicBool,
+    forward_pool: Mutex<HashMap<SocketAddr, Vec<RpcConn>>>,
 }
 
 /// A running raftsql node. Cheap to clone; all clones drive the same node.
@@ -339,6 +340,7 @@ impl Node {
             peers: Mutex::new(cfg.peers.clone()),
             receiving_snapshot: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            forward_pool: Mutex::new(HashMap::new()),
         });
         let handler = Arc::new(NodeHandler {
             shared: Arc::downgrade(&shared),
@@ -425,29 +427,12 @@ impl Node {
     /// Starts an interactive transaction on `db` (leader only). It holds the writer, so other
     /// writes wait; it is rolled back after `idle` without a statement, or when dropped.
     pub async fn transaction(&self, db: &str, idle: Duration) -> Result<Transaction> {
-        state::check_db_name(db)?;
-        let deadline = Instant::now() + self.shared.cfg.write_timeout;
-        loop {
-            let (tx, rx) = oneshot::channel();
-            self.shared.send_sm(SmMsg::Tx(TxOp::Begin {
-                db: db.to_string(),
-                idle,
-                reply: tx,
-            }))?;
-            match rx.await.map_err(|_| Error::Shutdown)? {
-                Ok(id) => {
-                    return Ok(Transaction {
-                        shared: self.shared.clone(),
-                        id,
-                        done: false,
-                    })
-                }
-                Err(Error::Unavailable(_)) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err(e) => return Err(self.shared.with_leader_hint(e)),
-            }
-        }
+        let id = self.shared.tx_begin(db, idle).await?;
+        Ok(Transaction {
+            shared: self.shared.clone(),
+            id,
+            done: false,
+        })
     }
 
     /// Names of the databases on this node.
@@ -495,27 +480,15 @@ pub struct Transaction {
 impl Transaction {
     /// Runs a statement inside the transaction; returns its rows (if any) and changes.
     pub async fn execute(&mut self, sql: &str, params: Vec<Value>) -> Result<(Rows, ExecResult)> {
-        let (tx, rx) = oneshot::channel();
-        self.shared.send_sm(SmMsg::Tx(TxOp::Exec {
-            id: self.id,
-            stmt: Statement::with_params(sql, params),
-            reply: tx,
-        }))?;
-        rx.await.map_err(|_| Error::Shutdown)?
+        self.shared
+            .tx_exec(self.id, Statement::with_params(sql, params))
+            .await
     }
 
     /// Commits: returns once the transaction is committed by a quorum.
     pub async fn commit(mut self) -> Result<()> {
         self.done = true;
-        let (tx, rx) = oneshot::channel();
-        self.shared.send_sm(SmMsg::Tx(TxOp::Commit {
-            id: self.id,
-            reply: tx,
-        }))?;
-        match tokio::time::timeout(self.shared.cfg.write_timeout, rx).await {
-            Ok(r) => r.map_err(|_| Error::Shutdown)?,
-            Err(_) => Err(Error::Timeout(self.shared.cfg.write_timeout)),
-        }
+        self.shared.tx_end(self.id, true).await
     }
 
     /// Rolls back.
@@ -594,6 +567,127 @@ impl Shared {
             }),
             Ok(Err(_)) => Err(Error::Shutdown),
             Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+
+    /// Opens an interactive transaction (waits up to the write timeout for the writer).
+    async fn tx_begin(&self, db: &str, idle: Duration) -> Result<u64> {
+        state::check_db_name(db)?;
+        let deadline = Instant::now() + self.cfg.write_timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.send_sm(SmMsg::Tx(TxOp::Begin {
+                db: db.to_string(),
+                idle,
+                reply: tx,
+            }))?;
+            match rx.await.map_err(|_| Error::Shutdown)? {
+                Ok(id) => return Ok(id),
+                Err(Error::Unavailable(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(e) => return Err(self.with_leader_hint(e)),
+            }
+        }
+    }
+
+    async fn tx_exec(&self, id: u64, stmt: Statement) -> Result<(Rows, ExecResult)> {
+        let (tx, rx) = oneshot::channel();
+        self.send_sm(SmMsg::Tx(TxOp::Exec {
+            id,
+            stmt,
+            reply: tx,
+        }))?;
+        rx.await.map_err(|_| Error::Shutdown)?
+    }
+
+    /// Commits (answers once committed by a quorum) or rolls back.
+    async fn tx_end(&self, id: u64, commit: bool) -> Result<()> {
+        if !commit {
+            return self.send_sm(SmMsg::Tx(TxOp::Rollback { id }));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send_sm(SmMsg::Tx(TxOp::Commit { id, reply: tx }))?;
+        match tokio::time::timeout(self.cfg.write_timeout, rx).await {
+            Ok(r) => r
+                .map_err(|_| Error::Shutdown)?
+                .map_err(|e| self.with_leader_hint(e)),
+            Err(_) => Err(Error::Timeout(self.cfg.write_timeout)),
+        }
+    }
+
+    /// Sends a write that reached this follower to the leader and relays the answer.
+    async fn forward_execute(&self, mut req: pb::ExecuteRequest) -> pb::Response {
+        let leader = self.raft_status.lock().leader_id;
+        let addr = self.peers.lock().get(&leader).copied();
+        let Some(addr) = addr.filter(|_| leader != 0 && leader != self.cfg.id) else {
+            return error_response(
+                0,
+                &Error::Unavailable(
+                    "no leader is known right now (an election may be in progress)".into(),
+                ),
+            );
+        };
+        req.forwarded = true;
+        let pooled = self
+            .forward_pool
+            .lock()
+            .get_mut(&addr)
+            .and_then(|v| v.pop());
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => match RpcConn::connect(
+                addr,
+                self.cfg.id,
+                &self.cfg.cluster,
+                Some(self.cfg.listen.ip()),
+            )
+            .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    return error_response(
+                        0,
+                        &Error::Unavailable(format!("cannot reach the leader at {addr}: {e}")),
+                    )
+                }
+            },
+        };
+        if conn.is_closed() {
+            match RpcConn::connect(
+                addr,
+                self.cfg.id,
+                &self.cfg.cluster,
+                Some(self.cfg.listen.ip()),
+            )
+            .await
+            {
+                Ok(c) => conn = c,
+                Err(e) => {
+                    return error_response(
+                        0,
+                        &Error::Unavailable(format!("cannot reach the leader at {addr}: {e}")),
+                    )
+                }
+            }
+        }
+        match conn.call(pb::request::Body::Execute(req)).await {
+            Ok(body) => {
+                self.forward_pool.lock().entry(addr).or_default().push(conn);
+                let body = match body {
+                    pb::response::Body::Execute(mut r) => {
+                        r.leader_addr = addr.to_string();
+                        pb::response::Body::Execute(r)
+                    }
+                    other => other,
+                };
+                pb::Response {
+                    id: 0,
+                    body: Some(body),
+                }
+            }
+            // Sent, but no answer: the leader may or may not have run it.
+            Err(_) => error_response(0, &Error::OutcomeUnknown),
         }
     }
 
@@ -752,12 +846,18 @@ impl Handler for NodeHandler {
             };
             let id = req.id;
             let mut resp = match req.body {
+                Some(pb::request::Body::Execute(x))
+                    if !x.forwarded && shared.raft_status.lock().role != "leader" =>
+                {
+                    shared.forward_execute(x).await
+                }
                 Some(pb::request::Body::Execute(x)) => {
                     let stmts = x.statements.into_iter().map(Statement::from).collect();
                     match shared.execute_batch(&x.db, stmts).await {
                         Ok(rs) => pb::Response {
                             id,
                             body: Some(pb::response::Body::Execute(pb::ExecuteResponse {
+                                leader_addr: String::new(),
                                 results: rs
                                     .into_iter()
                                     .map(|r| pb::ExecResult {
@@ -794,6 +894,53 @@ impl Handler for NodeHandler {
                     }
                 }
                 Some(pb::request::Body::Status(s)) => shared.status_pb(s.with_digests).await,
+                Some(pb::request::Body::TxBegin(b)) => {
+                    let idle = Duration::from_millis(if b.idle_ms == 0 {
+                        30_000
+                    } else {
+                        b.idle_ms as u64
+                    });
+                    match shared.tx_begin(&b.db, idle).await {
+                        Ok(tx_id) => pb::Response {
+                            id,
+                            body: Some(pb::response::Body::TxBegin(pb::TxBeginResponse { tx_id })),
+                        },
+                        Err(e) => error_response(id, &e),
+                    }
+                }
+                Some(pb::request::Body::TxExec(x)) => {
+                    let stmt = x
+                        .statement
+                        .map(Statement::from)
+                        .unwrap_or_else(|| Statement::new(""));
+                    match shared.tx_exec(x.tx_id, stmt).await {
+                        Ok((rows, r)) => pb::Response {
+                            id,
+                            body: Some(pb::response::Body::TxExec(pb::TxExecResponse {
+                                columns: rows.columns,
+                                rows: rows
+                                    .rows
+                                    .iter()
+                                    .map(|r| pb::Row {
+                                        values: r.iter().map(pb::Value::from).collect(),
+                                    })
+                                    .collect(),
+                                result: Some(pb::ExecResult {
+                                    rows_affected: r.rows_affected,
+                                    last_insert_rowid: r.last_insert_rowid,
+                                }),
+                            })),
+                        },
+                        Err(e) => error_response(id, &e),
+                    }
+                }
+                Some(pb::request::Body::TxEnd(x)) => match shared.tx_end(x.tx_id, x.commit).await {
+                    Ok(()) => pb::Response {
+                        id,
+                        body: Some(pb::response::Body::TxEnd(pb::TxEndResponse {})),
+                    },
+                    Err(e) => error_response(id, &e),
+                },
                 Some(pb::request::Body::SnapshotChunk(c)) => {
                     let snaps = shared.snapshots.clone();
                     let r = tokio::task::spawn_blocking(move || {

@@ -73,38 +73,51 @@ fn replicates_to_every_node_byte_identical_even_with_nondeterministic_sql() {
     assert_eq!(per_node[1], per_node[2]);
 }
 
-/// A write sent to a follower is refused with NotLeader naming the leader's address; a
-/// linearizable read on a follower sees the latest acknowledged write.
+/// A write sent to a follower is forwarded to the leader, and the answer names the leader;
+/// a request that was already forwarded once is refused with NotLeader naming the leader's
+/// address (no forwarding loops); a linearizable read on a follower sees the latest
+/// acknowledged write.
 #[test]
-fn follower_refuses_writes_with_leader_address_and_serves_linearizable_reads() {
+fn follower_forwards_writes_and_serves_linearizable_reads() {
     let c = Cluster::start(3, &[]);
     let leader = c.wait_leader(T);
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     c.rt.block_on(async {
-        let body = pb::request::Body::Execute(pb::ExecuteRequest {
-            db: "main".into(),
-            statements: vec![pb::Statement::from(&Statement::new("CREATE TABLE x(a)"))],
-        });
-        let r = Client::call_node(c.addr(follower), "raftsql", body)
+        let req = |forwarded: bool, sql: &str| {
+            pb::request::Body::Execute(pb::ExecuteRequest {
+                forwarded,
+                db: "main".into(),
+                statements: vec![pb::Statement::from(&Statement::new(sql))],
+            })
+        };
+        match Client::call_node(
+            c.addr(follower),
+            "raftsql",
+            req(false, "CREATE TABLE fw(a)"),
+        )
+        .await
+        .unwrap()
+        {
+            pb::response::Body::Execute(r) => assert_eq!(r.leader_addr, c.addr(leader).to_string()),
+            other => panic!("expected the forwarded write to succeed, got {other:?}"),
+        }
+        match Client::call_node(c.addr(follower), "raftsql", req(true, "CREATE TABLE x2(a)"))
             .await
-            .unwrap();
-        match r {
-            pb::response::Body::Error(e) => {
-                let err = raftsql_core::client::from_pb(e);
-                match err {
-                    Error::NotLeader {
-                        leader_id,
-                        leader_addr,
-                    } => {
-                        assert_eq!(leader_id, Some(leader));
-                        assert_eq!(leader_addr, Some(c.addr(leader).to_string()));
-                    }
-                    other => panic!("expected NotLeader, got {other:?}"),
+            .unwrap()
+        {
+            pb::response::Body::Error(e) => match raftsql_core::client::from_pb(e) {
+                Error::NotLeader {
+                    leader_id,
+                    leader_addr,
+                } => {
+                    assert_eq!(leader_id, Some(leader));
+                    assert_eq!(leader_addr, Some(c.addr(leader).to_string()));
                 }
-            }
+                other => panic!("expected NotLeader, got {other:?}"),
+            },
             other => panic!("expected an error, got {other:?}"),
         }
-        // Through the client, which follows the hint, the write succeeds.
+        // Through a client of every node.
         let all = c.client();
         all.execute("main", "CREATE TABLE x(a)", vec![])
             .await
