@@ -9,6 +9,8 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+
+pub mod bench;
 use raftsql_core::{Client, Node, NodeConfig, Value};
 
 /// Replicated SQLite over Raft.
@@ -33,6 +35,48 @@ enum Cmd {
     Sql(SqlArgs),
     /// Show each node's Raft status.
     Status(StatusArgs),
+    /// Load generators.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// dqlite-benchmark's key/value workloads against a running cluster; prints one JSON line.
+    Sql(BenchSqlArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchSqlArgs {
+    /// Nodes to contact: HOST:PORT[,HOST:PORT...].
+    #[arg(long, default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003")]
+    endpoints: String,
+    /// Concurrent workers, each with its own connection.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 32)]
+    key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    value_size: usize,
+    /// kvwrite (all INSERT OR REPLACE) or kvreadwrite (half reads).
+    #[arg(long, default_value = "kvwrite")]
+    workload: String,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Database.
+    #[arg(long, default_value = "bench")]
+    db: String,
+    /// Cluster name.
+    #[arg(long, default_value = "raftsql")]
+    cluster: String,
 }
 
 #[derive(Args, Debug)]
@@ -133,6 +177,9 @@ pub fn main() -> ExitCode {
                 .unwrap(),
             Cmd::Sql(a) => run_sql(a).await,
             Cmd::Status(a) => run_status(a).await,
+            Cmd::Bench {
+                what: BenchCmd::Sql(a),
+            } => run_bench_sql(a).await,
         }
     });
     match r {
@@ -469,6 +516,29 @@ async fn run_sql(a: SqlArgs) -> CliResult {
     } else {
         Ok(())
     }
+}
+
+async fn run_bench_sql(a: BenchSqlArgs) -> CliResult {
+    let cfg = bench::BenchConfig {
+        endpoints: parse_endpoints(&a.endpoints)?,
+        cluster: a.cluster,
+        db: a.db,
+        workers: a.workers,
+        duration: Duration::from_secs(a.duration.max(1)),
+        key_size: a.key_size.max(1),
+        value_size: a.value_size,
+        workload: a.workload,
+        keys: a.keys.max(1),
+    };
+    eprintln!(
+        "raftsql bench sql: {} workers, {} s, {}",
+        cfg.workers,
+        cfg.duration.as_secs(),
+        cfg.workload
+    );
+    let out = bench::run(cfg).await?;
+    println!("{out}");
+    Ok(())
 }
 
 async fn run_status(a: StatusArgs) -> CliResult {

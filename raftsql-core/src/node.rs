@@ -368,6 +368,7 @@ impl Node {
             transport,
             shared: shared.clone(),
             reads: HashMap::new(),
+            waiting_reads: Vec::new(),
             next_read: 1,
             compact_log_bytes: cfg.compact_log_bytes,
             last_leader: (false, 0),
@@ -1030,6 +1031,13 @@ fn receive_snapshot(shared: Arc<Shared>, m: Message) {
     });
 }
 
+/// One read-index round and the reads it serves.
+struct ReadRound {
+    waiters: Vec<oneshot::Sender<Result<u64>>>,
+    started: Instant,
+    issued: Instant,
+}
+
 struct RaftDriver {
     raw: RawNode<LogStorage>,
     storage: LogStorage,
@@ -1037,7 +1045,10 @@ struct RaftDriver {
     sm_tx: Sender<SmMsg>,
     transport: Arc<Transport>,
     shared: Arc<Shared>,
-    reads: HashMap<u64, (oneshot::Sender<Result<u64>>, Instant, Instant)>,
+    /// Read-index rounds in flight: id -> (waiters, started, last issued).
+    reads: HashMap<u64, ReadRound>,
+    /// Reads that arrived since the last round was issued; they go in the next one.
+    waiting_reads: Vec<oneshot::Sender<Result<u64>>>,
     next_read: u64,
     compact_log_bytes: u64,
     last_leader: (bool, u64),
@@ -1071,7 +1082,14 @@ impl RaftDriver {
                 }
                 self.expire_reads();
             }
-            if let Err(e) = self.on_ready() {
+            self.issue_reads();
+            let mut r = self.on_ready();
+            if r.is_ok() && !self.waiting_reads.is_empty() && self.reads.is_empty() {
+                // A round just finished with reads waiting: start the next one now.
+                self.issue_reads();
+                r = self.on_ready();
+            }
+            if let Err(e) = r {
                 tracing::error!("raft thread failed, stopping the node: {e}");
                 eprintln!("raftsql: fatal: {e}");
                 std::process::exit(70);
@@ -1105,27 +1123,45 @@ impl RaftDriver {
                     }
                 }
             }
-            RaftMsg::ReadIndex(reply) => {
-                let id = self.next_read;
-                self.next_read += 1;
-                self.reads
-                    .insert(id, (reply, Instant::now(), Instant::now()));
-                self.raw.read_index(id.to_le_bytes().to_vec());
-            }
+            RaftMsg::ReadIndex(reply) => self.waiting_reads.push(reply),
             RaftMsg::Shutdown => return false,
         }
         true
     }
 
-    /// Drops abandoned reads and re-issues the others every 200 ms: raft-rs silently drops a
-    /// read index request while the leader has not committed an entry of its term yet, or
-    /// while a follower knows no leader.
+    /// Starts a read-index round for every read that arrived since the last round, if no
+    /// round is in flight. One heartbeat round then serves many reads; each read is in a
+    /// round issued after it arrived, so the index it gets is linearizable for it.
+    fn issue_reads(&mut self) {
+        if self.waiting_reads.is_empty() || !self.reads.is_empty() {
+            return;
+        }
+        let id = self.next_read;
+        self.next_read += 1;
+        let now = Instant::now();
+        let waiters = std::mem::take(&mut self.waiting_reads);
+        self.reads.insert(
+            id,
+            ReadRound {
+                waiters,
+                started: now,
+                issued: now,
+            },
+        );
+        self.raw.read_index(id.to_le_bytes().to_vec());
+    }
+
+    /// Gives up on rounds older than 5 s (the callers time out at 3 s) and re-issues the others
+    /// every 200 ms: raft-rs silently drops a read index request while the leader has not
+    /// committed an entry of its term yet, or while a follower knows no leader.
     fn expire_reads(&mut self) {
-        self.reads
-            .retain(|_, (tx, at, _)| !tx.is_closed() && at.elapsed() < Duration::from_secs(5));
-        for (id, (_, _, issued)) in self.reads.iter_mut() {
-            if issued.elapsed() >= Duration::from_millis(200) {
-                *issued = Instant::now();
+        self.reads.retain(|_, r| {
+            r.waiters.retain(|tx| !tx.is_closed());
+            !r.waiters.is_empty() && r.started.elapsed() < Duration::from_secs(5)
+        });
+        for (id, r) in self.reads.iter_mut() {
+            if r.issued.elapsed() >= Duration::from_millis(200) {
+                r.issued = Instant::now();
                 self.raw.read_index(id.to_le_bytes().to_vec());
             }
         }
@@ -1217,8 +1253,10 @@ impl RaftDriver {
         self.send(ready.take_persisted_messages());
         for rs in ready.take_read_states() {
             let id = u64::from_le_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
-            if let Some((tx, _, _)) = self.reads.remove(&id) {
-                let _ = tx.send(Ok(rs.index));
+            if let Some(r) = self.reads.remove(&id) {
+                for tx in r.waiters {
+                    let _ = tx.send(Ok(rs.index));
+                }
             }
         }
         let mut light = self.raw.advance(ready);
