@@ -424,52 +424,7 @@ async fn run_one(client: &Client, a: &SqlArgs, sql: &str) -> Result<(), String> 
             .query_with(&a.db, sql, vec![], a.local)
             .await
             .map_err(|e| e.to_string())?;
-        if a.json {
-            for r in &rows.rows {
-                let obj: serde_json::Map<String, serde_json::Value> = rows
-                    .columns
-                    .iter()
-                    .cloned()
-                    .zip(r.iter().map(json_value))
-                    .collect();
-                println!("{}", serde_json::Value::Object(obj));
-            }
-        } else {
-            let cells: Vec<Vec<String>> = rows
-                .rows
-                .iter()
-                .map(|r| r.iter().map(fmt_value).collect())
-                .collect();
-            let mut w: Vec<usize> = rows.columns.iter().map(|c| c.len()).collect();
-            for r in &cells {
-                for (i, c) in r.iter().enumerate() {
-                    w[i] = w[i].max(c.len());
-                }
-            }
-            let line = |r: &[String]| {
-                r.iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("{c:<w$}", w = w[i]))
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            };
-            println!("{}", line(&rows.columns));
-            println!(
-                "{}",
-                w.iter()
-                    .map(|n| "-".repeat(*n))
-                    .collect::<Vec<_>>()
-                    .join("-+-")
-            );
-            for r in &cells {
-                println!("{}", line(r));
-            }
-            println!(
-                "({} row{})",
-                cells.len(),
-                if cells.len() == 1 { "" } else { "s" }
-            );
-        }
+        print_rows(a, &rows);
     } else {
         let r = client
             .execute(&a.db, sql, vec![])
@@ -490,26 +445,161 @@ async fn run_one(client: &Client, a: &SqlArgs, sql: &str) -> Result<(), String> 
     Ok(())
 }
 
+fn print_rows(a: &SqlArgs, rows: &raftsql_core::Rows) {
+    if a.json {
+        for r in &rows.rows {
+            let obj: serde_json::Map<String, serde_json::Value> = rows
+                .columns
+                .iter()
+                .cloned()
+                .zip(r.iter().map(json_value))
+                .collect();
+            println!("{}", serde_json::Value::Object(obj));
+        }
+        return;
+    }
+    let cells: Vec<Vec<String>> = rows
+        .rows
+        .iter()
+        .map(|r| r.iter().map(fmt_value).collect())
+        .collect();
+    let mut w: Vec<usize> = rows.columns.iter().map(|c| c.len()).collect();
+    for r in &cells {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |r: &[String]| {
+        r.iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = w[i]))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    println!("{}", line(&rows.columns));
+    println!(
+        "{}",
+        w.iter()
+            .map(|n| "-".repeat(*n))
+            .collect::<Vec<_>>()
+            .join("-+-")
+    );
+    for r in &cells {
+        println!("{}", line(r));
+    }
+    println!(
+        "({} row{})",
+        cells.len(),
+        if cells.len() == 1 { "" } else { "s" }
+    );
+}
+
+/// The interactive shell: statements end with `;` (they may span lines); `BEGIN` ...
+/// `COMMIT`/`ROLLBACK` run as one interactive transaction on the leader; `.quit` leaves.
 async fn run_sql(a: SqlArgs) -> CliResult {
+    use std::io::{IsTerminal, Write};
     let client = Client::new(parse_endpoints(&a.endpoints)?, &a.cluster);
     if let Some(sql) = &a.execute {
         return run_one(&client, &a, sql).await;
     }
+    let tty = std::io::stdin().is_terminal();
+    if tty {
+        eprintln!("raftsql shell on database {:?}: end statements with ';', BEGIN ... COMMIT for a transaction, .quit to leave", a.db);
+    }
     let mut failed = false;
+    let mut tx: Option<raftsql_core::client::RemoteTransaction> = None;
     let stdin = std::io::stdin();
+    let mut buf = String::new();
     let mut line = String::new();
-    while {
+    loop {
+        if tty {
+            eprint!(
+                "{}",
+                if !buf.is_empty() {
+                    "   ...> "
+                } else if tx.is_some() {
+                    "raftsql(tx)> "
+                } else {
+                    "raftsql> "
+                }
+            );
+            let _ = std::io::stderr().flush();
+        }
         line.clear();
-        stdin.read_line(&mut line).map_err(|e| e.to_string())? > 0
-    } {
-        let sql = line.trim();
-        if sql.is_empty() {
+        let eof = stdin.read_line(&mut line).map_err(|e| e.to_string())? == 0;
+        let t = line.trim();
+        if buf.is_empty() && (t == ".quit" || t == ".exit") {
+            break;
+        }
+        buf.push_str(&line);
+        let complete = buf.trim_end().ends_with(';') || (eof && !buf.trim().is_empty());
+        if !complete {
+            if eof {
+                break;
+            }
             continue;
         }
-        if let Err(e) = run_one(&client, &a, sql).await {
+        let sql = buf.trim().trim_end_matches(';').trim().to_string();
+        buf.clear();
+        let word = sql
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let r: Result<(), String> = match (word.as_str(), tx.take()) {
+            ("BEGIN", None) => match client.transaction(&a.db, Duration::from_secs(300)).await {
+                Ok(t) => {
+                    tx = Some(t);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            ("BEGIN", Some(t)) => {
+                tx = Some(t);
+                Err("a transaction is already open: COMMIT or ROLLBACK it first".into())
+            }
+            ("COMMIT" | "END", Some(t)) => t
+                .commit()
+                .await
+                .map(|_| println!("committed"))
+                .map_err(|e| e.to_string()),
+            ("ROLLBACK", Some(t)) => t
+                .rollback()
+                .await
+                .map(|_| println!("rolled back"))
+                .map_err(|e| e.to_string()),
+            ("COMMIT" | "END" | "ROLLBACK", None) => Err("no transaction is open".into()),
+            (_, Some(mut t)) => {
+                let r = t.execute(&sql, vec![]).await;
+                tx = Some(t);
+                match r {
+                    Ok((rows, _)) if !rows.columns.is_empty() => {
+                        print_rows(&a, &rows);
+                        Ok(())
+                    }
+                    Ok((_, res)) => {
+                        println!(
+                            "ok: {} row(s) affected, last insert rowid {}",
+                            res.rows_affected, res.last_insert_rowid
+                        );
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            (_, None) => run_one(&client, &a, &sql).await,
+        };
+        if let Err(e) = r {
             eprintln!("error: {e}");
             failed = true;
         }
+        if eof {
+            break;
+        }
+    }
+    if let Some(t) = tx {
+        eprintln!("the open transaction was rolled back");
+        let _ = t.rollback().await;
     }
     if failed {
         Err("some statements failed".into())
