@@ -411,6 +411,49 @@ impl Node {
         self.shared.execute_batch(db, stmts).await
     }
 
+    /// Runs `f` as a write on the leader: inside the group-commit transaction, in its own
+    /// SAVEPOINT (if it fails, only its changes are rolled back), on the writer connection.
+    /// Returns `f`'s result once the transaction is committed by a quorum and applied here.
+    /// `f` must be deterministic only in what it returns: replicas get its pages, not a re-run.
+    /// On a follower: [`Error::NotLeader`].
+    pub async fn write<T, F>(&self, db: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T> + Send + 'static,
+    {
+        let f: state::WriteFn =
+            Box::new(move |c| f(c).map(|t| Box::new(t) as Box<dyn std::any::Any + Send>));
+        let out = self.shared.write_fn(db, f).await?;
+        out.downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| Error::Internal("write result of an unexpected type".into()))
+    }
+
+    /// Runs `f` on a read transaction of `db` (linearizable unless `local`): it sees only
+    /// committed entries, as of one consistent point. `Ok(None)` if `db` does not exist yet.
+    pub async fn read<T, F>(&self, db: &str, local: bool, f: F) -> Result<Option<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T> + Send + 'static,
+    {
+        state::check_db_name(db)?;
+        if !local {
+            let idx = self.shared.read_index().await?;
+            self.shared.wait_applied(idx).await?;
+        }
+        let Some(handle) = self.shared.dbs.read().get(db).cloned() else {
+            return Ok(None);
+        };
+        tokio::task::spawn_blocking(move || handle.read(f).map(Some))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    /// The index of the last entry applied here, and every later change of it.
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied_rx.clone()
+    }
+
     /// Runs a query with a linearizable read (ReadIndex).
     pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
         self.shared
@@ -543,22 +586,39 @@ impl Shared {
     }
 
     async fn execute_batch(&self, db: &str, stmts: Vec<Statement>) -> Result<Vec<ExecResult>> {
-        state::check_db_name(db)?;
         if stmts.is_empty() {
+            state::check_db_name(db)?;
             return Ok(Vec::new());
         }
+        let (tx, rx) = oneshot::channel();
+        self.submit_write(db, state::Work::Statements { stmts, reply: tx }, rx)
+            .await
+    }
+
+    async fn write_fn(&self, db: &str, f: state::WriteFn) -> Result<Box<dyn std::any::Any + Send>> {
+        let (tx, rx) = oneshot::channel();
+        self.submit_write(db, state::Work::Func { f, reply: tx }, rx)
+            .await
+    }
+
+    /// Queues a write for the state machine and waits for its answer.
+    async fn submit_write<T>(
+        &self,
+        db: &str,
+        work: state::Work,
+        rx: oneshot::Receiver<Result<T>>,
+    ) -> Result<T> {
+        state::check_db_name(db)?;
         if self.raft_status.lock().role != "leader" {
             return Err(self.with_leader_hint(Error::NotLeader {
                 leader_id: None,
                 leader_addr: None,
             }));
         }
-        let (tx, rx) = oneshot::channel();
         let timeout = self.cfg.write_timeout;
         self.send_sm(SmMsg::Write(WriteReq {
             db: db.to_string(),
-            stmts,
-            reply: tx,
+            work,
             deadline: Instant::now() + timeout,
         }))?;
         match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {

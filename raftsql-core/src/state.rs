@@ -244,16 +244,79 @@ pub struct Meta {
     pub checkpoint_target: u64,
 }
 
+/// A write written in Rust: runs on the leader's writer connection inside the batch
+/// transaction, in its own SAVEPOINT (an error rolls back only its own changes). What it
+/// returns reaches the caller once the batch's entry is committed and applied.
+pub type WriteFn = Box<dyn FnOnce(&Connection) -> Result<Box<dyn std::any::Any + Send>> + Send>;
+
+/// Called with the outcome of the batch a request was part of.
+type Waiter = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// What a write request does.
+pub enum Work {
+    /// SQL statements run atomically.
+    Statements {
+        /// The statements.
+        stmts: Vec<Statement>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Vec<ExecResult>>>,
+    },
+    /// Rust code run atomically (see [`WriteFn`]).
+    Func {
+        /// The code.
+        f: WriteFn,
+        /// Where its result goes.
+        reply: oneshot::Sender<Result<Box<dyn std::any::Any + Send>>>,
+    },
+}
+
 /// One write request waiting for the writer.
 pub struct WriteReq {
     /// Target database.
     pub db: String,
-    /// Statements run atomically.
-    pub stmts: Vec<Statement>,
-    /// Where the answer goes.
-    pub reply: oneshot::Sender<Result<Vec<ExecResult>>>,
+    /// What to do.
+    pub work: Work,
     /// Answer Timeout if not started by then.
     pub deadline: Instant,
+}
+
+impl WriteReq {
+    /// Answers the caller with an error without running anything.
+    pub fn fail(self, e: Error) {
+        match self.work {
+            Work::Statements { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Work::Func { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Runs the request inside a SAVEPOINT on `w`; on success returns what answers the caller
+    /// once the batch is committed (or fails).
+    fn run(self, w: &Connection) -> Option<Waiter> {
+        match self.work {
+            Work::Statements { stmts, reply } => match run_request(w, &stmts) {
+                Ok(results) => Some(Box::new(move |r: Result<()>| {
+                    let _ = reply.send(r.map(|_| results));
+                })),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    None
+                }
+            },
+            Work::Func { f, reply } => match in_savepoint(w, f) {
+                Ok(out) => Some(Box::new(move |r: Result<()>| {
+                    let _ = reply.send(r.map(|_| out));
+                })),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    None
+                }
+            },
+        }
+    }
 }
 
 /// Operations on an interactive transaction.
@@ -353,8 +416,7 @@ struct Db {
 struct InFlight {
     db: String,
     seq: u64,
-    waiters: Vec<(oneshot::Sender<Result<Vec<ExecResult>>>, Vec<ExecResult>)>,
-    tx_waiter: Option<oneshot::Sender<Result<()>>>,
+    waiters: Vec<Waiter>,
 }
 
 struct OpenTx {
@@ -621,7 +683,7 @@ impl StateMachine {
         }
         self.abort_in_flight(Error::Shutdown);
         for r in self.queue.drain(..) {
-            let _ = r.reply.send(Err(Error::Shutdown));
+            r.fail(Error::Shutdown);
         }
     }
 
@@ -641,10 +703,10 @@ impl StateMachine {
                     self.rollback_tx();
                     if !is_leader {
                         for r in self.queue.drain(..) {
-                            let _ = r.reply.send(Err(Error::NotLeader {
+                            r.fail(Error::NotLeader {
                                 leader_id: None,
                                 leader_addr: None,
-                            }));
+                            });
                         }
                     }
                 }
@@ -659,10 +721,10 @@ impl StateMachine {
             }
             SmMsg::Write(req) => {
                 if !self.is_leader {
-                    let _ = req.reply.send(Err(Error::NotLeader {
+                    req.fail(Error::NotLeader {
                         leader_id: None,
                         leader_addr: None,
-                    }));
+                    });
                 } else {
                     self.queue.push_back(req);
                 }
@@ -694,7 +756,7 @@ impl StateMachine {
         let now = Instant::now();
         while self.queue.front().is_some_and(|r| r.deadline <= now) {
             let r = self.queue.pop_front().unwrap();
-            let _ = r.reply.send(Err(Error::Timeout(Duration::ZERO)));
+            r.fail(Error::Timeout(Duration::ZERO));
         }
         if let Some(tx) = &self.open_tx {
             if tx.last_used.elapsed() > tx.idle {
@@ -736,7 +798,7 @@ impl StateMachine {
             Err(e) => {
                 let msg = e.to_string();
                 for r in batch {
-                    let _ = r.reply.send(Err(Error::Invalid(msg.clone())));
+                    r.fail(Error::Invalid(msg.clone()));
                 }
                 return Ok(());
             }
@@ -747,20 +809,12 @@ impl StateMachine {
         {
             let msg = e.to_string();
             for r in batch {
-                let _ = r.reply.send(Err(Error::Internal(msg.clone())));
+                r.fail(Error::Internal(msg.clone()));
             }
             return Ok(());
         }
-        let mut waiters = Vec::new();
-        for req in batch {
-            match run_request(w, &req.stmts) {
-                Ok(results) => waiters.push((req.reply, results)),
-                Err(e) => {
-                    let _ = req.reply.send(Err(e));
-                }
-            }
-        }
-        self.commit_and_propose(db_name, waiters, None)
+        let waiters: Vec<Waiter> = batch.into_iter().filter_map(|req| req.run(w)).collect();
+        self.commit_and_propose(db_name, waiters)
     }
 
     /// COMMITs the writer's transaction, captures the pages it appended to the WAL, rewinds
@@ -769,33 +823,22 @@ impl StateMachine {
     /// The read gate is closed only from COMMIT to the rewind (microseconds): the frames are
     /// visible to no reader. When the entry commits, this node applies it exactly like every
     /// other node does ([`apply_pages`]), so all replicas are built by the same code path.
-    fn commit_and_propose(
-        &mut self,
-        db_name: &str,
-        waiters: Vec<(oneshot::Sender<Result<Vec<ExecResult>>>, Vec<ExecResult>)>,
-        tx_waiter: Option<oneshot::Sender<Result<()>>>,
-    ) -> Result<()> {
+    fn commit_and_propose(&mut self, db_name: &str, waiters: Vec<Waiter>) -> Result<()> {
         let me = self.me;
         self.seq += 1;
         let seq = self.seq;
         let db = self.dbs.get_mut(db_name).unwrap();
         let key = db.handle.key.clone();
-        let fail = |waiters: Vec<(oneshot::Sender<Result<Vec<ExecResult>>>, Vec<ExecResult>)>,
-                    tx_waiter: Option<oneshot::Sender<Result<()>>>,
-                    e: Error| {
+        let fail = |waiters: Vec<Waiter>, e: Error| {
             tracing::error!("write batch on {db_name} failed: {e}");
-            for (w, _) in waiters {
-                let _ = w.send(Err(Error::Internal(e.to_string())));
-            }
-            if let Some(t) = tx_waiter {
-                let _ = t.send(Err(e));
+            for w in waiters {
+                w(Err(clone_err(&e)));
             }
         };
         let (Some(saved), Some(before)) = (vfs::save_header(&key), vfs::read_header(&key)) else {
             let _ = db.writer.execute_batch("ROLLBACK");
             fail(
                 waiters,
-                tx_waiter,
                 Error::Internal(format!("the wal-index of {key} is not readable")),
             );
             return Ok(());
@@ -804,7 +847,7 @@ impl StateMachine {
         if let Err(e) = db.writer.execute_batch("COMMIT") {
             let _ = db.writer.execute_batch("ROLLBACK");
             db.handle.gate.open();
-            fail(waiters, tx_waiter, e.into());
+            fail(waiters, e.into());
             return Ok(());
         }
         let captured = capture_and_rewind(db, &key, &saved, &before);
@@ -813,16 +856,13 @@ impl StateMachine {
             Ok(Some(x)) => x,
             Ok(None) => {
                 // No page changed (only reads, or writes that changed nothing): done.
-                for (w, r) in waiters {
-                    let _ = w.send(Ok(r));
-                }
-                if let Some(t) = tx_waiter {
-                    let _ = t.send(Ok(()));
+                for w in waiters {
+                    w(Ok(()));
                 }
                 return Ok(());
             }
             Err(e) => {
-                fail(waiters, tx_waiter, e);
+                fail(waiters, e);
                 return Ok(());
             }
         };
@@ -833,7 +873,7 @@ impl StateMachine {
             match page1_counter(&db.writer) {
                 Ok(c) => p1.data = stamp_change_counter(&p1.data, c.wrapping_add(1)),
                 Err(e) => {
-                    fail(waiters, tx_waiter, e);
+                    fail(waiters, e);
                     return Ok(());
                 }
             }
@@ -850,7 +890,6 @@ impl StateMachine {
             db: db_name.to_string(),
             seq,
             waiters,
-            tx_waiter,
         });
         (self.to_raft)(ToRaft::Propose {
             data: frames.encode(),
@@ -870,11 +909,8 @@ impl StateMachine {
             f.seq,
             f.db
         );
-        for (w, _) in f.waiters {
-            let _ = w.send(Err(clone_err(&why)));
-        }
-        if let Some(t) = f.tx_waiter {
-            let _ = t.send(Err(clone_err(&why)));
+        for w in f.waiters {
+            w(Err(clone_err(&why)));
         }
     }
 
@@ -898,11 +934,8 @@ impl StateMachine {
             self.apply_frames(&frames)?;
             if own {
                 let f = self.in_flight.take().unwrap();
-                for (w, r) in f.waiters {
-                    let _ = w.send(Ok(r));
-                }
-                if let Some(t) = f.tx_waiter {
-                    let _ = t.send(Ok(()));
+                for w in f.waiters {
+                    w(Ok(()));
                 }
             }
         }
@@ -988,7 +1021,10 @@ impl StateMachine {
                     )));
                     return;
                 };
-                if let Err(e) = self.commit_and_propose(&tx.db, Vec::new(), Some(reply)) {
+                let waiter: Waiter = Box::new(move |r: Result<()>| {
+                    let _ = reply.send(r);
+                });
+                if let Err(e) = self.commit_and_propose(&tx.db, vec![waiter]) {
                     tracing::warn!("commit of transaction {id} failed: {e}");
                 }
             }
@@ -1162,8 +1198,26 @@ fn clone_err(e: &Error) -> Error {
             leader_id: *leader_id,
             leader_addr: leader_addr.clone(),
         },
+        Error::Sql { code, message } => Error::Sql {
+            code: *code,
+            message: message.clone(),
+        },
+        Error::Invalid(m) => Error::Invalid(m.clone()),
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::Timeout(d) => Error::Timeout(*d),
         other => Error::Internal(other.to_string()),
     }
+}
+
+/// Runs `f` inside a SAVEPOINT on `w`, rolling back to it if `f` fails.
+fn in_savepoint(w: &Connection, f: WriteFn) -> Result<Box<dyn std::any::Any + Send>> {
+    w.execute_batch("SAVEPOINT req")?;
+    let r = f(w);
+    if r.is_err() {
+        w.execute_batch("ROLLBACK TO req")?;
+    }
+    w.execute_batch("RELEASE req")?;
+    r
 }
 
 /// Writes an entry's page images into the database of `w`.

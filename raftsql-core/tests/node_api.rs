@@ -256,3 +256,57 @@ async fn data_dir_is_exclusive_and_restart_resumes() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_closures_as_writes_and_reads() {
+    let t = start_three().await;
+    let l = leader(&t.nodes).await;
+    l.execute("main", "CREATE TABLE c(n INTEGER)", vec![])
+        .await
+        .unwrap();
+    l.execute("main", "INSERT INTO c VALUES (0)", vec![])
+        .await
+        .unwrap();
+    // Read-modify-write in Rust, atomically, many at once (group-committed): no lost update.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let l = l.clone();
+        tasks.push(tokio::spawn(async move {
+            l.write("main", |c| {
+                let n: i64 = c.query_row("SELECT n FROM c", [], |r| r.get(0))?;
+                c.execute("UPDATE c SET n = ?1", [n + 1])?;
+                Ok(n + 1)
+            })
+            .await
+        }));
+    }
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.unwrap().unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, (1..=20).collect::<Vec<i64>>());
+    // A failing closure rolls back only its own changes.
+    let e = l
+        .write("main", |c| {
+            c.execute("UPDATE c SET n = 1000", [])?;
+            Err::<(), _>(Error::Invalid("no".into()))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)));
+    let n = l
+        .read("main", false, |c| {
+            Ok(c.query_row("SELECT n FROM c", [], |r| r.get::<_, i64>(0))?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, Some(20));
+    assert_eq!(
+        l.read("nothing-here", true, |_| Ok(())).await.unwrap(),
+        None
+    );
+    for n in &t.nodes {
+        n.shutdown().await;
+    }
+}
