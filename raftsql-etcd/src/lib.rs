@@ -1,1 +1,10 @@
-//! The etcd v3 facade over raftsql-core. Not built yet: see issue 4.
+//! The etcd v3 facade over raftsql-core: etcd's gRPC API (v3.5 wire format), so etcd clients
+//! (etcdctl, Go clientv3 as used by kube-apiserver, the Rust etcd-client crate) can use a
+//! raftsql cluster. See issue 4.
+//!
+//! - [`pb`]: the generated protobuf messages and tonic services and clients.
+//! - [`server`]: [`EtcdServer`], the tonic services, delegating to a [`Backend`]; [`serve`].
+pub mod pb;
+pub mod server;
+
+pub use server::{serve, serve_listener, Backend, EtcdServer};

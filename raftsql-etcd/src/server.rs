@@ -1,0 +1,341 @@
+//! The gRPC layer of the etcd facade: [`EtcdServer`] implements the tonic service traits of
+//! etcd's KV, Watch, Lease, Cluster, Maintenance and Auth services, and [`serve`] serves them.
+//!
+//! `EtcdServer` only translates between gRPC and a [`Backend`]: every RPC that the `Backend`
+//! trait has a method for is delegated to it (the request message in, the response message or a
+//! [`Status`] out); every other RPC answers `UNIMPLEMENTED` with [`NOT_IMPLEMENTED`].
+//!
+//! # Adding an RPC
+//! 1. Add a method to [`Backend`] taking the request message and returning the response
+//!    message (give it a default body returning `Err(unimplemented())` if existing backends
+//!    should keep compiling).
+//! 2. In the service's `service_impl!` block below, move the RPC from the `unimplemented { .. }`
+//!    list into the explicit part, as `async fn name(&self, request: Request<Req>) ->
+//!    Result<Response<Resp>, Status> { self.delegate(request, |b, r| b.name(r)).await }` (the
+//!    generated trait, `crate::pb::etcdserverpb::*_server::*`, has the exact signature).
+//!
+//! Streaming RPCs (Watch, LeaseKeepAlive, Snapshot) are written out by hand: they take a
+//! `Request<Streaming<Req>>` and/or return a [`ResponseStream`].
+
+use std::error::Error;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::Stream;
+use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::Server;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pb::etcdserverpb::auth_server::{Auth, AuthServer};
+use crate::pb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
+use crate::pb::etcdserverpb::kv_server::{Kv, KvServer};
+use crate::pb::etcdserverpb::lease_server::{Lease, LeaseServer};
+use crate::pb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
+use crate::pb::etcdserverpb::watch_server::{Watch, WatchServer};
+use crate::pb::etcdserverpb::*;
+
+/// The message of every `UNIMPLEMENTED` status this layer answers.
+pub const NOT_IMPLEMENTED: &str = "raftsql: not implemented yet";
+
+/// etcd's default `--max-request-bytes` (1.5 MiB): the largest request a backend should accept
+/// (etcd answers larger ones with `ErrRequestTooLarge`; enforcing that is the backend's job).
+pub const MAX_REQUEST_BYTES: usize = 3 * 512 * 1024;
+
+/// The largest gRPC message the server decodes: [`MAX_REQUEST_BYTES`] plus etcd's 512 KiB gRPC
+/// overhead allowance (etcd's `grpcOverheadBytes`, so 2 MiB like etcd) plus 64 KiB of slack.
+/// A larger message is refused by tonic before it reaches a handler.
+pub const MAX_DECODING_MESSAGE_SIZE: usize = MAX_REQUEST_BYTES + 512 * 1024 + 64 * 1024;
+
+/// The largest gRPC message the server encodes (etcd's default `MaxSendMsgSize`,
+/// `math.MaxInt32`): a range over a big keyspace is one message.
+pub const MAX_ENCODING_MESSAGE_SIZE: usize = i32::MAX as usize;
+
+/// The response type of a server-streaming RPC.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// `UNIMPLEMENTED` with [`NOT_IMPLEMENTED`].
+pub fn unimplemented() -> Status {
+    Status::unimplemented(NOT_IMPLEMENTED)
+}
+
+/// What the etcd API is served from: one method per RPC that raftsql implements, taking the
+/// request message and returning the response message. An error [`Status`] is sent to the
+/// client as is, so return etcd's codes and messages (e.g. `FAILED_PRECONDITION`
+/// "etcdserver: ...") where clients depend on them.
+///
+/// Every method has a default body answering `UNIMPLEMENTED`, so a backend implements only
+/// what it supports (and adding a method here breaks no backend).
+#[tonic::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// KV.Range.
+    async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// KV.Put.
+    async fn put(&self, req: PutRequest) -> Result<PutResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// KV.DeleteRange.
+    async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// KV.Txn.
+    async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// KV.Compact.
+    async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// Maintenance.Status.
+    async fn status(&self, req: StatusRequest) -> Result<StatusResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// Cluster.MemberList.
+    async fn member_list(&self, req: MemberListRequest) -> Result<MemberListResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+}
+
+/// The etcd gRPC services over a [`Backend`]. Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct EtcdServer {
+    backend: Arc<dyn Backend>,
+}
+
+impl EtcdServer {
+    /// Services answering from `backend`.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        EtcdServer { backend }
+    }
+
+    /// The backend the services answer from.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Unwraps the request, calls the backend, wraps the answer.
+    async fn delegate<'a, Req, Resp, F, Fut>(
+        &'a self,
+        request: Request<Req>,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(&'a dyn Backend, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, Status>> + 'a,
+    {
+        call(&*self.backend, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+}
+
+/// `#[tonic::async_trait] impl $service for EtcdServer`, with the explicit items as given and
+/// one `UNIMPLEMENTED` method per entry of the `unimplemented` list (unary RPCs only).
+macro_rules! service_impl {
+    (
+        impl $service:ident {
+            $($explicit:tt)*
+        }
+        unimplemented {
+            $($name:ident($req:ty) -> $resp:ty;)*
+        }
+    ) => {
+        #[tonic::async_trait]
+        impl $service for EtcdServer {
+            $($explicit)*
+            $(
+                async fn $name(&self, _request: Request<$req>) -> Result<Response<$resp>, Status> {
+                    Err(unimplemented())
+                }
+            )*
+        }
+    };
+}
+
+service_impl! {
+    impl Kv {
+        async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+            self.delegate(request, |b, r| b.range(r)).await
+        }
+        async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+            self.delegate(request, |b, r| b.put(r)).await
+        }
+        async fn delete_range(
+            &self,
+            request: Request<DeleteRangeRequest>,
+        ) -> Result<Response<DeleteRangeResponse>, Status> {
+            self.delegate(request, |b, r| b.delete_range(r)).await
+        }
+        async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+            self.delegate(request, |b, r| b.txn(r)).await
+        }
+        async fn compact(
+            &self,
+            request: Request<CompactionRequest>,
+        ) -> Result<Response<CompactionResponse>, Status> {
+            self.delegate(request, |b, r| b.compact(r)).await
+        }
+    }
+    unimplemented {}
+}
+
+service_impl! {
+    impl Watch {
+        type WatchStream = ResponseStream<WatchResponse>;
+
+        async fn watch(
+            &self,
+            _request: Request<Streaming<WatchRequest>>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            Err(unimplemented())
+        }
+    }
+    unimplemented {}
+}
+
+service_impl! {
+    impl Lease {
+        type LeaseKeepAliveStream = ResponseStream<LeaseKeepAliveResponse>;
+
+        async fn lease_keep_alive(
+            &self,
+            _request: Request<Streaming<LeaseKeepAliveRequest>>,
+        ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+            Err(unimplemented())
+        }
+    }
+    unimplemented {
+        lease_grant(LeaseGrantRequest) -> LeaseGrantResponse;
+        lease_revoke(LeaseRevokeRequest) -> LeaseRevokeResponse;
+        lease_time_to_live(LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse;
+        lease_leases(LeaseLeasesRequest) -> LeaseLeasesResponse;
+    }
+}
+
+service_impl! {
+    impl Cluster {
+        async fn member_list(
+            &self,
+            request: Request<MemberListRequest>,
+        ) -> Result<Response<MemberListResponse>, Status> {
+            self.delegate(request, |b, r| b.member_list(r)).await
+        }
+    }
+    unimplemented {
+        member_add(MemberAddRequest) -> MemberAddResponse;
+        member_remove(MemberRemoveRequest) -> MemberRemoveResponse;
+        member_update(MemberUpdateRequest) -> MemberUpdateResponse;
+        member_promote(MemberPromoteRequest) -> MemberPromoteResponse;
+    }
+}
+
+service_impl! {
+    impl Maintenance {
+        type SnapshotStream = ResponseStream<SnapshotResponse>;
+
+        async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+            self.delegate(request, |b, r| b.status(r)).await
+        }
+        async fn snapshot(
+            &self,
+            _request: Request<SnapshotRequest>,
+        ) -> Result<Response<Self::SnapshotStream>, Status> {
+            Err(unimplemented())
+        }
+    }
+    unimplemented {
+        alarm(AlarmRequest) -> AlarmResponse;
+        defragment(DefragmentRequest) -> DefragmentResponse;
+        hash(HashRequest) -> HashResponse;
+        hash_kv(HashKvRequest) -> HashKvResponse;
+        move_leader(MoveLeaderRequest) -> MoveLeaderResponse;
+        downgrade(DowngradeRequest) -> DowngradeResponse;
+    }
+}
+
+service_impl! {
+    impl Auth {}
+    unimplemented {
+        auth_enable(AuthEnableRequest) -> AuthEnableResponse;
+        auth_disable(AuthDisableRequest) -> AuthDisableResponse;
+        auth_status(AuthStatusRequest) -> AuthStatusResponse;
+        authenticate(AuthenticateRequest) -> AuthenticateResponse;
+        user_add(AuthUserAddRequest) -> AuthUserAddResponse;
+        user_get(AuthUserGetRequest) -> AuthUserGetResponse;
+        user_list(AuthUserListRequest) -> AuthUserListResponse;
+        user_delete(AuthUserDeleteRequest) -> AuthUserDeleteResponse;
+        user_change_password(AuthUserChangePasswordRequest) -> AuthUserChangePasswordResponse;
+        user_grant_role(AuthUserGrantRoleRequest) -> AuthUserGrantRoleResponse;
+        user_revoke_role(AuthUserRevokeRoleRequest) -> AuthUserRevokeRoleResponse;
+        role_add(AuthRoleAddRequest) -> AuthRoleAddResponse;
+        role_get(AuthRoleGetRequest) -> AuthRoleGetResponse;
+        role_list(AuthRoleListRequest) -> AuthRoleListResponse;
+        role_delete(AuthRoleDeleteRequest) -> AuthRoleDeleteResponse;
+        role_grant_permission(AuthRoleGrantPermissionRequest) -> AuthRoleGrantPermissionResponse;
+        role_revoke_permission(AuthRoleRevokePermissionRequest) -> AuthRoleRevokePermissionResponse;
+    }
+}
+
+/// A tonic server with all six etcd services over `backend` added, with etcd's message size
+/// limits, ready to serve (or to get more services added, e.g. gRPC health).
+pub fn router(backend: Arc<dyn Backend>) -> Router {
+    let server = Arc::new(EtcdServer::new(backend));
+    // Each generated service wrapper gets the same size limits.
+    macro_rules! limited {
+        ($service:ident) => {
+            $service::from_arc(server.clone())
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE)
+        };
+    }
+    Server::builder()
+        // etcd allows u32::MAX concurrent streams per connection (hyper's default is 200); a
+        // client multiplexes all its watches on one connection.
+        .max_concurrent_streams(u32::MAX)
+        // etcd's server-side keepalive defaults (--grpc-keepalive-interval 2h, -timeout 20s):
+        // a silently dead client's streams are dropped.
+        .http2_keepalive_interval(Some(Duration::from_secs(2 * 60 * 60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(limited!(KvServer))
+        .add_service(limited!(WatchServer))
+        .add_service(limited!(LeaseServer))
+        .add_service(limited!(ClusterServer))
+        .add_service(limited!(MaintenanceServer))
+        .add_service(limited!(AuthServer))
+}
+
+/// Serves the etcd API over `backend` on `addr` until `shutdown` completes (then stops
+/// accepting, and returns once the open calls have finished).
+pub async fn serve(
+    addr: SocketAddr,
+    backend: Arc<dyn Backend>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    let listener = TcpListener::bind(addr).await?;
+    serve_listener(listener, backend, shutdown).await
+}
+
+/// [`serve`] on an already bound listener (e.g. bound to port 0, to learn the port first).
+pub async fn serve_listener(
+    listener: TcpListener,
+    backend: Arc<dyn Backend>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    router(backend)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
