@@ -105,6 +105,9 @@ struct NodeArgs {
     /// Compact the Raft log once it exceeds this many bytes.
     #[arg(long, default_value_t = 64 << 20)]
     compact_log_bytes: u64,
+    /// Serve the etcd v3 API (gRPC) on this address, e.g. 127.0.0.1:2379.
+    #[arg(long)]
+    etcd_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -211,6 +214,7 @@ async fn run_node(a: NodeArgs) -> CliResult {
     cfg.tick = Duration::from_millis(a.tick_ms.max(1));
     cfg.checkpoint_frames = a.checkpoint_frames.max(1);
     cfg.compact_log_bytes = a.compact_log_bytes;
+    let cluster_id = cluster_id(&cfg.cluster);
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
     eprintln!(
         "raftsql: node {} listening on {} (data in {})",
@@ -218,6 +222,23 @@ async fn run_node(a: NodeArgs) -> CliResult {
         a.listen,
         a.data_dir.display()
     );
+    let (stop_etcd, etcd_stopped) = tokio::sync::oneshot::channel::<()>();
+    let etcd = if let Some(addr) = a.etcd_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--etcd-listen {addr}: {e}"))?;
+        eprintln!("raftsql: node {} serves the etcd v3 API on {addr}", a.id);
+        let store = std::sync::Arc::new(raftsql_etcd::EtcdStore::new(node.clone(), cluster_id));
+        Some(tokio::spawn(raftsql_etcd::serve_listener(
+            listener,
+            store,
+            async move {
+                let _ = etcd_stopped.await;
+            },
+        )))
+    } else {
+        None
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
     tokio::select! {
@@ -225,8 +246,19 @@ async fn run_node(a: NodeArgs) -> CliResult {
         _ = term.recv() => {}
     }
     eprintln!("raftsql: stopping node {}", a.id);
+    let _ = stop_etcd.send(());
+    if let Some(t) = etcd {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     node.shutdown().await;
     Ok(())
+}
+
+/// A stable 64-bit cluster id for etcd headers, from the cluster name (FNV-1a).
+fn cluster_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn run_dev(a: DevArgs) -> CliResult {
@@ -264,6 +296,7 @@ fn run_dev(a: DevArgs) -> CliResult {
                 "--bootstrap-peers",
                 &peers,
             ])
+            .args(["--etcd-listen", &format!("{}:{}", a.host, etcd_port(id))])
             .arg("--data-dir")
             .arg(&data)
             .stdin(Stdio::null())
@@ -281,8 +314,10 @@ fn run_dev(a: DevArgs) -> CliResult {
     );
     for (i, addr) in addrs.iter().enumerate() {
         println!(
-            "  node {}: {addr}  (log: {})",
+            "  node {}: {addr}  etcd {}:{}  (log: {})",
             i + 1,
+            a.host,
+            etcd_port(i + 1),
             dir.join(format!("node{}.log", i + 1)).display()
         );
     }
@@ -317,6 +352,10 @@ fn run_dev(a: DevArgs) -> CliResult {
     println!("  raftsql sql --endpoints {endpoints} -e \"INSERT INTO t VALUES('hello', 'world')\"");
     println!("  raftsql sql --endpoints {endpoints} -e \"SELECT * FROM t\"");
     println!("  raftsql status --endpoints {endpoints}");
+    let etcd_eps: Vec<String> = (1..=addrs.len())
+        .map(|i| format!("{}:{}", a.host, etcd_port(i)))
+        .collect();
+    println!("  etcdctl --endpoints {} put foo bar", etcd_eps.join(","));
     println!("(through cargo: cargo run -p raftsql-cli -- sql ...). Ctrl-C stops the cluster.");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -351,6 +390,15 @@ fn run_dev(a: DevArgs) -> CliResult {
     }
     println!("stopped; data kept in {}", dir.display());
     Ok(())
+}
+
+/// etcd client port of dev node `id`: 2379, 22379, 32379, ... (etcd's own local convention).
+fn etcd_port(id: usize) -> u16 {
+    match id {
+        1 => 2379,
+        2..=6 => (id * 10000 + 2379) as u16,
+        _ => (2379 + 2 * id) as u16,
+    }
 }
 
 static mut STOP_FLAG: *const std::sync::atomic::AtomicBool = std::ptr::null();

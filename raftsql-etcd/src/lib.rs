@@ -6,5 +6,7 @@
 //! - [`server`]: [`EtcdServer`], the tonic services, delegating to a [`Backend`]; [`serve`].
 pub mod pb;
 pub mod server;
+pub mod store;
 
 pub use server::{serve, serve_listener, Backend, EtcdServer};
+pub use store::EtcdStore;

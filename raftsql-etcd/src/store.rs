@@ -1,0 +1,901 @@
+//! etcd's MVCC key-value model in SQL tables on a raftsql database (`etcd`).
+//!
+//! # Schema
+//! ```sql
+//! kv_rev(rev, sub, key, create_rev, version, value, lease)  -- every revision of every key;
+//!                                                            -- version 0 marks a deletion
+//! kv_live(key, create_rev, mod_rev, version, value, lease)  -- the current value of each key
+//! meta(name, value)                                          -- 'rev', 'compact_rev'
+//! lease(id, ttl, granted_ttl)                                -- leases (issue 4, Lease API)
+//! ```
+//! `kv_rev`'s primary key (rev, sub) orders every change as etcd numbers them (one main
+//! revision per write transaction, sub-revisions inside it): it is the event log that
+//! watches read. The index `kv_rev(key, rev)` answers "the value of key K at revision R" with
+//! one seek.
+//!
+//! # Invariants
+//! - `meta.rev` is the store's revision: 1 for an empty store (as etcd), +1 for each write
+//!   transaction that changes something (a delete that deletes nothing changes nothing).
+//! - `kv_live` holds exactly the non-deleted keys at `meta.rev`, each with the fields of its
+//!   newest `kv_rev` row; reading at the current revision never touches history.
+//! - Reading at an older revision R walks the distinct keys of the range through the
+//!   `(key, rev)` index, one seek per key (never a GROUP BY over the history).
+//! - Revisions below `meta.compact_rev` may be gone: reading them is `ErrCompacted`.
+//!
+//! Every write runs as a [`raftsql_core::Node::write`] closure on the leader: inside the
+//! group-commit transaction, so concurrent requests share one Raft entry and still each get
+//! their own revision, exactly as if run one after another.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+
+use raftsql_core::{Error as CoreError, Node};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::pb::etcdserverpb::{
+    compare, range_request, request_op, response_op, CompactionRequest, Compare,
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use crate::pb::mvccpb::KeyValue;
+
+/// The raftsql database holding the etcd data.
+pub const DB: &str = "etcd";
+/// Most operations in one Txn (etcd's `--max-txn-ops` default).
+pub const MAX_TXN_OPS: usize = 128;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS kv_rev (
+  rev INTEGER NOT NULL, sub INTEGER NOT NULL, key BLOB NOT NULL,
+  create_rev INTEGER NOT NULL, version INTEGER NOT NULL, value BLOB NOT NULL, lease INTEGER NOT NULL,
+  PRIMARY KEY (rev, sub)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_rev_key ON kv_rev(key, rev);
+CREATE TABLE IF NOT EXISTS kv_live (
+  key BLOB PRIMARY KEY, create_rev INTEGER NOT NULL, mod_rev INTEGER NOT NULL,
+  version INTEGER NOT NULL, value BLOB NOT NULL, lease INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_live_lease ON kv_live(lease) WHERE lease != 0;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lease (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL, granted_ttl INTEGER NOT NULL);
+";
+
+/// etcd's errors, with the exact gRPC codes and messages its clients match on.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// The requested revision was compacted away.
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    /// The requested revision is not written yet.
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev,
+    /// ignore_value / ignore_lease on a missing key.
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    /// Empty key.
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    /// A lease that does not exist.
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    /// Two writes to one key in one txn branch.
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    /// More than [`MAX_TXN_OPS`] operations.
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    /// No leader (elections, no quorum).
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// Timed out waiting for the cluster.
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<CoreError> for EtcdError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::NotLeader { .. } | CoreError::Unavailable(_) => EtcdError::NoLeader,
+            CoreError::Timeout(_) | CoreError::OutcomeUnknown => EtcdError::Timeout,
+            other => EtcdError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for EtcdError {
+    fn from(e: rusqlite::Error) -> Self {
+        EtcdError::Internal(e.to_string())
+    }
+}
+
+impl From<EtcdError> for tonic::Status {
+    fn from(e: EtcdError) -> Self {
+        use tonic::Code;
+        let code = match e {
+            EtcdError::Compacted | EtcdError::FutureRev => Code::OutOfRange,
+            EtcdError::KeyNotFound
+            | EtcdError::EmptyKey
+            | EtcdError::DuplicateKey
+            | EtcdError::TooManyOps => Code::InvalidArgument,
+            EtcdError::LeaseNotFound => Code::NotFound,
+            EtcdError::NoLeader => Code::Unavailable,
+            EtcdError::Timeout => Code::Unavailable,
+            EtcdError::Internal(_) => Code::Unknown,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+/// Carries an etcd error through [`raftsql_core::Node::write`] (which speaks core errors).
+fn core(e: EtcdError) -> CoreError {
+    let code = match e {
+        EtcdError::Compacted => 0u8,
+        EtcdError::FutureRev => 1,
+        EtcdError::KeyNotFound => 2,
+        EtcdError::EmptyKey => 3,
+        EtcdError::LeaseNotFound => 4,
+        EtcdError::DuplicateKey => 5,
+        EtcdError::TooManyOps => 6,
+        other => return CoreError::Internal(other.to_string()),
+    };
+    CoreError::Invalid(format!("\u{1}etcd:{}", code as char))
+}
+
+type R<T> = Result<T, EtcdError>;
+
+/// One key's state at some revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Kv {
+    key: Vec<u8>,
+    create_rev: i64,
+    mod_rev: i64,
+    version: i64,
+    value: Vec<u8>,
+    lease: i64,
+}
+
+impl Kv {
+    fn to_pb(&self, keys_only: bool) -> KeyValue {
+        KeyValue {
+            key: Bytes::copy_from_slice(&self.key),
+            create_revision: self.create_rev,
+            mod_revision: self.mod_rev,
+            version: self.version,
+            value: if keys_only {
+                Bytes::new()
+            } else {
+                Bytes::copy_from_slice(&self.value)
+            },
+            lease: self.lease,
+        }
+    }
+}
+
+/// The key interval of a request: `[start, end)`, `end = None` meaning "to the last key".
+#[derive(Clone, Debug)]
+struct Interval {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+}
+
+impl Interval {
+    /// etcd's rules: empty `range_end` = the key alone; `range_end` = "\0" = every key from
+    /// `key` on (and `key` = "\0" too = every key).
+    fn new(key: &[u8], range_end: &[u8]) -> Interval {
+        if range_end.is_empty() {
+            let mut end = key.to_vec();
+            end.push(0);
+            Interval {
+                start: key.to_vec(),
+                end: Some(end),
+            }
+        } else if range_end == [0] {
+            Interval {
+                start: key.to_vec(),
+                end: None,
+            }
+        } else {
+            Interval {
+                start: key.to_vec(),
+                end: Some(range_end.to_vec()),
+            }
+        }
+    }
+    fn contains(&self, k: &[u8]) -> bool {
+        k >= &self.start[..] && self.end.as_ref().is_none_or(|e| k < &e[..])
+    }
+}
+
+fn meta(c: &Connection, name: &str, default: i64) -> R<i64> {
+    Ok(
+        c.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .unwrap_or(default),
+    )
+}
+
+fn set_meta(c: &Connection, name: &str, v: i64) -> R<()> {
+    c.execute("INSERT INTO meta(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value", params![name, v])?;
+    Ok(())
+}
+
+fn row_to_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<Kv> {
+    Ok(Kv {
+        key: r.get(0)?,
+        create_rev: r.get(1)?,
+        mod_rev: r.get(2)?,
+        version: r.get(3)?,
+        value: r.get(4)?,
+        lease: r.get(5)?,
+    })
+}
+
+/// Keys of `iv` at revision `rev` (`rev` = current: from `kv_live`), in key order.
+fn range_keys(
+    c: &Connection,
+    iv: &Interval,
+    rev: i64,
+    current: i64,
+    limit: usize,
+) -> R<(Vec<Kv>, i64)> {
+    let mut out = Vec::new();
+    if rev >= current {
+        let (sql_rows, sql_count) = match iv.end {
+            Some(_) => (
+                "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key >= ?1 AND key < ?2 ORDER BY key",
+                "SELECT count(*) FROM kv_live WHERE key >= ?1 AND key < ?2",
+            ),
+            None => (
+                "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key >= ?1 ORDER BY key",
+                "SELECT count(*) FROM kv_live WHERE key >= ?1",
+            ),
+        };
+        let end = iv.end.clone().unwrap_or_default();
+        let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
+            st.raw_bind_parameter(1, &iv.start)?;
+            if iv.end.is_some() {
+                st.raw_bind_parameter(2, &end)?;
+            }
+            Ok(())
+        };
+        let mut st = c.prepare_cached(sql_count)?;
+        bind(&mut st)?;
+        let count: i64 = st
+            .raw_query()
+            .next()?
+            .map(|r| r.get(0))
+            .transpose()?
+            .unwrap_or(0);
+        if limit != 0 || count > 0 {
+            let mut st = c.prepare_cached(sql_rows)?;
+            bind(&mut st)?;
+            let mut rows = st.raw_query();
+            while let Some(r) = rows.next()? {
+                out.push(row_to_kv(r)?);
+                if limit != 0 && out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        return Ok((out, count));
+    }
+    // An older revision: one seek per distinct key of the range.
+    let mut next_key = c.prepare_cached(
+        "SELECT key FROM kv_rev INDEXED BY kv_rev_key WHERE key >= ?1 AND (?2 IS NULL OR key < ?2) ORDER BY key LIMIT 1",
+    )?;
+    let mut at = c.prepare_cached(
+        "SELECT key, create_rev, rev, version, value, lease FROM kv_rev INDEXED BY kv_rev_key WHERE key = ?1 AND rev <= ?2 ORDER BY rev DESC LIMIT 1",
+    )?;
+    let mut cur = iv.start.clone();
+    let mut count = 0i64;
+    loop {
+        let k: Option<Vec<u8>> = next_key
+            .query_row(params![cur, iv.end], |r| r.get(0))
+            .optional()?;
+        let Some(k) = k else { break };
+        if let Some(kv) = at.query_row(params![k, rev], row_to_kv).optional()? {
+            if kv.version > 0 {
+                count += 1;
+                if limit == 0 || out.len() < limit {
+                    out.push(kv);
+                }
+            }
+        }
+        cur = k;
+        cur.push(0);
+    }
+    Ok((out, count))
+}
+
+/// Revision and compaction checks for a read at `rev` (0 = current).
+fn check_rev(c: &Connection, rev: i64) -> R<(i64, i64)> {
+    let current = meta(c, "rev", 1)?;
+    if rev > current {
+        return Err(EtcdError::FutureRev);
+    }
+    if rev > 0 && rev < meta(c, "compact_rev", 0)? {
+        return Err(EtcdError::Compacted);
+    }
+    Ok((if rev <= 0 { current } else { rev }, current))
+}
+
+/// Answers a Range as etcd does (see etcd's `v3_server` apply of RangeRequest).
+fn range(c: &Connection, req: &RangeRequest, header_rev: i64) -> R<RangeResponse> {
+    use range_request::{SortOrder, SortTarget};
+    let (rev, current) = check_rev(c, req.revision)?;
+    let iv = Interval::new(&req.key, &req.range_end);
+    let filtered = req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    let mut order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let fetch_all = order != SortOrder::None || filtered;
+    let limit = if req.count_only {
+        0
+    } else if req.limit > 0 && !fetch_all {
+        req.limit as usize + 1
+    } else {
+        0
+    };
+    let (mut kvs, count) = if req.count_only {
+        let (_, n) = range_keys(c, &iv, rev, current, 1)?;
+        (Vec::new(), n)
+    } else {
+        range_keys(c, &iv, rev, current, limit)?
+    };
+    if filtered {
+        kvs.retain(|kv| {
+            (req.min_mod_revision == 0 || kv.mod_rev >= req.min_mod_revision)
+                && (req.max_mod_revision == 0 || kv.mod_rev <= req.max_mod_revision)
+                && (req.min_create_revision == 0 || kv.create_rev >= req.min_create_revision)
+                && (req.max_create_revision == 0 || kv.create_rev <= req.max_create_revision)
+        });
+    }
+    if target != SortTarget::Key && order == SortOrder::None {
+        order = SortOrder::Ascend;
+    }
+    if order != SortOrder::None {
+        // Stable sorts: ties keep key order, as etcd's sort of a key-ordered slice does for
+        // the small slices it sorts with insertion sort.
+        let cmp = |a: &Kv, b: &Kv| match target {
+            SortTarget::Key => a.key.cmp(&b.key),
+            SortTarget::Version => a.version.cmp(&b.version),
+            SortTarget::Create => a.create_rev.cmp(&b.create_rev),
+            SortTarget::Mod => a.mod_rev.cmp(&b.mod_rev),
+            SortTarget::Value => a.value.cmp(&b.value),
+        };
+        if order == SortOrder::Descend {
+            kvs.sort_by(|a, b| cmp(b, a));
+        } else {
+            kvs.sort_by(cmp);
+        }
+    }
+    let mut more = false;
+    if req.limit > 0 && kvs.len() > req.limit as usize {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    Ok(RangeResponse {
+        header: Some(ResponseHeader {
+            revision: header_rev,
+            ..Default::default()
+        }),
+        kvs: kvs.iter().map(|k| k.to_pb(req.keys_only)).collect(),
+        more,
+        count,
+    })
+}
+
+/// A write transaction in progress: the revision it will write at and its sub-revisions.
+struct WriteTxn {
+    rev: i64,
+    sub: i64,
+}
+
+impl WriteTxn {
+    fn begin(c: &Connection) -> R<WriteTxn> {
+        Ok(WriteTxn {
+            rev: meta(c, "rev", 1)?,
+            sub: 0,
+        })
+    }
+    fn changed(&self) -> bool {
+        self.sub > 0
+    }
+    /// The revision reads inside the transaction see (etcd: its own writes included).
+    fn read_rev(&self) -> i64 {
+        self.rev + if self.changed() { 1 } else { 0 }
+    }
+    fn finish(self, c: &Connection) -> R<i64> {
+        if self.changed() {
+            set_meta(c, "rev", self.rev + 1)?;
+            Ok(self.rev + 1)
+        } else {
+            Ok(self.rev)
+        }
+    }
+}
+
+fn live(c: &Connection, key: &[u8]) -> R<Option<Kv>> {
+    Ok(c.prepare_cached(
+        "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key = ?1",
+    )?
+    .query_row([key], row_to_kv)
+    .optional()?)
+}
+
+fn lease_exists(c: &Connection, id: i64) -> R<bool> {
+    Ok(c.prepare_cached("SELECT 1 FROM lease WHERE id = ?1")?
+        .query_row([id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+fn put(c: &Connection, t: &mut WriteTxn, req: &PutRequest) -> R<PutResponse> {
+    if req.key.is_empty() {
+        return Err(EtcdError::EmptyKey);
+    }
+    let prev = live(c, &req.key)?;
+    let value = if req.ignore_value {
+        prev.as_ref().ok_or(EtcdError::KeyNotFound)?.value.clone()
+    } else {
+        req.value.to_vec()
+    };
+    let lease = if req.ignore_lease {
+        prev.as_ref().ok_or(EtcdError::KeyNotFound)?.lease
+    } else {
+        req.lease
+    };
+    if lease != 0 && !lease_exists(c, lease)? {
+        return Err(EtcdError::LeaseNotFound);
+    }
+    let rev = t.rev + 1;
+    let (create_rev, version) = match &prev {
+        Some(p) => (p.create_rev, p.version + 1),
+        None => (rev, 1),
+    };
+    c.prepare_cached("INSERT INTO kv_rev(rev, sub, key, create_rev, version, value, lease) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+        .execute(params![rev, t.sub, &req.key[..], create_rev, version, value, lease])?;
+    c.prepare_cached(
+        "INSERT INTO kv_live(key, create_rev, mod_rev, version, value, lease) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(key) DO UPDATE SET create_rev = excluded.create_rev, mod_rev = excluded.mod_rev,
+           version = excluded.version, value = excluded.value, lease = excluded.lease",
+    )?
+    .execute(params![&req.key[..], create_rev, rev, version, value, lease])?;
+    t.sub += 1;
+    Ok(PutResponse {
+        header: None,
+        prev_kv: if req.prev_kv {
+            prev.map(|p| p.to_pb(false))
+        } else {
+            None
+        },
+    })
+}
+
+fn delete_range(
+    c: &Connection,
+    t: &mut WriteTxn,
+    req: &DeleteRangeRequest,
+) -> R<DeleteRangeResponse> {
+    let iv = Interval::new(&req.key, &req.range_end);
+    let (kvs, _) = range_keys(c, &iv, i64::MAX, 0, 0)?;
+    let rev = t.rev + 1;
+    for kv in &kvs {
+        c.prepare_cached("INSERT INTO kv_rev(rev, sub, key, create_rev, version, value, lease) VALUES (?1, ?2, ?3, 0, 0, x'', 0)")?
+            .execute(params![rev, t.sub, kv.key])?;
+        c.prepare_cached("DELETE FROM kv_live WHERE key = ?1")?
+            .execute([&kv.key])?;
+        t.sub += 1;
+    }
+    Ok(DeleteRangeResponse {
+        header: None,
+        deleted: kvs.len() as i64,
+        prev_kvs: if req.prev_kv {
+            kvs.iter().map(|k| k.to_pb(false)).collect()
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+fn compare_one(c: &Connection, t: &WriteTxn, cmp: &Compare) -> R<bool> {
+    use compare::{CompareResult, CompareTarget, TargetUnion};
+    let iv = Interval::new(&cmp.key, &cmp.range_end);
+    let (kvs, _) = range_keys(c, &iv, t.read_rev(), t.read_rev(), 0)?;
+    let target = CompareTarget::try_from(cmp.target).unwrap_or(CompareTarget::Version);
+    let result = CompareResult::try_from(cmp.result).unwrap_or(CompareResult::Equal);
+    let test = |kv: &Kv| -> bool {
+        let ord = if target == CompareTarget::Value {
+            let want: &[u8] = match &cmp.target_union {
+                Some(TargetUnion::Value(v)) => &v[..],
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(want)
+        } else {
+            let have = match target {
+                CompareTarget::Version => kv.version,
+                CompareTarget::Create => kv.create_rev,
+                CompareTarget::Mod => kv.mod_rev,
+                CompareTarget::Lease => kv.lease,
+                CompareTarget::Value => 0,
+            };
+            let want = match &cmp.target_union {
+                Some(TargetUnion::Version(v))
+                | Some(TargetUnion::CreateRevision(v))
+                | Some(TargetUnion::ModRevision(v))
+                | Some(TargetUnion::Lease(v)) => *v,
+                _ => 0,
+            };
+            have.cmp(&want)
+        };
+        match result {
+            CompareResult::Equal => ord.is_eq(),
+            CompareResult::NotEqual => !ord.is_eq(),
+            CompareResult::Greater => ord.is_gt(),
+            CompareResult::Less => ord.is_lt(),
+        }
+    };
+    if kvs.is_empty() {
+        // etcd: comparing a value of a missing key always fails; other targets compare
+        // against a zero KeyValue.
+        if target == CompareTarget::Value {
+            return Ok(false);
+        }
+        return Ok(test(&Kv {
+            key: cmp.key.to_vec(),
+            create_rev: 0,
+            mod_rev: 0,
+            version: 0,
+            value: Vec::new(),
+            lease: 0,
+        }));
+    }
+    Ok(kvs.iter().all(test))
+}
+
+/// etcd's txn validation: at most [`MAX_TXN_OPS`] ops per branch, and within a branch (with
+/// its nested txns) no key is written twice, nor both put and deleted.
+fn check_txn(req: &TxnRequest) -> R<()> {
+    fn ops_writes(
+        ops: &[RequestOp],
+        puts: &mut BTreeSet<Vec<u8>>,
+        dels: &mut Vec<Interval>,
+    ) -> R<()> {
+        if ops.len() > MAX_TXN_OPS {
+            return Err(EtcdError::TooManyOps);
+        }
+        for op in ops {
+            match &op.request {
+                Some(request_op::Request::RequestPut(p)) => {
+                    if !puts.insert(p.key.to_vec()) {
+                        return Err(EtcdError::DuplicateKey);
+                    }
+                }
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    dels.push(Interval::new(&d.key, &d.range_end))
+                }
+                Some(request_op::Request::RequestTxn(t)) => {
+                    if t.compare.len() > MAX_TXN_OPS {
+                        return Err(EtcdError::TooManyOps);
+                    }
+                    // Only one of the nested branches runs: check each against this branch.
+                    for branch in [&t.success, &t.failure] {
+                        let (mut p2, mut d2) = (puts.clone(), dels.clone());
+                        ops_writes(branch, &mut p2, &mut d2)?;
+                    }
+                    let (mut p2, mut d2) = (puts.clone(), dels.clone());
+                    ops_writes(&t.success, &mut p2, &mut d2)?;
+                    *puts = p2;
+                    *dels = d2;
+                }
+                _ => {}
+            }
+        }
+        for p in puts.iter() {
+            if dels.iter().any(|d| d.contains(p)) {
+                return Err(EtcdError::DuplicateKey);
+            }
+        }
+        Ok(())
+    }
+    if req.compare.len() > MAX_TXN_OPS {
+        return Err(EtcdError::TooManyOps);
+    }
+    for branch in [&req.success, &req.failure] {
+        ops_writes(branch, &mut BTreeSet::new(), &mut Vec::new())?;
+    }
+    Ok(())
+}
+
+fn txn(c: &Connection, t: &mut WriteTxn, req: &TxnRequest) -> R<TxnResponse> {
+    let mut ok = true;
+    for cmp in &req.compare {
+        if !compare_one(c, t, cmp)? {
+            ok = false;
+            break;
+        }
+    }
+    let ops = if ok { &req.success } else { &req.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let r = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                let mut r = r.clone();
+                r.revision = if r.revision == 0 {
+                    t.read_rev()
+                } else {
+                    r.revision
+                };
+                response_op::Response::ResponseRange(range_in_txn(c, t, &r)?)
+            }
+            Some(request_op::Request::RequestPut(p)) => {
+                response_op::Response::ResponsePut(put(c, t, p)?)
+            }
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                response_op::Response::ResponseDeleteRange(delete_range(c, t, d)?)
+            }
+            Some(request_op::Request::RequestTxn(n)) => {
+                response_op::Response::ResponseTxn(txn(c, t, n)?)
+            }
+            None => continue,
+        };
+        responses.push(ResponseOp { response: Some(r) });
+    }
+    Ok(TxnResponse {
+        header: None,
+        succeeded: ok,
+        responses,
+    })
+}
+
+/// A Range inside a write txn: at the txn's own view (which may be one past `meta.rev`).
+fn range_in_txn(c: &Connection, t: &WriteTxn, req: &RangeRequest) -> R<RangeResponse> {
+    if req.revision > t.read_rev() {
+        return Err(EtcdError::FutureRev);
+    }
+    if req.revision < meta(c, "compact_rev", 0)? {
+        return Err(EtcdError::Compacted);
+    }
+    let mut r = req.clone();
+    // range() treats revision >= current as "current", served from kv_live (which already
+    // holds this txn's writes).
+    if r.revision >= t.rev {
+        r.revision = 0;
+    }
+    range(c, &r, 0)
+}
+
+/// Fills every header in a response tree with the revision (etcd reports the same header in
+/// nested responses).
+fn set_headers(resp: &mut TxnResponse, h: &ResponseHeader) {
+    resp.header = Some(h.clone());
+    for r in &mut resp.responses {
+        match &mut r.response {
+            Some(response_op::Response::ResponseRange(x)) => x.header = Some(h.clone()),
+            Some(response_op::Response::ResponsePut(x)) => x.header = Some(h.clone()),
+            Some(response_op::Response::ResponseDeleteRange(x)) => x.header = Some(h.clone()),
+            Some(response_op::Response::ResponseTxn(x)) => set_headers(x, h),
+            None => {}
+        }
+    }
+}
+
+/// etcd's KV service on a raftsql node.
+#[derive(Clone)]
+pub struct EtcdStore {
+    node: Node,
+    /// Reported in response headers.
+    pub cluster_id: u64,
+}
+
+/// The header etcd puts on every response.
+pub fn header(cluster_id: u64, node: &Node, revision: i64) -> ResponseHeader {
+    let st = node.status();
+    ResponseHeader {
+        cluster_id,
+        member_id: st.id,
+        revision,
+        raft_term: st.raft.term,
+    }
+}
+
+fn decode_err(e: CoreError) -> EtcdError {
+    if let CoreError::Invalid(m) = &e {
+        if let Some(code) = m.strip_prefix("\u{1}etcd:") {
+            return match code.chars().next().map(|c| c as u8) {
+                Some(0) => EtcdError::Compacted,
+                Some(1) => EtcdError::FutureRev,
+                Some(2) => EtcdError::KeyNotFound,
+                Some(3) => EtcdError::EmptyKey,
+                Some(4) => EtcdError::LeaseNotFound,
+                Some(5) => EtcdError::DuplicateKey,
+                Some(6) => EtcdError::TooManyOps,
+                _ => EtcdError::Internal(m.clone()),
+            };
+        }
+    }
+    e.into()
+}
+
+fn encode_err(e: EtcdError) -> CoreError {
+    match e {
+        EtcdError::Internal(m) => CoreError::Internal(m),
+        EtcdError::NoLeader => CoreError::Unavailable("no leader".into()),
+        EtcdError::Timeout => CoreError::Timeout(std::time::Duration::ZERO),
+        e => core(e),
+    }
+}
+
+impl EtcdStore {
+    /// A store on `node` (creates the schema on first write).
+    pub fn new(node: Node, cluster_id: u64) -> EtcdStore {
+        EtcdStore { node, cluster_id }
+    }
+
+    /// The node under the store.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    fn header(&self, revision: i64) -> ResponseHeader {
+        header(self.cluster_id, &self.node, revision)
+    }
+
+    /// Runs `f` as one write transaction of the store (schema ensured first).
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut WriteTxn) -> R<T> + Send + 'static,
+    ) -> R<(T, i64)> {
+        self.node
+            .write(DB, move |c| {
+                c.execute_batch(SCHEMA)?;
+                let mut t = WriteTxn::begin(c).map_err(encode_err)?;
+                let out = f(c, &mut t).map_err(encode_err)?;
+                let rev = t.finish(c).map_err(encode_err)?;
+                Ok((out, rev))
+            })
+            .await
+            .map_err(decode_err)
+    }
+
+    /// Range.
+    pub async fn range(&self, req: RangeRequest) -> R<RangeResponse> {
+        let local = req.serializable;
+        let r = self
+            .node
+            .read(DB, local, move |c| {
+                let has_schema: bool = c
+                    .query_row(
+                        "SELECT 1 FROM sqlite_schema WHERE name = 'meta'",
+                        [],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                if !has_schema {
+                    if req.revision > 1 {
+                        return Err(encode_err(EtcdError::FutureRev));
+                    }
+                    return Ok(RangeResponse {
+                        header: None,
+                        kvs: Vec::new(),
+                        more: false,
+                        count: 0,
+                    });
+                }
+                let current = meta(c, "rev", 1).map_err(encode_err)?;
+                let mut resp = range(c, &req, current).map_err(encode_err)?;
+                resp.header = Some(ResponseHeader {
+                    revision: current,
+                    ..Default::default()
+                });
+                Ok(resp)
+            })
+            .await
+            .map_err(decode_err)?;
+        let mut resp = match r {
+            Some(r) => r,
+            None => RangeResponse {
+                header: None,
+                kvs: Vec::new(),
+                more: false,
+                count: 0,
+            },
+        };
+        let rev = resp.header.as_ref().map_or(1, |h| h.revision.max(1));
+        resp.header = Some(self.header(rev));
+        Ok(resp)
+    }
+
+    /// Put.
+    pub async fn put(&self, req: PutRequest) -> R<PutResponse> {
+        let (mut resp, rev) = self.write(move |c, t| put(c, t, &req)).await?;
+        resp.header = Some(self.header(rev));
+        Ok(resp)
+    }
+
+    /// DeleteRange.
+    pub async fn delete_range(&self, req: DeleteRangeRequest) -> R<DeleteRangeResponse> {
+        let (mut resp, rev) = self.write(move |c, t| delete_range(c, t, &req)).await?;
+        resp.header = Some(self.header(rev));
+        Ok(resp)
+    }
+
+    /// Txn.
+    pub async fn txn(&self, req: TxnRequest) -> R<TxnResponse> {
+        check_txn(&req)?;
+        let (mut resp, rev) = self.write(move |c, t| txn(c, t, &req)).await?;
+        set_headers(&mut resp, &self.header(rev));
+        Ok(resp)
+    }
+
+    /// Compact: records the compaction revision (reads below it fail from now on), then
+    /// removes the history it makes unreachable, in small batches so writes keep flowing.
+    pub async fn compact(&self, req: CompactionRequest) -> R<i64> {
+        let target = req.revision;
+        let (_, rev) = self
+            .write(move |c, _t| {
+                let current = meta(c, "rev", 1)?;
+                if target > current {
+                    return Err(EtcdError::FutureRev);
+                }
+                if target <= meta(c, "compact_rev", 0)? {
+                    return Err(EtcdError::Compacted);
+                }
+                set_meta(c, "compact_rev", target)?;
+                Ok(())
+            })
+            .await?;
+        // Remove, below the target, every row that a newer row at or below the target
+        // supersedes, and the deletions that end a key's history; 1,000 revisions a write.
+        let mut lo = 0i64;
+        while lo < target {
+            let hi = (lo + 1000).min(target);
+            self.write(move |c, _t| {
+                c.execute(
+                    "DELETE FROM kv_rev WHERE rev >= ?1 AND rev < ?2 AND (version = 0 OR EXISTS (
+                       SELECT 1 FROM kv_rev n WHERE n.key = kv_rev.key AND n.rev > kv_rev.rev AND n.rev <= ?3))",
+                    params![lo, hi, target],
+                )?;
+                Ok(())
+            })
+            .await?;
+            lo = hi;
+        }
+        Ok(rev)
+    }
+}
+
+#[tonic::async_trait]
+impl crate::server::Backend for EtcdStore {
+    async fn range(&self, req: RangeRequest) -> Result<RangeResponse, tonic::Status> {
+        Ok(EtcdStore::range(self, req).await?)
+    }
+    async fn put(&self, req: PutRequest) -> Result<PutResponse, tonic::Status> {
+        Ok(EtcdStore::put(self, req).await?)
+    }
+    async fn delete_range(
+        &self,
+        req: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, tonic::Status> {
+        Ok(EtcdStore::delete_range(self, req).await?)
+    }
+    async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, tonic::Status> {
+        Ok(EtcdStore::txn(self, req).await?)
+    }
+    async fn compact(
+        &self,
+        req: crate::pb::etcdserverpb::CompactionRequest,
+    ) -> Result<crate::pb::etcdserverpb::CompactionResponse, tonic::Status> {
+        let rev = EtcdStore::compact(self, req).await?;
+        Ok(crate::pb::etcdserverpb::CompactionResponse {
+            header: Some(self.header(rev)),
+        })
+    }
+}
