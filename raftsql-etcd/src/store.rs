@@ -671,16 +671,27 @@ fn range_in_txn(c: &Connection, t: &WriteTxn, req: &RangeRequest) -> R<RangeResp
     range(c, &r, 0)
 }
 
-/// Fills every header in a response tree with the revision (etcd reports the same header in
-/// nested responses).
-fn set_headers(resp: &mut TxnResponse, h: &ResponseHeader) {
-    resp.header = Some(h.clone());
+/// Fills the headers of a txn response tree as etcd does: the top-level header is complete,
+/// a nested txn's header is empty, and each operation's header carries only the revision.
+fn set_headers(resp: &mut TxnResponse, top: &ResponseHeader) {
+    resp.header = Some(top.clone());
+    fill_ops(resp, top.revision);
+}
+
+fn fill_ops(resp: &mut TxnResponse, revision: i64) {
+    let h = ResponseHeader {
+        revision,
+        ..Default::default()
+    };
     for r in &mut resp.responses {
         match &mut r.response {
             Some(response_op::Response::ResponseRange(x)) => x.header = Some(h.clone()),
             Some(response_op::Response::ResponsePut(x)) => x.header = Some(h.clone()),
             Some(response_op::Response::ResponseDeleteRange(x)) => x.header = Some(h.clone()),
-            Some(response_op::Response::ResponseTxn(x)) => set_headers(x, h),
+            Some(response_op::Response::ResponseTxn(x)) => {
+                x.header = Some(ResponseHeader::default());
+                fill_ops(x, revision);
+            }
             None => {}
         }
     }

@@ -28,6 +28,8 @@ pub struct NodeProc {
 }
 
 pub struct Cluster {
+    /// Serve the etcd API on each node's address, port 2379.
+    pub etcd: bool,
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeProc>,
     pub peers: String,
@@ -38,6 +40,20 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes with extra `raftsql node` arguments.
     pub fn start(n: usize, args: &[&str]) -> Cluster {
+        Self::start_opts(n, args, false)
+    }
+
+    /// Starts `n` nodes that also serve the etcd API (on port 2379 of their address).
+    pub fn start_with_etcd(n: usize, args: &[&str]) -> Cluster {
+        Self::start_opts(n, args, true)
+    }
+
+    /// The etcd endpoint of a node (with `start_with_etcd`).
+    pub fn etcd_addr(&self, id: u64) -> SocketAddr {
+        SocketAddr::new(self.addr(id).ip(), 2379)
+    }
+
+    fn start_opts(n: usize, args: &[&str], etcd: bool) -> Cluster {
         let c = NEXT_CLUSTER.fetch_add(1, Ordering::SeqCst);
         let x = (std::process::id() % 200) + 20;
         let dir = tempfile::Builder::new()
@@ -64,6 +80,7 @@ impl Cluster {
             .build()
             .unwrap();
         let mut cl = Cluster {
+            etcd,
             dir,
             nodes,
             peers,
@@ -82,7 +99,11 @@ impl Cluster {
 
     pub fn spawn(&mut self, id: u64) {
         let peers = self.peers.clone();
-        let args = self.args.clone();
+        let mut args = self.args.clone();
+        if self.etcd {
+            args.push("--etcd-listen".into());
+            args.push(SocketAddr::new(self.nodes[(id - 1) as usize].addr.ip(), 2379).to_string());
+        }
         let n = &mut self.nodes[(id - 1) as usize];
         assert!(n.child.is_none(), "node {id} already running");
         let log = std::fs::OpenOptions::new()
