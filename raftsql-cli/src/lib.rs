@@ -228,7 +228,7 @@ async fn run_node(a: NodeArgs) -> CliResult {
             .await
             .map_err(|e| format!("--etcd-listen {addr}: {e}"))?;
         eprintln!("raftsql: node {} serves the etcd v3 API on {addr}", a.id);
-        let store = std::sync::Arc::new(raftsql_etcd::EtcdStore::new(node.clone(), cluster_id));
+        let store = raftsql_etcd::EtcdStore::new(node.clone(), cluster_id);
         Some(tokio::spawn(raftsql_etcd::serve_listener(
             listener,
             store,

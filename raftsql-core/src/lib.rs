@@ -27,5 +27,5 @@ pub mod vfs;
 
 pub use client::Client;
 pub use error::{Error, Result};
-pub use node::{parse_peers, Node, NodeConfig, Status, Transaction};
+pub use node::{parse_peers, Node, NodeConfig, ServiceHandler, Status, Transaction};
 pub use value::{ExecResult, Rows, Statement, Value};

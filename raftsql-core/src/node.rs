@@ -161,6 +161,17 @@ struct Shared {
     receiving_snapshot: AtomicBool,
     stopped: AtomicBool,
     forward_pool: Mutex<HashMap<SocketAddr, Vec<RpcConn>>>,
+    services: parking_lot::RwLock<HashMap<String, Arc<dyn ServiceHandler>>>,
+}
+
+/// A service the embedding application runs on every node, reachable from other nodes with
+/// [`Node::call_leader`] (the etcd facade forwards writes this way).
+pub trait ServiceHandler: Send + Sync + 'static {
+    /// Handles one call; the payload format is the service's own.
+    fn call(
+        &self,
+        payload: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes>> + Send>>;
 }
 
 /// A running raftsql node. Cheap to clone; all clones drive the same node.
@@ -341,6 +352,7 @@ impl Node {
             receiving_snapshot: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             forward_pool: Mutex::new(HashMap::new()),
+            services: parking_lot::RwLock::new(HashMap::new()),
         });
         let handler = Arc::new(NodeHandler {
             shared: Arc::downgrade(&shared),
@@ -447,6 +459,20 @@ impl Node {
         tokio::task::spawn_blocking(move || handle.read(f).map(Some))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    /// Registers a service other nodes can call (see [`ServiceHandler`]).
+    pub fn register_service(&self, name: &str, handler: Arc<dyn ServiceHandler>) {
+        self.shared
+            .services
+            .write()
+            .insert(name.to_string(), handler);
+    }
+
+    /// Calls `service` on the current leader (which may be this node) and returns its reply.
+    /// A call whose answer is lost after it was sent is [`Error::OutcomeUnknown`].
+    pub async fn call_leader(&self, service: &str, payload: Bytes) -> Result<Bytes> {
+        self.shared.call_leader(service, payload).await
     }
 
     /// The index of the last entry applied here, and every later change of it.
@@ -674,6 +700,62 @@ impl Shared {
                 .map_err(|_| Error::Shutdown)?
                 .map_err(|e| self.with_leader_hint(e)),
             Err(_) => Err(Error::Timeout(self.cfg.write_timeout)),
+        }
+    }
+
+    /// A pooled connection to the leader, with its address.
+    async fn leader_conn(&self) -> Result<(SocketAddr, RpcConn)> {
+        let leader = self.raft_status.lock().leader_id;
+        let addr = self.peers.lock().get(&leader).copied();
+        let Some(addr) = addr.filter(|_| leader != 0) else {
+            return Err(Error::Unavailable(
+                "no leader is known right now (an election may be in progress)".into(),
+            ));
+        };
+        let pooled = self
+            .forward_pool
+            .lock()
+            .get_mut(&addr)
+            .and_then(|v| v.pop());
+        if let Some(mut c) = pooled {
+            if !c.is_closed() {
+                return Ok((addr, c));
+            }
+        }
+        let c = RpcConn::connect(
+            addr,
+            self.cfg.id,
+            &self.cfg.cluster,
+            Some(self.cfg.listen.ip()),
+        )
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot reach the leader at {addr}: {e}")))?;
+        Ok((addr, c))
+    }
+
+    async fn call_leader(&self, service: &str, payload: Bytes) -> Result<Bytes> {
+        if self.raft_status.lock().role == "leader" {
+            let h = self.services.read().get(service).cloned();
+            let h =
+                h.ok_or_else(|| Error::Invalid(format!("no service {service:?} on this node")))?;
+            return h.call(payload).await;
+        }
+        let (addr, mut conn) = self.leader_conn().await?;
+        let body = pb::request::Body::Service(pb::ServiceCall {
+            service: service.to_string(),
+            payload,
+        });
+        match conn.call(body).await {
+            Ok(pb::response::Body::Service(r)) => {
+                self.forward_pool.lock().entry(addr).or_default().push(conn);
+                Ok(r.payload)
+            }
+            Ok(pb::response::Body::Error(e)) => {
+                self.forward_pool.lock().entry(addr).or_default().push(conn);
+                Err(crate::client::from_pb(e))
+            }
+            Ok(_) => Err(Error::Transport("unexpected response".into())),
+            Err(_) => Err(Error::OutcomeUnknown),
         }
     }
 
@@ -993,6 +1075,24 @@ impl Handler for NodeHandler {
                             })),
                         },
                         Err(e) => error_response(id, &e),
+                    }
+                }
+                Some(pb::request::Body::Service(call)) => {
+                    let h = shared.services.read().get(&call.service).cloned();
+                    match h {
+                        Some(h) => match h.call(call.payload).await {
+                            Ok(payload) => pb::Response {
+                                id,
+                                body: Some(pb::response::Body::Service(pb::ServiceReply {
+                                    payload,
+                                })),
+                            },
+                            Err(e) => error_response(id, &e),
+                        },
+                        None => error_response(
+                            id,
+                            &Error::Invalid(format!("no service {:?} on this node", call.service)),
+                        ),
                     }
                 }
                 Some(pb::request::Body::TxEnd(x)) => match shared.tx_end(x.tx_id, x.commit).await {
