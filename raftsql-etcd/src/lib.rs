@@ -7,6 +7,7 @@
 pub mod pb;
 pub mod server;
 pub mod store;
+pub mod watch;
 
 pub use server::{serve, serve_listener, Backend, EtcdServer};
 pub use store::EtcdStore;

@@ -106,6 +106,12 @@ pub trait Backend: Send + Sync + 'static {
         let _ = req;
         Err(unimplemented())
     }
+
+    /// Watch: serves one bidirectional stream of watch requests.
+    async fn watch(&self, reqs: Streaming<WatchRequest>) -> Result<ResponseStream<WatchResponse>, Status> {
+        let _ = reqs;
+        Err(unimplemented())
+    }
 }
 
 /// The etcd gRPC services over a [`Backend`]. Cheap to clone (one `Arc`).
@@ -197,9 +203,10 @@ service_impl! {
 
         async fn watch(
             &self,
-            _request: Request<Streaming<WatchRequest>>,
+            request: Request<Streaming<WatchRequest>>,
         ) -> Result<Response<Self::WatchStream>, Status> {
-            Err(unimplemented())
+            let stream = self.backend.watch(request.into_inner()).await?;
+            Ok(Response::new(stream))
         }
     }
     unimplemented {}

@@ -832,6 +832,11 @@ impl EtcdStore {
         &self.node
     }
 
+    /// The response header for `revision` (this node as member, its current term).
+    pub fn header_now(&self, revision: i64) -> ResponseHeader {
+        self.header(revision)
+    }
+
     fn header(&self, revision: i64) -> ResponseHeader {
         header(self.cluster_id, &self.node, revision)
     }
@@ -1026,5 +1031,13 @@ impl crate::server::Backend for EtcdStore {
         Ok(crate::pb::etcdserverpb::CompactionResponse {
             header: Some(self.header(rev)),
         })
+    }
+    async fn watch(
+        &self,
+        reqs: tonic::Streaming<crate::pb::etcdserverpb::WatchRequest>,
+    ) -> Result<crate::server::ResponseStream<crate::pb::etcdserverpb::WatchResponse>, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(crate::watch::serve_stream(std::sync::Arc::new(self.clone()), reqs, tx));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }

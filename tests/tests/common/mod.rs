@@ -4,6 +4,8 @@
 //! per-process counter), so tests can run in parallel and every node has its own address.
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,411 @@
+//! etcd's Watch service: one bidirectional stream multiplexing many watches.
+//!
+//! Each watch is a task that owns `next`, the first revision it has not sent yet. It reads
+//! the changes at or after `next` from `kv_rev` (the event log, ordered by revision and
+//! sub-revision) on what this node has applied, sends them, and moves `next` past the last
+//! revision sent; when there is nothing new it sleeps until the node applies another entry
+//! (no polling loop). Hence, as etcd documents:
+//! - *ordered*: events come in revision order;
+//! - *unique* and *reliable*: a response always ends on a whole revision and `next` moves
+//!   exactly past it, so no event is sent twice or skipped;
+//! - *atomic*: the events of one revision (one txn) are never split across responses;
+//! - *resumable*: a client that reconnects with `start_revision` = last seen + 1 gets the rest;
+//! - a watch whose `next` falls below the compaction revision is canceled with
+//!   `compact_revision` (the client must re-list), never silently given a gap;
+//! - a slow client is never dropped: its task simply waits on the stream's send buffer and
+//!   catches up from history afterwards.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::{params, OptionalExtension};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::pb::etcdserverpb::{
+    watch_create_request::FilterType, watch_request, WatchCreateRequest, WatchRequest,
+    WatchResponse,
+};
+use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
+use crate::store::{EtcdStore, DB};
+
+/// Most events read (and sent) at once, unless one revision alone has more.
+const BATCH: i64 = 1000;
+/// etcd's default interval of progress notifications for watches that ask for them.
+const PROGRESS_EVERY: Duration = Duration::from_secs(600);
+
+type Out = mpsc::Sender<Result<WatchResponse, Status>>;
+
+/// What one read of the event log found for a watch.
+enum Batch {
+    /// Events (possibly none) and the revision to continue from, with the store revision.
+    Events {
+        events: Vec<Event>,
+        next: i64,
+        rev: i64,
+    },
+    /// `next` is below the compaction revision.
+    Compacted(i64),
+}
+
+/// The interval `[start, end)` of a watch (`end` None: to the last key).
+#[derive(Clone)]
+struct Keys {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+}
+
+impl Keys {
+    fn new(key: &[u8], range_end: &[u8]) -> Keys {
+        if range_end.is_empty() {
+            let mut end = key.to_vec();
+            end.push(0);
+            Keys {
+                start: key.to_vec(),
+                end: Some(end),
+            }
+        } else if range_end == [0] {
+            Keys {
+                start: key.to_vec(),
+                end: None,
+            }
+        } else {
+            Keys {
+                start: key.to_vec(),
+                end: Some(range_end.to_vec()),
+            }
+        }
+    }
+}
+
+/// Reads the changes of `keys` at revisions >= `next`, never splitting a revision.
+fn read_events(
+    c: &rusqlite::Connection,
+    keys: &Keys,
+    next: i64,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+) -> rusqlite::Result<Batch> {
+    let meta = |name: &str, d: i64| -> rusqlite::Result<i64> {
+        Ok(
+            c.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(d),
+        )
+    };
+    let has_schema = c
+        .query_row(
+            "SELECT 1 FROM sqlite_schema WHERE name = 'meta'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !has_schema {
+        return Ok(Batch::Events {
+            events: Vec::new(),
+            next,
+            rev: 1,
+        });
+    }
+    let rev = meta("rev", 1)?;
+    let compact = meta("compact_rev", 0)?;
+    if next < compact {
+        return Ok(Batch::Compacted(compact));
+    }
+    if next > rev {
+        return Ok(Batch::Events {
+            events: Vec::new(),
+            next,
+            rev,
+        });
+    }
+    // The last revision to read: cut at BATCH rows, but never inside a revision.
+    let cut: Option<i64> = c
+        .prepare_cached(
+            "SELECT rev FROM kv_rev WHERE rev >= ?1 ORDER BY rev, sub LIMIT 1 OFFSET ?2",
+        )?
+        .query_row(params![next, BATCH], |r| r.get(0))
+        .optional()?;
+    let upto = match cut {
+        Some(r) if r > next => r - 1,
+        Some(r) => r,
+        None => rev,
+    };
+    let mut st = c.prepare_cached(
+        "SELECT rev, key, create_rev, version, value, lease FROM kv_rev
+         WHERE rev >= ?1 AND rev <= ?2 AND key >= ?3 AND (?4 IS NULL OR key < ?4) ORDER BY rev, sub",
+    )?;
+    let mut prev = c.prepare_cached(
+        "SELECT key, create_rev, rev, version, value, lease FROM kv_rev INDEXED BY kv_rev_key
+         WHERE key = ?1 AND rev < ?2 ORDER BY rev DESC LIMIT 1",
+    )?;
+    let mut rows = st.query(params![next, upto, keys.start, keys.end])?;
+    let mut events = Vec::new();
+    while let Some(r) = rows.next()? {
+        let (mod_rev, key, create_rev, version, value, lease): (
+            i64,
+            Vec<u8>,
+            i64,
+            i64,
+            Vec<u8>,
+            i64,
+        ) = (
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        );
+        let deleted = version == 0;
+        if (deleted && no_delete) || (!deleted && no_put) {
+            continue;
+        }
+        let kv = if deleted {
+            KeyValue {
+                key: Bytes::from(key.clone()),
+                mod_revision: mod_rev,
+                ..Default::default()
+            }
+        } else {
+            KeyValue {
+                key: Bytes::from(key.clone()),
+                create_revision: create_rev,
+                mod_revision: mod_rev,
+                version,
+                value: Bytes::from(value),
+                lease,
+            }
+        };
+        let prev_kv = if prev_kv {
+            prev.query_row(params![key, mod_rev], |r| {
+                Ok(KeyValue {
+                    key: Bytes::from(r.get::<_, Vec<u8>>(0)?),
+                    create_revision: r.get(1)?,
+                    mod_revision: r.get(2)?,
+                    version: r.get(3)?,
+                    value: Bytes::from(r.get::<_, Vec<u8>>(4)?),
+                    lease: r.get(5)?,
+                })
+            })
+            .optional()?
+            .filter(|p| p.version > 0)
+        } else {
+            None
+        };
+        events.push(Event {
+            r#type: if deleted {
+                EventType::Delete as i32
+            } else {
+                EventType::Put as i32
+            },
+            kv: Some(kv),
+            prev_kv,
+        });
+    }
+    Ok(Batch::Events {
+        events,
+        next: upto + 1,
+        rev,
+    })
+}
+
+/// Serves one Watch stream until the client closes it.
+pub async fn serve_stream(
+    store: Arc<EtcdStore>,
+    mut reqs: tonic::Streaming<WatchRequest>,
+    out: Out,
+) {
+    let mut watches: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut next_id = 0i64;
+    loop {
+        let req = match reqs.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => break,
+        };
+        watches.retain(|_, t| !t.is_finished());
+        match req.request_union {
+            Some(watch_request::RequestUnion::CreateRequest(c)) => {
+                let id = if c.watch_id != 0 {
+                    c.watch_id
+                } else {
+                    while watches.contains_key(&next_id) {
+                        next_id += 1;
+                    }
+                    next_id
+                };
+                if watches.contains_key(&id) {
+                    let _ = out
+                        .send(Ok(WatchResponse {
+                            header: Some(store.header_now(0)),
+                            watch_id: id,
+                            created: false,
+                            canceled: true,
+                            cancel_reason: "etcdserver: duplicate watch ID".into(),
+                            ..Default::default()
+                        }))
+                        .await;
+                    continue;
+                }
+                next_id = next_id.max(id + 1);
+                let current = current_rev(&store).await;
+                let start = if c.start_revision > 0 {
+                    c.start_revision
+                } else {
+                    current + 1
+                };
+                // `created` goes out before any event of this watch (in request order).
+                let _ = out
+                    .send(Ok(WatchResponse {
+                        header: Some(store.header_now(current)),
+                        watch_id: id,
+                        created: true,
+                        ..Default::default()
+                    }))
+                    .await;
+                watches.insert(
+                    id,
+                    tokio::spawn(run_watch(store.clone(), id, c, start, out.clone())),
+                );
+            }
+            Some(watch_request::RequestUnion::CancelRequest(c)) => {
+                if let Some(t) = watches.remove(&c.watch_id) {
+                    t.abort();
+                    let _ = out
+                        .send(Ok(WatchResponse {
+                            header: Some(store.header_now(current_rev(&store).await)),
+                            watch_id: c.watch_id,
+                            canceled: true,
+                            ..Default::default()
+                        }))
+                        .await;
+                }
+            }
+            Some(watch_request::RequestUnion::ProgressRequest(_)) => {
+                // etcd: a progress notification for the whole stream, watch_id -1.
+                let _ = out
+                    .send(Ok(WatchResponse {
+                        header: Some(store.header_now(current_rev(&store).await)),
+                        watch_id: -1,
+                        ..Default::default()
+                    }))
+                    .await;
+            }
+            None => {}
+        }
+    }
+    for (_, t) in watches {
+        t.abort();
+    }
+}
+
+async fn current_rev(store: &EtcdStore) -> i64 {
+    store
+        .node()
+        .read(DB, true, |c| {
+            let has = c
+                .query_row(
+                    "SELECT 1 FROM sqlite_schema WHERE name = 'meta'",
+                    [],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if !has {
+                return Ok(1);
+            }
+            Ok(
+                c.query_row("SELECT value FROM meta WHERE name = 'rev'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?
+                .unwrap_or(1),
+            )
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(1)
+}
+
+/// One watch: sends the events from `start` on, then follows what this node applies.
+async fn run_watch(store: Arc<EtcdStore>, id: i64, c: WatchCreateRequest, start: i64, out: Out) {
+    let keys = Keys::new(&c.key, &c.range_end);
+    let no_put = c.filters.contains(&(FilterType::Noput as i32));
+    let no_delete = c.filters.contains(&(FilterType::Nodelete as i32));
+    let mut applied = store.node().subscribe_applied();
+    let mut next = start;
+    let mut last_progress = tokio::time::Instant::now();
+    loop {
+        let (k, pk) = (keys.clone(), c.prev_kv);
+        let batch = store
+            .node()
+            .read(DB, true, move |conn| {
+                Ok(read_events(conn, &k, next, pk, no_put, no_delete)?)
+            })
+            .await;
+        match batch {
+            Ok(Some(Batch::Compacted(compact))) => {
+                // etcd sends this one with revision 0 in its header.
+                let _ = out
+                    .send(Ok(WatchResponse {
+                        header: Some(store.header_now(0)),
+                        watch_id: id,
+                        canceled: true,
+                        compact_revision: compact,
+                        ..Default::default()
+                    }))
+                    .await;
+                return;
+            }
+            Ok(Some(Batch::Events {
+                events,
+                next: n,
+                rev,
+            })) => {
+                let advanced = n > next;
+                next = n;
+                if !events.is_empty() {
+                    let resp = WatchResponse {
+                        header: Some(store.header_now(rev)),
+                        watch_id: id,
+                        events,
+                        ..Default::default()
+                    };
+                    if out.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                    last_progress = tokio::time::Instant::now();
+                }
+                if advanced && next <= rev {
+                    continue; // more history to send
+                }
+            }
+            Ok(None) => {} // the database does not exist yet
+            Err(e) => tracing::warn!("watch {id}: reading events failed: {e}"),
+        }
+        // Nothing new: wait for the node to apply something (or a progress notification).
+        let wait = applied.changed();
+        if c.progress_notify {
+            let due = last_progress + PROGRESS_EVERY;
+            tokio::select! {
+                r = wait => if r.is_err() { return },
+                _ = tokio::time::sleep_until(due) => {
+                    let resp = WatchResponse { header: Some(store.header_now(next - 1)), watch_id: id, ..Default::default() };
+                    if out.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                    last_progress = tokio::time::Instant::now();
+                }
+            }
+        } else if wait.await.is_err() {
+            return;
+        }
+    }
+}
