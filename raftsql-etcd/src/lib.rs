@@ -8,6 +8,7 @@ pub mod pb;
 pub mod server;
 pub mod store;
 pub mod watch;
+pub mod lease;
 
 pub use server::{serve, serve_listener, Backend, EtcdServer};
 pub use store::EtcdStore;

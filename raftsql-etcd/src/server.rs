@@ -107,8 +107,43 @@ pub trait Backend: Send + Sync + 'static {
         Err(unimplemented())
     }
 
+    /// LeaseGrant.
+    async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// LeaseRevoke.
+    async fn lease_revoke(&self, req: LeaseRevokeRequest) -> Result<LeaseRevokeResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// LeaseTimeToLive.
+    async fn lease_time_to_live(
+        &self,
+        req: LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// LeaseLeases.
+    async fn lease_leases(&self, req: LeaseLeasesRequest) -> Result<LeaseLeasesResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// LeaseKeepAlive: one stream of keep-alive requests.
+    async fn lease_keep_alive(
+        &self,
+        reqs: Streaming<LeaseKeepAliveRequest>,
+    ) -> Result<ResponseStream<LeaseKeepAliveResponse>, Status> {
+        let _ = reqs;
+        Err(unimplemented())
+    }
+
     /// Watch: serves one bidirectional stream of watch requests.
-    async fn watch(&self, reqs: Streaming<WatchRequest>) -> Result<ResponseStream<WatchResponse>, Status> {
+    async fn watch(
+        &self,
+        reqs: Streaming<WatchRequest>,
+    ) -> Result<ResponseStream<WatchResponse>, Status> {
         let _ = reqs;
         Err(unimplemented())
     }
@@ -218,17 +253,27 @@ service_impl! {
 
         async fn lease_keep_alive(
             &self,
-            _request: Request<Streaming<LeaseKeepAliveRequest>>,
+            request: Request<Streaming<LeaseKeepAliveRequest>>,
         ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-            Err(unimplemented())
+            Ok(Response::new(self.backend.lease_keep_alive(request.into_inner()).await?))
+        }
+        async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+            self.delegate(request, |b, r| b.lease_grant(r)).await
+        }
+        async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+            self.delegate(request, |b, r| b.lease_revoke(r)).await
+        }
+        async fn lease_time_to_live(
+            &self,
+            request: Request<LeaseTimeToLiveRequest>,
+        ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+            self.delegate(request, |b, r| b.lease_time_to_live(r)).await
+        }
+        async fn lease_leases(&self, request: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+            self.delegate(request, |b, r| b.lease_leases(r)).await
         }
     }
-    unimplemented {
-        lease_grant(LeaseGrantRequest) -> LeaseGrantResponse;
-        lease_revoke(LeaseRevokeRequest) -> LeaseRevokeResponse;
-        lease_time_to_live(LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse;
-        lease_leases(LeaseLeasesRequest) -> LeaseLeasesResponse;
-    }
+    unimplemented {}
 }
 
 service_impl! {

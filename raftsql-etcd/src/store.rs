@@ -62,6 +62,12 @@ CREATE TABLE IF NOT EXISTS lease (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL, 
 /// etcd's errors, with the exact gRPC codes and messages its clients match on.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
+    /// Granting a lease id that exists.
+    #[error("etcdserver: lease already exists")]
+    LeaseExist,
+    /// A TTL over etcd's maximum.
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     /// The requested revision was compacted away.
     #[error("etcdserver: mvcc: required revision has been compacted")]
     Compacted,
@@ -120,6 +126,8 @@ impl From<EtcdError> for tonic::Status {
             | EtcdError::DuplicateKey
             | EtcdError::TooManyOps => Code::InvalidArgument,
             EtcdError::LeaseNotFound => Code::NotFound,
+            EtcdError::LeaseExist => Code::FailedPrecondition,
+            EtcdError::LeaseTtlTooLarge => Code::OutOfRange,
             EtcdError::NoLeader => Code::Unavailable,
             EtcdError::Timeout => Code::Unavailable,
             EtcdError::Internal(_) => Code::Unknown,
@@ -138,12 +146,14 @@ fn core(e: EtcdError) -> CoreError {
         EtcdError::LeaseNotFound => 4,
         EtcdError::DuplicateKey => 5,
         EtcdError::TooManyOps => 6,
+        EtcdError::LeaseExist => 7,
+        EtcdError::LeaseTtlTooLarge => 8,
         other => return CoreError::Internal(other.to_string()),
     };
     CoreError::Invalid(format!("\u{1}etcd:{}", code as char))
 }
 
-type R<T> = Result<T, EtcdError>;
+pub(crate) type R<T> = Result<T, EtcdError>;
 
 /// One key's state at some revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -392,7 +402,7 @@ fn range(c: &Connection, req: &RangeRequest, header_rev: i64) -> R<RangeResponse
 }
 
 /// A write transaction in progress: the revision it will write at and its sub-revisions.
-struct WriteTxn {
+pub(crate) struct WriteTxn {
     rev: i64,
     sub: i64,
 }
@@ -478,7 +488,7 @@ fn put(c: &Connection, t: &mut WriteTxn, req: &PutRequest) -> R<PutResponse> {
     })
 }
 
-fn delete_range(
+pub(crate) fn delete_range(
     c: &Connection,
     t: &mut WriteTxn,
     req: &DeleteRangeRequest,
@@ -703,8 +713,9 @@ pub struct EtcdStore {
     node: Node,
     /// Reported in response headers.
     pub cluster_id: u64,
+    /// Lease deadlines, kept by the leader only (see `lease.rs`).
+    pub(crate) clock: std::sync::Arc<parking_lot::Mutex<crate::lease::LeaseClock>>,
 }
-
 /// Writes that reach a follower run on the leader: this node service (registered as
 /// `etcd`) receives them there. Payload: one byte naming the request, then the request's
 /// protobuf; reply: the response's protobuf.
@@ -747,6 +758,9 @@ impl raftsql_core::ServiceHandler for Forwarded {
                     .compact_local(CompactionRequest::decode(body).map_err(bad)?)
                     .await
                     .map(|r| r.to_le_bytes().to_vec()),
+                crate::lease::FWD_GRANT..=crate::lease::FWD_TTL => {
+                    store.lease_local(kind, body).await
+                }
                 k => return Err(CoreError::Invalid(format!("unknown etcd call {k}"))),
             };
             out.map(Bytes::from).map_err(encode_err)
@@ -765,9 +779,10 @@ pub fn header(cluster_id: u64, node: &Node, revision: i64) -> ResponseHeader {
     }
 }
 
-fn decode_err(e: CoreError) -> EtcdError {
+pub(crate) fn decode_err(e: CoreError) -> EtcdError {
     if let CoreError::Invalid(m) = &e {
-        if let Some(code) = m.strip_prefix("\u{1}etcd:") {
+        // The marker may come wrapped (a forwarded call's error text).
+        if let Some(code) = m.find("\u{1}etcd:").map(|i| &m[i + "\u{1}etcd:".len()..]) {
             return match code.chars().next().map(|c| c as u8) {
                 Some(0) => EtcdError::Compacted,
                 Some(1) => EtcdError::FutureRev,
@@ -776,6 +791,8 @@ fn decode_err(e: CoreError) -> EtcdError {
                 Some(4) => EtcdError::LeaseNotFound,
                 Some(5) => EtcdError::DuplicateKey,
                 Some(6) => EtcdError::TooManyOps,
+                Some(7) => EtcdError::LeaseExist,
+                Some(8) => EtcdError::LeaseTtlTooLarge,
                 _ => EtcdError::Internal(m.clone()),
             };
         }
@@ -783,7 +800,7 @@ fn decode_err(e: CoreError) -> EtcdError {
     e.into()
 }
 
-fn encode_err(e: EtcdError) -> CoreError {
+pub(crate) fn encode_err(e: EtcdError) -> CoreError {
     match e {
         EtcdError::Internal(m) => CoreError::Internal(m),
         EtcdError::NoLeader => CoreError::Unavailable("no leader".into()),
@@ -796,20 +813,25 @@ impl EtcdStore {
     /// A store on `node` (creates the schema on first write), registered with the node so
     /// that followers can forward writes to it when this node leads.
     pub fn new(node: Node, cluster_id: u64) -> std::sync::Arc<EtcdStore> {
-        let store = std::sync::Arc::new(EtcdStore { node, cluster_id });
+        let store = std::sync::Arc::new(EtcdStore {
+            node,
+            cluster_id,
+            clock: Default::default(),
+        });
         store.node.register_service(
             "etcd",
             std::sync::Arc::new(Forwarded(std::sync::Arc::downgrade(&store))),
         );
+        crate::lease::spawn_expiry(std::sync::Arc::downgrade(&store));
         store
     }
 
-    fn leads(&self) -> bool {
+    pub(crate) fn leads(&self) -> bool {
         self.node.status().raft.role == "leader"
     }
 
     /// Sends a write to the leader's store and decodes its answer.
-    async fn forward<T: prost::Message + Default>(
+    pub(crate) async fn forward<T: prost::Message + Default>(
         &self,
         kind: u8,
         req: &impl prost::Message,
@@ -842,7 +864,7 @@ impl EtcdStore {
     }
 
     /// Runs `f` as one write transaction of the store (schema ensured first).
-    async fn write<T: Send + 'static>(
+    pub(crate) async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection, &mut WriteTxn) -> R<T> + Send + 'static,
     ) -> R<(T, i64)> {
@@ -1032,12 +1054,57 @@ impl crate::server::Backend for EtcdStore {
             header: Some(self.header(rev)),
         })
     }
+    async fn lease_grant(
+        &self,
+        req: crate::pb::etcdserverpb::LeaseGrantRequest,
+    ) -> Result<crate::pb::etcdserverpb::LeaseGrantResponse, tonic::Status> {
+        Ok(EtcdStore::lease_grant(self, req).await?)
+    }
+    async fn lease_revoke(
+        &self,
+        req: crate::pb::etcdserverpb::LeaseRevokeRequest,
+    ) -> Result<crate::pb::etcdserverpb::LeaseRevokeResponse, tonic::Status> {
+        Ok(EtcdStore::lease_revoke(self, req).await?)
+    }
+    async fn lease_time_to_live(
+        &self,
+        req: crate::pb::etcdserverpb::LeaseTimeToLiveRequest,
+    ) -> Result<crate::pb::etcdserverpb::LeaseTimeToLiveResponse, tonic::Status> {
+        Ok(EtcdStore::lease_time_to_live(self, req).await?)
+    }
+    async fn lease_leases(
+        &self,
+        req: crate::pb::etcdserverpb::LeaseLeasesRequest,
+    ) -> Result<crate::pb::etcdserverpb::LeaseLeasesResponse, tonic::Status> {
+        let _ = req;
+        Ok(EtcdStore::lease_leases(self).await?)
+    }
+    async fn lease_keep_alive(
+        &self,
+        reqs: tonic::Streaming<crate::pb::etcdserverpb::LeaseKeepAliveRequest>,
+    ) -> Result<
+        crate::server::ResponseStream<crate::pb::etcdserverpb::LeaseKeepAliveResponse>,
+        tonic::Status,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(crate::lease::serve_keep_alive(
+            std::sync::Arc::new(self.clone()),
+            reqs,
+            tx,
+        ));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
     async fn watch(
         &self,
         reqs: tonic::Streaming<crate::pb::etcdserverpb::WatchRequest>,
-    ) -> Result<crate::server::ResponseStream<crate::pb::etcdserverpb::WatchResponse>, tonic::Status> {
+    ) -> Result<crate::server::ResponseStream<crate::pb::etcdserverpb::WatchResponse>, tonic::Status>
+    {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(crate::watch::serve_stream(std::sync::Arc::new(self.clone()), reqs, tx));
+        tokio::spawn(crate::watch::serve_stream(
+            std::sync::Arc::new(self.clone()),
+            reqs,
+            tx,
+        ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }

@@ -305,6 +305,11 @@ pub async fn serve_stream(
     }
 }
 
+/// The store's current revision as this node has applied it (1 if empty).
+pub async fn current_rev_of(store: &EtcdStore) -> i64 {
+    current_rev(store).await
+}
+
 async fn current_rev(store: &EtcdStore) -> i64 {
     store
         .node()
