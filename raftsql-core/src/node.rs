@@ -505,6 +505,11 @@ impl Node {
         })
     }
 
+    /// Every member's id and address.
+    pub fn peers(&self) -> BTreeMap<u64, SocketAddr> {
+        self.shared.peers.lock().clone()
+    }
+
     /// Names of the databases on this node.
     pub fn databases(&self) -> Vec<String> {
         let mut v: Vec<String> = self.shared.dbs.read().keys().cloned().collect();

@@ -9,6 +9,7 @@ pub mod server;
 pub mod store;
 pub mod watch;
 pub mod lease;
+pub mod maintenance;
 
 pub use server::{serve, serve_listener, Backend, EtcdServer};
 pub use store::EtcdStore;

@@ -1054,6 +1054,20 @@ impl crate::server::Backend for EtcdStore {
             header: Some(self.header(rev)),
         })
     }
+    async fn status(
+        &self,
+        req: crate::pb::etcdserverpb::StatusRequest,
+    ) -> Result<crate::pb::etcdserverpb::StatusResponse, tonic::Status> {
+        let _ = req;
+        Ok(EtcdStore::status(self).await?)
+    }
+    async fn member_list(
+        &self,
+        req: crate::pb::etcdserverpb::MemberListRequest,
+    ) -> Result<crate::pb::etcdserverpb::MemberListResponse, tonic::Status> {
+        let _ = req;
+        Ok(EtcdStore::member_list(self).await?)
+    }
     async fn lease_grant(
         &self,
         req: crate::pb::etcdserverpb::LeaseGrantRequest,

@@ -91,5 +91,25 @@ fn etcdctl_through_a_follower() {
         err.contains("required revision has been compacted"),
         "{err}"
     );
+    // Endpoint status and member list.
+    let j: serde_json::Value =
+        serde_json::from_str(&run(&["endpoint", "status", "-w", "json"])).unwrap();
+    let st = &j[0]["Status"];
+    assert_eq!(st["version"], "3.5.0");
+    assert_eq!(st["leader"], leader);
+    assert!(st["dbSize"].as_i64().unwrap() > 0, "{st}");
+    let members = run(&["member", "list"]);
+    assert_eq!(members.lines().count(), 3, "{members}");
+    assert!(
+        members.contains("raftsql-1") && members.contains("started"),
+        "{members}"
+    );
+    // Leases: a key attached to a lease goes with it.
+    let granted = run(&["lease", "grant", "100"]);
+    let id = granted.split_whitespace().nth(1).unwrap().to_string();
+    assert_eq!(run(&["put", "/leased", "v", "--lease", &id]), "OK\n");
+    assert!(run(&["lease", "timetolive", &id, "--keys"]).contains("/leased"));
+    assert!(run(&["lease", "revoke", &id]).contains("revoked"));
+    assert_eq!(run(&["get", "/leased"]), "");
     c.wait_converged(T);
 }
