@@ -2,7 +2,9 @@
 
 use rusqlite::OptionalExtension;
 
-use crate::pb::etcdserverpb::{Member, MemberListResponse, StatusResponse};
+use crate::pb::etcdserverpb::{
+    AlarmResponse, DefragmentResponse, HashKvResponse, Member, MemberListResponse, StatusResponse,
+};
 use crate::store::{decode_err, EtcdStore, DB, R};
 
 /// The etcd version this facade reports (the API level it implements).
@@ -60,6 +62,61 @@ impl EtcdStore {
         Ok(MemberListResponse {
             header: Some(self.header_now(rev)),
             members,
+        })
+    }
+
+    /// Maintenance.Alarm: raftsql raises no alarms (no space quota, no corruption alarm).
+    pub async fn alarm(&self) -> R<AlarmResponse> {
+        let rev = crate::watch::current_rev_of(self).await;
+        Ok(AlarmResponse {
+            header: Some(self.header_now(rev)),
+            alarms: Vec::new(),
+        })
+    }
+
+    /// Maintenance.Defragment: a no-op that says so. SQLite reuses freed pages, and a VACUUM
+    /// of a replicated database would have to be a replicated write of every page.
+    pub async fn defragment(&self) -> R<DefragmentResponse> {
+        tracing::info!("defragment requested: a no-op in raftsql (SQLite reuses freed pages)");
+        let rev = crate::watch::current_rev_of(self).await;
+        Ok(DefragmentResponse {
+            header: Some(self.header_now(rev)),
+        })
+    }
+
+    /// Maintenance.HashKV: crc32 of every key revision up to `revision` (0: current). Equal on
+    /// every member that applied the same entries; not comparable with etcd's own hash.
+    pub async fn hash_kv(&self, revision: i64) -> R<HashKvResponse> {
+        let r = self
+            .node()
+            .read(DB, true, move |c| {
+                let has = c.query_row("SELECT 1 FROM sqlite_schema WHERE name = 'meta'", [], |_| Ok(())).optional()?.is_some();
+                if !has {
+                    return Ok((0u32, 0i64, 1i64));
+                }
+                let cur: i64 = c.query_row("SELECT value FROM meta WHERE name = 'rev'", [], |r| r.get(0)).optional()?.unwrap_or(1);
+                let compact: i64 = c.query_row("SELECT value FROM meta WHERE name = 'compact_rev'", [], |r| r.get(0)).optional()?.unwrap_or(0);
+                let upto = if revision <= 0 { cur } else { revision.min(cur) };
+                let mut h = crc32fast::Hasher::new();
+                let mut st = c.prepare("SELECT rev, sub, key, version, value FROM kv_rev WHERE rev <= ?1 ORDER BY rev, sub")?;
+                let mut rows = st.query([upto])?;
+                while let Some(r) = rows.next()? {
+                    h.update(&r.get::<_, i64>(0)?.to_le_bytes());
+                    h.update(&r.get::<_, i64>(1)?.to_le_bytes());
+                    h.update(&r.get::<_, Vec<u8>>(2)?);
+                    h.update(&r.get::<_, i64>(3)?.to_le_bytes());
+                    h.update(&r.get::<_, Vec<u8>>(4)?);
+                }
+                Ok((h.finalize(), compact, upto))
+            })
+            .await
+            .map_err(decode_err)?
+            .unwrap_or((0, 0, 1));
+        let rev = crate::watch::current_rev_of(self).await;
+        Ok(HashKvResponse {
+            header: Some(self.header_now(rev)),
+            hash: r.0,
+            compact_revision: r.1,
         })
     }
 }

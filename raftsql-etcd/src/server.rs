@@ -107,6 +107,21 @@ pub trait Backend: Send + Sync + 'static {
         Err(unimplemented())
     }
 
+    /// Alarm.
+    async fn alarm(&self, req: AlarmRequest) -> Result<AlarmResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// Defragment.
+    async fn defragment(&self, req: DefragmentRequest) -> Result<DefragmentResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// HashKV.
+    async fn hash_kv(&self, req: HashKvRequest) -> Result<HashKvResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
     /// LeaseGrant.
     async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse, Status> {
         let _ = req;
@@ -300,6 +315,15 @@ service_impl! {
         async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
             self.delegate(request, |b, r| b.status(r)).await
         }
+        async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+            self.delegate(request, |b, r| b.alarm(r)).await
+        }
+        async fn defragment(&self, request: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+            self.delegate(request, |b, r| b.defragment(r)).await
+        }
+        async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+            self.delegate(request, |b, r| b.hash_kv(r)).await
+        }
         async fn snapshot(
             &self,
             _request: Request<SnapshotRequest>,
@@ -308,10 +332,7 @@ service_impl! {
         }
     }
     unimplemented {
-        alarm(AlarmRequest) -> AlarmResponse;
-        defragment(DefragmentRequest) -> DefragmentResponse;
         hash(HashRequest) -> HashResponse;
-        hash_kv(HashKvRequest) -> HashKvResponse;
         move_leader(MoveLeaderRequest) -> MoveLeaderResponse;
         downgrade(DowngradeRequest) -> DowngradeResponse;
     }

@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS lease (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL, 
 /// etcd's errors, with the exact gRPC codes and messages its clients match on.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
+    /// A request over etcd's 1.5 MiB limit.
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
     /// Granting a lease id that exists.
     #[error("etcdserver: lease already exists")]
     LeaseExist,
@@ -127,6 +130,8 @@ impl From<EtcdError> for tonic::Status {
             | EtcdError::TooManyOps => Code::InvalidArgument,
             EtcdError::LeaseNotFound => Code::NotFound,
             EtcdError::LeaseExist => Code::FailedPrecondition,
+            EtcdError::RequestTooLarge => Code::InvalidArgument,
+
             EtcdError::LeaseTtlTooLarge => Code::OutOfRange,
             EtcdError::NoLeader => Code::Unavailable,
             EtcdError::Timeout => Code::Unavailable,
@@ -147,6 +152,8 @@ fn core(e: EtcdError) -> CoreError {
         EtcdError::DuplicateKey => 5,
         EtcdError::TooManyOps => 6,
         EtcdError::LeaseExist => 7,
+        EtcdError::RequestTooLarge => 9,
+
         EtcdError::LeaseTtlTooLarge => 8,
         other => return CoreError::Internal(other.to_string()),
     };
@@ -707,6 +714,14 @@ fn fill_ops(resp: &mut TxnResponse, revision: i64) {
     }
 }
 
+/// etcd refuses requests larger than its `--max-request-bytes` (1.5 MiB by default).
+fn check_size(req: &impl prost::Message) -> R<()> {
+    if req.encoded_len() > crate::server::MAX_REQUEST_BYTES {
+        return Err(EtcdError::RequestTooLarge);
+    }
+    Ok(())
+}
+
 /// etcd's KV service on a raftsql node.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -792,6 +807,8 @@ pub(crate) fn decode_err(e: CoreError) -> EtcdError {
                 Some(5) => EtcdError::DuplicateKey,
                 Some(6) => EtcdError::TooManyOps,
                 Some(7) => EtcdError::LeaseExist,
+                Some(9) => EtcdError::RequestTooLarge,
+
                 Some(8) => EtcdError::LeaseTtlTooLarge,
                 _ => EtcdError::Internal(m.clone()),
             };
@@ -931,6 +948,7 @@ impl EtcdStore {
 
     /// Put (forwarded to the leader from a follower).
     pub async fn put(&self, req: PutRequest) -> R<PutResponse> {
+        check_size(&req)?;
         if !self.leads() {
             return self.forward(FWD_PUT, &req).await;
         }
@@ -959,6 +977,7 @@ impl EtcdStore {
 
     /// Txn (forwarded to the leader from a follower).
     pub async fn txn(&self, req: TxnRequest) -> R<TxnResponse> {
+        check_size(&req)?;
         if !self.leads() {
             check_txn(&req)?;
             return self.forward(FWD_TXN, &req).await;
@@ -1067,6 +1086,26 @@ impl crate::server::Backend for EtcdStore {
     ) -> Result<crate::pb::etcdserverpb::MemberListResponse, tonic::Status> {
         let _ = req;
         Ok(EtcdStore::member_list(self).await?)
+    }
+    async fn alarm(
+        &self,
+        req: crate::pb::etcdserverpb::AlarmRequest,
+    ) -> Result<crate::pb::etcdserverpb::AlarmResponse, tonic::Status> {
+        let _ = req;
+        Ok(EtcdStore::alarm(self).await?)
+    }
+    async fn defragment(
+        &self,
+        req: crate::pb::etcdserverpb::DefragmentRequest,
+    ) -> Result<crate::pb::etcdserverpb::DefragmentResponse, tonic::Status> {
+        let _ = req;
+        Ok(EtcdStore::defragment(self).await?)
+    }
+    async fn hash_kv(
+        &self,
+        req: crate::pb::etcdserverpb::HashKvRequest,
+    ) -> Result<crate::pb::etcdserverpb::HashKvResponse, tonic::Status> {
+        Ok(EtcdStore::hash_kv(self, req.revision).await?)
     }
     async fn lease_grant(
         &self,

@@ -203,6 +203,11 @@ fn hand_written() -> Vec<Op> {
             ..put("l", "v")
         }),
         Op::Put(put("", "v")),
+        Op::Put(PutRequest {
+            key: b("big"),
+            value: Bytes::from(vec![7u8; 1_600_000]),
+            ..Default::default()
+        }),
         // Deletes.
         Op::Delete(DeleteRangeRequest {
             key: b("nothing"),

@@ -112,4 +112,21 @@ fn etcdctl_through_a_follower() {
     assert!(run(&["lease", "revoke", &id]).contains("revoked"));
     assert_eq!(run(&["get", "/leased"]), "");
     c.wait_converged(T);
+    // Every member hashes its key history the same.
+    let hashes: Vec<String> = (1..=3)
+        .map(|i| {
+            let (ok, out, err) = etcdctl(
+                &c.etcd_addr(i).to_string(),
+                &["endpoint", "hashkv", "-w", "json"],
+                None,
+            );
+            assert!(ok, "{err}");
+            let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+            j[0]["HashKV"]["hash"].to_string()
+        })
+        .collect();
+    assert!(
+        hashes.iter().all(|h| h == &hashes[0] && h != "0"),
+        "{hashes:?}"
+    );
 }
