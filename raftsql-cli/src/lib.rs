@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 
 pub mod bench;
+pub mod bench_etcd;
 use raftsql_core::{Client, Node, NodeConfig, Value};
 
 /// Replicated SQLite over Raft.
@@ -46,6 +47,8 @@ enum Cmd {
 enum BenchCmd {
     /// dqlite-benchmark's key/value workloads against a running cluster; prints one JSON line.
     Sql(BenchSqlArgs),
+    /// Put / range / kube-style txn load against any etcd v3 endpoint; prints one JSON line.
+    Etcd(bench_etcd::BenchEtcdArgs),
 }
 
 #[derive(Args, Debug)]
@@ -183,6 +186,9 @@ pub fn main() -> ExitCode {
             Cmd::Bench {
                 what: BenchCmd::Sql(a),
             } => run_bench_sql(a).await,
+            Cmd::Bench {
+                what: BenchCmd::Etcd(a),
+            } => bench_etcd::main(a).await,
         }
     });
     match r {

@@ -119,4 +119,33 @@ impl EtcdStore {
             compact_revision: r.1,
         })
     }
+
+    /// Maintenance.Snapshot: the etcd database as one consistent SQLite file (its pages read
+    /// in one read transaction on this node), in 1 MiB chunks. It is raftsql's format, not
+    /// etcd's bbolt: `etcdctl snapshot save` stores it; `raftsql snapshot restore` (issue 5)
+    /// is what restores it.
+    pub async fn snapshot_chunks(&self) -> R<Vec<Vec<u8>>> {
+        let pages = self
+            .node()
+            .read(DB, true, |c| {
+                let mut st = c.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
+                let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+                let mut out = Vec::new();
+                let mut cur = Vec::with_capacity(1 << 20);
+                for p in rows {
+                    cur.extend_from_slice(&p?);
+                    if cur.len() >= 1 << 20 {
+                        out.push(std::mem::replace(&mut cur, Vec::with_capacity(1 << 20)));
+                    }
+                }
+                if !cur.is_empty() {
+                    out.push(cur);
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(decode_err)?
+            .unwrap_or_default();
+        Ok(pages)
+    }
 }

@@ -107,6 +107,14 @@ pub trait Backend: Send + Sync + 'static {
         Err(unimplemented())
     }
 
+    /// Snapshot: a stream of the database's bytes.
+    async fn snapshot(
+        &self,
+        req: SnapshotRequest,
+    ) -> Result<ResponseStream<SnapshotResponse>, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
     /// Alarm.
     async fn alarm(&self, req: AlarmRequest) -> Result<AlarmResponse, Status> {
         let _ = req;
@@ -326,9 +334,9 @@ service_impl! {
         }
         async fn snapshot(
             &self,
-            _request: Request<SnapshotRequest>,
+            request: Request<SnapshotRequest>,
         ) -> Result<Response<Self::SnapshotStream>, Status> {
-            Err(unimplemented())
+            Ok(Response::new(self.backend.snapshot(request.into_inner()).await?))
         }
     }
     unimplemented {

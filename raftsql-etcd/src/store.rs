@@ -1087,6 +1087,32 @@ impl crate::server::Backend for EtcdStore {
         let _ = req;
         Ok(EtcdStore::member_list(self).await?)
     }
+    async fn snapshot(
+        &self,
+        req: crate::pb::etcdserverpb::SnapshotRequest,
+    ) -> Result<
+        crate::server::ResponseStream<crate::pb::etcdserverpb::SnapshotResponse>,
+        tonic::Status,
+    > {
+        let _ = req;
+        let chunks = self.snapshot_chunks().await?;
+        let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let header = self.header_now(crate::watch::current_rev_of(self).await);
+        let mut sent = 0u64;
+        let msgs: Vec<Result<crate::pb::etcdserverpb::SnapshotResponse, tonic::Status>> = chunks
+            .into_iter()
+            .map(|c| {
+                sent += c.len() as u64;
+                Ok(crate::pb::etcdserverpb::SnapshotResponse {
+                    header: Some(header.clone()),
+                    remaining_bytes: total - sent,
+                    blob: Bytes::from(c),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        Ok(Box::pin(tokio_stream::iter(msgs)))
+    }
     async fn alarm(
         &self,
         req: crate::pb::etcdserverpb::AlarmRequest,

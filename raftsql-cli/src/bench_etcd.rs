@@ -1,0 +1,393 @@
+//! `raftsql bench etcd`: a load generator for any etcd v3 endpoint (raftsql's facade or a real
+//! etcd), in the spirit of etcd's own `benchmark put` / `benchmark range`.
+//!
+//! `--clients N` workers, each with its own gRPC channel (its own HTTP/2 connection), assigned
+//! to the endpoints round-robin, loop until the deadline running one operation at a time:
+//! - `put`: a Put of a random key (`--keys` distinct keys of `--key-size` bytes) with a random
+//!   `--value-size` value;
+//! - `range`: a linearizable (`serializable: false`) Range of one random key;
+//! - `txn`: kube-apiserver's create-or-update, `Txn(If(ModRevision(key) == R).Then(Put(key,
+//!   value)).Else(Get(key)))`, R being the key's mod revision in a cache shared by the workers
+//!   (kube's watch cache: filled by a keys-only list before the run, updated by every answer;
+//!   0 for a key not in the store, i.e. a create). A failed compare (another worker won the
+//!   race) is a conflict, not an error; the Else answer updates the cache.
+//!
+//! `--preload` first writes every key once (Txns of 64 puts), so that ranges find values.
+//! Progress is printed every second on stderr; the result is one JSON line on stdout (ops,
+//! ops/s, errors, p50/p99/max latency of the successful operations, and for `txn` the
+//! conflicts).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use raftsql_etcd::pb::etcdserverpb::{
+    compare, kv_client::KvClient, request_op, response_op, Compare, PutRequest, RangeRequest,
+    RequestOp, TxnRequest,
+};
+
+/// `raftsql bench etcd` arguments.
+#[derive(Args, Debug)]
+pub struct BenchEtcdArgs {
+    /// etcd endpoints: HOST:PORT[,HOST:PORT...] (or http://HOST:PORT); clients are spread over
+    /// them round-robin. Writes must go to a node that accepts them.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    endpoints: String,
+    /// Concurrent clients, each with its own gRPC channel.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// put, range or txn (kube-style create-or-update).
+    #[arg(long, default_value = "put")]
+    op: String,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 32)]
+    key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Write every key once before the timed run.
+    #[arg(long)]
+    preload: bool,
+    /// A label copied into the JSON line (e.g. "raftsql" or "etcd").
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+/// The key of number `n`: `key_size` hex characters.
+fn key(n: u64, size: usize) -> Vec<u8> {
+    let mut s = format!("{n:016x}");
+    while s.len() < size {
+        s.push_str(&format!("{:016x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    }
+    s.truncate(size);
+    s.into_bytes()
+}
+
+fn value(r: u64, size: usize) -> Vec<u8> {
+    (0..size).map(|i| (r >> (i % 56)) as u8).collect()
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn endpoint_urls(s: &str) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            if p.contains("://") {
+                p.to_string()
+            } else {
+                format!("http://{p}")
+            }
+        })
+        .collect();
+    if urls.is_empty() {
+        return Err("--endpoints: no endpoint given".into());
+    }
+    Ok(urls)
+}
+
+fn put_op(k: Vec<u8>, v: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The kube-apiserver create-or-update Txn.
+fn kube_txn(k: Vec<u8>, mod_rev: i64, v: Vec<u8>) -> TxnRequest {
+    TxnRequest {
+        compare: vec![Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Mod as i32,
+            key: k.clone().into(),
+            range_end: Default::default(),
+            target_union: Some(compare::TargetUnion::ModRevision(mod_rev)),
+        }],
+        success: vec![put_op(k.clone(), v)],
+        failure: vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        }],
+    }
+}
+
+/// xorshift64, seeded per worker.
+struct Rng(u64);
+
+impl Rng {
+    fn new(worker: usize) -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Rng(((worker as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ t) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What one worker measured.
+struct WorkerResult {
+    latencies_us: Vec<u32>,
+    conflicts: u64,
+    first_error: Option<String>,
+}
+
+/// Runs `raftsql bench etcd` and prints its JSON line.
+pub async fn main(a: BenchEtcdArgs) -> Result<(), String> {
+    if !matches!(a.op.as_str(), "put" | "range" | "txn") {
+        return Err(format!("unknown --op {:?}: use put, range or txn", a.op));
+    }
+    if a.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    let urls = endpoint_urls(&a.endpoints)?;
+    let (keys, key_size, value_size) = (a.keys.max(1), a.key_size.max(1), a.value_size);
+    let duration = Duration::from_secs(a.duration.max(1));
+    eprintln!(
+        "raftsql bench etcd: {} {} clients over {}, {} s, {} keys of {} B, values of {} B",
+        a.op,
+        a.clients,
+        urls.join(","),
+        duration.as_secs(),
+        keys,
+        key_size,
+        value_size
+    );
+    let mut clients = Vec::with_capacity(a.clients);
+    for i in 0..a.clients {
+        let url = urls[i % urls.len()].clone();
+        let c = KvClient::connect(url.clone())
+            .await
+            .map_err(|e| format!("connecting to {url}: {e}"))?;
+        clients.push(c);
+    }
+
+    if a.preload {
+        let started = Instant::now();
+        let loaders = clients.len().min(16) as u64;
+        let mut tasks = Vec::new();
+        for (w, c) in clients.iter().take(loaders as usize).enumerate() {
+            let mut c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut batch = Vec::new();
+                let mut n = w as u64;
+                while n < keys {
+                    batch.push(put_op(key(n, key_size), value(n, value_size)));
+                    n += loaders;
+                    if batch.len() == 64 || n >= keys {
+                        let req = TxnRequest {
+                            success: std::mem::take(&mut batch),
+                            ..Default::default()
+                        };
+                        c.txn(req)
+                            .await
+                            .map_err(|e| format!("preload: {:?}: {}", e.code(), e.message()))?;
+                    }
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        eprintln!(
+            "  preloaded {keys} keys in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    // The txn workload's revision cache, filled like kube's watch cache by a list.
+    let cache: Arc<Mutex<HashMap<Vec<u8>, i64>>> = Arc::new(Mutex::new(HashMap::new()));
+    if a.op == "txn" {
+        let t = Instant::now();
+        let mut c = clients[0].clone();
+        let mut from: Vec<u8> = vec![0];
+        loop {
+            let r = c
+                .range(RangeRequest {
+                    key: from.clone().into(),
+                    range_end: vec![0u8].into(),
+                    limit: 10_000,
+                    keys_only: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("listing the keys: {:?}: {}", e.code(), e.message()))?
+                .into_inner();
+            let mut m = cache.lock().unwrap();
+            for kv in &r.kvs {
+                m.insert(kv.key.to_vec(), kv.mod_revision);
+            }
+            match (r.more, r.kvs.last()) {
+                (true, Some(last)) => {
+                    from = last.key.to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        eprintln!(
+            "  cached the revisions of {} keys in {:.1} s",
+            cache.lock().unwrap().len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let ops = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for (w, mut c) in clients.into_iter().enumerate() {
+        let (ops, errors, op, cache) = (ops.clone(), errors.clone(), a.op.clone(), cache.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(w);
+            let mut res = WorkerResult {
+                latencies_us: Vec::new(),
+                conflicts: 0,
+                first_error: None,
+            };
+            while Instant::now() < deadline {
+                let r = rng.next();
+                let n = r % keys;
+                let t = Instant::now();
+                let out = match op.as_str() {
+                    "put" => c
+                        .put(PutRequest {
+                            key: key(n, key_size).into(),
+                            value: value(r, value_size).into(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                    "range" => c
+                        .range(RangeRequest {
+                            key: key(n, key_size).into(),
+                            serializable: false,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                    _ => {
+                        let k = key(n, key_size);
+                        let rev = cache.lock().unwrap().get(&k).copied().unwrap_or(0);
+                        c.txn(kube_txn(k.clone(), rev, value(r, value_size)))
+                            .await
+                            .map(|resp| {
+                                let resp = resp.into_inner();
+                                if resp.succeeded {
+                                    let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+                                    cache.lock().unwrap().insert(k, rev);
+                                } else {
+                                    res.conflicts += 1;
+                                    let cur = match resp
+                                        .responses
+                                        .first()
+                                        .and_then(|o| o.response.as_ref())
+                                    {
+                                        Some(response_op::Response::ResponseRange(rr)) => {
+                                            rr.kvs.first().map_or(0, |kv| kv.mod_revision)
+                                        }
+                                        _ => 0,
+                                    };
+                                    cache.lock().unwrap().insert(k, cur);
+                                }
+                            })
+                    }
+                };
+                let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                match out {
+                    Ok(()) => {
+                        res.latencies_us.push(us);
+                        ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        res.first_error
+                            .get_or_insert_with(|| format!("{:?}: {}", e.code(), e.message()));
+                        // Do not spin on an endpoint that refuses everything.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            res
+        }));
+    }
+    let progress = {
+        let (ops, errors) = (ops.clone(), errors.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let n = ops.load(Ordering::Relaxed);
+                eprintln!(
+                    "  {:>4.0}s  ops {n:>9}  ({:>7}/s)  errors {}",
+                    started.elapsed().as_secs_f64(),
+                    n - last,
+                    errors.load(Ordering::Relaxed)
+                );
+                last = n;
+            }
+        })
+    };
+    let mut all: Vec<u32> = Vec::new();
+    let mut conflicts = 0;
+    let mut first_error = None;
+    for t in tasks {
+        let r = t.await.map_err(|e| e.to_string())?;
+        all.extend(r.latencies_us);
+        conflicts += r.conflicts;
+        if first_error.is_none() {
+            first_error = r.first_error;
+        }
+    }
+    progress.abort();
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let mut out = serde_json::json!({
+        "bench": "etcd",
+        "label": a.label,
+        "op": a.op,
+        "clients": a.clients,
+        "endpoints": urls,
+        "duration_s": (elapsed * 10.0).round() / 10.0,
+        "ops": all.len(),
+        "ops_per_s": (all.len() as f64 / elapsed).round(),
+        "errors": errors.load(Ordering::Relaxed),
+        "p50_ms": percentile(&all, 0.50),
+        "p99_ms": percentile(&all, 0.99),
+        "max_ms": percentile(&all, 1.0),
+    });
+    if a.op == "txn" {
+        out["txn_conflicts"] = conflicts.into();
+    }
+    if let Some(e) = first_error {
+        out["first_error"] = e.into();
+    }
+    println!("{out}");
+    Ok(())
+}
