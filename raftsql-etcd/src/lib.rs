@@ -4,12 +4,12 @@
 //!
 //! - [`pb`]: the generated protobuf messages and tonic services and clients.
 //! - [`server`]: [`EtcdServer`], the tonic services, delegating to a [`Backend`]; [`serve`].
+pub mod lease;
+pub mod maintenance;
 pub mod pb;
 pub mod server;
 pub mod store;
 pub mod watch;
-pub mod lease;
-pub mod maintenance;
 
 pub use server::{serve, serve_listener, Backend, EtcdServer};
 pub use store::EtcdStore;

@@ -121,7 +121,7 @@ impl EtcdStore {
     }
 
     /// Maintenance.Snapshot: the etcd database as one consistent SQLite file (its pages read
-    /// in one read transaction on this node), in 1 MiB chunks. It is raftsql's format, not
+    /// in one read transaction on this node), in 1 MiB chunks, followed by its sha256 as etcd sends it. It is raftsql's format, not
     /// etcd's bbolt: `etcdctl snapshot save` stores it; `raftsql snapshot restore` (issue 5)
     /// is what restores it.
     pub async fn snapshot_chunks(&self) -> R<Vec<Vec<u8>>> {
@@ -138,9 +138,15 @@ impl EtcdStore {
                         out.push(std::mem::replace(&mut cur, Vec::with_capacity(1 << 20)));
                     }
                 }
-                if !cur.is_empty() {
-                    out.push(cur);
+                // etcd ends the stream with the sha256 of the content; etcdctl checks it.
+                use sha2::Digest;
+                let mut h = sha2::Sha256::new();
+                for c in &out {
+                    h.update(c);
                 }
+                h.update(&cur);
+                cur.extend_from_slice(&h.finalize());
+                out.push(cur);
                 Ok(out)
             })
             .await
