@@ -22,11 +22,10 @@
 mod common;
 
 use std::fmt::Debug;
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+use common::etcd::{connect, strip_headers, RealEtcd};
 use common::Cluster;
 use raftsql_etcd::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, response_op, CompactionRequest, CompactionResponse,
@@ -43,120 +42,7 @@ const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted"
 const FUTURE: &str = "etcdserver: mvcc: required revision is a future revision";
 
 // ---------------------------------------------------------------------------------------------
-// A real etcd (as in etcd_diff.rs).
-
-/// A real single-member etcd on a free loopback port.
-struct RealEtcd {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl RealEtcd {
-    /// Starts etcd, or returns None (test skipped) if it is not installed and CI is not set.
-    fn start() -> Option<RealEtcd> {
-        if Command::new("etcd").arg("--version").output().is_err() {
-            assert!(
-                std::env::var("CI").is_err(),
-                "etcd (Debian package etcd-server) is required in CI: .ci/run installs it"
-            );
-            eprintln!("SKIPPED: etcd is not installed (apt-get install etcd-server)");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let (cp, pp) = (free_port(), free_port());
-        let client = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
-        let child = Command::new("etcd")
-            .args(["--name", "ref", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args([
-                "--initial-cluster",
-                &format!("ref={peer}"),
-                "--initial-cluster-state",
-                "new",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd");
-        Some(RealEtcd {
-            child,
-            addr: format!("127.0.0.1:{cp}").parse().unwrap(),
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for RealEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A client once the endpoint answers. The probe reads a key outside `/registry` without
-/// writing, so it changes no revision.
-async fn connect(addr: SocketAddr) -> KvClient<Channel> {
-    let deadline = Instant::now() + T;
-    loop {
-        if let Ok(c) = KvClient::connect(format!("http://{addr}")).await {
-            let mut c = c.max_decoding_message_size(64 << 20);
-            let probe = c
-                .range(RangeRequest {
-                    key: Bytes::from_static(b"probe"),
-                    ..Default::default()
-                })
-                .await;
-            if probe.is_ok() {
-                return c;
-            }
-        }
-        assert!(Instant::now() < deadline, "no etcd API at {addr}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Debug text of a message with every header reduced to its revision.
-fn strip_headers(s: String) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s.as_str();
-    while let Some(i) = rest.find("ResponseHeader {") {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        let end = tail.find('}').unwrap() + 1;
-        let h = &tail[..end];
-        let rev = h
-            .split("revision: ")
-            .nth(1)
-            .and_then(|x| x.split(',').next())
-            .unwrap_or("?");
-        out.push_str(&format!("Header {{ revision: {} }}", rev.trim()));
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
-}
+// A real etcd: tests/common/etcd.rs.
 
 /// An answer with what may legitimately differ removed.
 fn show<M: Debug>(r: &Result<M, Status>) -> String {
