@@ -48,14 +48,7 @@ async fn lease_ttl(store: &EtcdStore, id: i64) -> R<Option<(i64, i64)>> {
     let r = store
         .node()
         .read(DB, true, move |c| {
-            let has = c
-                .query_row(
-                    "SELECT 1 FROM sqlite_schema WHERE name = 'lease'",
-                    [],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
+            let has = crate::store::has_table(c, "lease")?;
             if !has {
                 return Ok(None);
             }
@@ -185,7 +178,7 @@ impl EtcdStore {
             }
             None => 0,
         };
-        let rev = crate::watch::current_rev_of(self).await;
+        let rev = self.current_rev().await;
         Ok(LeaseKeepAliveResponse {
             header: Some(self.header_now(rev)),
             id,
@@ -204,7 +197,7 @@ impl EtcdStore {
         }
         let id = req.id;
         let Some((_, granted)) = lease_ttl(self, id).await? else {
-            let rev = crate::watch::current_rev_of(self).await;
+            let rev = self.current_rev().await;
             return Ok(LeaseTimeToLiveResponse {
                 header: Some(self.header_now(rev)),
                 id,
@@ -238,7 +231,7 @@ impl EtcdStore {
         } else {
             Vec::new()
         };
-        let rev = crate::watch::current_rev_of(self).await;
+        let rev = self.current_rev().await;
         Ok(LeaseTimeToLiveResponse {
             header: Some(self.header_now(rev)),
             id,
@@ -253,14 +246,7 @@ impl EtcdStore {
         let ids = self
             .node()
             .read(DB, false, |c| {
-                let has = c
-                    .query_row(
-                        "SELECT 1 FROM sqlite_schema WHERE name = 'lease'",
-                        [],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some();
+                let has = crate::store::has_table(c, "lease")?;
                 if !has {
                     return Ok(Vec::new());
                 }
@@ -271,7 +257,7 @@ impl EtcdStore {
             .await
             .map_err(decode_err)?
             .unwrap_or_default();
-        let rev = crate::watch::current_rev_of(self).await;
+        let rev = self.current_rev().await;
         Ok(LeaseLeasesResponse {
             header: Some(self.header_now(rev)),
             leases: ids.into_iter().map(|id| LeaseStatus { id }).collect(),
@@ -337,14 +323,7 @@ pub(crate) fn spawn_expiry(store: Weak<EtcdStore>) {
                 let leases = store
                     .node()
                     .read(DB, false, |c| {
-                        let has = c
-                            .query_row(
-                                "SELECT 1 FROM sqlite_schema WHERE name = 'lease'",
-                                [],
-                                |_| Ok(()),
-                            )
-                            .optional()?
-                            .is_some();
+                        let has = crate::store::has_table(c, "lease")?;
                         if !has {
                             return Ok(Vec::new());
                         }

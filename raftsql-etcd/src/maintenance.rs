@@ -28,7 +28,7 @@ impl EtcdStore {
             .map_err(decode_err)?
             .unwrap_or((0, 0));
         let st = self.node().status();
-        let rev = crate::watch::current_rev_of(self).await;
+        let rev = self.current_rev().await;
         Ok(StatusResponse {
             header: Some(self.header_now(rev)),
             version: ETCD_VERSION.into(),
@@ -46,7 +46,7 @@ impl EtcdStore {
 
     /// Cluster.MemberList: the raftsql nodes, with their peer addresses.
     pub async fn member_list(&self) -> R<MemberListResponse> {
-        let rev = crate::watch::current_rev_of(self).await;
+        let rev = self.current_rev().await;
         let members = self
             .node()
             .peers()
@@ -67,7 +67,7 @@ impl EtcdStore {
 
     /// Maintenance.Alarm: raftsql raises no alarms (no space quota, no corruption alarm).
     pub async fn alarm(&self) -> R<AlarmResponse> {
-        let rev = crate::watch::current_rev_of(self).await;
+        let rev = self.current_rev().await;
         Ok(AlarmResponse {
             header: Some(self.header_now(rev)),
             alarms: Vec::new(),
@@ -78,7 +78,7 @@ impl EtcdStore {
     /// of a replicated database would have to be a replicated write of every page.
     pub async fn defragment(&self) -> R<DefragmentResponse> {
         tracing::info!("defragment requested: a no-op in raftsql (SQLite reuses freed pages)");
-        let rev = crate::watch::current_rev_of(self).await;
+        let rev = self.current_rev().await;
         Ok(DefragmentResponse {
             header: Some(self.header_now(rev)),
         })
@@ -90,7 +90,7 @@ impl EtcdStore {
         let r = self
             .node()
             .read(DB, true, move |c| {
-                let has = c.query_row("SELECT 1 FROM sqlite_schema WHERE name = 'meta'", [], |_| Ok(())).optional()?.is_some();
+                let has = crate::store::has_table(c, "meta")?;
                 if !has {
                     return Ok((0u32, 0i64, 1i64));
                 }
@@ -112,7 +112,7 @@ impl EtcdStore {
             .await
             .map_err(decode_err)?
             .unwrap_or((0, 0, 1));
-        let rev = crate::watch::current_rev_of(self).await;
+        let rev = self.current_rev().await;
         Ok(HashKvResponse {
             header: Some(self.header_now(rev)),
             hash: r.0,

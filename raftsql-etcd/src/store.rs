@@ -192,15 +192,15 @@ impl Kv {
 
 /// The key interval of a request: `[start, end)`, `end = None` meaning "to the last key".
 #[derive(Clone, Debug)]
-struct Interval {
-    start: Vec<u8>,
-    end: Option<Vec<u8>>,
+pub(crate) struct Interval {
+    pub(crate) start: Vec<u8>,
+    pub(crate) end: Option<Vec<u8>>,
 }
 
 impl Interval {
     /// etcd's rules: empty `range_end` = the key alone; `range_end` = "\0" = every key from
     /// `key` on (and `key` = "\0" too = every key).
-    fn new(key: &[u8], range_end: &[u8]) -> Interval {
+    pub(crate) fn new(key: &[u8], range_end: &[u8]) -> Interval {
         if range_end.is_empty() {
             let mut end = key.to_vec();
             end.push(0);
@@ -794,6 +794,16 @@ pub fn header(cluster_id: u64, node: &Node, revision: i64) -> ResponseHeader {
     }
 }
 
+/// True if the table `name` exists (the schema is created by the first write).
+pub(crate) fn has_table(c: &Connection, name: &str) -> rusqlite::Result<bool> {
+    Ok(
+        c.prepare_cached("SELECT 1 FROM sqlite_schema WHERE name = ?1")?
+            .query_row([name], |_| Ok(()))
+            .optional()?
+            .is_some(),
+    )
+}
+
 pub(crate) fn decode_err(e: CoreError) -> EtcdError {
     if let CoreError::Invalid(m) = &e {
         // The marker may come wrapped (a forwarded call's error text).
@@ -871,6 +881,21 @@ impl EtcdStore {
         &self.node
     }
 
+    /// The store's revision as this node has applied it (1 while the store is empty).
+    pub async fn current_rev(&self) -> i64 {
+        self.node
+            .read(DB, true, |c| {
+                if !has_table(c, "meta")? {
+                    return Ok(1);
+                }
+                Ok(meta(c, "rev", 1).map_err(encode_err)?)
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(1)
+    }
+
     /// The response header for `revision` (this node as member, its current term).
     pub fn header_now(&self, revision: i64) -> ResponseHeader {
         self.header(revision)
@@ -903,14 +928,7 @@ impl EtcdStore {
         let r = self
             .node
             .read(DB, local, move |c| {
-                let has_schema: bool = c
-                    .query_row(
-                        "SELECT 1 FROM sqlite_schema WHERE name = 'meta'",
-                        [],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some();
+                let has_schema: bool = crate::store::has_table(c, "meta")?;
                 if !has_schema {
                     if req.revision > 1 {
                         return Err(encode_err(EtcdError::FutureRev));
@@ -1097,7 +1115,7 @@ impl crate::server::Backend for EtcdStore {
         let _ = req;
         let chunks = self.snapshot_chunks().await?;
         let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        let header = self.header_now(crate::watch::current_rev_of(self).await);
+        let header = self.header_now(self.current_rev().await);
         let mut sent = 0u64;
         let msgs: Vec<Result<crate::pb::etcdserverpb::SnapshotResponse, tonic::Status>> = chunks
             .into_iter()

@@ -29,7 +29,7 @@ use crate::pb::etcdserverpb::{
     WatchResponse,
 };
 use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
-use crate::store::{EtcdStore, DB};
+use crate::store::{EtcdStore, Interval, DB};
 
 /// Most events read (and sent) at once, unless one revision alone has more.
 const BATCH: i64 = 1000;
@@ -50,40 +50,10 @@ enum Batch {
     Compacted(i64),
 }
 
-/// The interval `[start, end)` of a watch (`end` None: to the last key).
-#[derive(Clone)]
-struct Keys {
-    start: Vec<u8>,
-    end: Option<Vec<u8>>,
-}
-
-impl Keys {
-    fn new(key: &[u8], range_end: &[u8]) -> Keys {
-        if range_end.is_empty() {
-            let mut end = key.to_vec();
-            end.push(0);
-            Keys {
-                start: key.to_vec(),
-                end: Some(end),
-            }
-        } else if range_end == [0] {
-            Keys {
-                start: key.to_vec(),
-                end: None,
-            }
-        } else {
-            Keys {
-                start: key.to_vec(),
-                end: Some(range_end.to_vec()),
-            }
-        }
-    }
-}
-
 /// Reads the changes of `keys` at revisions >= `next`, never splitting a revision.
 fn read_events(
     c: &rusqlite::Connection,
-    keys: &Keys,
+    keys: &Interval,
     next: i64,
     prev_kv: bool,
     no_put: bool,
@@ -98,14 +68,7 @@ fn read_events(
             .unwrap_or(d),
         )
     };
-    let has_schema = c
-        .query_row(
-            "SELECT 1 FROM sqlite_schema WHERE name = 'meta'",
-            [],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some();
+    let has_schema = crate::store::has_table(c, "meta")?;
     if !has_schema {
         return Ok(Batch::Events {
             events: Vec::new(),
@@ -254,7 +217,7 @@ pub async fn serve_stream(
                     continue;
                 }
                 next_id = next_id.max(id + 1);
-                let current = current_rev(&store).await;
+                let current = store.current_rev().await;
                 let start = if c.start_revision > 0 {
                     c.start_revision
                 } else {
@@ -279,7 +242,7 @@ pub async fn serve_stream(
                     t.abort();
                     let _ = out
                         .send(Ok(WatchResponse {
-                            header: Some(store.header_now(current_rev(&store).await)),
+                            header: Some(store.header_now(store.current_rev().await)),
                             watch_id: c.watch_id,
                             canceled: true,
                             ..Default::default()
@@ -291,7 +254,7 @@ pub async fn serve_stream(
                 // etcd: a progress notification for the whole stream, watch_id -1.
                 let _ = out
                     .send(Ok(WatchResponse {
-                        header: Some(store.header_now(current_rev(&store).await)),
+                        header: Some(store.header_now(store.current_rev().await)),
                         watch_id: -1,
                         ..Default::default()
                     }))
@@ -305,43 +268,9 @@ pub async fn serve_stream(
     }
 }
 
-/// The store's current revision as this node has applied it (1 if empty).
-pub async fn current_rev_of(store: &EtcdStore) -> i64 {
-    current_rev(store).await
-}
-
-async fn current_rev(store: &EtcdStore) -> i64 {
-    store
-        .node()
-        .read(DB, true, |c| {
-            let has = c
-                .query_row(
-                    "SELECT 1 FROM sqlite_schema WHERE name = 'meta'",
-                    [],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
-            if !has {
-                return Ok(1);
-            }
-            Ok(
-                c.query_row("SELECT value FROM meta WHERE name = 'rev'", [], |r| {
-                    r.get(0)
-                })
-                .optional()?
-                .unwrap_or(1),
-            )
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(1)
-}
-
 /// One watch: sends the events from `start` on, then follows what this node applies.
 async fn run_watch(store: Arc<EtcdStore>, id: i64, c: WatchCreateRequest, start: i64, out: Out) {
-    let keys = Keys::new(&c.key, &c.range_end);
+    let keys = Interval::new(&c.key, &c.range_end);
     let no_put = c.filters.contains(&(FilterType::Noput as i32));
     let no_delete = c.filters.contains(&(FilterType::Nodelete as i32));
     let mut applied = store.node().subscribe_applied();
