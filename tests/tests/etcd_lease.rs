@@ -106,10 +106,10 @@ async fn scenario(s: &mut Side) -> (Vec<String>, Vec<i64>) {
         .unwrap()
         .into_inner();
     ttls.push(ttl.ttl);
-    t.push(format!(
-        "ttl granted {} keys {:?}",
-        ttl.granted_ttl, ttl.keys
-    ));
+    // etcd keeps a lease's keys in a Go map, so its order is unspecified: compare as sets.
+    let mut keys = ttl.keys.clone();
+    keys.sort();
+    t.push(format!("ttl granted {} keys {:?}", ttl.granted_ttl, keys));
     t.push(text(
         s.lease
             .lease_time_to_live(LeaseTimeToLiveRequest {
