@@ -111,6 +111,18 @@ struct NodeArgs {
     /// Serve the etcd v3 API (gRPC) on this address, e.g. 127.0.0.1:2379.
     #[arg(long)]
     etcd_listen: Option<SocketAddr>,
+    /// Serve the etcd API over TLS with this certificate chain (PEM); needs --key-file.
+    #[arg(long, requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --cert-file.
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that etcd clients' certificates are verified against.
+    #[arg(long, requires = "cert_file")]
+    trusted_ca_file: Option<PathBuf>,
+    /// Refuse etcd clients without a certificate signed by --trusted-ca-file.
+    #[arg(long, requires = "trusted_ca_file")]
+    client_cert_auth: bool,
 }
 
 #[derive(Args, Debug)]
@@ -221,6 +233,19 @@ async fn run_node(a: NodeArgs) -> CliResult {
     cfg.checkpoint_frames = a.checkpoint_frames.max(1);
     cfg.compact_log_bytes = a.compact_log_bytes;
     let cluster_id = cluster_id(&cfg.cluster);
+    let tls = match (&a.cert_file, &a.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(
+            raftsql_etcd::TlsFiles {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                trusted_ca_file: a.trusted_ca_file.clone(),
+                client_cert_auth: a.client_cert_auth,
+            }
+            .load()
+            .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
     eprintln!(
         "raftsql: node {} listening on {} (data in {})",
@@ -233,11 +258,21 @@ async fn run_node(a: NodeArgs) -> CliResult {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("--etcd-listen {addr}: {e}"))?;
-        eprintln!("raftsql: node {} serves the etcd v3 API on {addr}", a.id);
+        eprintln!(
+            "raftsql: node {} serves the etcd v3 API on {}://{addr}{}",
+            a.id,
+            if tls.is_some() { "https" } else { "http" },
+            if a.client_cert_auth {
+                " (client certificates required)"
+            } else {
+                ""
+            }
+        );
         let store = raftsql_etcd::EtcdStore::new(node.clone(), cluster_id);
-        Some(tokio::spawn(raftsql_etcd::serve_listener(
+        Some(tokio::spawn(raftsql_etcd::serve_listener_tls(
             listener,
             store,
+            tls,
             async move {
                 let _ = etcd_stopped.await;
             },

@@ -11,5 +11,7 @@ pub mod server;
 pub mod store;
 pub mod watch;
 
-pub use server::{serve, serve_listener, Backend, EtcdServer};
+pub use server::{
+    serve, serve_listener, serve_listener_tls, Backend, EtcdServer, TlsError, TlsFiles,
+};
 pub use store::EtcdStore;

@@ -3,7 +3,8 @@
 use rusqlite::OptionalExtension;
 
 use crate::pb::etcdserverpb::{
-    AlarmResponse, DefragmentResponse, HashKvResponse, Member, MemberListResponse, StatusResponse,
+    AlarmResponse, DefragmentResponse, HashKvResponse, HashResponse, Member, MemberListResponse,
+    StatusResponse,
 };
 use crate::store::{decode_err, EtcdStore, DB, R};
 
@@ -117,6 +118,34 @@ impl EtcdStore {
             header: Some(self.header_now(rev)),
             hash: r.0,
             compact_revision: r.1,
+        })
+    }
+
+    /// Maintenance.Hash: a crc32 of the whole etcd database file, its pages read in one read
+    /// transaction on this node. Replicas are byte-identical, so every node that has applied
+    /// the same index answers the same hash (as etcd's members do); the value itself is
+    /// raftsql's, not comparable with etcd's bbolt hash.
+    pub async fn hash(&self) -> R<HashResponse> {
+        let hash = self
+            .node()
+            .read(DB, true, |c| {
+                let mut st = c.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
+                let mut rows = st.query([])?;
+                let mut h = crc32fast::Hasher::new();
+                while let Some(r) = rows.next()? {
+                    if let rusqlite::types::ValueRef::Blob(page) = r.get_ref(0)? {
+                        h.update(page);
+                    }
+                }
+                Ok(h.finalize())
+            })
+            .await
+            .map_err(decode_err)?
+            .unwrap_or(0);
+        let rev = self.current_rev().await;
+        Ok(HashResponse {
+            header: Some(self.header_now(rev)),
+            hash,
         })
     }
 

@@ -20,6 +20,7 @@
 use std::error::Error;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tonic::transport::server::{Router, TcpIncoming};
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::etcdserverpb::auth_server::{Auth, AuthServer};
@@ -127,6 +128,11 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// HashKV.
     async fn hash_kv(&self, req: HashKvRequest) -> Result<HashKvResponse, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
+    /// Hash.
+    async fn hash(&self, req: HashRequest) -> Result<HashResponse, Status> {
         let _ = req;
         Err(unimplemented())
     }
@@ -332,6 +338,9 @@ service_impl! {
         async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
             self.delegate(request, |b, r| b.hash_kv(r)).await
         }
+        async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+            self.delegate(request, |b, r| b.hash(r)).await
+        }
         async fn snapshot(
             &self,
             request: Request<SnapshotRequest>,
@@ -340,7 +349,6 @@ service_impl! {
         }
     }
     unimplemented {
-        hash(HashRequest) -> HashResponse;
         move_leader(MoveLeaderRequest) -> MoveLeaderResponse;
         downgrade(DowngradeRequest) -> DowngradeResponse;
     }
@@ -372,6 +380,11 @@ service_impl! {
 /// A tonic server with all six etcd services over `backend` added, with etcd's message size
 /// limits, ready to serve (or to get more services added, e.g. gRPC health).
 pub fn router(backend: Arc<dyn Backend>) -> Router {
+    router_with(backend, Server::builder())
+}
+
+/// [`router`] on a given server builder (e.g. one with TLS configured).
+fn router_with(backend: Arc<dyn Backend>, builder: Server) -> Router {
     let server = Arc::new(EtcdServer::new(backend));
     // Each generated service wrapper gets the same size limits.
     macro_rules! limited {
@@ -381,7 +394,7 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
                 .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE)
         };
     }
-    Server::builder()
+    builder
         // etcd allows u32::MAX concurrent streams per connection (hyper's default is 200); a
         // client multiplexes all its watches on one connection.
         .max_concurrent_streams(u32::MAX)
@@ -414,9 +427,108 @@ pub async fn serve_listener(
     backend: Arc<dyn Backend>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn Error + Send + Sync>> {
+    serve_listener_tls(listener, backend, None, shutdown).await
+}
+
+/// [`serve_listener`], over TLS when `tls` is given (see [`TlsFiles::load`]).
+pub async fn serve_listener_tls(
+    listener: TcpListener,
+    backend: Arc<dyn Backend>,
+    tls: Option<ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    router(backend)
+    let router = match tls {
+        Some(tls) => router_with(backend, Server::builder().tls_config(tls)?),
+        None => router(backend),
+    };
+    router
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+/// The TLS files of a client-facing endpoint, named after etcd's flags: `--cert-file`,
+/// `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// The server certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The server's private key (PEM).
+    pub key_file: PathBuf,
+    /// CA certificates (PEM) that client certificates are verified against.
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients that present no certificate signed by `trusted_ca_file` (etcd's
+    /// `--client-cert-auth`). Without it, a client certificate is optional, but one that is
+    /// presented must still verify.
+    pub client_cert_auth: bool,
+}
+
+/// Why [`TlsFiles::load`] failed: which file, and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{what} {path}: {source}")]
+    Read {
+        /// Which flag named the file.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file holds no PEM block of the expected kind.
+    #[error("{what} {path}: no PEM {kind} found")]
+    NoPem {
+        /// Which flag named the file.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// "CERTIFICATE" or "PRIVATE KEY".
+        kind: &'static str,
+    },
+    /// `--client-cert-auth` without a CA to check client certificates against.
+    #[error("--client-cert-auth needs --trusted-ca-file")]
+    ClientAuthWithoutCa,
+}
+
+impl TlsFiles {
+    /// Reads and checks the files, returning the server's TLS configuration. Errors name the
+    /// file and the problem, so that a typo in a path is reported at start-up, not at the first
+    /// handshake.
+    pub fn load(&self) -> Result<ServerTlsConfig, TlsError> {
+        let read = |what: &'static str, path: &Path, kind: &'static str| {
+            let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+                what,
+                path: path.to_owned(),
+                source,
+            })?;
+            let text = String::from_utf8_lossy(&pem);
+            let found = text
+                .lines()
+                .any(|l| l.starts_with("-----BEGIN ") && l.ends_with("-----") && l.contains(kind));
+            if !found {
+                return Err(TlsError::NoPem {
+                    what,
+                    path: path.to_owned(),
+                    kind,
+                });
+            }
+            Ok(pem)
+        };
+        let cert = read("--cert-file", &self.cert_file, "CERTIFICATE")?;
+        let key = read("--key-file", &self.key_file, "PRIVATE KEY")?;
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        match (&self.trusted_ca_file, self.client_cert_auth) {
+            (Some(ca), auth) => {
+                let ca = read("--trusted-ca-file", ca, "CERTIFICATE")?;
+                config = config
+                    .client_ca_root(Certificate::from_pem(ca))
+                    .client_auth_optional(!auth);
+            }
+            (None, true) => return Err(TlsError::ClientAuthWithoutCa),
+            (None, false) => {}
+        }
+        Ok(config)
+    }
 }

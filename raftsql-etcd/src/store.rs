@@ -1151,6 +1151,13 @@ impl crate::server::Backend for EtcdStore {
     ) -> Result<crate::pb::etcdserverpb::HashKvResponse, tonic::Status> {
         Ok(EtcdStore::hash_kv(self, req.revision).await?)
     }
+    async fn hash(
+        &self,
+        req: crate::pb::etcdserverpb::HashRequest,
+    ) -> Result<crate::pb::etcdserverpb::HashResponse, tonic::Status> {
+        let _ = req;
+        Ok(EtcdStore::hash(self).await?)
+    }
     async fn lease_grant(
         &self,
         req: crate::pb::etcdserverpb::LeaseGrantRequest,

@@ -56,6 +56,17 @@ impl Cluster {
     }
 
     fn start_opts(n: usize, args: &[&str], etcd: bool) -> Cluster {
+        let mut cl = Self::prepare(n, args, etcd);
+        for id in 1..=n as u64 {
+            cl.spawn(id);
+        }
+        cl
+    }
+
+    /// A cluster of `n` nodes with addresses and directories chosen but no process started
+    /// (so that a test can derive arguments from the addresses, e.g. certificates, then
+    /// [`Cluster::spawn`] each node).
+    pub fn prepare(n: usize, args: &[&str], etcd: bool) -> Cluster {
         let c = NEXT_CLUSTER.fetch_add(1, Ordering::SeqCst);
         let x = (std::process::id() % 200) + 20;
         let dir = tempfile::Builder::new()
@@ -81,18 +92,14 @@ impl Cluster {
             .enable_all()
             .build()
             .unwrap();
-        let mut cl = Cluster {
+        Cluster {
             etcd,
             dir,
             nodes,
             peers,
             args: args.iter().map(|s| s.to_string()).collect(),
             rt,
-        };
-        for id in 1..=n as u64 {
-            cl.spawn(id);
         }
-        cl
     }
 
     fn node(&self, id: u64) -> &NodeProc {
