@@ -90,10 +90,11 @@ fetch() {
 }
 
 # stanza FILE.xz PACKAGE: print the index stanza for PACKAGE (first match).
+# (awk reads to the end so that xz never dies of SIGPIPE under pipefail.)
 stanza() {
   xz -dc "$1" | awk -v pkg="$2" '
     BEGIN { RS = ""; FS = "\n" }
-    { for (i = 1; i <= NF; i++) if ($i == "Package: " pkg) { print; exit } }'
+    !done { for (i = 1; i <= NF; i++) if ($i == "Package: " pkg) { print; done = 1; break } }'
 }
 
 # --- 1. indexes ------------------------------------------------------------------

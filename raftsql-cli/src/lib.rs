@@ -123,6 +123,15 @@ struct NodeArgs {
     /// Refuse etcd clients without a certificate signed by --trusted-ca-file.
     #[arg(long, requires = "trusted_ca_file")]
     client_cert_auth: bool,
+    /// How long an etcd watch that asked for progress notifications may stay silent before
+    /// it gets one (e.g. 10m, 5s, 500ms).
+    #[arg(
+        long,
+        alias = "experimental-watch-progress-notify-interval",
+        default_value = "10m",
+        value_parser = humantime::parse_duration
+    )]
+    watch_progress_notify_interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -268,7 +277,10 @@ async fn run_node(a: NodeArgs) -> CliResult {
                 ""
             }
         );
-        let store = raftsql_etcd::EtcdStore::new(node.clone(), cluster_id);
+        let options = raftsql_etcd::EtcdOptions {
+            progress_notify_interval: a.watch_progress_notify_interval,
+        };
+        let store = raftsql_etcd::EtcdStore::with_options(node.clone(), cluster_id, options);
         Some(tokio::spawn(raftsql_etcd::serve_listener_tls(
             listener,
             store,

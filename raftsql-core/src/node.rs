@@ -753,6 +753,7 @@ impl Shared {
         match conn.call(body).await {
             Ok(pb::response::Body::Service(r)) => {
                 self.forward_pool.lock().entry(addr).or_default().push(conn);
+                self.catch_up_to(r.applied).await;
                 Ok(r.payload)
             }
             Ok(pb::response::Body::Error(e)) => {
@@ -825,6 +826,7 @@ impl Shared {
                 let body = match body {
                     pb::response::Body::Execute(mut r) => {
                         r.leader_addr = addr.to_string();
+                        self.catch_up_to(r.applied).await;
                         pb::response::Body::Execute(r)
                     }
                     other => other,
@@ -852,6 +854,15 @@ impl Shared {
                 "no leader confirmed a read index within 3s (no quorum?)".into(),
             )),
         }
+    }
+
+    /// After a forwarded write: waits (boundedly) until this node has applied what the leader
+    /// had applied when it answered, so that the caller reads its own write here. The write
+    /// is committed either way; if this node is cut off from the leader, the answer goes out
+    /// after the wait and only local reads may lag.
+    async fn catch_up_to(&self, index: u64) {
+        let mut rx = self.applied_rx.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|a| *a >= index)).await;
     }
 
     async fn wait_applied(&self, index: u64) -> Result<()> {
@@ -1006,6 +1017,7 @@ impl Handler for NodeHandler {
                             id,
                             body: Some(pb::response::Body::Execute(pb::ExecuteResponse {
                                 leader_addr: String::new(),
+                                applied: *shared.applied_rx.borrow(),
                                 results: rs
                                     .into_iter()
                                     .map(|r| pb::ExecResult {
@@ -1090,6 +1102,7 @@ impl Handler for NodeHandler {
                                 id,
                                 body: Some(pb::response::Body::Service(pb::ServiceReply {
                                     payload,
+                                    applied: *shared.applied_rx.borrow(),
                                 })),
                             },
                             Err(e) => error_response(id, &e),

@@ -933,10 +933,14 @@ impl StateMachine {
             }
             self.apply_frames(&frames)?;
             if own {
+                // The applied index is published before the writers are answered, so that
+                // an answered writer that reads `applied` sees its own entry included.
+                self.set_applied(index, e.term);
                 let f = self.in_flight.take().unwrap();
                 for w in f.waiters {
                     w(Ok(()));
                 }
+                return Ok(());
             }
         }
         self.set_applied(index, e.term);

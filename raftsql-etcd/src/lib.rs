@@ -14,4 +14,4 @@ pub mod watch;
 pub use server::{
     serve, serve_listener, serve_listener_tls, Backend, EtcdServer, TlsError, TlsFiles,
 };
-pub use store::EtcdStore;
+pub use store::{EtcdOptions, EtcdStore};

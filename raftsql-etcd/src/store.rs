@@ -730,6 +730,24 @@ pub struct EtcdStore {
     pub cluster_id: u64,
     /// Lease deadlines, kept by the leader only (see `lease.rs`).
     pub(crate) clock: std::sync::Arc<parking_lot::Mutex<crate::lease::LeaseClock>>,
+    /// Tunables.
+    pub(crate) options: EtcdOptions,
+}
+
+/// Tunables of the etcd facade, with etcd's defaults.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// How long a watch that asked for progress notifications may stay silent before it is
+    /// sent one (etcd's `--experimental-watch-progress-notify-interval`, default 10 minutes).
+    pub progress_notify_interval: std::time::Duration,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        EtcdOptions {
+            progress_notify_interval: std::time::Duration::from_secs(600),
+        }
+    }
 }
 /// Writes that reach a follower run on the leader: this node service (registered as
 /// `etcd`) receives them there. Payload: one byte naming the request, then the request's
@@ -840,10 +858,20 @@ impl EtcdStore {
     /// A store on `node` (creates the schema on first write), registered with the node so
     /// that followers can forward writes to it when this node leads.
     pub fn new(node: Node, cluster_id: u64) -> std::sync::Arc<EtcdStore> {
+        Self::with_options(node, cluster_id, EtcdOptions::default())
+    }
+
+    /// [`EtcdStore::new`] with non-default tunables.
+    pub fn with_options(
+        node: Node,
+        cluster_id: u64,
+        options: EtcdOptions,
+    ) -> std::sync::Arc<EtcdStore> {
         let store = std::sync::Arc::new(EtcdStore {
             node,
             cluster_id,
             clock: Default::default(),
+            options,
         });
         store.node.register_service(
             "etcd",

@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{params, OptionalExtension};
@@ -33,8 +32,6 @@ use crate::store::{EtcdStore, Interval, DB};
 
 /// Most events read (and sent) at once, unless one revision alone has more.
 const BATCH: i64 = 1000;
-/// etcd's default interval of progress notifications for watches that ask for them.
-const PROGRESS_EVERY: Duration = Duration::from_secs(600);
 
 type Out = mpsc::Sender<Result<WatchResponse, Status>>;
 
@@ -327,7 +324,7 @@ async fn run_watch(store: Arc<EtcdStore>, id: i64, c: WatchCreateRequest, start:
         // Nothing new: wait for the node to apply something (or a progress notification).
         let wait = applied.changed();
         if c.progress_notify {
-            let due = last_progress + PROGRESS_EVERY;
+            let due = last_progress + store.options.progress_notify_interval;
             tokio::select! {
                 r = wait => if r.is_err() { return },
                 _ = tokio::time::sleep_until(due) => {

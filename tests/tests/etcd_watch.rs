@@ -200,3 +200,43 @@ fn watch_streams_match_real_etcd() {
         }
     });
 }
+
+/// progress_notify: a watch that asked for it, left idle, is sent a progress notification
+/// (its own watch id, no events, the store revision in the header) by both etcd and raftsql,
+/// here with the interval cut to 1 s on both.
+#[test]
+fn progress_notify_matches_real_etcd() {
+    let Some(etcd) = RealEtcd::start_with(&["--experimental-watch-progress-notify-interval=1s"])
+    else {
+        return;
+    };
+    let c = Cluster::start_with_etcd(3, &["--watch-progress-notify-interval", "1s"]);
+    let leader = c.wait_leader(T);
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    c.rt.block_on(async {
+        let mut got = Vec::new();
+        for addr in [etcd.addr, c.etcd_addr(follower)] {
+            let mut s = side(addr).await;
+            put(&mut s, "/p/a", "1").await;
+            let mut req = create("/p/", "/p0", 0, false, vec![]);
+            if let Some(watch_request::RequestUnion::CreateRequest(c)) = &mut req.request_union {
+                c.progress_notify = true;
+            }
+            s.tx.send(req).await.unwrap();
+            let mut seen = take(&mut s, 1).await; // created
+            put(&mut s, "/p/b", "2").await;
+            seen.extend(take(&mut s, 1).await); // the event
+                                                // Then, with no more writes: a progress notification (take waits up to 10 s).
+            let started = std::time::Instant::now();
+            seen.extend(take(&mut s, 1).await);
+            let waited = started.elapsed();
+            assert!(
+                waited < Duration::from_secs(5),
+                "{addr}: progress notification after {waited:?}"
+            );
+            got.push(seen);
+        }
+        assert_eq!(got[0], got[1], "etcd (left) and raftsql (right) differ");
+        assert!(got[1][2].contains("watch_id: 0") && got[1][2].contains("events: []"));
+    });
+}

@@ -29,6 +29,11 @@ pub fn free_port() -> u16 {
 impl RealEtcd {
     /// Starts etcd, or returns None (test skipped) if it is not installed and CI is not set.
     pub fn start() -> Option<RealEtcd> {
+        Self::start_with(&[])
+    }
+
+    /// [`RealEtcd::start`] with extra `etcd` arguments.
+    pub fn start_with(args: &[&str]) -> Option<RealEtcd> {
         if Command::new("etcd").arg("--version").output().is_err() {
             assert!(
                 std::env::var("CI").is_err(),
@@ -62,6 +67,7 @@ impl RealEtcd {
                 "--initial-cluster-state",
                 "new",
             ])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
