@@ -12,6 +12,11 @@
 //!   0 for a key not in the store, i.e. a create). A failed compare (another worker won the
 //!   race) is a conflict, not an error; the Else answer updates the cache.
 //!
+//! - `watch`: `--watchers` watch streams on the bench prefix (spread over the endpoints like
+//!   the clients) while the clients put keys under it, each value stamped with its send time;
+//!   the figure is the event latency, from the Put's send to each watcher's receipt
+//!   (`--rate` caps the total puts per second, so the latency is not only queueing).
+//!
 //! `--preload` first writes every key once (Txns of 64 puts), so that ranges find values.
 //! Progress is printed every second on stderr; the result is one JSON line on stdout (ops,
 //! ops/s, errors, p50/p99/max latency of the successful operations, and for `txn` the
@@ -56,6 +61,12 @@ pub struct BenchEtcdArgs {
     /// Write every key once before the timed run.
     #[arg(long)]
     preload: bool,
+    /// With --op watch: the number of watch streams.
+    #[arg(long, default_value_t = 16)]
+    watchers: usize,
+    /// With --op watch: total puts per second (0: as fast as the clients go).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
     /// A label copied into the JSON line (e.g. "raftsql" or "etcd").
     #[arg(long, default_value = "")]
     label: String,
@@ -159,13 +170,19 @@ struct WorkerResult {
 
 /// Runs `raftsql bench etcd` and prints its JSON line.
 pub async fn main(a: BenchEtcdArgs) -> Result<(), String> {
-    if !matches!(a.op.as_str(), "put" | "range" | "txn") {
-        return Err(format!("unknown --op {:?}: use put, range or txn", a.op));
+    if !matches!(a.op.as_str(), "put" | "range" | "txn" | "watch") {
+        return Err(format!(
+            "unknown --op {:?}: use put, range, txn or watch",
+            a.op
+        ));
     }
     if a.clients == 0 {
         return Err("--clients must be at least 1".into());
     }
     let urls = endpoint_urls(&a.endpoints)?;
+    if a.op == "watch" {
+        return watch_bench(&a, &urls).await;
+    }
     let (keys, key_size, value_size) = (a.keys.max(1), a.key_size.max(1), a.value_size);
     let duration = Duration::from_secs(a.duration.max(1));
     eprintln!(
@@ -388,6 +405,179 @@ pub async fn main(a: BenchEtcdArgs) -> Result<(), String> {
     if let Some(e) = first_error {
         out["first_error"] = e.into();
     }
+    println!("{out}");
+    Ok(())
+}
+
+/// `--op watch`: event latency from Put to watchers.
+async fn watch_bench(a: &BenchEtcdArgs, urls: &[String]) -> Result<(), String> {
+    use raftsql_etcd::pb::etcdserverpb::{
+        watch_client::WatchClient, watch_request, WatchCreateRequest, WatchRequest,
+    };
+    const PREFIX: &[u8] = b"/raftsql-bench-watch/";
+    let mut prefix_end = PREFIX.to_vec();
+    *prefix_end.last_mut().unwrap() += 1;
+    let duration = Duration::from_secs(a.duration.max(1));
+    let watchers = a.watchers.max(1);
+    eprintln!(
+        "raftsql bench etcd: watch, {watchers} watchers, {} writers at {} puts/s over {}, {} s",
+        a.clients,
+        if a.rate == 0 { "max".to_string() } else { a.rate.to_string() },
+        urls.join(","),
+        duration.as_secs()
+    );
+    let base = Instant::now();
+    let stamp = move || base.elapsed().as_nanos() as u64;
+    // Open every watch and wait for its `created` before writing.
+    let mut streams = Vec::new();
+    for i in 0..watchers {
+        let url = urls[i % urls.len()].clone();
+        let mut w = WatchClient::connect(url.clone())
+            .await
+            .map_err(|e| format!("connecting to {url}: {e}"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: PREFIX.to_vec().into(),
+                    range_end: prefix_end.clone().into(),
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut stream = w
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("watch on {url}: {:?}: {}", e.code(), e.message()))?
+            .into_inner();
+        let created = stream
+            .message()
+            .await
+            .map_err(|e| format!("watch on {url}: {e}"))?;
+        if !created.is_some_and(|r| r.created) {
+            return Err(format!("watch on {url}: no `created` answer"));
+        }
+        streams.push((tx, stream));
+    }
+    let writes_done = Arc::new(tokio::sync::Notify::new());
+    let mut watch_tasks = Vec::new();
+    for (tx, mut stream) in streams {
+        let done = writes_done.clone();
+        watch_tasks.push(tokio::spawn(async move {
+            let _keep_open = tx;
+            let mut lat: Vec<u32> = Vec::new();
+            let mut grace = None;
+            loop {
+                let next = async {
+                    match grace {
+                        Some(t) => tokio::time::timeout_at(t, stream.message()).await.ok(),
+                        None => Some(stream.message().await),
+                    }
+                };
+                tokio::select! {
+                    m = next => match m {
+                        Some(Ok(Some(r))) => {
+                            let now = stamp();
+                            for ev in r.events {
+                                if let Some(kv) = ev.kv {
+                                    if kv.value.len() >= 8 {
+                                        let sent = u64::from_le_bytes(kv.value[..8].try_into().unwrap());
+                                        lat.push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+                                    }
+                                }
+                            }
+                        }
+                        _ => break,
+                    },
+                    _ = done.notified(), if grace.is_none() => {
+                        // Writers stopped: give in-flight events 2 s to arrive.
+                        grace = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let puts = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let per_writer = if a.rate == 0 {
+        None
+    } else {
+        Some(Duration::from_secs_f64(a.clients as f64 / a.rate as f64))
+    };
+    let mut writers = Vec::new();
+    for w in 0..a.clients {
+        let url = urls[w % urls.len()].clone();
+        let mut c = KvClient::connect(url.clone())
+            .await
+            .map_err(|e| format!("connecting to {url}: {e}"))?;
+        let (puts, errors, value_size) = (puts.clone(), errors.clone(), a.value_size.max(8));
+        writers.push(tokio::spawn(async move {
+            let mut tick = per_writer.map(|p| {
+                let mut i = tokio::time::interval(p);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            });
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let mut k = PREFIX.to_vec();
+                k.extend_from_slice(format!("{w}/{}", n % 1000).as_bytes());
+                n += 1;
+                let mut v = vec![0u8; value_size];
+                v[..8].copy_from_slice(&stamp().to_le_bytes());
+                let r = c
+                    .put(PutRequest {
+                        key: k.into(),
+                        value: v.into(),
+                        ..Default::default()
+                    })
+                    .await;
+                match r {
+                    Ok(_) => puts.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in writers {
+        t.await.map_err(|e| e.to_string())?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    writes_done.notify_waiters();
+    let mut all: Vec<u32> = Vec::new();
+    let mut per_watcher = Vec::new();
+    for t in watch_tasks {
+        let l = t.await.map_err(|e| e.to_string())?;
+        per_watcher.push(l.len());
+        all.extend(l);
+    }
+    all.sort_unstable();
+    let puts = puts.load(Ordering::Relaxed);
+    let out = serde_json::json!({
+        "bench": "etcd",
+        "label": a.label,
+        "op": "watch",
+        "clients": a.clients,
+        "watchers": watchers,
+        "endpoints": urls,
+        "duration_s": (elapsed * 10.0).round() / 10.0,
+        "puts": puts,
+        "puts_per_s": (puts as f64 / elapsed).round(),
+        "errors": errors.load(Ordering::Relaxed),
+        "events": all.len(),
+        "events_expected": puts * watchers as u64,
+        "min_events_per_watcher": per_watcher.iter().min(),
+        "p50_ms": percentile(&all, 0.50),
+        "p99_ms": percentile(&all, 0.99),
+        "max_ms": percentile(&all, 1.0),
+    });
     println!("{out}");
     Ok(())
 }
