@@ -422,7 +422,11 @@ async fn watch_bench(a: &BenchEtcdArgs, urls: &[String]) -> Result<(), String> {
     eprintln!(
         "raftsql bench etcd: watch, {watchers} watchers, {} writers at {} puts/s over {}, {} s",
         a.clients,
-        if a.rate == 0 { "max".to_string() } else { a.rate.to_string() },
+        if a.rate == 0 {
+            "max".to_string()
+        } else {
+            a.rate.to_string()
+        },
         urls.join(","),
         duration.as_secs()
     );
