@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# etcd-side-by-side.sh - the same `raftsql bench etcd` workloads against a real 3-member etcd
+# (../shared/anchors/etcd3.sh: 127.0.0.11-13) and a 3-node raftsql cluster (127.0.0.31-33) in
+# one run, clients spread over all three members of each. Prints one JSON line per run and a
+# Markdown table at the end.
+#
+# usage: benches/etcd-side-by-side.sh [SECONDS] [OUTDIR]     (defaults: 10, /tmp/etcd-side-by-side)
+# needs: etcd and etcdctl (apt-get install etcd-server etcd-client), a release build of raftsql
+# (cargo build --release -p raftsql-cli).
+set -euo pipefail
+secs=${1:-10}
+out=${2:-/tmp/etcd-side-by-side}
+root=$(cd "$(dirname "$0")/.." && pwd)
+raftsql=$root/target/release/raftsql
+anchors=${ANCHORS:-$root/../shared/anchors}
+[ -x "$raftsql" ] || { echo "build first: cargo build --release -p raftsql-cli" >&2; exit 1; }
+rm -rf "$out" && mkdir -p "$out"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  "$anchors/etcd3.sh" stop "$out/etcd" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+echo "starting etcd (127.0.0.11-13) and raftsql (127.0.0.31-33)" >&2
+"$anchors/etcd3.sh" start "$out/etcd"
+peers="1=127.0.0.31:7000,2=127.0.0.32:7000,3=127.0.0.33:7000"
+for i in 1 2 3; do
+  "$raftsql" node --id $i --listen 127.0.0.3$i:7000 --bootstrap-peers "$peers" \
+    --data-dir "$out/raftsql/n$i" --etcd-listen 127.0.0.3$i:2379 >"$out/raftsql-n$i.log" 2>&1 &
+  pids+=($!)
+done
+for t in $(seq 100); do
+  etcdctl --endpoints=127.0.0.31:2379 put /ready yes >/dev/null 2>&1 && break
+  sleep 0.2
+done
+etcd_eps=127.0.0.11:2379,127.0.0.12:2379,127.0.0.13:2379
+raftsql_eps=127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379
+
+run() { # label endpoints args...
+  local label=$1 eps=$2; shift 2
+  "$raftsql" bench etcd --endpoints "$eps" --duration "$secs" --label "$label" "$@" 2>/dev/null \
+    | tee -a "$out/results.jsonl"
+}
+for op in put range txn; do
+  for c in 1 16 256; do
+    pre=(); [ "$op" = put ] || pre=(--preload --keys 10000)
+    run etcd "$etcd_eps" --op $op --clients $c "${pre[@]}"
+    run raftsql "$raftsql_eps" --op $op --clients $c "${pre[@]}"
+  done
+done
+run etcd "$etcd_eps" --op watch --clients 4 --watchers 16 --rate 1000
+run raftsql "$raftsql_eps" --op watch --clients 4 --watchers 16 --rate 1000
+
+python3 - "$out/results.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault((r["op"], r["clients"]), {})[r["label"]] = r
+print("\n| op | clients | etcd ops/s | raftsql ops/s | etcd p50/p99 ms | raftsql p50/p99 ms | errors e/r |")
+print("|---|---|---|---|---|---|---|")
+for (op, c), d in by.items():
+    e, r = d.get("etcd", {}), d.get("raftsql", {})
+    key = "puts_per_s" if op == "watch" else "ops_per_s"
+    print(f"| {op} | {c} | {e.get(key)} | {r.get(key)} | {e.get('p50_ms')}/{e.get('p99_ms')} "
+          f"| {r.get('p50_ms')}/{r.get('p99_ms')} | {e.get('errors')}/{r.get('errors')} |")
+print("\n(watch: puts/s at a capped rate; p50/p99 is the event latency, Put sent to event received by each of 16 watchers)")
+EOF
