@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub mod bench;
 pub mod bench_etcd;
+pub mod cluster;
 use raftsql_core::{Client, Node, NodeConfig, Value};
 
 /// Replicated SQLite over Raft.
@@ -34,13 +35,34 @@ enum Cmd {
     Dev(DevArgs),
     /// Run SQL against a cluster.
     Sql(SqlArgs),
-    /// Show each node's Raft status.
-    Status(StatusArgs),
+    /// The cluster in short: running, high-availability, voter/standby/spare nodes.
+    Status(cluster::StatusArgs),
+    /// Each node's Raft status (term, commit, applied, log, optionally database digests).
+    RaftStatus(StatusArgs),
+    /// Print the command that joins a new node (with a fresh token).
+    AddNode(cluster::AddNodeArgs),
+    /// Join a cluster with what `add-node` printed, then run this node in the foreground.
+    Join(cluster::JoinArgs),
+    /// Make a node leave the cluster: it hands over leadership and its role, then stops.
+    Leave(cluster::LeaveArgs),
+    /// Remove a node that stopped (--force: one that is still running or crashed for good).
+    RemoveNode(cluster::RemoveNodeArgs),
+    /// Cluster membership.
+    Cluster {
+        #[command(subcommand)]
+        what: ClusterCmd,
+    },
     /// Load generators.
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// One row per node: id, address, role, leader, reachable, applied index, lag, domain.
+    Show(cluster::ShowArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,12 +112,29 @@ struct NodeArgs {
     /// Address for peers and clients, e.g. 127.0.0.1:7001.
     #[arg(long)]
     listen: SocketAddr,
-    /// This node's id (1, 2, ...).
+    /// This node's id (1, 2, ...); read from the data directory once it exists.
     #[arg(long)]
-    id: u64,
+    id: Option<u64>,
     /// Every member of a new cluster: 1=HOST:PORT,2=HOST:PORT,... (ignored on restart).
     #[arg(long)]
     bootstrap_peers: Option<String>,
+    /// This node's failure domain (e.g. a rack or zone): promotions prefer domains that are
+    /// not represented yet.
+    #[arg(long, default_value = "")]
+    domain: String,
+    /// This node's weight: lower is preferred for promotion.
+    #[arg(long, default_value_t = 0)]
+    weight: u32,
+    /// Voters the cluster keeps (odd), applied while this node leads.
+    #[arg(long, default_value_t = 3)]
+    voters: usize,
+    /// Standbys the cluster keeps, applied while this node leads.
+    #[arg(long, default_value_t = 3)]
+    standbys: usize,
+    /// A member that has not answered the leader for this long counts as offline (and a
+    /// voter is then replaced).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    offline_after: Duration,
     /// Cluster name; nodes of other clusters are refused.
     #[arg(long, default_value = "raftsql")]
     cluster: String,
@@ -203,7 +242,15 @@ pub fn main() -> ExitCode {
                 .await
                 .unwrap(),
             Cmd::Sql(a) => run_sql(a).await,
-            Cmd::Status(a) => run_status(a).await,
+            Cmd::Status(a) => cluster::status(a).await,
+            Cmd::RaftStatus(a) => run_status(a).await,
+            Cmd::AddNode(a) => cluster::add_node(a).await,
+            Cmd::Join(a) => cluster::join(a).await,
+            Cmd::Leave(a) => cluster::leave(a).await,
+            Cmd::RemoveNode(a) => cluster::remove_node(a).await,
+            Cmd::Cluster {
+                what: ClusterCmd::Show(a),
+            } => cluster::show(a).await,
             Cmd::Bench {
                 what: BenchCmd::Sql(a),
             } => run_bench_sql(a).await,
@@ -233,11 +280,50 @@ fn init_tracing() {
 type CliResult = Result<(), String>;
 
 async fn run_node(a: NodeArgs) -> CliResult {
-    let mut cfg = NodeConfig::new(a.id, a.data_dir.clone(), a.listen);
-    if let Some(p) = &a.bootstrap_peers {
-        cfg.peers = raftsql_core::parse_peers(p).map_err(|e| format!("--bootstrap-peers: {e}"))?;
+    run_node_with(a, None).await
+}
+
+/// Runs a node; `joined` is the answer of a join (`raftsql join`) for a new member.
+pub(crate) async fn run_node_with(
+    mut a: NodeArgs,
+    joined: Option<raftsql_core::members::JoinTicket>,
+) -> CliResult {
+    if a.voters % 2 == 0 {
+        return Err(format!("--voters {}: must be odd", a.voters));
     }
-    cfg.cluster = a.cluster;
+    let stored = raftsql_core::node::stored_id(&a.data_dir).map_err(|e| e.to_string())?;
+    let id = match (a.id, stored, &joined) {
+        (_, _, Some(t)) => t.id,
+        (Some(id), _, None) => id,
+        (None, Some(id), None) => id,
+        (None, None, None) => {
+            return Err(format!(
+                "{} holds no node yet: give --id and --bootstrap-peers to form a new cluster, \
+                 or use `raftsql join` to join one",
+                a.data_dir.display()
+            ))
+        }
+    };
+    a.id = Some(id);
+    let mut cfg = NodeConfig::new(id, a.data_dir.clone(), a.listen);
+    if let Some(t) = &joined {
+        cfg.peers = t.peers.clone();
+        cfg.cluster = t.cluster.clone();
+        cfg.join = true;
+    } else {
+        if let Some(p) = &a.bootstrap_peers {
+            cfg.peers =
+                raftsql_core::parse_peers(p).map_err(|e| format!("--bootstrap-peers: {e}"))?;
+        }
+        cfg.cluster = a.cluster.clone();
+    }
+    cfg.domain = a.domain.clone();
+    cfg.weight = a.weight;
+    cfg.targets = raftsql_core::roles::Targets {
+        voters: a.voters,
+        standbys: a.standbys,
+    };
+    cfg.offline_after = a.offline_after;
     cfg.tick = Duration::from_millis(a.tick_ms.max(1));
     cfg.checkpoint_frames = a.checkpoint_frames.max(1);
     cfg.compact_log_bytes = a.compact_log_bytes;
@@ -258,7 +344,7 @@ async fn run_node(a: NodeArgs) -> CliResult {
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
     eprintln!(
         "raftsql: node {} listening on {} (data in {})",
-        a.id,
+        id,
         a.listen,
         a.data_dir.display()
     );
@@ -269,7 +355,7 @@ async fn run_node(a: NodeArgs) -> CliResult {
             .map_err(|e| format!("--etcd-listen {addr}: {e}"))?;
         eprintln!(
             "raftsql: node {} serves the etcd v3 API on {}://{addr}{}",
-            a.id,
+            id,
             if tls.is_some() { "https" } else { "http" },
             if a.client_cert_auth {
                 " (client certificates required)"
@@ -294,11 +380,15 @@ async fn run_node(a: NodeArgs) -> CliResult {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
+    let mut departed = node.departed();
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("raftsql: stopping node {id}"),
+        _ = term.recv() => eprintln!("raftsql: stopping node {id}"),
+        d = departed.wait_for(|d| d.is_some()) => {
+            let why = d.map(|d| d.clone().unwrap_or_default()).unwrap_or_default();
+            eprintln!("raftsql: {why}; stopping (this data directory will not start again)");
+        }
     }
-    eprintln!("raftsql: stopping node {}", a.id);
     let _ = stop_etcd.send(());
     if let Some(t) = etcd {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;

@@ -45,6 +45,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
+use crate::members::Keeper;
+use crate::roles::{Change, Role, Targets};
 use crate::log::{LogStorage, RaftLog};
 use crate::snapshot::{Manifest, SnapshotStore};
 use crate::state::{
@@ -79,6 +81,18 @@ pub struct NodeConfig {
     pub compact_log_bytes: u64,
     /// Longest a write waits for the writer and for its commit.
     pub write_timeout: Duration,
+    /// This node joins an existing cluster (`peers` are its members, from the join answer)
+    /// instead of bootstrapping a new one: it starts with an empty Raft configuration and
+    /// asks the leader for a snapshot.
+    pub join: bool,
+    /// Voters and standbys the cluster keeps (used while this node leads).
+    pub targets: Targets,
+    /// A member that has not answered the leader's probes for this long counts as offline.
+    pub offline_after: Duration,
+    /// This node's failure domain ("" = none): promotions prefer domains not yet covered.
+    pub domain: String,
+    /// This node's weight: lower is preferred for promotion.
+    pub weight: u32,
 }
 
 impl NodeConfig {
@@ -96,6 +110,11 @@ impl NodeConfig {
             checkpoint_frames: 4000,
             compact_log_bytes: 64 << 20,
             write_timeout: Duration::from_secs(10),
+            join: false,
+            targets: Targets::default(),
+            offline_after: Duration::from_secs(3),
+            domain: String::new(),
+            weight: 0,
         }
     }
 }
@@ -106,6 +125,12 @@ struct NodeFile {
     id: u64,
     cluster: String,
     peers: BTreeMap<u64, SocketAddr>,
+    /// Joined an existing cluster: never bootstrap a Raft configuration.
+    #[serde(default)]
+    joined: bool,
+    /// Left the cluster (or was removed): refuse to start.
+    #[serde(default)]
+    left: bool,
 }
 
 /// Raft-side facts, refreshed after every Ready.
@@ -144,6 +169,10 @@ enum RaftMsg {
     Step(Message),
     Sm(ToRaft),
     ReadIndex(oneshot::Sender<Result<u64>>),
+    /// Propose a configuration change (this node must lead).
+    ConfChange(ConfChange, oneshot::Sender<Result<()>>),
+    /// Hand leadership to the most up-to-date other voter; answers its id.
+    TransferLeader(oneshot::Sender<Result<u64>>),
     Shutdown,
 }
 
@@ -162,6 +191,10 @@ struct Shared {
     stopped: AtomicBool,
     forward_pool: Mutex<HashMap<SocketAddr, Vec<RpcConn>>>,
     services: parking_lot::RwLock<HashMap<String, Arc<dyn ServiceHandler>>>,
+    /// The member registry's view on this node and, while it leads, the role keeper's.
+    pub(crate) keeper: Keeper,
+    /// Set once this node has left the cluster or was removed from it (with why).
+    departed: watch::Sender<Option<String>>,
 }
 
 /// A service the embedding application runs on every node, reachable from other nodes with
@@ -182,6 +215,30 @@ pub struct Node {
     _lock: Arc<File>,
 }
 
+/// A [`Node`] reference that does not keep the node running (for its own background tasks
+/// and services, so that dropping the last [`Node`] still stops it).
+#[derive(Clone)]
+pub(crate) struct WeakNode {
+    shared: std::sync::Weak<Shared>,
+    threads: std::sync::Weak<Mutex<Vec<JoinHandle<()>>>>,
+    lock: std::sync::Weak<File>,
+}
+
+impl WeakNode {
+    /// The node, unless it was dropped or shut down.
+    pub(crate) fn upgrade(&self) -> Option<Node> {
+        let node = Node {
+            shared: self.shared.upgrade()?,
+            threads: self.threads.upgrade()?,
+            _lock: self.lock.upgrade()?,
+        };
+        if node.shared.stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(node)
+    }
+}
+
 fn lock_data_dir(dir: &Path) -> Result<File> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let p = dir.join("LOCK");
@@ -197,12 +254,32 @@ fn lock_data_dir(dir: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// The id of the node whose data directory is `data_dir`, if one was started there.
+pub fn stored_id(data_dir: &Path) -> Result<Option<u64>> {
+    let p = data_dir.join("node.json");
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice::<NodeFile>(&b)
+            .map(|nf| Some(nf.id))
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", p.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&p, e)),
+    }
+}
+
 fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
     let p = cfg.data_dir.join("node.json");
     match std::fs::read(&p) {
         Ok(b) => {
             let nf: NodeFile = serde_json::from_slice(&b)
                 .map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))?;
+            if nf.left {
+                return Err(Error::Invalid(format!(
+                    "node {} left the cluster; its data directory {} cannot be started again \
+                     (remove it, then join with a new token)",
+                    nf.id,
+                    cfg.data_dir.display()
+                )));
+            }
             if nf.id != cfg.id {
                 return Err(Error::Invalid(format!(
                     "data directory {} belongs to node {}, not node {}",
@@ -224,6 +301,8 @@ fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
                 id: cfg.id,
                 cluster: cfg.cluster.clone(),
                 peers: cfg.peers.clone(),
+                joined: cfg.join,
+                left: false,
             };
             state::write_atomic(&p, &serde_json::to_vec_pretty(&nf).unwrap())?;
             Ok(nf)
@@ -249,11 +328,35 @@ impl Node {
         cfg.peers = nf.peers.clone();
         cfg.cluster = nf.cluster.clone();
 
+        cfg.join = nf.joined;
         let mut log = RaftLog::open(&cfg.data_dir.join("raft"))?;
-        if !log.is_initialized() {
+        if !log.is_initialized() && !cfg.join {
             let mut cs = ConfState::default();
             cs.voters = cfg.peers.keys().copied().collect();
             log.bootstrap(cs)?;
+        }
+        if !cfg.join && log.last_index() == 0 && log.first_index() == 1 {
+            // The initial voters are also written as committed configuration entries 1..n
+            // (as etcd does), so that a node joining later and replaying the log from index
+            // 1 learns the whole configuration, not only the changes made after it.
+            let mut entries = Vec::new();
+            for (i, id) in log.conf_state().voters.clone().into_iter().enumerate() {
+                let mut cc = ConfChange::default();
+                cc.set_change_type(raft::eraftpb::ConfChangeType::AddNode);
+                cc.node_id = id;
+                let mut e = raft::eraftpb::Entry::default();
+                e.set_entry_type(EntryType::EntryConfChange);
+                e.term = 1;
+                e.index = i as u64 + 1;
+                e.data = cc.write_to_bytes().map_err(|x| Error::Internal(x.to_string()))?.into();
+                entries.push(e);
+            }
+            log.append(&entries)?;
+            let mut hs = log.hard_state().clone();
+            hs.term = hs.term.max(1);
+            hs.commit = entries.len() as u64;
+            log.set_hard_state(&hs)?;
+            log.sync()?;
         }
         // Bring the database files up to the committed log before SQLite reads them.
         state::recover_files(&cfg.data_dir.join("state"), &log)?;
@@ -353,6 +456,8 @@ impl Node {
             stopped: AtomicBool::new(false),
             forward_pool: Mutex::new(HashMap::new()),
             services: parking_lot::RwLock::new(HashMap::new()),
+            keeper: Keeper::default(),
+            departed: watch::channel(None).0,
         });
         let handler = Arc::new(NodeHandler {
             shared: Arc::downgrade(&shared),
@@ -393,11 +498,13 @@ impl Node {
                 .expect("spawn raft thread"),
         );
         tracing::info!(id = cfg.id, listen = %cfg.listen, "node started at checkpoint {}", meta.checkpoint_index);
-        Ok(Node {
+        let node = Node {
             shared,
             threads: Arc::new(Mutex::new(threads)),
             _lock: Arc::new(lock),
-        })
+        };
+        crate::members::start(&node);
+        Ok(node)
     }
 
     /// This node's id.
@@ -517,6 +624,133 @@ impl Node {
         v
     }
 
+    pub(crate) fn downgrade(&self) -> WeakNode {
+        WeakNode {
+            shared: Arc::downgrade(&self.shared),
+            threads: Arc::downgrade(&self.threads),
+            lock: Arc::downgrade(&self._lock),
+        }
+    }
+
+    pub(crate) fn shared_keeper(&self) -> &Keeper {
+        &self.shared.keeper
+    }
+
+    /// Whether this node leads the cluster right now.
+    pub fn is_leader(&self) -> bool {
+        self.shared.raft_status.lock().role == "leader"
+    }
+
+    /// The applied Raft configuration: (voters, standbys).
+    pub fn conf_roles(&self) -> (Vec<u64>, Vec<u64>) {
+        let cs = self.shared.snapshots.conf_state.lock();
+        (cs.voters.clone(), cs.learners.clone())
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.cfg
+    }
+
+    /// Hands leadership to the most up-to-date other voter and waits (up to 3 s) until that
+    /// node leads; answers its id.
+    pub async fn transfer_leadership(&self) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .raft_tx
+            .lock()
+            .send(RaftMsg::TransferLeader(tx))
+            .map_err(|_| Error::Shutdown)?;
+        let to = rx.await.map_err(|_| Error::Shutdown)??;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let leader = self.shared.raft_status.lock().leader_id;
+            if leader == to {
+                return Ok(to);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Error::Unavailable(format!(
+            "node {to} did not take leadership within 3 s"
+        )))
+    }
+
+    /// Applies one role change through a Raft configuration change and waits (up to 5 s)
+    /// until this node has applied it. Leader only.
+    pub(crate) async fn change_role(&self, c: Change) -> Result<()> {
+        use raft::eraftpb::ConfChangeType;
+        let mut cc = ConfChange::default();
+        cc.node_id = c.id;
+        cc.set_change_type(match c.to {
+            Role::Voter => ConfChangeType::AddNode,
+            Role::Standby => ConfChangeType::AddLearnerNode,
+            Role::Spare => ConfChangeType::RemoveNode,
+        });
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .raft_tx
+            .lock()
+            .send(RaftMsg::ConfChange(cc, tx))
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)??;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let (voters, learners) = self.conf_roles();
+            let now = if voters.contains(&c.id) {
+                Role::Voter
+            } else if learners.contains(&c.id) {
+                Role::Standby
+            } else {
+                Role::Spare
+            };
+            if now == c.to {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Error::Timeout(Duration::from_secs(5)))
+    }
+
+    /// Changes once this node has left the cluster or been removed from it: `Some(why)`.
+    pub fn departed(&self) -> watch::Receiver<Option<String>> {
+        self.shared.departed.subscribe()
+    }
+
+    /// Records that this node is no longer a member (its data directory will refuse to
+    /// start again) and tells [`Node::departed`] watchers.
+    pub(crate) fn mark_departed(&self, why: String) {
+        let p = self.shared.cfg.data_dir.join("node.json");
+        if let Ok(b) = std::fs::read(&p) {
+            if let Ok(mut nf) = serde_json::from_slice::<NodeFile>(&b) {
+                nf.left = true;
+                let _ = state::write_atomic(&p, &serde_json::to_vec_pretty(&nf).unwrap());
+            }
+        }
+        self.shared.departed.send_replace(Some(why));
+    }
+
+    /// Replaces the addresses of the other members (from the replicated registry).
+    pub(crate) fn set_peers(&self, peers: BTreeMap<u64, SocketAddr>) {
+        let transport = self.shared.transport.lock().clone();
+        let mut cur = self.shared.peers.lock();
+        if let Some(t) = &transport {
+            for (id, addr) in &peers {
+                t.set_peer(*id, *addr);
+            }
+            for id in cur.keys() {
+                if !peers.contains_key(id) {
+                    t.remove_peer(*id);
+                }
+            }
+        }
+        *cur = peers;
+    }
+
+    /// Raft status (leader, term, commit index, role).
+    pub(crate) fn raft_status(&self) -> RaftStatus {
+        self.shared.raft_status.lock().clone()
+    }
+
     /// Digest of each database's pages (equal on every replica once they applied the same
     /// index).
     pub async fn digests(&self) -> Result<BTreeMap<String, String>> {
@@ -526,6 +760,17 @@ impl Node {
     /// Stops the node: the Raft and state machine threads finish, files are closed, the data
     /// directory lock is released when the last clone is dropped.
     pub async fn shutdown(&self) {
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        // A leader hands over first, so that the cluster has no election gap.
+        if self.is_leader() && self.conf_roles().0.len() > 1 {
+            match tokio::time::timeout(Duration::from_secs(3), self.transfer_leadership()).await {
+                Ok(Ok(to)) => tracing::info!("handed leadership to node {to} before stopping"),
+                Ok(Err(e)) => tracing::warn!("could not hand leadership over: {e}"),
+                Err(_) => tracing::warn!("leadership transfer timed out"),
+            }
+        }
         if self.shared.stopped.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -963,9 +1208,16 @@ pub fn error_response(id: u64, e: &Error) -> pb::Response {
             err.message = message.clone();
         }
         Error::OutcomeUnknown => err.code = Code::OutcomeUnknown as i32,
-        Error::Unavailable(_) => err.code = Code::Unavailable as i32,
+        // The message travels without the variant's prefix, which `from_pb` restores.
+        Error::Unavailable(m) => {
+            err.code = Code::Unavailable as i32;
+            err.message = m.clone();
+        }
         Error::Timeout(_) => err.code = Code::Timeout as i32,
-        Error::Invalid(_) => err.code = Code::Invalid as i32,
+        Error::Invalid(m) => {
+            err.code = Code::Invalid as i32;
+            err.message = m.clone();
+        }
         Error::Shutdown => err.code = Code::Shutdown as i32,
         _ => {}
     }
@@ -1302,6 +1554,50 @@ impl RaftDriver {
                 }
             }
             RaftMsg::ReadIndex(reply) => self.waiting_reads.push(reply),
+            RaftMsg::ConfChange(cc, reply) => {
+                let r = if self.raw.raft.state != StateRole::Leader {
+                    Err(Error::NotLeader {
+                        leader_id: Some(self.raw.raft.leader_id).filter(|l| *l != 0),
+                        leader_addr: None,
+                    })
+                } else if self.raw.raft.has_pending_conf() {
+                    Err(Error::Unavailable(
+                        "another configuration change is still being applied".into(),
+                    ))
+                } else {
+                    self.raw
+                        .propose_conf_change(Vec::new(), cc)
+                        .map_err(|e| Error::Unavailable(format!("configuration change: {e}")))
+                };
+                let _ = reply.send(r);
+            }
+            RaftMsg::TransferLeader(reply) => {
+                let me = self.raw.raft.id;
+                let r = if self.raw.raft.state != StateRole::Leader {
+                    Err(Error::NotLeader {
+                        leader_id: Some(self.raw.raft.leader_id).filter(|l| *l != 0),
+                        leader_addr: None,
+                    })
+                } else {
+                    let prs = self.raw.raft.prs();
+                    let voters: Vec<u64> = prs.conf().voters().ids().iter().collect();
+                    let best = voters
+                        .into_iter()
+                        .filter(|id| *id != me)
+                        .filter_map(|id| prs.get(id).map(|p| (p.matched, id)))
+                        .max();
+                    match best {
+                        Some((_, to)) => {
+                            self.raw.transfer_leader(to);
+                            Ok(to)
+                        }
+                        None => Err(Error::Unavailable(
+                            "no other voter to hand leadership to".into(),
+                        )),
+                    }
+                };
+                let _ = reply.send(r);
+            }
             RaftMsg::Shutdown => return false,
         }
         true

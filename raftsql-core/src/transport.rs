@@ -214,6 +214,12 @@ impl Transport {
         }
     }
 
+    /// Forgets a peer (a removed member): its queue and connection are dropped.
+    pub fn remove_peer(&self, id: u64) {
+        self.addrs.write().remove(&id);
+        self.peers.write().remove(&id);
+    }
+
     /// Address of a peer, if known.
     pub fn peer_addr(&self, id: u64) -> Option<SocketAddr> {
         self.addrs.read().get(&id).copied()
@@ -318,6 +324,36 @@ pub async fn dial(addr: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpStre
     Ok(s)
 }
 
+/// The node service a connection that has not named the cluster may call (see
+/// `members::JOIN_SERVICE`).
+pub const JOIN_SERVICE: &str = "raftsql.join";
+
+/// Serves a joiner's connection: `ServiceCall`s to [`JOIN_SERVICE`] only, one at a time;
+/// anything else closes the connection.
+async fn serve_joiner(
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    handler: Arc<dyn Handler>,
+) {
+    while let Ok(Some(pb::Frame {
+        kind: Some(pb::frame::Kind::Request(req)),
+    })) = reader.next().await
+    {
+        let ok = matches!(&req.body, Some(pb::request::Body::Service(c)) if c.service == JOIN_SERVICE);
+        if !ok {
+            tracing::warn!("refused a request from a connection that did not name the cluster");
+            return;
+        }
+        let resp = handler.request(req).await;
+        let f = pb::Frame {
+            kind: Some(pb::frame::Kind::Response(resp)),
+        };
+        if w.write_all(&encode_frame(&f)).await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler>) {
     let (r, mut w) = stream.into_split();
     let mut reader = FrameReader::new(r);
@@ -325,6 +361,11 @@ async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler
         Ok(Some(pb::Frame {
             kind: Some(pb::frame::Kind::Hello(h)),
         })) => {
+            if h.cluster.is_empty() && h.from_id == 0 {
+                // A joiner, who does not know the cluster's name yet: it may only join.
+                serve_joiner(reader, w, handler).await;
+                return;
+            }
             if h.cluster != cluster {
                 tracing::warn!(
                     "refused connection from node {} of cluster {:?} (this is {:?})",
