@@ -92,7 +92,10 @@ pub struct StatusArgs {
     target: Target,
 }
 
-async fn ask(t: &Target, req: pb::membership_request::Req) -> Result<pb::membership_response::Resp, String> {
+async fn ask(
+    t: &Target,
+    req: pb::membership_request::Req,
+) -> Result<pb::membership_response::Resp, String> {
     let eps = parse_endpoints(&t.endpoints)?;
     members::request(&eps, &t.cluster, req)
         .await
@@ -101,7 +104,12 @@ async fn ask(t: &Target, req: pb::membership_request::Req) -> Result<pb::members
 
 /// The cluster's state, as its leader sees it.
 pub async fn cluster_state(t: &Target) -> Result<pb::ClusterResponse, String> {
-    match ask(t, pb::membership_request::Req::Cluster(pb::ClusterRequest {})).await? {
+    match ask(
+        t,
+        pb::membership_request::Req::Cluster(pb::ClusterRequest {}),
+    )
+    .await?
+    {
         pb::membership_response::Resp::Cluster(c) => Ok(c),
         _ => Err("unexpected answer".into()),
     }
@@ -123,7 +131,10 @@ pub async fn add_node(a: AddNodeArgs) -> CliResult {
     let left = Duration::from_secs(r.expires_unix_ms.saturating_sub(now) / 1000);
     println!("From the node you are adding, run one of:");
     for addr in &r.addrs {
-        println!("  raftsql join {addr}/{} --data-dir DIR --listen HOST:PORT", r.token);
+        println!(
+            "  raftsql join {addr}/{} --data-dir DIR --listen HOST:PORT",
+            r.token
+        );
     }
     println!(
         "The token {} expires in {}.",

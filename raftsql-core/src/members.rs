@@ -180,7 +180,8 @@ fn read_registry(c: &rusqlite::Connection) -> Result<Vec<pb::Member>> {
             })
         })
         .map_err(sql)?;
-    rows.collect::<std::result::Result<Vec<_>, _>>().map_err(sql)
+    rows.collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(sql)
 }
 
 /// The registry as this node has applied it (`linearizable`: as of now, through the leader).
@@ -358,7 +359,9 @@ async fn probe(
                     }
                     None => RpcConn::connect(addr, me, &cluster, Some(local_ip)).await?,
                 };
-                let body = pb::request::Body::Status(pb::StatusRequest { with_digests: false });
+                let body = pb::request::Body::Status(pb::StatusRequest {
+                    with_digests: false,
+                });
                 match conn.call(body).await? {
                     pb::response::Body::Status(s) => Ok((s.applied_index, conn)),
                     _ => Err(std::io::Error::other("unexpected answer")),
@@ -555,7 +558,12 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
         .map_err(|_| Error::Invalid(format!("bad joiner address {:?}", r.addr)))?;
     seed_registry(node).await?;
     let (voters, learners) = node.conf_roles();
-    let max_conf = voters.iter().chain(learners.iter()).copied().max().unwrap_or(0);
+    let max_conf = voters
+        .iter()
+        .chain(learners.iter())
+        .copied()
+        .max()
+        .unwrap_or(0);
     let now = now_ms();
     let (token_id, nonce, proof) = (r.token_id.to_vec(), r.nonce.to_vec(), r.proof.to_vec());
     let (domain, weight) = (r.domain.clone(), r.weight);
@@ -656,7 +664,11 @@ async fn cluster(node: &Node) -> Result<pb::ClusterResponse> {
         })
         .collect();
     let ha = voters.len() >= 3
-        && voters.iter().all(|v| nodes.iter().any(|n| n.member.as_ref().is_some_and(|m| m.id == *v) && n.reachable));
+        && voters.iter().all(|v| {
+            nodes
+                .iter()
+                .any(|n| n.member.as_ref().is_some_and(|m| m.id == *v) && n.reachable)
+        });
     let t = node.config().targets;
     Ok(pb::ClusterResponse {
         leader_id: node.id(),
@@ -743,7 +755,10 @@ async fn leave(node: &Node, force: bool) -> Result<String> {
                 )));
             }
             node.mark_departed(format!("node {} left the cluster (forced)", node.id()));
-            return Ok(format!("node {} left (forced); the cluster is gone", node.id()));
+            return Ok(format!(
+                "node {} left (forced); the cluster is gone",
+                node.id()
+            ));
         }
         let to = node.transfer_leadership().await?;
         tracing::info!("handed leadership to node {to} before leaving");
@@ -759,7 +774,10 @@ async fn leave(node: &Node, force: bool) -> Result<String> {
     let mut last = Error::Unavailable("no leader".into());
     // The new leader may need a moment to be known here.
     for _ in 0..20 {
-        match node.call_leader(LEADER_SERVICE, payload.clone().into()).await {
+        match node
+            .call_leader(LEADER_SERVICE, payload.clone().into())
+            .await
+        {
             Ok(b) => {
                 let report = match pb::MembershipResponse::decode(b) {
                     Ok(pb::MembershipResponse {
@@ -823,7 +841,12 @@ pub async fn join(
     };
     if !hmac_ok(
         &key,
-        &[b"cluster", &nonce, &j.id.to_le_bytes(), j.cluster.as_bytes()],
+        &[
+            b"cluster",
+            &nonce,
+            &j.id.to_le_bytes(),
+            j.cluster.as_bytes(),
+        ],
         &j.proof,
     ) {
         return Err(Error::Invalid(format!(
@@ -856,6 +879,27 @@ pub async fn request(
     let payload: Bytes = pb::MembershipRequest { req: Some(req) }
         .encode_to_vec()
         .into();
+    // During an election (or right after a join) no member may know a leader for a moment:
+    // retry what is safe to retry for a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match request_once(endpoints, cluster, &payload).await {
+            Err(e @ (Error::Unavailable(_) | Error::NotLeader { .. }))
+                if Instant::now() < deadline =>
+            {
+                tracing::debug!("membership request: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn request_once(
+    endpoints: &[SocketAddr],
+    cluster: &str,
+    payload: &Bytes,
+) -> Result<pb::membership_response::Resp> {
     let mut last = Error::Unavailable("no endpoint given".into());
     for ep in endpoints {
         let mut conn = match RpcConn::connect(*ep, 0, cluster, None).await {

@@ -45,9 +45,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
+use crate::log::{LogStorage, RaftLog};
 use crate::members::Keeper;
 use crate::roles::{Change, Role, Targets};
-use crate::log::{LogStorage, RaftLog};
 use crate::snapshot::{Manifest, SnapshotStore};
 use crate::state::{
     self, DbMap, Progress, SmMsg, SmSettings, StateMachine, ToRaft, TxOp, WriteReq,
@@ -348,7 +348,10 @@ impl Node {
                 e.set_entry_type(EntryType::EntryConfChange);
                 e.term = 1;
                 e.index = i as u64 + 1;
-                e.data = cc.write_to_bytes().map_err(|x| Error::Internal(x.to_string()))?.into();
+                e.data = cc
+                    .write_to_bytes()
+                    .map_err(|x| Error::Internal(x.to_string()))?
+                    .into();
                 entries.push(e);
             }
             log.append(&entries)?;

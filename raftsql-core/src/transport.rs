@@ -339,7 +339,8 @@ async fn serve_joiner(
         kind: Some(pb::frame::Kind::Request(req)),
     })) = reader.next().await
     {
-        let ok = matches!(&req.body, Some(pb::request::Body::Service(c)) if c.service == JOIN_SERVICE);
+        let ok =
+            matches!(&req.body, Some(pb::request::Body::Service(c)) if c.service == JOIN_SERVICE);
         if !ok {
             tracing::warn!("refused a request from a connection that did not name the cluster");
             return;

@@ -145,6 +145,40 @@ impl Cluster {
         n.child = Some(child);
     }
 
+    /// Starts node `id`'s process as `raftsql ARGS` (e.g. `join ...` or `node` without
+    /// bootstrap peers), logging to its log file.
+    pub fn spawn_args(&mut self, id: u64, args: &[String]) {
+        let n = &mut self.nodes[(id - 1) as usize];
+        assert!(n.child.is_none(), "node {id} already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .env(
+                "RAFTSQL_LOG",
+                std::env::var("RAFTSQL_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        n.child = Some(child);
+    }
+
+    /// Runs `raftsql ARGS` to completion: (succeeded, stdout, stderr).
+    pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// kill -9.
     pub fn kill(&mut self, id: u64) {
         let n = &mut self.nodes[(id - 1) as usize];

@@ -1,0 +1,319 @@
+//! Membership with real processes and the real CLI: a 5-node cluster formed with join
+//! tokens from one bootstrapped node settles at 3 voters + 2 standbys; wrong and reused
+//! tokens are refused and change nothing; a killed voter is replaced by a standby; a killed
+//! leader is replaced and the roles settle again; a dead node comes back as a spare and is
+//! promoted to standby; remove-node refuses a running node and removes a stopped one;
+//! `leave` hands over and stops the node for good; `remove-node --force` cuts a running
+//! node off; data written before the joins is on the joiners.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(30);
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+/// `cluster show --format json` through any of `eps`.
+fn show(eps: &str) -> Option<Value> {
+    let (ok, out, _) =
+        Cluster::run_cli(&["cluster", "show", "--format", "json", "--endpoints", eps]);
+    ok.then(|| serde_json::from_str(&out).ok()).flatten()
+}
+
+/// (id, role) of every member, sorted by id.
+fn roles(v: &Value) -> Vec<(u64, String)> {
+    let mut r: Vec<(u64, String)> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap(),
+                n["role"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    r.sort();
+    r
+}
+
+fn count(v: &Value, role: &str) -> usize {
+    roles(v).iter().filter(|(_, r)| r == role).count()
+}
+
+/// Waits until `cond` holds for `cluster show`; returns it and how long that took.
+fn wait_show(eps: &str, what: &str, cond: impl Fn(&Value) -> bool) -> (Value, Duration) {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < T {
+        if let Some(v) = show(eps) {
+            if cond(&v) {
+                return (v, started.elapsed());
+            }
+            last = Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{what}: not reached in {T:?}; last: {last:?}");
+}
+
+fn join_string(eps: &str, extra: &[&str]) -> String {
+    let mut args = vec!["add-node", "--endpoints", eps];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = Cluster::run_cli(&args);
+    assert!(ok, "add-node failed: {err}");
+    out.split_whitespace()
+        .find(|w| w.contains('/') && w.contains(':'))
+        .unwrap_or_else(|| panic!("no join string in {out:?}"))
+        .to_string()
+}
+
+#[test]
+fn form_fail_over_leave_and_remove() {
+    let mut cl = Cluster::prepare(5, &[], false);
+    let addr = |i: u64, cl: &Cluster| cl.addr(i).to_string();
+    let dir = |i: u64, cl: &Cluster| cl.data_dir(i).display().to_string();
+    let a1 = addr(1, &cl);
+    cl.spawn_args(
+        1,
+        &[
+            s("node"),
+            s("--id"),
+            s("1"),
+            s("--listen"),
+            a1.clone(),
+            s("--bootstrap-peers"),
+            format!("1={a1}"),
+            s("--data-dir"),
+            dir(1, &cl),
+        ],
+    );
+    cl.wait_leader(T);
+    let c = cl.client();
+    cl.rt.block_on(async {
+        c.execute(
+            "main",
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
+            vec![],
+        )
+        .await
+        .unwrap();
+        for i in 0..50 {
+            c.execute(
+                "main",
+                "INSERT INTO t(v) VALUES (?1)",
+                vec![format!("row {i}").into()],
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let v = show(&a1).expect("cluster show on a 1-node cluster");
+    assert_eq!(roles(&v), vec![(1, s("voter"))]);
+    assert_eq!(v["ha"], false);
+
+    // A token this cluster never issued is refused, and nothing is created.
+    let bogus = format!("{a1}/{}", "0123456789abcdef0123456789abcdef");
+    let (ok, _, err) = Cluster::run_cli(&[
+        "join",
+        &bogus,
+        "--data-dir",
+        &dir(2, &cl),
+        "--listen",
+        &addr(2, &cl),
+    ]);
+    assert!(!ok && err.contains("did not issue it"), "{err}");
+    let (ok, _, err) = Cluster::run_cli(&[
+        "join",
+        &format!("{a1}/nothex"),
+        "--data-dir",
+        &dir(2, &cl),
+        "--listen",
+        &addr(2, &cl),
+    ]);
+    assert!(!ok && err.contains("malformed join token"), "{err}");
+    assert!(!cl.data_dir(2).join("node.json").exists());
+
+    // Join 2..5 one at a time (ids are given in join order): a single-use token for node 2,
+    // then a reusable one.
+    let single = join_string(&a1, &[]);
+    cl.spawn_args(
+        2,
+        &[
+            s("join"),
+            single.clone(),
+            s("--data-dir"),
+            dir(2, &cl),
+            s("--listen"),
+            addr(2, &cl),
+        ],
+    );
+    wait_show(&a1, "node 2 joined", |v| roles(v).len() == 2);
+    let (ok, _, err) = Cluster::run_cli(&[
+        "join",
+        &single,
+        "--data-dir",
+        &dir(3, &cl),
+        "--listen",
+        &addr(3, &cl),
+    ]);
+    assert!(!ok && err.contains("already used"), "reused token: {err}");
+    let reusable = join_string(&addr(2, &cl), &["--ttl", "5m"]);
+    for i in 3..=5u64 {
+        cl.spawn_args(
+            i,
+            &[
+                s("join"),
+                reusable.clone(),
+                s("--data-dir"),
+                dir(i, &cl),
+                s("--listen"),
+                addr(i, &cl),
+            ],
+        );
+        wait_show(&a1, "joined", |v| roles(v).len() == i as usize);
+    }
+    let all = (1..=5).map(|i| addr(i, &cl)).collect::<Vec<_>>().join(",");
+    let (v, took) = wait_show(&all, "3 voters + 2 standbys", |v| {
+        count(v, "voter") == 3 && count(v, "standby") == 2 && v["ha"] == true
+    });
+    eprintln!(
+        "settled at 3 voters + 2 standbys {took:?} after the last join: {:?}",
+        roles(&v)
+    );
+    let (ok, out, _) = Cluster::run_cli(&["status", "--endpoints", &all]);
+    assert!(
+        ok && out.contains("high-availability: yes") && out.contains("standby nodes: 127."),
+        "{out}"
+    );
+    // The joiners have the data written before they joined.
+    cl.wait_converged(T);
+    for i in 2..=5 {
+        assert_eq!(cl.local_count(i, "main", "SELECT count(*) FROM t"), 50);
+    }
+
+    // kill -9 a voter that does not lead: a standby takes its place.
+    let leader = cl.wait_leader(T);
+    let voters: Vec<u64> = roles(&v)
+        .into_iter()
+        .filter(|(_, r)| r == "voter")
+        .map(|(i, _)| i)
+        .collect();
+    let victim = *voters.iter().find(|i| **i != leader).unwrap();
+    cl.kill(victim);
+    let (v, took) = wait_show(&all, "a standby replaced the killed voter", |v| {
+        count(v, "voter") == 3 && roles(v).contains(&(victim, s("spare"))) && v["ha"] == true
+    });
+    eprintln!(
+        "voter {victim} killed: replaced after {took:?}: {:?}",
+        roles(&v)
+    );
+
+    // kill -9 the leader: a new one is elected, and roles settle again (3 voters).
+    cl.kill(leader);
+    let (v, took) = wait_show(&all, "new leader, 3 voters", |v| {
+        v["leader_id"].as_u64() != Some(leader)
+            && count(v, "voter") == 3
+            && roles(v).contains(&(leader, s("spare")))
+    });
+    eprintln!(
+        "leader {leader} killed: new leader {} and 3 voters after {took:?}",
+        v["leader_id"]
+    );
+    let c = cl.client();
+    cl.rt.block_on(async {
+        c.execute("main", "INSERT INTO t(v) VALUES ('after failover')", vec![])
+            .await
+            .unwrap();
+    });
+
+    // remove-node: refused for a running node, done for a stopped one (by address).
+    let running = roles(&v)
+        .into_iter()
+        .find(|(i, r)| r == "voter" && *i != v["leader_id"].as_u64().unwrap())
+        .unwrap()
+        .0;
+    let (ok, _, err) =
+        Cluster::run_cli(&["remove-node", &running.to_string(), "--endpoints", &all]);
+    assert!(!ok && err.contains("is running"), "{err}");
+    let (ok, out, err) =
+        Cluster::run_cli(&["remove-node", &addr(leader, &cl), "--endpoints", &all]);
+    assert!(ok, "remove-node of the dead old leader: {err}");
+    assert!(out.contains(&format!("removed node {leader}")), "{out}");
+    let v = show(&all).unwrap();
+    assert!(!roles(&v).iter().any(|(i, _)| *i == leader));
+
+    // The killed voter comes back: as a spare, then promoted to standby.
+    cl.spawn_args(
+        victim,
+        &[
+            s("node"),
+            s("--data-dir"),
+            dir(victim, &cl),
+            s("--listen"),
+            addr(victim, &cl),
+        ],
+    );
+    let (_, took) = wait_show(&all, "returning node becomes a standby", |v| {
+        roles(v).contains(&(victim, s("standby")))
+    });
+    eprintln!("node {victim} restarted: standby after {took:?}");
+
+    // leave: a voter hands over and stops; its data directory refuses to start again.
+    let v = show(&all).unwrap();
+    let leaver = roles(&v)
+        .into_iter()
+        .find(|(i, r)| r == "voter" && *i != v["leader_id"].as_u64().unwrap())
+        .unwrap()
+        .0;
+    let (ok, out, err) = Cluster::run_cli(&["leave", "--endpoint", &addr(leaver, &cl)]);
+    assert!(ok, "leave: {err}");
+    assert!(out.contains(&format!("removed node {leaver}")), "{out}");
+    assert!(
+        cl.wait_exit(leaver, T).is_some(),
+        "node {leaver} kept running after leaving"
+    );
+    let (v, _) = wait_show(&all, "voters refilled after leave", |v| {
+        count(v, "voter") == 3 && !roles(v).iter().any(|(i, _)| *i == leaver)
+    });
+    let (ok, _, err) = Cluster::run_cli(&[
+        "node",
+        "--data-dir",
+        &dir(leaver, &cl),
+        "--listen",
+        &addr(leaver, &cl),
+    ]);
+    assert!(!ok && err.contains("left the cluster"), "{err}");
+
+    // remove-node --force on a running node: it is cut off and stops.
+    let forced = roles(&v)
+        .into_iter()
+        .find(|(i, r)| r != "voter" && *i != leaver)
+        .map(|(i, _)| i);
+    if let Some(forced) = forced {
+        let (ok, _, err) = Cluster::run_cli(&[
+            "remove-node",
+            &forced.to_string(),
+            "--force",
+            "--endpoints",
+            &all,
+        ]);
+        assert!(ok, "remove-node --force: {err}");
+        assert!(
+            cl.wait_exit(forced, T).is_some(),
+            "node {forced} kept running after its removal"
+        );
+    }
+    let c = cl.client();
+    let rows = cl.rt.block_on(async {
+        c.query("main", "SELECT count(*) FROM t", vec![])
+            .await
+            .unwrap()
+    });
+    assert_eq!(format!("{:?}", rows.rows[0][0]), "Integer(51)");
+}
