@@ -119,22 +119,23 @@ fn derive(secret: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (id, key)
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+/// HMAC-SHA256 over length-prefixed `parts` (so that part boundaries are unambiguous).
+fn mac(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
     let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     for p in parts {
         m.update(&(p.len() as u64).to_le_bytes());
         m.update(p);
     }
-    m.finalize().into_bytes().to_vec()
+    m
 }
 
+fn hmac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    mac(key, parts).finalize().into_bytes().to_vec()
+}
+
+/// Constant-time check of a tag made by [`hmac`].
 fn hmac_ok(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
-    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    for p in parts {
-        m.update(&(p.len() as u64).to_le_bytes());
-        m.update(p);
-    }
-    m.verify_slice(tag).is_ok()
+    mac(key, parts).verify_slice(tag).is_ok()
 }
 
 fn parse_token(token: &str) -> Result<Vec<u8>> {
@@ -349,15 +350,10 @@ async fn probe(
         let (id, cluster) = (m.id, cluster.clone());
         tasks.push(tokio::spawn(async move {
             let r = tokio::time::timeout(Duration::from_millis(400), async move {
-                let mut conn = match pooled {
-                    Some((_, mut c)) => {
-                        if c.is_closed() {
-                            RpcConn::connect(addr, me, &cluster, Some(local_ip)).await?
-                        } else {
-                            c
-                        }
-                    }
-                    None => RpcConn::connect(addr, me, &cluster, Some(local_ip)).await?,
+                // A pooled connection the peer has not closed, else a new one.
+                let mut conn = match pooled.map(|(_, mut c)| (c.is_closed(), c)) {
+                    Some((false, c)) => c,
+                    _ => RpcConn::connect(addr, me, &cluster, Some(local_ip)).await?,
                 };
                 let body = pb::request::Body::Status(pb::StatusRequest {
                     with_digests: false,
@@ -402,13 +398,12 @@ fn online(node: &Node, id: u64) -> bool {
             .is_some_and(|h| h.last_ok.elapsed() < node.config().offline_after)
 }
 
-fn role_of(id: u64, voters: &[u64], learners: &[u64]) -> Role {
-    if voters.contains(&id) {
-        Role::Voter
-    } else if learners.contains(&id) {
-        Role::Standby
+/// A member's applied index: this node's own, or what its last probe answered.
+fn applied_of(node: &Node, id: u64, health: &HashMap<u64, Health>) -> u64 {
+    if id == node.id() {
+        node.status().applied
     } else {
-        Role::Spare
+        health.get(&id).map_or(0, |h| h.applied)
     }
 }
 
@@ -419,14 +414,10 @@ fn views(node: &Node, members: &[pb::Member]) -> Vec<MemberView> {
     members
         .iter()
         .map(|m| {
-            let applied = if m.id == node.id() {
-                node.status().applied
-            } else {
-                health.get(&m.id).map_or(0, |h| h.applied)
-            };
+            let applied = applied_of(node, m.id, &health);
             MemberView {
                 id: m.id,
-                role: role_of(m.id, &voters, &learners),
+                role: Role::of(m.id, &voters, &learners),
                 online: online(node, m.id),
                 caught_up: applied + CAUGHT_UP_ENTRIES >= commit,
                 domain: m.domain.clone(),
@@ -648,13 +639,9 @@ async fn cluster(node: &Node) -> Result<pb::ClusterResponse> {
         .into_iter()
         .map(|m| {
             let me = m.id == node.id();
-            let applied = if me {
-                node.status().applied
-            } else {
-                health.get(&m.id).map_or(0, |h| h.applied)
-            };
+            let applied = applied_of(node, m.id, &health);
             pb::MemberStatus {
-                role: role_of(m.id, &voters, &learners).as_str().into(),
+                role: Role::of(m.id, &voters, &learners).as_str().into(),
                 leader: me,
                 reachable: online(node, m.id),
                 applied,
@@ -699,7 +686,7 @@ async fn remove(node: &Node, id: u64, force: bool, leaving: bool) -> Result<Stri
         )));
     }
     let (voters, learners) = node.conf_roles();
-    let role = role_of(id, &voters, &learners);
+    let role = Role::of(id, &voters, &learners);
     if role == Role::Voter {
         let rest: Vec<u64> = voters.iter().copied().filter(|v| *v != id).collect();
         let up = rest.iter().filter(|v| online(node, **v)).count();

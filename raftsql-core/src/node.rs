@@ -699,14 +699,7 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             let (voters, learners) = self.conf_roles();
-            let now = if voters.contains(&c.id) {
-                Role::Voter
-            } else if learners.contains(&c.id) {
-                Role::Standby
-            } else {
-                Role::Spare
-            };
-            if now == c.to {
+            if Role::of(c.id, &voters, &learners) == c.to {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -33,6 +33,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role of `id` in a Raft configuration of `voters` and `learners`.
+    pub fn of(id: u64, voters: &[u64], learners: &[u64]) -> Role {
+        if voters.contains(&id) {
+            Role::Voter
+        } else if learners.contains(&id) {
+            Role::Standby
+        } else {
+            Role::Spare
+        }
+    }
+
     /// "voter", "standby" or "spare".
     pub fn as_str(self) -> &'static str {
         match self {

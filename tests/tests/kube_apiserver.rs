@@ -34,17 +34,23 @@ fn kube_bin() -> PathBuf {
     dir
 }
 
+/// A kubectl command for the apiserver on `port`, authenticated with [`TOKEN`].
+fn kubectl_cmd(bin: &Path, port: u16) -> Command {
+    let mut c = Command::new(bin.join("kubectl"));
+    c.args([
+        "--server",
+        &format!("https://127.0.0.1:{port}"),
+        "--insecure-skip-tls-verify",
+        "--token",
+        TOKEN,
+    ]);
+    c
+}
+
 /// kubectl against the apiserver on `port`; (succeeded, stdout, stderr).
 fn kubectl(bin: &Path, port: u16, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin.join("kubectl"))
-        .args([
-            "--server",
-            &format!("https://127.0.0.1:{port}"),
-            "--insecure-skip-tls-verify",
-            "--token",
-            TOKEN,
-            "--request-timeout=10s",
-        ])
+    let out = kubectl_cmd(bin, port)
+        .arg("--request-timeout=10s")
         .args(args)
         .output()
         .unwrap();
@@ -223,14 +229,7 @@ fn kube_apiserver_on_raftsql() {
     );
 
     // Watch: a kubectl watch sees a configmap created after it started.
-    let mut watch = Command::new(bin.join("kubectl"))
-        .args([
-            "--server",
-            &format!("https://127.0.0.1:{port}"),
-            "--insecure-skip-tls-verify",
-            "--token",
-            TOKEN,
-        ])
+    let mut watch = kubectl_cmd(&bin, port)
         .args([
             "-n",
             "e2e",

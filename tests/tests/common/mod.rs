@@ -107,42 +107,24 @@ impl Cluster {
     }
 
     pub fn spawn(&mut self, id: u64) {
-        let peers = self.peers.clone();
-        let mut args = self.args.clone();
+        let n = &self.nodes[(id - 1) as usize];
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            n.addr.to_string(),
+            "--bootstrap-peers".into(),
+            self.peers.clone(),
+            "--data-dir".into(),
+            n.data.display().to_string(),
+        ];
+        args.extend(self.args.iter().cloned());
         if self.etcd {
             args.push("--etcd-listen".into());
-            args.push(SocketAddr::new(self.nodes[(id - 1) as usize].addr.ip(), 2379).to_string());
+            args.push(SocketAddr::new(n.addr.ip(), 2379).to_string());
         }
-        let n = &mut self.nodes[(id - 1) as usize];
-        assert!(n.child.is_none(), "node {id} already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .unwrap();
-        let child = Command::new(bin())
-            .args([
-                "node",
-                "--id",
-                &id.to_string(),
-                "--listen",
-                &n.addr.to_string(),
-                "--bootstrap-peers",
-                &peers,
-            ])
-            .arg("--data-dir")
-            .arg(&n.data)
-            .args(&args)
-            .env(
-                "RAFTSQL_LOG",
-                std::env::var("RAFTSQL_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        n.child = Some(child);
+        self.spawn_args(id, &args);
     }
 
     /// Starts node `id`'s process as `raftsql ARGS` (e.g. `join ...` or `node` without
