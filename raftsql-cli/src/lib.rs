@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod backup;
 pub mod bench;
 pub mod bench_etcd;
 pub mod cluster;
@@ -52,6 +53,14 @@ enum Cmd {
         #[command(subcommand)]
         what: ClusterCmd,
     },
+    /// Backups: save a consistent copy of the cluster, restore one into a new cluster.
+    Snapshot {
+        #[command(subcommand)]
+        what: backup::SnapshotCmd,
+    },
+    /// Disaster recovery after losing a quorum for good: make this stopped node the only
+    /// voter, keeping its committed state.
+    Recover(backup::RecoverArgs),
     /// Load generators.
     Bench {
         #[command(subcommand)]
@@ -251,6 +260,8 @@ pub fn main() -> ExitCode {
             Cmd::Cluster {
                 what: ClusterCmd::Show(a),
             } => cluster::show(a).await,
+            Cmd::Snapshot { what } => backup::snapshot(what).await,
+            Cmd::Recover(a) => backup::recover(a),
             Cmd::Bench {
                 what: BenchCmd::Sql(a),
             } => run_bench_sql(a).await,
@@ -610,11 +621,17 @@ fn json_value(v: &Value) -> serde_json::Value {
 }
 
 async fn run_one(client: &Client, a: &SqlArgs, sql: &str) -> Result<(), String> {
-    if is_query(sql) {
-        let rows = client
-            .query_with(&a.db, sql, vec![], a.local)
-            .await
-            .map_err(|e| e.to_string())?;
+    // A statement that starts like a query may still write (`WITH ... INSERT`): a read
+    // connection refuses it (SQLITE_READONLY) without doing anything, so run it as a write.
+    let read = if is_query(sql) {
+        match client.query_with(&a.db, sql, vec![], a.local).await {
+            Err(raftsql_core::Error::Sql { code: 8, .. }) => None,
+            r => Some(r.map_err(|e| e.to_string())?),
+        }
+    } else {
+        None
+    };
+    if let Some(rows) = read {
         print_rows(a, &rows);
     } else {
         let r = client

@@ -10,18 +10,22 @@
 //! - [`log`]: the durable Raft log (segments of checksummed records);
 //! - [`state`]: the state machine (databases, writer, apply, checkpoints);
 //! - [`snapshot`]: snapshots for lagging followers;
+//! - [`backup`]: backup files of a whole cluster, and restoring one into a new cluster;
+//! - [`recover`]: disaster recovery when a quorum is lost for good;
 //! - [`roles`]: which configuration change brings voters and standbys to their targets;
 //! - [`members`]: the member registry, join tokens, and the leader's role keeper;
 //! - [`transport`]: framed TCP between nodes and clients;
 //! - [`node`]: the Raft thread and the [`Node`] API; [`client`]: the remote [`Client`].
 #![warn(missing_docs)]
 
+pub mod backup;
 pub mod client;
 pub mod entry;
 pub mod error;
 pub mod log;
 pub mod members;
 pub mod node;
+pub mod recover;
 pub mod roles;
 pub mod snapshot;
 pub mod state;

@@ -1021,6 +1021,34 @@ impl RaftLog {
         self.rewrite()
     }
 
+    /// Disaster recovery (`raftsql recover`): makes `(index, term)` the base, drops every
+    /// entry (those up to `index` are in the databases; those after it were never known to be
+    /// committed), replaces the configuration with `conf_state` and sets the commit index to
+    /// `index`. Unlike [`RaftLog::apply_snapshot`] the base may stay where it is. Durable when
+    /// it returns. Fails with [`LogError::Invalid`] if `index` is below the base or past the
+    /// last entry.
+    pub fn reset_for_recovery(
+        &mut self,
+        index: u64,
+        term: u64,
+        conf_state: ConfState,
+    ) -> Result<(), LogError> {
+        self.check_poisoned()?;
+        if index < self.state.base_index || index > self.state.last_index() {
+            return Err(invalid(format!(
+                "recovery point {index} outside the log ({}..={})",
+                self.state.base_index,
+                self.state.last_index()
+            )));
+        }
+        self.state.reset(index, term);
+        self.state.conf_state = conf_state;
+        let hs = &mut self.state.hard_state;
+        hs.commit = index;
+        hs.term = hs.term.max(term);
+        self.rewrite()
+    }
+
     /// Discards the entries below `index`; the base becomes `(index - 1, term(index - 1))`.
     /// A no-op if `index <= first_index()`; [`LogError::Invalid`] if `index > last_index() + 1`.
     /// Only compact applied (hence committed) entries.

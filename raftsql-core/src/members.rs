@@ -185,6 +185,38 @@ fn read_registry(c: &rusqlite::Connection) -> Result<Vec<pb::Member>> {
         .map_err(sql)
 }
 
+/// Rewrites the registry in a system database file on disk, with its node stopped (disaster
+/// recovery and restore): keeps only the member `keep` (none if `None`) and drops every join
+/// token. Leaves the file whole (its WAL checkpointed and removed). Returns the members
+/// removed. A missing file is left missing (the first leader seeds the registry).
+pub fn rewrite_registry_file(path: &std::path::Path, keep: Option<u64>) -> Result<Vec<pb::Member>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let c = rusqlite::Connection::open(path).map_err(sql)?;
+    let before = read_registry(&c)?;
+    let removed: Vec<pb::Member> = before.into_iter().filter(|m| Some(m.id) != keep).collect();
+    c.execute_batch(SCHEMA).map_err(sql)?;
+    c.execute(
+        "DELETE FROM members WHERE id IS NOT ?1",
+        [keep.map(|k| k as i64)],
+    )
+    .map_err(sql)?;
+    c.execute("DELETE FROM join_tokens", []).map_err(sql)?;
+    // The replicas' files never carry a WAL: fold it into the file before closing.
+    let busy: i64 = c
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .map_err(sql)?;
+    if busy != 0 {
+        return Err(Error::Internal(format!(
+            "{}: the checkpoint could not complete",
+            path.display()
+        )));
+    }
+    c.close().map_err(|(_, e)| sql(e))?;
+    Ok(removed)
+}
+
 /// The registry as this node has applied it (`linearizable`: as of now, through the leader).
 pub async fn registry(node: &Node, linearizable: bool) -> Result<Vec<pb::Member>> {
     Ok(node

@@ -121,16 +121,33 @@ impl NodeConfig {
 
 /// What `<data>/node.json` records.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct NodeFile {
-    id: u64,
-    cluster: String,
-    peers: BTreeMap<u64, SocketAddr>,
+pub(crate) struct NodeFile {
+    pub(crate) id: u64,
+    pub(crate) cluster: String,
+    pub(crate) peers: BTreeMap<u64, SocketAddr>,
     /// Joined an existing cluster: never bootstrap a Raft configuration.
     #[serde(default)]
-    joined: bool,
+    pub(crate) joined: bool,
     /// Left the cluster (or was removed): refuse to start.
     #[serde(default)]
-    left: bool,
+    pub(crate) left: bool,
+}
+
+impl NodeFile {
+    /// Reads `<data_dir>/node.json`.
+    pub(crate) fn load(data_dir: &Path) -> Result<NodeFile> {
+        let p = data_dir.join("node.json");
+        let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_slice(&b).map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))
+    }
+
+    /// Writes `<data_dir>/node.json` atomically and durably.
+    pub(crate) fn store(&self, data_dir: &Path) -> Result<()> {
+        state::write_atomic(
+            &data_dir.join("node.json"),
+            &serde_json::to_vec_pretty(self).unwrap(),
+        )
+    }
 }
 
 /// Raft-side facts, refreshed after every Ready.
@@ -239,7 +256,8 @@ impl WeakNode {
     }
 }
 
-fn lock_data_dir(dir: &Path) -> Result<File> {
+/// Takes the exclusive lock on a data directory (creating it), held while the file lives.
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<File> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let p = dir.join("LOCK");
     let f = std::fs::OpenOptions::new()
@@ -268,10 +286,9 @@ pub fn stored_id(data_dir: &Path) -> Result<Option<u64>> {
 
 fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
     let p = cfg.data_dir.join("node.json");
-    match std::fs::read(&p) {
-        Ok(b) => {
-            let nf: NodeFile = serde_json::from_slice(&b)
-                .map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))?;
+    match std::fs::metadata(&p) {
+        Ok(_) => {
+            let nf = NodeFile::load(&cfg.data_dir)?;
             if nf.left {
                 return Err(Error::Invalid(format!(
                     "node {} left the cluster; its data directory {} cannot be started again \
@@ -304,7 +321,7 @@ fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
                 joined: cfg.join,
                 left: false,
             };
-            state::write_atomic(&p, &serde_json::to_vec_pretty(&nf).unwrap())?;
+            nf.store(&cfg.data_dir)?;
             Ok(nf)
         }
         Err(e) => Err(Error::io(&p, e)),
@@ -507,6 +524,7 @@ impl Node {
             _lock: Arc::new(lock),
         };
         crate::members::start(&node);
+        crate::backup::start(&node);
         Ok(node)
     }
 
@@ -635,6 +653,10 @@ impl Node {
         }
     }
 
+    pub(crate) fn snapshots(&self) -> Arc<SnapshotStore> {
+        self.shared.snapshots.clone()
+    }
+
     pub(crate) fn shared_keeper(&self) -> &Keeper {
         &self.shared.keeper
     }
@@ -715,12 +737,10 @@ impl Node {
     /// Records that this node is no longer a member (its data directory will refuse to
     /// start again) and tells [`Node::departed`] watchers.
     pub(crate) fn mark_departed(&self, why: String) {
-        let p = self.shared.cfg.data_dir.join("node.json");
-        if let Ok(b) = std::fs::read(&p) {
-            if let Ok(mut nf) = serde_json::from_slice::<NodeFile>(&b) {
-                nf.left = true;
-                let _ = state::write_atomic(&p, &serde_json::to_vec_pretty(&nf).unwrap());
-            }
+        let dir = &self.shared.cfg.data_dir;
+        if let Ok(mut nf) = NodeFile::load(dir) {
+            nf.left = true;
+            let _ = nf.store(dir);
         }
         self.shared.departed.send_replace(Some(why));
     }

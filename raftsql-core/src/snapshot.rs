@@ -202,6 +202,41 @@ impl SnapshotStore {
         Ok(m)
     }
 
+    /// A snapshot of every database at an applied index of at least `min_index`: the newest
+    /// one if it is recent enough, else a new one (built by the state machine at its applied
+    /// index). Blocks until it is ready, or fails after `timeout`. For backups.
+    pub fn fresh(&self, min_index: u64, timeout: std::time::Duration) -> Result<Manifest> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.latest.lock().as_ref() {
+                if m.index >= min_index {
+                    return Ok(m.clone());
+                }
+            }
+            if !self.building.swap(true, Ordering::SeqCst) {
+                match self.sm.lock().as_ref() {
+                    Some(tx) => {
+                        let _ = tx.send(SmMsg::MakeSnapshot);
+                    }
+                    None => {
+                        self.building.store(false, Ordering::SeqCst);
+                        return Err(Error::Shutdown);
+                    }
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Called by the state machine when it could not start a requested build, so that the
+    /// next request starts one.
+    pub fn build_not_started(&self) {
+        self.building.store(false, Ordering::SeqCst);
+    }
+
     /// Reads a chunk of a file of the snapshot at (index, term).
     pub fn read_chunk(
         &self,

@@ -1123,6 +1123,7 @@ impl StateMachine {
                 }
                 Err(e) => {
                     tracing::warn!("snapshot: cannot open {name}: {e}");
+                    self.snapshots.build_not_started();
                     return;
                 }
             }
@@ -1355,6 +1356,29 @@ fn stamp_change_counter(page: &Bytes, counter: u32) -> Bytes {
     p[92..96].copy_from_slice(&counter.to_be_bytes());
     p[96..100].copy_from_slice(&(rusqlite::ffi::SQLITE_VERSION_NUMBER as u32).to_be_bytes());
     Bytes::from(p)
+}
+
+/// The directory of the current generation of databases under `root`, if there is one.
+pub fn current_generation(root: &Path) -> Result<Option<PathBuf>> {
+    let current = root.join("CURRENT");
+    match fs::read_to_string(&current) {
+        Ok(name) => Ok(Some(root.join(name.trim()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&current, e)),
+    }
+}
+
+/// Records `voters` and `learners` as the configuration at the current generation's
+/// checkpoint (for disaster recovery, with the node stopped). Returns the new `meta.json`.
+pub fn rewrite_checkpoint_conf(root: &Path, voters: Vec<u64>, learners: Vec<u64>) -> Result<Meta> {
+    let gen = current_generation(root)?
+        .ok_or_else(|| Error::Corrupt(format!("{}: no CURRENT generation", root.display())))?;
+    let mut meta = read_meta(&gen)?;
+    meta.voters = voters;
+    meta.learners = learners;
+    meta.checkpoint_target = 0;
+    write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&meta).unwrap())?;
+    Ok(meta)
 }
 
 /// Brings the database files of the current generation up to the last committed entry the
