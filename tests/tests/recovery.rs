@@ -1,0 +1,252 @@
+//! Disaster recovery and backups with real processes and the real CLI.
+//!
+//! - A 3-node cluster loses two nodes for good: writes stop; `raftsql recover` refuses a
+//!   running node, then makes the stopped survivor the only voter; it starts, has every
+//!   acknowledged write, takes writes again, and a wiped node joins it with a token.
+//! - `raftsql snapshot save` through a follower holds a write acknowledged just before it;
+//!   corrupted, truncated and foreign files are refused by `snapshot restore`, which then
+//!   creates nothing; a good file restores into a new one-node cluster that serves the data
+//!   and that another node joins.
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+use raftsql_core::Value;
+
+const T: Duration = Duration::from_secs(30);
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+fn join_string(eps: &str) -> String {
+    let (ok, out, err) = Cluster::run_cli(&["add-node", "--endpoints", eps]);
+    assert!(ok, "add-node failed: {err}");
+    out.split_whitespace()
+        .find(|w| w.contains('/') && w.contains(':'))
+        .unwrap_or_else(|| panic!("no join string in {out:?}"))
+        .to_string()
+}
+
+fn count(cl: &Cluster, id: u64) -> i64 {
+    cl.local_count(id, "main", "SELECT count(*) FROM t")
+}
+
+#[test]
+fn recover_from_a_lost_majority() {
+    let mut cl = Cluster::start(3, &[]);
+    let leader = cl.wait_leader(T);
+    let c = cl.client();
+    cl.rt.block_on(async {
+        c.execute(
+            "main",
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
+            vec![],
+        )
+        .await
+        .unwrap();
+        for i in 0..100 {
+            c.execute(
+                "main",
+                "INSERT INTO t(v) VALUES (?1)",
+                vec![format!("row {i}").into()],
+            )
+            .await
+            .unwrap();
+        }
+    });
+    cl.wait_converged(T);
+    // The leader and one follower are lost for good.
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    let lost: Vec<u64> = (1..=3).filter(|i| *i != survivor).collect();
+    for id in &lost {
+        cl.kill(*id);
+    }
+    let lone = cl.client_of(survivor);
+    let r = cl.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            lone.execute("main", "INSERT INTO t(v) VALUES ('no quorum')", vec![]),
+        )
+        .await
+    });
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "a write committed without a quorum: {r:?}"
+    );
+
+    let dir = cl.data_dir(survivor).display().to_string();
+    let (ok, _, err) = Cluster::run_cli(&["recover", "--data-dir", &dir]);
+    assert!(
+        !ok && err.contains("in use"),
+        "recover of a running node: {err}"
+    );
+    cl.kill(survivor);
+    let (ok, out, err) = Cluster::run_cli(&["recover", "--data-dir", &dir, "--dry-run"]);
+    assert!(ok, "recover --dry-run: {err}");
+    assert!(out.contains("dry run: nothing changed"), "{out}");
+    let (ok, out, err) = Cluster::run_cli(&["recover", "--data-dir", &dir]);
+    assert!(ok, "recover: {err}");
+    println!("{out}");
+    assert!(out.contains(&format!("-> voters [{survivor}]")), "{out}");
+    for id in &lost {
+        assert!(out.contains(&format!("{id} ({})", cl.addr(*id))), "{out}");
+    }
+
+    let addr = cl.addr(survivor).to_string();
+    cl.spawn_args(
+        survivor,
+        &[
+            s("node"),
+            s("--data-dir"),
+            dir.clone(),
+            s("--listen"),
+            addr.clone(),
+        ],
+    );
+    assert_eq!(cl.wait_leader(T), survivor);
+    assert_eq!(
+        count(&cl, survivor),
+        100,
+        "acknowledged writes after recovery"
+    );
+    cl.rt
+        .block_on(lone.execute("main", "INSERT INTO t(v) VALUES ('after recovery')", vec![]))
+        .expect("a write after recovery");
+
+    // A lost node comes back wiped and joins the recovered cluster.
+    let back = lost[0];
+    std::fs::remove_dir_all(cl.data_dir(back)).unwrap();
+    let js = join_string(&addr);
+    let baddr = cl.addr(back).to_string();
+    let bdir = cl.data_dir(back).display().to_string();
+    cl.spawn_args(
+        back,
+        &[s("join"), js, s("--data-dir"), bdir, s("--listen"), baddr],
+    );
+    let digests = cl.wait_converged(T);
+    assert!(digests.contains_key("main"));
+    let joined = cl
+        .running()
+        .into_iter()
+        .find(|i| *i != survivor)
+        .expect("the joiner runs");
+    assert_eq!(count(&cl, joined), 101);
+}
+
+#[test]
+fn snapshot_save_restore_and_join() {
+    let cl = Cluster::start(3, &[]);
+    let leader = cl.wait_leader(T);
+    let c = cl.client();
+    cl.rt.block_on(async {
+        c.execute(
+            "main",
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)",
+            vec![],
+        )
+        .await
+        .unwrap();
+        for _ in 0..40 {
+            c.execute(
+                "main",
+                "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 50) \
+                 INSERT INTO t(v) SELECT randomblob(1000) FROM s",
+                vec![],
+            )
+            .await
+            .unwrap();
+        }
+        c.execute("main", "INSERT INTO t(k, v) VALUES (-1, 'last')", vec![])
+            .await
+            .unwrap();
+    });
+    // Through a follower: the barrier makes it hold the write acknowledged just before.
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let file = cl.dir.path().join("backup.rsql");
+    let f = file.display().to_string();
+    let (ok, out, err) = Cluster::run_cli(&[
+        "snapshot",
+        "save",
+        &f,
+        "--endpoints",
+        &cl.addr(follower).to_string(),
+    ]);
+    assert!(ok, "snapshot save: {err}");
+    println!("{out}");
+    let (ok, out, err) = Cluster::run_cli(&["snapshot", "status", &f]);
+    assert!(
+        ok && out.contains("main.db"),
+        "snapshot status: {out} {err}"
+    );
+
+    let mut cl2 = Cluster::prepare(2, &[], false);
+    let d1 = cl2.data_dir(1).display().to_string();
+    let a1 = cl2.addr(1).to_string();
+    let bytes = std::fs::read(&file).unwrap();
+    // Damaged files are refused and create nothing.
+    let damaged = |name: &str, data: &[u8]| {
+        let p = cl.dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        let (ok, _, err) = Cluster::run_cli(&[
+            "snapshot",
+            "restore",
+            &p.display().to_string(),
+            "--data-dir",
+            &d1,
+            "--listen",
+            &a1,
+        ]);
+        assert!(!ok, "{name} was restored");
+        assert!(!cl2.data_dir(1).exists(), "{name}: a data dir was created");
+        err
+    };
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let err = damaged("flipped.rsql", &flipped);
+    assert!(err.contains("corrupt"), "{err}");
+    let err = damaged("truncated.rsql", &bytes[..bytes.len() - 1000]);
+    assert!(err.contains("truncated"), "{err}");
+    let err = damaged("foreign.rsql", b"SQLite format 3\0 and then some bytes");
+    assert!(err.contains("not a raftsql backup"), "{err}");
+
+    let (ok, out, err) = Cluster::run_cli(&[
+        "snapshot",
+        "restore",
+        &f,
+        "--data-dir",
+        &d1,
+        "--listen",
+        &a1,
+    ]);
+    assert!(ok, "snapshot restore: {err}");
+    println!("{out}");
+    cl2.spawn_args(
+        1,
+        &[s("node"), s("--data-dir"), d1, s("--listen"), a1.clone()],
+    );
+    cl2.wait_leader(T);
+    assert_eq!(count(&cl2, 1), 2001);
+    let rows = cl2
+        .rt
+        .block_on(
+            cl2.client()
+                .query("main", "SELECT v FROM t WHERE k = -1", vec![]),
+        )
+        .unwrap();
+    assert_eq!(rows.rows, vec![vec![Value::Text(s("last"))]]);
+    // The restored cluster knows only itself, and grows by joins.
+    let (ok, out, _) =
+        Cluster::run_cli(&["cluster", "show", "--format", "json", "--endpoints", &a1]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 1, "{v}");
+    let js = join_string(&a1);
+    let d2 = cl2.data_dir(2).display().to_string();
+    let a2 = cl2.addr(2).to_string();
+    cl2.spawn_args(2, &[s("join"), js, s("--data-dir"), d2, s("--listen"), a2]);
+    cl2.wait_converged(T);
+    assert_eq!(count(&cl2, 2), 2001);
+}
