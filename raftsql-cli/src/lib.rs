@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 pub mod backup;
 pub mod bench;
 pub mod bench_etcd;
+pub mod bench_failover;
 pub mod cluster;
 use raftsql_core::{Client, Node, NodeConfig, Value};
 
@@ -80,6 +81,8 @@ enum BenchCmd {
     Sql(BenchSqlArgs),
     /// Put / range / kube-style txn load against any etcd v3 endpoint; prints one JSON line.
     Etcd(bench_etcd::BenchEtcdArgs),
+    /// Leader failover and standby promotion times over many trials (runs its own cluster).
+    Failover(bench_failover::BenchFailoverArgs),
 }
 
 #[derive(Args, Debug)]
@@ -268,6 +271,9 @@ pub fn main() -> ExitCode {
             Cmd::Bench {
                 what: BenchCmd::Etcd(a),
             } => bench_etcd::main(a).await,
+            Cmd::Bench {
+                what: BenchCmd::Failover(a),
+            } => bench_failover::main(a).await,
         }
     });
     match r {
