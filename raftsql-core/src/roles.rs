@@ -15,8 +15,8 @@
 //!   voter only once a replacement has made the voters exceed the target. So a dead voter
 //!   with no replacement stays a voter (the cluster then reports that it is not HA) rather
 //!   than shrinking the quorum.
-//! - Promotions prefer failure domains not yet represented among the voters (or, for
-//!   standbys, among voters and standbys), then lower weight, then lower id; demotions pick
+//! - Promotions prefer failure domains not yet represented among the online voters (or,
+//!   for standbys, among online voters and standbys), then lower weight, then lower id; demotions pick
 //!   offline nodes first, then the reverse order.
 
 use std::collections::BTreeSet;
@@ -178,11 +178,12 @@ pub fn plan(members: &[MemberView], leader: u64, targets: Targets) -> Option<Cha
     None
 }
 
-/// Failure domains (non-empty) of the members with one of `roles`.
+/// Failure domains (non-empty) of the online members with one of `roles`. An offline
+/// member's domain does not count: it is the domain that just lost its copy.
 fn domains<'a>(members: &'a [MemberView], roles: &[Role]) -> BTreeSet<&'a str> {
     members
         .iter()
-        .filter(|m| roles.contains(&m.role) && !m.domain.is_empty())
+        .filter(|m| roles.contains(&m.role) && m.online && !m.domain.is_empty())
         .map(|m| m.domain.as_str())
         .collect()
 }
@@ -291,6 +292,31 @@ mod tests {
         assert_eq!(
             roles(&end),
             vec![Role::Voter, Role::Voter, Role::Spare, Role::Voter]
+        );
+    }
+
+    #[test]
+    fn the_domain_that_lost_its_voter_gets_it_back() {
+        // Voter 3 (zone c) died; standby 5 is in zone c, standby 4 in zone b (which voter 2
+        // already covers) with a lower id and weight.
+        let mut ms = vec![
+            m(1, Role::Voter, true),
+            m(2, Role::Voter, true),
+            m(3, Role::Voter, false),
+            m(4, Role::Standby, true),
+            m(5, Role::Standby, true),
+        ];
+        for (x, d) in ms.iter_mut().zip(["a", "b", "c", "b", "c"]) {
+            x.domain = d.into();
+        }
+        ms[4].weight = 9;
+        assert_eq!(
+            plan(&ms, 1, Targets::default()),
+            Some(Change {
+                id: 5,
+                from: Role::Standby,
+                to: Role::Voter
+            })
         );
     }
 

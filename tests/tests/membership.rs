@@ -317,3 +317,96 @@ fn form_fail_over_leave_and_remove() {
     });
     assert_eq!(format!("{:?}", rows.rows[0][0]), "Integer(51)");
 }
+
+/// Failure domains steer promotions: when a voter dies, the standby from the domain that
+/// lost its voter is promoted, ahead of one with a lower id and a lower weight.
+#[test]
+fn failure_domains_guide_promotion() {
+    let mut cl = Cluster::prepare(5, &[], false);
+    let addr = |i: u64, cl: &Cluster| cl.addr(i).to_string();
+    let dir = |i: u64, cl: &Cluster| cl.data_dir(i).display().to_string();
+    let a1 = addr(1, &cl);
+    cl.spawn_args(
+        1,
+        &[
+            s("node"),
+            s("--id"),
+            s("1"),
+            s("--listen"),
+            a1.clone(),
+            s("--bootstrap-peers"),
+            format!("1={a1}"),
+            s("--data-dir"),
+            dir(1, &cl),
+            s("--domain"),
+            s("zone-a"),
+        ],
+    );
+    cl.wait_leader(T);
+    let token = join_string(&a1, &["--ttl", "5m"]);
+    // (node, domain, weight): nodes 2 and 3 become voters, 4 and 5 standbys.
+    let plan = [
+        (2, "zone-b", 0),
+        (3, "zone-c", 0),
+        (4, "zone-b", 0),
+        (5, "zone-c", 9),
+    ];
+    for (i, domain, weight) in plan {
+        cl.spawn_args(
+            i,
+            &[
+                s("join"),
+                token.clone(),
+                s("--data-dir"),
+                dir(i, &cl),
+                s("--listen"),
+                addr(i, &cl),
+                s("--domain"),
+                s(domain),
+                s("--weight"),
+                weight.to_string(),
+            ],
+        );
+        wait_show(&a1, "joined", |v| roles(v).len() == i as usize);
+        if i == 3 {
+            wait_show(&a1, "3 voters", |v| count(v, "voter") == 3);
+        }
+    }
+    let all = (1..=5).map(|i| addr(i, &cl)).collect::<Vec<_>>().join(",");
+    let (v, _) = wait_show(&all, "3 voters + 2 standbys", |v| {
+        count(v, "voter") == 3 && count(v, "standby") == 2
+    });
+    assert_eq!(
+        roles(&v),
+        vec![
+            (1, s("voter")),
+            (2, s("voter")),
+            (3, s("voter")),
+            (4, s("standby")),
+            (5, s("standby"))
+        ]
+    );
+    let domains: Vec<String> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["domain"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(domains, ["zone-a", "zone-b", "zone-c", "zone-b", "zone-c"]);
+
+    // Kill the voter of a domain that has a standby; its domain-mate is promoted even though
+    // the other standby has a lower id (and, for zone-c, a lower weight).
+    let leader = cl.wait_leader(T);
+    let victim = if leader == 3 { 2 } else { 3 };
+    let expected = victim + 2;
+    cl.kill(victim);
+    let (v, took) = wait_show(&all, "the domain-mate promoted", |v| {
+        count(v, "voter") == 3 && !roles(v).contains(&(victim, s("voter")))
+    });
+    eprintln!("voter {victim} killed: {:?} after {took:?}", roles(&v));
+    assert!(
+        roles(&v).contains(&(expected, s("voter"))),
+        "expected node {expected} (same domain as {victim}) promoted: {:?}",
+        roles(&v)
+    );
+}
