@@ -227,6 +227,10 @@ pub fn check_db_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The most page bytes one write batch may change: its entry must fit in one transport
+/// frame ([`crate::transport::MAX_FRAME`], 64 MiB) with room for the message around it.
+pub const MAX_ENTRY_PAGE_BYTES: usize = 48 << 20;
+
 /// What `meta.json` records about a generation.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Meta {
@@ -866,6 +870,20 @@ impl StateMachine {
                 return Ok(());
             }
         };
+        let bytes: usize = pages.iter().map(|p| p.data.len()).sum();
+        if bytes > MAX_ENTRY_PAGE_BYTES {
+            // The WAL is already rewound: failing here leaves nothing behind.
+            fail(
+                waiters,
+                Error::Invalid(format!(
+                    "the transaction changed {:.1} MiB of pages, more than the {} MiB one \
+                     replicated entry may carry: split it into smaller transactions",
+                    bytes as f64 / (1 << 20) as f64,
+                    MAX_ENTRY_PAGE_BYTES >> 20
+                )),
+            );
+            return Ok(());
+        }
         let mut pages = pages;
         if let Some(p1) = pages.first_mut().filter(|p| p.pgno == 1) {
             // Stamp page 1 with the change counter every node's apply will write: the

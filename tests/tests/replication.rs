@@ -249,3 +249,45 @@ fn second_process_on_same_data_dir_is_refused() {
         "stderr: {err}"
     );
 }
+
+/// A transaction too large for one replicated entry is refused with a clear error before it
+/// is proposed: nothing of it is visible, the leader keeps its term, and the next write works.
+#[test]
+fn oversized_transaction_is_refused_clearly() {
+    let cl = Cluster::start(3, &[]);
+    let leader = cl.wait_leader(T);
+    let c = cl.client();
+    let term = cl.status(leader, false).unwrap().term;
+    let r = cl.rt.block_on(async {
+        c.execute(
+            "main",
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)",
+            vec![],
+        )
+        .await
+        .unwrap();
+        c.execute(
+            "main",
+            "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 60000) \
+             INSERT INTO t(v) SELECT randomblob(1000) FROM s",
+            vec![],
+        )
+        .await
+    });
+    match r {
+        Err(Error::Invalid(m)) => assert!(m.contains("split it into smaller transactions"), "{m}"),
+        other => panic!("expected a clear refusal, got {other:?}"),
+    }
+    cl.rt
+        .block_on(c.execute("main", "INSERT INTO t(v) VALUES ('small')", vec![]))
+        .expect("the next write");
+    cl.wait_converged(T);
+    for id in 1..=3 {
+        assert_eq!(cl.local_count(id, "main", "SELECT count(*) FROM t"), 1);
+    }
+    assert_eq!(
+        cl.status(leader, false).unwrap().term,
+        term,
+        "leadership was disturbed"
+    );
+}
