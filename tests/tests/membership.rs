@@ -62,37 +62,13 @@ fn wait_show(eps: &str, what: &str, cond: impl Fn(&Value) -> bool) -> (Value, Du
     panic!("{what}: not reached in {T:?}; last: {last:?}");
 }
 
-fn join_string(eps: &str, extra: &[&str]) -> String {
-    let mut args = vec!["add-node", "--endpoints", eps];
-    args.extend_from_slice(extra);
-    let (ok, out, err) = Cluster::run_cli(&args);
-    assert!(ok, "add-node failed: {err}");
-    out.split_whitespace()
-        .find(|w| w.contains('/') && w.contains(':'))
-        .unwrap_or_else(|| panic!("no join string in {out:?}"))
-        .to_string()
-}
-
 #[test]
 fn form_fail_over_leave_and_remove() {
     let mut cl = Cluster::prepare(5, &[], false);
     let addr = |i: u64, cl: &Cluster| cl.addr(i).to_string();
     let dir = |i: u64, cl: &Cluster| cl.data_dir(i).display().to_string();
     let a1 = addr(1, &cl);
-    cl.spawn_args(
-        1,
-        &[
-            s("node"),
-            s("--id"),
-            s("1"),
-            s("--listen"),
-            a1.clone(),
-            s("--bootstrap-peers"),
-            format!("1={a1}"),
-            s("--data-dir"),
-            dir(1, &cl),
-        ],
-    );
+    cl.spawn_first(&[]);
     cl.wait_leader(T);
     let c = cl.client();
     cl.rt.block_on(async {
@@ -141,18 +117,8 @@ fn form_fail_over_leave_and_remove() {
 
     // Join 2..5 one at a time (ids are given in join order): a single-use token for node 2,
     // then a reusable one.
-    let single = join_string(&a1, &[]);
-    cl.spawn_args(
-        2,
-        &[
-            s("join"),
-            single.clone(),
-            s("--data-dir"),
-            dir(2, &cl),
-            s("--listen"),
-            addr(2, &cl),
-        ],
-    );
+    let single = Cluster::join_string(&a1, &[]);
+    cl.spawn_join(2, &single, &[]);
     wait_show(&a1, "node 2 joined", |v| roles(v).len() == 2);
     let (ok, _, err) = Cluster::run_cli(&[
         "join",
@@ -163,19 +129,9 @@ fn form_fail_over_leave_and_remove() {
         &addr(3, &cl),
     ]);
     assert!(!ok && err.contains("already used"), "reused token: {err}");
-    let reusable = join_string(&addr(2, &cl), &["--ttl", "5m"]);
+    let reusable = Cluster::join_string(&addr(2, &cl), &["--ttl", "5m"]);
     for i in 3..=5u64 {
-        cl.spawn_args(
-            i,
-            &[
-                s("join"),
-                reusable.clone(),
-                s("--data-dir"),
-                dir(i, &cl),
-                s("--listen"),
-                addr(i, &cl),
-            ],
-        );
+        cl.spawn_join(i, &reusable, &[]);
         wait_show(&a1, "joined", |v| roles(v).len() == i as usize);
     }
     let all = (1..=5).map(|i| addr(i, &cl)).collect::<Vec<_>>().join(",");
@@ -249,16 +205,7 @@ fn form_fail_over_leave_and_remove() {
     assert!(!roles(&v).iter().any(|(i, _)| *i == leader));
 
     // The killed voter comes back: as a spare, then promoted to standby.
-    cl.spawn_args(
-        victim,
-        &[
-            s("node"),
-            s("--data-dir"),
-            dir(victim, &cl),
-            s("--listen"),
-            addr(victim, &cl),
-        ],
-    );
+    cl.spawn_stored(victim);
     let (_, took) = wait_show(&all, "returning node becomes a standby", |v| {
         roles(v).contains(&(victim, s("standby")))
     });
@@ -324,26 +271,10 @@ fn form_fail_over_leave_and_remove() {
 fn failure_domains_guide_promotion() {
     let mut cl = Cluster::prepare(5, &[], false);
     let addr = |i: u64, cl: &Cluster| cl.addr(i).to_string();
-    let dir = |i: u64, cl: &Cluster| cl.data_dir(i).display().to_string();
     let a1 = addr(1, &cl);
-    cl.spawn_args(
-        1,
-        &[
-            s("node"),
-            s("--id"),
-            s("1"),
-            s("--listen"),
-            a1.clone(),
-            s("--bootstrap-peers"),
-            format!("1={a1}"),
-            s("--data-dir"),
-            dir(1, &cl),
-            s("--domain"),
-            s("zone-a"),
-        ],
-    );
+    cl.spawn_first(&[s("--domain"), s("zone-a")]);
     cl.wait_leader(T);
-    let token = join_string(&a1, &["--ttl", "5m"]);
+    let token = Cluster::join_string(&a1, &["--ttl", "5m"]);
     // (node, domain, weight): nodes 2 and 3 become voters, 4 and 5 standbys.
     let plan = [
         (2, "zone-b", 0),
@@ -352,20 +283,10 @@ fn failure_domains_guide_promotion() {
         (5, "zone-c", 9),
     ];
     for (i, domain, weight) in plan {
-        cl.spawn_args(
+        cl.spawn_join(
             i,
-            &[
-                s("join"),
-                token.clone(),
-                s("--data-dir"),
-                dir(i, &cl),
-                s("--listen"),
-                addr(i, &cl),
-                s("--domain"),
-                s(domain),
-                s("--weight"),
-                weight.to_string(),
-            ],
+            &token,
+            &[s("--domain"), s(domain), s("--weight"), weight.to_string()],
         );
         wait_show(&a1, "joined", |v| roles(v).len() == i as usize);
         if i == 3 {

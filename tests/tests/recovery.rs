@@ -20,15 +20,6 @@ fn s(v: &str) -> String {
     v.to_string()
 }
 
-fn join_string(eps: &str) -> String {
-    let (ok, out, err) = Cluster::run_cli(&["add-node", "--endpoints", eps]);
-    assert!(ok, "add-node failed: {err}");
-    out.split_whitespace()
-        .find(|w| w.contains('/') && w.contains(':'))
-        .unwrap_or_else(|| panic!("no join string in {out:?}"))
-        .to_string()
-}
-
 fn count(cl: &Cluster, id: u64) -> i64 {
     cl.local_count(id, "main", "SELECT count(*) FROM t")
 }
@@ -95,16 +86,7 @@ fn recover_from_a_lost_majority() {
     }
 
     let addr = cl.addr(survivor).to_string();
-    cl.spawn_args(
-        survivor,
-        &[
-            s("node"),
-            s("--data-dir"),
-            dir.clone(),
-            s("--listen"),
-            addr.clone(),
-        ],
-    );
+    cl.spawn_stored(survivor);
     assert_eq!(cl.wait_leader(T), survivor);
     assert_eq!(
         count(&cl, survivor),
@@ -118,13 +100,8 @@ fn recover_from_a_lost_majority() {
     // A lost node comes back wiped and joins the recovered cluster.
     let back = lost[0];
     std::fs::remove_dir_all(cl.data_dir(back)).unwrap();
-    let js = join_string(&addr);
-    let baddr = cl.addr(back).to_string();
-    let bdir = cl.data_dir(back).display().to_string();
-    cl.spawn_args(
-        back,
-        &[s("join"), js, s("--data-dir"), bdir, s("--listen"), baddr],
-    );
+    let js = Cluster::join_string(&addr, &[]);
+    cl.spawn_join(back, &js, &[]);
     let digests = cl.wait_converged(T);
     assert!(digests.contains_key("main"));
     let joined = cl
@@ -223,10 +200,7 @@ fn snapshot_save_restore_and_join() {
     ]);
     assert!(ok, "snapshot restore: {err}");
     println!("{out}");
-    cl2.spawn_args(
-        1,
-        &[s("node"), s("--data-dir"), d1, s("--listen"), a1.clone()],
-    );
+    cl2.spawn_stored(1);
     cl2.wait_leader(T);
     assert_eq!(count(&cl2, 1), 2001);
     let rows = cl2
@@ -243,10 +217,8 @@ fn snapshot_save_restore_and_join() {
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1, "{v}");
-    let js = join_string(&a1);
-    let d2 = cl2.data_dir(2).display().to_string();
-    let a2 = cl2.addr(2).to_string();
-    cl2.spawn_args(2, &[s("join"), js, s("--data-dir"), d2, s("--listen"), a2]);
+    let js = Cluster::join_string(&a1, &[]);
+    cl2.spawn_join(2, &js, &[]);
     cl2.wait_converged(T);
     assert_eq!(count(&cl2, 2), 2001);
 }

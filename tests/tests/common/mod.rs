@@ -161,6 +161,65 @@ impl Cluster {
         )
     }
 
+    /// Runs `raftsql add-node --endpoints EPS EXTRA...` and returns the HOST:PORT/TOKEN it
+    /// printed.
+    pub fn join_string(eps: &str, extra: &[&str]) -> String {
+        let mut args = vec!["add-node", "--endpoints", eps];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = Self::run_cli(&args);
+        assert!(ok, "add-node failed: {err}");
+        out.split_whitespace()
+            .find(|w| w.contains('/') && w.contains(':'))
+            .unwrap_or_else(|| panic!("no join string in {out:?}"))
+            .to_string()
+    }
+
+    /// Starts node 1 as the only member of a new cluster (`--bootstrap-peers 1=ITSELF`),
+    /// with extra `raftsql node` arguments; others join it with tokens.
+    pub fn spawn_first(&mut self, extra: &[String]) {
+        let a1 = self.addr(1).to_string();
+        let mut args = vec![
+            "node".to_string(),
+            "--id".into(),
+            "1".into(),
+            "--listen".into(),
+            a1.clone(),
+            "--bootstrap-peers".into(),
+            format!("1={a1}"),
+            "--data-dir".into(),
+            self.data_dir(1).display().to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        self.spawn_args(1, &args);
+    }
+
+    /// Starts node `id` as `raftsql join JOIN --data-dir ITS_DIR --listen ITS_ADDR EXTRA...`.
+    pub fn spawn_join(&mut self, id: u64, join: &str, extra: &[String]) {
+        let mut args = vec![
+            "join".to_string(),
+            join.to_string(),
+            "--data-dir".into(),
+            self.data_dir(id).display().to_string(),
+            "--listen".into(),
+            self.addr(id).to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        self.spawn_args(id, &args);
+    }
+
+    /// Starts node `id` from what its data directory stores (`raftsql node --data-dir DIR
+    /// --listen ADDR`, no id or peers): after a join, a recovery or a restore.
+    pub fn spawn_stored(&mut self, id: u64) {
+        let args = vec![
+            "node".to_string(),
+            "--data-dir".into(),
+            self.data_dir(id).display().to_string(),
+            "--listen".into(),
+            self.addr(id).to_string(),
+        ];
+        self.spawn_args(id, &args);
+    }
+
     /// kill -9.
     pub fn kill(&mut self, id: u64) {
         let n = &mut self.nodes[(id - 1) as usize];
