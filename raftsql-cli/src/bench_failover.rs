@@ -1,15 +1,18 @@
 //! `raftsql bench failover`: how long the cluster takes to replace a crashed leader and to
-//! promote a standby after a voter crashes, over many trials.
+//! promote a standby after a voter crashes, and how long a graceful leader stop takes, over
+//! many trials.
 //!
 //! Starts its own cluster of `--nodes` (default 4) `raftsql node` processes on loopback and
-//! waits for the role keeper to settle it (3 voters and the rest standbys). Then, alternately:
+//! waits for the role keeper to settle it (3 voters and the rest standbys). Then, in turn:
 //!
 //! - **leader trial**: SIGKILL the leader; measure the time until a surviving node is leader
 //!   in a newer term (`new_leader_ms`), and until the configuration has 3 voters again, none
 //!   of them the dead node (`voters_restored_ms`, which includes the keeper's `--offline-after`
 //!   grace);
 //! - **voter trial**: SIGKILL a follower voter; measure the time until 3 other nodes are voters
-//!   (`promotion_ms`).
+//!   (`promotion_ms`);
+//! - **graceful trial**: SIGTERM the leader, which hands leadership over before it stops;
+//!   measure the time until another node leads (`leader_sigterm.new_leader_ms`).
 //!
 //! After each trial the killed node restarts with its data and the bench waits for the
 //! cluster to settle again. Progress goes to stderr; the result is one JSON line on stdout
@@ -30,7 +33,7 @@ use crate::CliResult;
 /// `raftsql bench failover`.
 #[derive(Args, Debug)]
 pub struct BenchFailoverArgs {
-    /// Trials of each kind (leader kill, voter kill).
+    /// Trials of each kind (leader kill, voter kill, leader SIGTERM).
     #[arg(long, default_value_t = 20)]
     trials: usize,
     /// Nodes in the cluster (at least 4: 3 voters and a standby to promote).
@@ -81,6 +84,15 @@ impl Procs {
         if let Some(mut c) = self.children[i].take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: the node stops cleanly (a leader hands leadership over first). The process
+    /// is reaped in the background; the node counts as gone at once.
+    fn terminate(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            std::thread::spawn(move || c.wait());
         }
     }
 }
@@ -255,10 +267,28 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
     );
 
     let (mut new_leader, mut restored, mut promotion) = (Vec::new(), Vec::new(), Vec::new());
-    for trial in 0..a.trials * 2 {
+    let mut handover = Vec::new();
+    for trial in 0..a.trials * 3 {
         let v = look(&p, cluster).await;
         let (li, term) = v.leader.ok_or("no leader between trials")?;
-        if trial % 2 == 0 {
+        if trial % 3 == 2 {
+            let t0 = Instant::now();
+            p.terminate(li);
+            let e = until(&p, cluster, t0, limit, "new leader after SIGTERM", |v| {
+                v.leader.is_some_and(|(i, t)| i != li && t > term)
+            })
+            .await?;
+            eprintln!(
+                "trial {:>2}: stopped leader {} (SIGTERM): new leader after {:>7.1} ms",
+                trial + 1,
+                li + 1,
+                e.as_secs_f64() * 1e3
+            );
+            handover.push(e.as_secs_f64() * 1e3);
+            // Let the old process finish exiting before its data directory is reused.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            p.start(li)?;
+        } else if trial % 3 == 0 {
             let dead = li as u64 + 1;
             let t0 = Instant::now();
             p.kill(li);
@@ -318,6 +348,7 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
         "tick_ms": a.tick_ms,
         "leader_kill": {"new_leader_ms": stats(new_leader), "voters_restored_ms": stats(restored)},
         "voter_kill": {"promotion_ms": stats(promotion)},
+        "leader_sigterm": {"new_leader_ms": stats(handover)},
     });
     println!("{out}");
     Ok(())
