@@ -1,3 +1,6 @@
-//! Integration tests of raftsql with real processes: see `tests/*.rs`. The binary
-//! `raftsql-under-test` is the `raftsql` CLI (same code), built so that tests can find it
-//! with `CARGO_BIN_EXE_raftsql-under-test`.
+//! Support code for the integration and fault tests: checkers for recorded histories.
+//!
+//! - [`linearizability`]: a WGL/Porcupine-style checker for key/value register histories.
+#![warn(missing_docs)]
+
+pub mod linearizability;
