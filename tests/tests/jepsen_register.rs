@@ -1,0 +1,225 @@
+//! Jepsen-style register test (short profile): clients read, write and compare-and-set three
+//! keys through the etcd API of a 3-node cluster, on every node (followers forward), while a
+//! nemesis kills (-9) and restarts nodes and pauses them (SIGSTOP/SIGCONT). Every operation's
+//! invocation, completion and outcome is recorded (a write or CAS without an answer within
+//! 1 s is "unknown": it may or may not have happened), and the history is checked for
+//! linearizability per key (`raftsql_tests::linearizability`).
+//!
+//! The CAS is a Txn comparing the key's value (values are unique per write, so comparing the
+//! value is as strong as comparing its mod_revision).
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::Cluster;
+use raftsql_etcd::pb::etcdserverpb::{
+    compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp,
+    TxnRequest,
+};
+use raftsql_tests::linearizability::{check, Action, Op, Outcome};
+use tonic::transport::Channel;
+
+const RUN: Duration = Duration::from_secs(20);
+const OP_TIMEOUT: Duration = Duration::from_secs(1);
+const KEYS: u64 = 3;
+
+fn key(k: u64) -> Bytes {
+    Bytes::from(format!("/register/{k}"))
+}
+
+/// A tiny deterministic generator (each client its own seed).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Runs one action; `Ok(answered action)` or `Err(())` for no answer.
+async fn run(kv: &mut KvClient<Channel>, k: u64, a: &Action) -> Result<Action, ()> {
+    match a {
+        Action::Read(_) => {
+            let r = kv
+                .range(RangeRequest {
+                    key: key(k),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|_| ())?
+                .into_inner();
+            let v = r
+                .kvs
+                .first()
+                .map(|kv| std::str::from_utf8(&kv.value).unwrap().parse().unwrap());
+            Ok(Action::Read(v))
+        }
+        Action::Write(v) => {
+            kv.put(PutRequest {
+                key: key(k),
+                value: Bytes::from(v.to_string()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| ())?;
+            Ok(a.clone())
+        }
+        Action::Cas { from, to, .. } => {
+            let r = kv
+                .txn(TxnRequest {
+                    compare: vec![Compare {
+                        result: compare::CompareResult::Equal as i32,
+                        target: compare::CompareTarget::Value as i32,
+                        key: key(k),
+                        range_end: Bytes::new(),
+                        target_union: Some(compare::TargetUnion::Value(Bytes::from(
+                            from.to_string(),
+                        ))),
+                    }],
+                    success: vec![RequestOp {
+                        request: Some(request_op::Request::RequestPut(PutRequest {
+                            key: key(k),
+                            value: Bytes::from(to.to_string()),
+                            ..Default::default()
+                        })),
+                    }],
+                    failure: vec![],
+                })
+                .await
+                .map_err(|_| ())?
+                .into_inner();
+            Ok(Action::Cas {
+                from: *from,
+                to: *to,
+                swapped: r.succeeded,
+            })
+        }
+    }
+}
+
+#[test]
+fn register_is_linearizable_under_kills_and_pauses() {
+    let mut cl = Cluster::start_with_etcd(3, &[]);
+    cl.wait_leader(Duration::from_secs(30));
+    let eps: Vec<String> = (1..=3)
+        .map(|i| format!("http://{}", cl.etcd_addr(i)))
+        .collect();
+    let t0 = Instant::now();
+    let us = move || t0.elapsed().as_micros() as u64;
+    let stop = Arc::new(AtomicBool::new(false));
+    let history: Arc<parking_lot::Mutex<Vec<Op>>> = Default::default();
+    let mut clients = Vec::new();
+    for client in 0..6u64 {
+        let (stop, history, eps) = (stop.clone(), history.clone(), eps.clone());
+        clients.push(cl.rt.spawn(async move {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (client + 1) * 0x1234_5678);
+            let mut node = client as usize;
+            let mut seq = 0u64;
+            let mut last = [0u64; KEYS as usize];
+            while !stop.load(Ordering::SeqCst) {
+                let ep = eps[node % eps.len()].clone();
+                let conn = tokio::time::timeout(OP_TIMEOUT, KvClient::connect(ep)).await;
+                let Ok(Ok(mut kv)) = conn else {
+                    node += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                while !stop.load(Ordering::SeqCst) {
+                    let r = rng.next();
+                    let k = r % KEYS;
+                    seq += 1;
+                    let unique = (client + 1) * 1_000_000 + seq;
+                    let action = match (r >> 8) % 4 {
+                        0 | 1 => Action::Read(None),
+                        2 => Action::Write(unique),
+                        _ => Action::Cas {
+                            from: last[k as usize],
+                            to: unique,
+                            swapped: false,
+                        },
+                    };
+                    let invoked = us();
+                    let r = tokio::time::timeout(OP_TIMEOUT, run(&mut kv, k, &action)).await;
+                    let completed = us();
+                    let (action, outcome) = match r {
+                        Ok(Ok(a)) => (a, Outcome::Ok),
+                        _ => (action, Outcome::Unknown),
+                    };
+                    match &action {
+                        Action::Write(v) | Action::Read(Some(v)) => last[k as usize] = *v,
+                        _ => {}
+                    }
+                    history.lock().push(Op {
+                        client,
+                        key: format!("{k}"),
+                        action,
+                        invoked,
+                        completed,
+                        outcome,
+                    });
+                    if outcome == Outcome::Unknown {
+                        // A fresh connection, to another node.
+                        node += 1;
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    // The nemesis: kill -9 and restart, or pause and resume, one node at a time.
+    let mut faults = Vec::new();
+    let mut rng = Rng(42);
+    while t0.elapsed() < RUN {
+        std::thread::sleep(Duration::from_millis(1500));
+        let id = rng.next() % 3 + 1;
+        let from = us();
+        if rng.next() % 2 == 0 {
+            cl.kill(id);
+            std::thread::sleep(Duration::from_millis(1500));
+            cl.spawn(id);
+            faults.push(format!("kill -9 node {id} [{from}..{}] us", us()));
+        } else {
+            cl.pause(id);
+            std::thread::sleep(Duration::from_millis(1500));
+            cl.resume(id);
+            faults.push(format!("pause node {id} [{from}..{}] us", us()));
+        }
+    }
+    // Let the cluster heal, then stop the clients.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        cl.rt.block_on(c).unwrap();
+    }
+    let history = history.lock().clone();
+    let ok = history.iter().filter(|o| o.outcome == Outcome::Ok).count();
+    let unknown = history.len() - ok;
+    let swapped = history
+        .iter()
+        .filter(|o| matches!(o.action, Action::Cas { swapped: true, .. }))
+        .count();
+    let started = Instant::now();
+    let verdict = check(&history);
+    eprintln!(
+        "{} operations ({ok} ok, {unknown} unknown, {swapped} successful CAS), {} faults: {faults:?}; checked in {:?}",
+        history.len(),
+        faults.len(),
+        started.elapsed()
+    );
+    if let Err(v) = verdict {
+        panic!("{v}\n{}", cl.logs());
+    }
+    assert!(
+        ok >= 200,
+        "too few operations completed ({ok}) to mean anything"
+    );
+    assert!(
+        swapped > 0,
+        "no CAS succeeded: the CAS path was not exercised"
+    );
+}
