@@ -1,6 +1,7 @@
 //! Jepsen-style register test (short profile): clients read, write and compare-and-set three
 //! keys through the etcd API of a 3-node cluster, on every node (followers forward), while a
-//! nemesis kills (-9) and restarts nodes and pauses them (SIGSTOP/SIGCONT). Every operation's
+//! nemesis kills (-9) and restarts nodes, pauses them (SIGSTOP/SIGCONT) and isolates one
+//! (the leader half of the time) from the others with iptables. Every operation's
 //! invocation, completion and outcome is recorded (a write or CAS without an answer within
 //! 1 s is "unknown": it may or may not have happened), and the history is checked for
 //! linearizability per key (`raftsql_tests::linearizability`).
@@ -103,7 +104,7 @@ async fn run(kv: &mut KvClient<Channel>, k: u64, a: &Action) -> Result<Action, (
 }
 
 #[test]
-fn register_is_linearizable_under_kills_and_pauses() {
+fn register_is_linearizable_under_kills_pauses_and_partitions() {
     let mut cl = Cluster::start_with_etcd(3, &[]);
     cl.wait_leader(Duration::from_secs(30));
     let eps: Vec<String> = (1..=3)
@@ -176,9 +177,28 @@ fn register_is_linearizable_under_kills_and_pauses() {
     let mut rng = Rng(42);
     while t0.elapsed() < RUN {
         std::thread::sleep(Duration::from_millis(1500));
-        let id = rng.next() % 3 + 1;
+        let mut id = rng.next() % 3 + 1;
         let from = us();
-        if rng.next() % 2 == 0 {
+        let kind = faults.len() % 3;
+        if kind == 2 {
+            // Isolate a node (the leader half of the time) from the other two.
+            if rng.next() % 2 == 0 {
+                if let Some(l) =
+                    (1..=3).find(|i| cl.status(*i, false).is_some_and(|s| s.role == "leader"))
+                {
+                    id = l;
+                }
+            }
+            let me = [cl.addr(id).ip()];
+            let others: Vec<_> = (1..=3)
+                .filter(|i| *i != id)
+                .map(|i| cl.addr(i).ip())
+                .collect();
+            let cut = common::net::Partition::between(&me, &others).expect("iptables partition");
+            std::thread::sleep(Duration::from_millis(2500));
+            drop(cut);
+            faults.push(format!("isolate node {id} [{from}..{}] us", us()));
+        } else if kind == 0 {
             cl.kill(id);
             std::thread::sleep(Duration::from_millis(1500));
             cl.spawn(id);

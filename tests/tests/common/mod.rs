@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod net;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
