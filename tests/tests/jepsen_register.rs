@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::nemesis::Rng;
 use common::Cluster;
 use raftsql_etcd::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp,
@@ -29,17 +30,6 @@ const KEYS: u64 = 3;
 
 fn key(k: u64) -> Bytes {
     Bytes::from(format!("/register/{k}"))
-}
-
-/// A tiny deterministic generator (each client its own seed).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// Runs one action; `Ok(answered action)` or `Err(())` for no answer.
@@ -172,44 +162,7 @@ fn register_is_linearizable_under_kills_pauses_and_partitions() {
             }
         }));
     }
-    // The nemesis: kill -9 and restart, or pause and resume, one node at a time.
-    let mut faults = Vec::new();
-    let mut rng = Rng(42);
-    while t0.elapsed() < RUN {
-        std::thread::sleep(Duration::from_millis(1500));
-        let mut id = rng.next() % 3 + 1;
-        let from = us();
-        let kind = faults.len() % 3;
-        if kind == 2 {
-            // Isolate a node (the leader half of the time) from the other two.
-            if rng.next() % 2 == 0 {
-                if let Some(l) =
-                    (1..=3).find(|i| cl.status(*i, false).is_some_and(|s| s.role == "leader"))
-                {
-                    id = l;
-                }
-            }
-            let me = [cl.addr(id).ip()];
-            let others: Vec<_> = (1..=3)
-                .filter(|i| *i != id)
-                .map(|i| cl.addr(i).ip())
-                .collect();
-            let cut = common::net::Partition::between(&me, &others).expect("iptables partition");
-            std::thread::sleep(Duration::from_millis(2500));
-            drop(cut);
-            faults.push(format!("isolate node {id} [{from}..{}] us", us()));
-        } else if kind == 0 {
-            cl.kill(id);
-            std::thread::sleep(Duration::from_millis(1500));
-            cl.spawn(id);
-            faults.push(format!("kill -9 node {id} [{from}..{}] us", us()));
-        } else {
-            cl.pause(id);
-            std::thread::sleep(Duration::from_millis(1500));
-            cl.resume(id);
-            faults.push(format!("pause node {id} [{from}..{}] us", us()));
-        }
-    }
+    let faults = common::nemesis::run(&mut cl, t0, RUN, 42);
     // Let the cluster heal, then stop the clients.
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);

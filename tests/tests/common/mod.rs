@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod nemesis;
 pub mod net;
 
 use std::net::SocketAddr;

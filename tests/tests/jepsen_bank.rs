@@ -1,0 +1,177 @@
+//! Jepsen-style bank test (short profile): 5 accounts of 100 in a SQL table; clients move
+//! random amounts between random accounts in interactive transactions (read the balance,
+//! then two UPDATEs, then COMMIT, over several round trips), while readers sum the balances,
+//! linearizably through the leader and locally on every node, and the nemesis kills, pauses
+//! and isolates nodes. Invariants: every read sees all 5 accounts, no negative balance, and
+//! a total of exactly 500; after the faults all replicas are byte-identical with a total of
+//! 500.
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::nemesis::Rng;
+use common::Cluster;
+use raftsql_core::{Client, Value};
+
+const RUN: Duration = Duration::from_secs(20);
+const ACCOUNTS: i64 = 5;
+const TOTAL: i64 = 500;
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Integer(i) => *i,
+        v => panic!("not an integer: {v:?}"),
+    }
+}
+
+/// One transfer in an interactive transaction; `Ok(true)` if it committed.
+async fn transfer(c: &Client, from: i64, to: i64, amount: i64) -> raftsql_core::Result<bool> {
+    let mut tx = c.transaction("bank", Duration::from_secs(5)).await?;
+    let (rows, _) = tx
+        .execute(
+            "SELECT balance FROM accounts WHERE id = ?1",
+            vec![from.into()],
+        )
+        .await?;
+    if int(&rows.rows[0][0]) < amount {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.execute(
+        "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2",
+        vec![amount.into(), from.into()],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE accounts SET balance = balance + ?1 WHERE id = ?2",
+        vec![amount.into(), to.into()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+#[test]
+fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
+    let mut cl = Cluster::start(3, &[]);
+    cl.wait_leader(Duration::from_secs(30));
+    let setup = cl.client();
+    cl.rt.block_on(async {
+        setup
+            .execute(
+                "bank",
+                "CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL CHECK (balance >= 0))",
+                vec![],
+            )
+            .await
+            .unwrap();
+        for id in 0..ACCOUNTS {
+            setup
+                .execute(
+                    "bank",
+                    "INSERT INTO accounts VALUES (?1, ?2)",
+                    vec![id.into(), (TOTAL / ACCOUNTS).into()],
+                )
+                .await
+                .unwrap();
+        }
+    });
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
+    let bad: Arc<parking_lot::Mutex<Vec<String>>> = Default::default();
+    let mut tasks = Vec::new();
+    let all: Vec<_> = (1..=3).map(|i| cl.addr(i)).collect();
+    for w in 0..4u64 {
+        let (stop, committed, failed) = (stop.clone(), committed.clone(), failed.clone());
+        let c = Client::new(all.clone(), "raftsql");
+        tasks.push(cl.rt.spawn(async move {
+            let mut rng = Rng(0x51_7cc1_b727_220a ^ (w + 1) * 0x9e37_79b9);
+            while !stop.load(Ordering::SeqCst) {
+                let from = (rng.next() % ACCOUNTS as u64) as i64;
+                let to = (from + 1 + (rng.next() % (ACCOUNTS as u64 - 1)) as i64) % ACCOUNTS;
+                let amount = (rng.next() % 20) as i64 + 1;
+                match tokio::time::timeout(OP_TIMEOUT, transfer(&c, from, to, amount)).await {
+                    Ok(Ok(true)) => {
+                        committed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Ok(false)) => {}
+                    _ => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    // Readers: linearizable through any node, and local on each node.
+    for r in 0..4usize {
+        let (stop, reads, bad) = (stop.clone(), reads.clone(), bad.clone());
+        let (c, local) = if r == 0 {
+            (Client::new(all.clone(), "raftsql"), false)
+        } else {
+            (Client::new(vec![all[r - 1]], "raftsql"), true)
+        };
+        tasks.push(cl.rt.spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let q = c.query_with(
+                    "bank",
+                    "SELECT count(*), sum(balance), min(balance) FROM accounts",
+                    vec![],
+                    local,
+                );
+                match tokio::time::timeout(OP_TIMEOUT, q).await {
+                    Ok(Ok(rows)) => {
+                        reads.fetch_add(1, Ordering::SeqCst);
+                        let row = &rows.rows[0];
+                        let (n, sum, min) = (int(&row[0]), int(&row[1]), int(&row[2]));
+                        if n != ACCOUNTS || sum != TOTAL || min < 0 {
+                            bad.lock().push(format!(
+                                "reader {r} (local: {local}): {n} accounts, total {sum}, min {min}"
+                            ));
+                        }
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let faults = common::nemesis::run(&mut cl, t0, RUN, 7);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        cl.rt.block_on(t).unwrap();
+    }
+    let digests = cl.wait_converged(Duration::from_secs(30));
+    assert!(digests.contains_key("bank"));
+    for id in 1..=3 {
+        assert_eq!(
+            cl.local_count(id, "bank", "SELECT sum(balance) FROM accounts"),
+            TOTAL,
+            "node {id}'s final total"
+        );
+    }
+    let (committed, failed, reads) = (
+        committed.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+        reads.load(Ordering::SeqCst),
+    );
+    eprintln!(
+        "{committed} transfers committed, {failed} failed or unknown, {reads} reads; faults: {:?}",
+        faults.iter().map(|f| &f.what).collect::<Vec<_>>()
+    );
+    let bad = bad.lock();
+    assert!(
+        bad.is_empty(),
+        "inconsistent reads: {:?}",
+        &bad[..bad.len().min(10)]
+    );
+    assert!(committed >= 50, "too few transfers committed ({committed})");
+    assert!(reads >= 200, "too few reads ({reads})");
+}
