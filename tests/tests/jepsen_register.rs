@@ -4,7 +4,9 @@
 //! (the leader half of the time) from the others with iptables. Every operation's
 //! invocation, completion and outcome is recorded (a write or CAS without an answer within
 //! 1 s is "unknown": it may or may not have happened), and the history is checked for
-//! linearizability per key (`raftsql_tests::linearizability`).
+//! linearizability per key (`raftsql_tests::linearizability`). The run's report (history,
+//! faults, verdict, latency and throughput pictures) goes to `target/tmp/jepsen/register-*`
+//! (or `$RAFTSQL_REPORT_DIR`).
 //!
 //! The CAS is a Txn comparing the key's value (values are unique per write, so comparing the
 //! value is as strong as comparing its mod_revision).
@@ -22,6 +24,7 @@ use raftsql_etcd::pb::etcdserverpb::{
     TxnRequest,
 };
 use raftsql_tests::linearizability::{check, Action, Op, Outcome};
+use raftsql_tests::report::{self, Window};
 use tonic::transport::Channel;
 
 const RUN: Duration = Duration::from_secs(20);
@@ -184,6 +187,26 @@ fn register_is_linearizable_under_kills_pauses_and_partitions() {
         faults.len(),
         started.elapsed()
     );
+    let text = match &verdict {
+        Ok(()) => format!(
+            "linearizable: {} operations ({ok} ok, {unknown} unknown)\n",
+            history.len()
+        ),
+        Err(v) => v.to_string(),
+    };
+    let windows: Vec<Window> = faults
+        .iter()
+        .map(|f| Window {
+            what: f.what.clone(),
+            from_us: f.from_us,
+            to_us: f.to_us,
+        })
+        .collect();
+    let root = std::env::var_os("RAFTSQL_REPORT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("jepsen"));
+    let dir = report::write(&root, "register", &history, &windows, &text).unwrap();
+    eprintln!("report: {}", dir.display());
     if let Err(v) = verdict {
         panic!("{v}\n{}", cl.logs());
     }
