@@ -15,7 +15,7 @@ use common::nemesis::Rng;
 use common::Cluster;
 use raftsql_core::{Client, Value};
 
-const RUN: Duration = Duration::from_secs(20);
+const RUN: Duration = Duration::from_secs(24);
 const ACCOUNTS: i64 = 5;
 const TOTAL: i64 = 500;
 const OP_TIMEOUT: Duration = Duration::from_secs(2);

@@ -27,7 +27,7 @@ use raftsql_tests::linearizability::{check, Action, Op, Outcome};
 use raftsql_tests::report::{self, Window};
 use tonic::transport::Channel;
 
-const RUN: Duration = Duration::from_secs(20);
+const RUN: Duration = Duration::from_secs(24);
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
 const KEYS: u64 = 3;
 

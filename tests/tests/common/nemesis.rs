@@ -1,5 +1,6 @@
-//! The nemesis of the fault tests: one fault at a time, in turn kill -9 + restart, pause
-//! (SIGSTOP/SIGCONT), and isolation of a node (the leader half of the time) with iptables.
+//! The nemesis of the fault tests: one fault at a time, in turn kill -9 + restart of a node,
+//! pause (SIGSTOP/SIGCONT), isolation of a node (the leader half of the time) with iptables,
+//! and kill -9 + restart of every node at once.
 
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,18 @@ pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, seed: u64) -> Vec<Fault
         std::thread::sleep(Duration::from_millis(1500));
         let mut id = rng.next() % n + 1;
         let from_us = us();
-        let what = match faults.len() % 3 {
+        let what = match faults.len() % 4 {
+            3 => {
+                // Every node at once: kill -9 all, then start all again.
+                for i in 1..=n {
+                    cl.kill(i);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                for i in 1..=n {
+                    cl.spawn(i);
+                }
+                "kill -9 all nodes, restart".to_string()
+            }
             0 => {
                 cl.kill(id);
                 std::thread::sleep(Duration::from_millis(1500));
