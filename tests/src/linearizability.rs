@@ -419,7 +419,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let at = t * 10 + 100;
-            let action = if x % 3 == 0 {
+            let action = if x.is_multiple_of(3) {
                 value = Some(t);
                 Action::Write(t)
             } else {

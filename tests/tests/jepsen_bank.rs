@@ -91,7 +91,7 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
         let (stop, committed, failed) = (stop.clone(), committed.clone(), failed.clone());
         let c = Client::new(all.clone(), "raftsql");
         tasks.push(cl.rt.spawn(async move {
-            let mut rng = Rng(0x51_7cc1_b727_220a ^ (w + 1) * 0x9e37_79b9);
+            let mut rng = Rng(0x51_7cc1_b727_220a ^ ((w + 1) * 0x9e37_79b9));
             while !stop.load(Ordering::SeqCst) {
                 let from = (rng.next() % ACCOUNTS as u64) as i64;
                 let to = (from + 1 + (rng.next() % (ACCOUNTS as u64 - 1)) as i64) % ACCOUNTS;

@@ -111,7 +111,7 @@ fn register_is_linearizable_under_kills_pauses_and_partitions() {
     for client in 0..6u64 {
         let (stop, history, eps) = (stop.clone(), history.clone(), eps.clone());
         clients.push(cl.rt.spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (client + 1) * 0x1234_5678);
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((client + 1) * 0x1234_5678));
             let mut node = client as usize;
             let mut seq = 0u64;
             let mut last = [0u64; KEYS as usize];

@@ -67,7 +67,7 @@ pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, seed: u64) -> Vec<Fault
                 format!("pause node {id}")
             }
             _ => {
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     if let Some(l) =
                         (1..=n).find(|i| cl.status(*i, false).is_some_and(|s| s.role == "leader"))
                     {
