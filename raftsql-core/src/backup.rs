@@ -193,7 +193,7 @@ async fn call(conn: &mut RpcConn, ep: SocketAddr) -> Result<Offer> {
     }
 }
 
-/// Pulls the offered snapshot into `path` (through `path.tmp`). Returns the header and the
+/// Pulls the offered snapshot into `path` (through `path` + `.tmp`). Returns the header and the
 /// file's size.
 async fn pull(
     conn: &mut RpcConn,
@@ -214,7 +214,12 @@ async fn pull(
         files: m.files.clone(),
     };
     let total = header.data_bytes();
-    let tmp = path.with_extension("tmp");
+    // FILE.tmp beside FILE (never another file that happens to share its stem).
+    let tmp = {
+        let mut t = path.as_os_str().to_owned();
+        t.push(".tmp");
+        PathBuf::from(t)
+    };
     let result = async {
         let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = CrcWriter::new(BufWriter::new(f));
