@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::nemesis::Rng;
 use common::Cluster;
-use raftsql_core::{Client, Value};
+use raftsql_core::{Client, Statement, Value};
 
 const RUN: Duration = Duration::from_secs(24);
 const ACCOUNTS: i64 = 5;
@@ -59,26 +59,26 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
     let mut cl = Cluster::start(3, &[]);
     cl.wait_leader(Duration::from_secs(30));
     let setup = cl.client();
-    cl.rt.block_on(async {
-        setup
-            .execute(
-                "bank",
-                "CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL CHECK (balance >= 0))",
-                vec![],
-            )
-            .await
-            .unwrap();
-        for id in 0..ACCOUNTS {
-            setup
-                .execute(
-                    "bank",
-                    "INSERT INTO accounts VALUES (?1, ?2)",
-                    vec![id.into(), (TOTAL / ACCOUNTS).into()],
-                )
-                .await
-                .unwrap();
-        }
-    });
+    // One atomic batch: every committed state (which a lagging node may serve to local
+    // readers, e.g. while it replays after a restart) has all the accounts.
+    let values: Vec<String> = (0..ACCOUNTS)
+        .map(|id| format!("({id}, {})", TOTAL / ACCOUNTS))
+        .collect();
+    cl.rt
+        .block_on(setup.execute_batch(
+            "bank",
+            &[
+                Statement::new(
+                    "CREATE TABLE accounts(id INTEGER PRIMARY KEY, \
+                     balance INTEGER NOT NULL CHECK (balance >= 0))",
+                ),
+                Statement::new(&format!(
+                    "INSERT INTO accounts VALUES {}",
+                    values.join(", ")
+                )),
+            ],
+        ))
+        .unwrap();
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicU64::new(0));
