@@ -44,7 +44,9 @@ fn key(n: u64, size: usize) -> String {
     s
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
+/// The `p` quantile (0..=1) of latencies in microseconds, sorted ascending, in milliseconds
+/// (0 for none).
+pub(crate) fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

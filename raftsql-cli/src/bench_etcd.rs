@@ -33,6 +33,8 @@ use raftsql_etcd::pb::etcdserverpb::{
     RequestOp, TxnRequest,
 };
 
+use crate::bench::percentile;
+
 /// `raftsql bench etcd` arguments.
 #[derive(Args, Debug)]
 pub struct BenchEtcdArgs {
@@ -84,14 +86,6 @@ fn key(n: u64, size: usize) -> Vec<u8> {
 
 fn value(r: u64, size: usize) -> Vec<u8> {
     (0..size).map(|i| (r >> (i % 56)) as u8).collect()
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / 1000.0
 }
 
 fn endpoint_urls(s: &str) -> Result<Vec<String>, String> {

@@ -28,6 +28,7 @@ use raftsql_core::members;
 use raftsql_core::Client;
 use raftsql_proto::v1 as pb;
 
+use crate::bench::percentile;
 use crate::CliResult;
 
 /// `raftsql bench failover`.
@@ -187,13 +188,14 @@ async fn until(
     }
 }
 
-fn stats(mut v: Vec<f64>) -> serde_json::Value {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+/// min/p50/p99/max in milliseconds (to 0.1 ms) of times in microseconds.
+fn stats(mut v: Vec<u32>) -> serde_json::Value {
     if v.is_empty() {
         return serde_json::json!({"n": 0});
     }
+    v.sort_unstable();
     let r = |x: f64| (x * 10.0).round() / 10.0;
+    let at = |q: f64| percentile(&v, q);
     serde_json::json!({
         "n": v.len(), "min": r(at(0.0)), "p50": r(at(0.5)), "p99": r(at(0.99)), "max": r(at(1.0)),
     })
@@ -284,7 +286,7 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
                 li + 1,
                 e.as_secs_f64() * 1e3
             );
-            handover.push(e.as_secs_f64() * 1e3);
+            handover.push(e.as_micros() as u32);
             // Let the old process finish exiting before its data directory is reused.
             tokio::time::sleep(Duration::from_millis(500)).await;
             p.start(li)?;
@@ -306,8 +308,8 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
                 e.as_secs_f64() * 1e3,
                 r.as_secs_f64() * 1e3
             );
-            new_leader.push(e.as_secs_f64() * 1e3);
-            restored.push(r.as_secs_f64() * 1e3);
+            new_leader.push(e.as_micros() as u32);
+            restored.push(r.as_micros() as u32);
             p.start(li)?;
         } else {
             let victim = v
@@ -328,7 +330,7 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
                 trial + 1,
                 r.as_secs_f64() * 1e3
             );
-            promotion.push(r.as_secs_f64() * 1e3);
+            promotion.push(r.as_micros() as u32);
             p.start(victim)?;
         }
         until(

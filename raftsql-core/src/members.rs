@@ -185,6 +185,16 @@ fn read_registry(c: &rusqlite::Connection) -> Result<Vec<pb::Member>> {
         .map_err(sql)
 }
 
+/// The registry in a system database file on disk, read-only (empty if there is no file).
+pub fn read_registry_file(path: &std::path::Path) -> Result<Vec<pb::Member>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(sql)?;
+    read_registry(&c)
+}
+
 /// Rewrites the registry in a system database file on disk, with its node stopped (disaster
 /// recovery and restore): keeps only the member `keep` (none if `None`) and drops every join
 /// token. Leaves the file whole (its WAL checkpointed and removed). Returns the members

@@ -274,14 +274,10 @@ pub(crate) fn lock_data_dir(dir: &Path) -> Result<File> {
 
 /// The id of the node whose data directory is `data_dir`, if one was started there.
 pub fn stored_id(data_dir: &Path) -> Result<Option<u64>> {
-    let p = data_dir.join("node.json");
-    match std::fs::read(&p) {
-        Ok(b) => serde_json::from_slice::<NodeFile>(&b)
-            .map(|nf| Some(nf.id))
-            .map_err(|e| Error::Corrupt(format!("{}: {e}", p.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(&p, e)),
+    if !data_dir.join("node.json").exists() {
+        return Ok(None);
     }
+    NodeFile::load(data_dir).map(|nf| Some(nf.id))
 }
 
 fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {

@@ -30,9 +30,10 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::log::RaftLog;
-use crate::members::{rewrite_registry_file, SYSTEM_DB};
+use crate::members::{read_registry_file, rewrite_registry_file, SYSTEM_DB};
 use crate::node::{lock_data_dir, NodeFile};
 use crate::state;
+use raftsql_proto::v1 as pb;
 
 /// What recovery found and did (or would do, with `dry_run`).
 #[derive(Clone, Debug, Serialize)]
@@ -104,31 +105,27 @@ pub fn recover(data_dir: &Path, dry_run: bool) -> Result<RecoveryReport> {
     };
     let gen = state::current_generation(&state_root)?;
     let registry = gen.as_ref().map(|g| g.join(format!("{SYSTEM_DB}.db")));
+    let me = nf.id;
+    let others = |ms: Vec<pb::Member>| -> Vec<(u64, String)> {
+        ms.into_iter()
+            .filter(|m| m.id != me)
+            .map(|m| (m.id, m.addr))
+            .collect()
+    };
     if dry_run {
-        if let Some(p) = registry.as_ref().filter(|p| p.exists()) {
-            let c = rusqlite::Connection::open_with_flags(
-                p,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )?;
-            let mut st = c.prepare("SELECT id, addr FROM members WHERE id != ?1 ORDER BY id")?;
-            let rows = st.query_map([nf.id as i64], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-            })?;
-            report.removed_members = rows.collect::<std::result::Result<_, _>>()?;
+        if let Some(p) = &registry {
+            report.removed_members = others(read_registry_file(p)?);
         }
         return Ok(report);
     }
     // 1. The databases up to the commit index (what a restart would replay).
     let upto = state::recover_files(&state_root, &log)?;
     let commit = upto.max(hs.commit);
-    let term = match log.term(commit) {
-        Ok(t) => t,
-        Err(e) => {
-            return Err(Error::Corrupt(format!(
-                "the term of the commit index {commit} is unknown: {e}"
-            )))
-        }
-    };
+    let term = log.term(commit).map_err(|e| {
+        Error::Corrupt(format!(
+            "the term of the commit index {commit} is unknown: {e}"
+        ))
+    })?;
     report.commit_index = commit;
     report.dropped_entries = last_index.saturating_sub(commit);
     // 2. The log: base at the commit index, this node the only voter.
@@ -138,10 +135,7 @@ pub fn recover(data_dir: &Path, dry_run: bool) -> Result<RecoveryReport> {
     // 3. The checkpoint's configuration, the registry, old snapshots, the peer list.
     state::rewrite_checkpoint_conf(&state_root, vec![nf.id], Vec::new())?;
     if let Some(p) = &registry {
-        report.removed_members = rewrite_registry_file(p, Some(nf.id))?
-            .into_iter()
-            .map(|m| (m.id, m.addr))
-            .collect();
+        report.removed_members = others(rewrite_registry_file(p, Some(me))?);
     }
     let snaps = data_dir.join("snapshots");
     if snaps.exists() {

@@ -1409,11 +1409,9 @@ pub fn rewrite_checkpoint_conf(root: &Path, voters: Vec<u64>, learners: Vec<u64>
 /// truncating each file to its entry's size rebuilds exactly the state of the last entry.
 /// Returns the index the files now hold.
 pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
-    let current = root.join("CURRENT");
-    let Ok(name) = fs::read_to_string(&current) else {
+    let Some(gen) = current_generation(root)? else {
         return Ok(0);
     };
-    let gen = root.join(name.trim());
     let mut meta = read_meta(&gen)?;
     let upto = log
         .hard_state()

@@ -1,4 +1,8 @@
-//! Support code for the integration and fault tests: checkers for recorded histories.
+//! Integration tests of raftsql with real processes: see `tests/*.rs`. The binary
+//! `raftsql-under-test` is the `raftsql` CLI (same code), built so that tests can find it
+//! with `CARGO_BIN_EXE_raftsql-under-test`.
+//!
+//! The library holds what the fault tests share:
 //!
 //! - [`linearizability`]: a WGL/Porcupine-style checker for key/value register histories;
 //! - [`report`]: a run's report directory (history, faults, verdict, SVG pictures).

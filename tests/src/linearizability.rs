@@ -262,32 +262,18 @@ mod tests {
         }
     }
 
+    fn cas(from: u64, to: u64, swapped: bool) -> Action {
+        Action::Cas { from, to, swapped }
+    }
+
     #[test]
     fn sequential_history_passes() {
         let h = vec![
             op(1, Action::Read(None), 0, 1),
             op(1, Action::Write(1), 2, 3),
             op(2, Action::Read(Some(1)), 4, 5),
-            op(
-                2,
-                Action::Cas {
-                    from: 1,
-                    to: 2,
-                    swapped: true,
-                },
-                6,
-                7,
-            ),
-            op(
-                1,
-                Action::Cas {
-                    from: 1,
-                    to: 3,
-                    swapped: false,
-                },
-                8,
-                9,
-            ),
+            op(2, cas(1, 2, true), 6, 7),
+            op(1, cas(1, 3, false), 8, 9),
             op(1, Action::Read(Some(2)), 10, 11),
         ];
         check(&h).unwrap();
@@ -343,26 +329,8 @@ mod tests {
     fn a_lost_acknowledged_cas_fails() {
         let h = vec![
             op(1, Action::Write(1), 0, 1),
-            op(
-                1,
-                Action::Cas {
-                    from: 1,
-                    to: 2,
-                    swapped: true,
-                },
-                2,
-                3,
-            ),
-            op(
-                2,
-                Action::Cas {
-                    from: 1,
-                    to: 3,
-                    swapped: true,
-                },
-                4,
-                5,
-            ),
+            op(1, cas(1, 2, true), 2, 3),
+            op(2, cas(1, 3, true), 4, 5),
         ];
         assert!(check(&h).is_err());
     }

@@ -70,25 +70,7 @@ fn form_fail_over_leave_and_remove() {
     let a1 = addr(1, &cl);
     cl.spawn_first(&[]);
     cl.wait_leader(T);
-    let c = cl.client();
-    cl.rt.block_on(async {
-        c.execute(
-            "main",
-            "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
-            vec![],
-        )
-        .await
-        .unwrap();
-        for i in 0..50 {
-            c.execute(
-                "main",
-                "INSERT INTO t(v) VALUES (?1)",
-                vec![format!("row {i}").into()],
-            )
-            .await
-            .unwrap();
-        }
-    });
+    cl.seed_rows(50);
     let v = show(&a1).expect("cluster show on a 1-node cluster");
     assert_eq!(roles(&v), vec![(1, s("voter"))]);
     assert_eq!(v["ha"], false);

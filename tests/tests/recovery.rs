@@ -28,25 +28,7 @@ fn count(cl: &Cluster, id: u64) -> i64 {
 fn recover_from_a_lost_majority() {
     let mut cl = Cluster::start(3, &[]);
     let leader = cl.wait_leader(T);
-    let c = cl.client();
-    cl.rt.block_on(async {
-        c.execute(
-            "main",
-            "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
-            vec![],
-        )
-        .await
-        .unwrap();
-        for i in 0..100 {
-            c.execute(
-                "main",
-                "INSERT INTO t(v) VALUES (?1)",
-                vec![format!("row {i}").into()],
-            )
-            .await
-            .unwrap();
-        }
-    });
+    cl.seed_rows(100);
     cl.wait_converged(T);
     // The leader and one follower are lost for good.
     let survivor = (1..=3).find(|i| *i != leader).unwrap();

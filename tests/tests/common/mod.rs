@@ -369,6 +369,30 @@ impl Cluster {
         s
     }
 
+    /// Creates table `t(k INTEGER PRIMARY KEY, v TEXT)` in `main` and writes `rows` rows
+    /// ("row 0", "row 1", ...), one acknowledged transaction each.
+    pub fn seed_rows(&self, rows: usize) {
+        let c = self.client();
+        self.rt.block_on(async {
+            c.execute(
+                "main",
+                "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
+                vec![],
+            )
+            .await
+            .unwrap();
+            for i in 0..rows {
+                c.execute(
+                    "main",
+                    "INSERT INTO t(v) VALUES (?1)",
+                    vec![format!("row {i}").into()],
+                )
+                .await
+                .unwrap();
+            }
+        });
+    }
+
     /// Count of rows from `sql` on one node's applied state.
     pub fn local_count(&self, id: u64, db: &str, sql: &str) -> i64 {
         let c = self.client_of(id);
