@@ -1,8 +1,8 @@
 //! Jepsen-style bank test (short profile): 5 accounts of 100 in a SQL table; clients move
 //! random amounts between random accounts in interactive transactions (read the balance,
 //! then two UPDATEs, then COMMIT, over several round trips), while readers sum the balances,
-//! linearizably through the leader and locally on every node, and the nemesis kills, pauses
-//! and isolates nodes. Invariants: every read sees all 5 accounts, no negative balance, and
+//! linearizably through the leader and locally on every node, and the nemesis
+//! (`common::nemesis`, every kind of fault) works on the cluster. Invariants: every read sees all 5 accounts, no negative balance, and
 //! a total of exactly 500; after the faults all replicas are byte-identical with a total of
 //! 500.
 mod common;
@@ -11,11 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nemesis::Rng;
+use common::nemesis::{self, Kind, Rng, Settings};
 use common::Cluster;
 use raftsql_core::{Client, Statement, Value};
 
-const RUN: Duration = Duration::from_secs(24);
 const ACCOUNTS: i64 = 5;
 const TOTAL: i64 = 500;
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,6 +55,7 @@ async fn transfer(c: &Client, from: i64, to: i64, amount: i64) -> raftsql_core::
 
 #[test]
 fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
+    let settings = Settings::from_env(24, 7);
     let mut cl = Cluster::start(3, &[]);
     cl.wait_leader(Duration::from_secs(30));
     let setup = cl.client();
@@ -142,7 +142,7 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
             }
         }));
     }
-    let faults = common::nemesis::run(&mut cl, t0, RUN, 7);
+    let faults = nemesis::run(&mut cl, t0, settings.run, &Kind::all(3), settings.seed);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
     for t in tasks {

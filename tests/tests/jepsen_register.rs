@@ -1,7 +1,8 @@
 //! Jepsen-style register test (short profile): clients read, write and compare-and-set three
-//! keys through the etcd API of a 3-node cluster, on every node (followers forward), while a
-//! nemesis kills (-9) and restarts nodes, pauses them (SIGSTOP/SIGCONT) and isolates one
-//! (the leader half of the time) from the others with iptables. Every operation's
+//! keys through the etcd API of a 3-node and of a 5-node cluster, on every node (followers
+//! forward), while the nemesis (`common::nemesis`: kills, pauses, partitions of every shape,
+//! restarts of all nodes, leader handovers, nodes leaving and joining again) works on the
+//! cluster. Every operation's
 //! invocation, completion and outcome is recorded (a write or CAS without an answer within
 //! 1 s is "unknown": it may or may not have happened), and the history is checked for
 //! linearizability per key (`raftsql_tests::linearizability`). The run's report (history,
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::nemesis::Rng;
+use common::nemesis::{self, Kind, Rng, Settings};
 use common::Cluster;
 use raftsql_etcd::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp,
@@ -27,7 +28,8 @@ use raftsql_tests::linearizability::{check, Action, Op, Outcome};
 use raftsql_tests::report::{self, Window};
 use tonic::transport::Channel;
 
-const RUN: Duration = Duration::from_secs(24);
+/// The two tests share the machine's cores; they run one after the other.
+static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
 const KEYS: u64 = 3;
 
@@ -97,10 +99,21 @@ async fn run(kv: &mut KvClient<Channel>, k: u64, a: &Action) -> Result<Action, (
 }
 
 #[test]
-fn register_is_linearizable_under_kills_pauses_and_partitions() {
-    let mut cl = Cluster::start_with_etcd(3, &[]);
+fn register_3_nodes_is_linearizable_under_faults() {
+    register(3, 42);
+}
+
+#[test]
+fn register_5_nodes_is_linearizable_under_faults() {
+    register(5, 4242);
+}
+
+fn register(nodes: usize, seed: u64) {
+    let _serial = SERIAL.lock();
+    let settings = Settings::from_env(24, seed);
+    let mut cl = Cluster::start_with_etcd(nodes, &[]);
     cl.wait_leader(Duration::from_secs(30));
-    let eps: Vec<String> = (1..=3)
+    let eps: Vec<String> = (1..=nodes as u64)
         .map(|i| format!("http://{}", cl.etcd_addr(i)))
         .collect();
     let t0 = Instant::now();
@@ -165,13 +178,15 @@ fn register_is_linearizable_under_kills_pauses_and_partitions() {
             }
         }));
     }
-    let faults = common::nemesis::run(&mut cl, t0, RUN, 42);
+    let faults = nemesis::run(&mut cl, t0, settings.run, &Kind::all(nodes), settings.seed);
     // Let the cluster heal, then stop the clients.
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         cl.rt.block_on(c).unwrap();
     }
+    // After the faults every replica converges to the same bytes.
+    cl.wait_converged(Duration::from_secs(60));
     let history = history.lock().clone();
     let ok = history.iter().filter(|o| o.outcome == Outcome::Ok).count();
     let unknown = history.len() - ok;
@@ -205,7 +220,14 @@ fn register_is_linearizable_under_kills_pauses_and_partitions() {
     let root = std::env::var_os("RAFTSQL_REPORT_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("jepsen"));
-    let dir = report::write(&root, "register", &history, &windows, &text).unwrap();
+    let dir = report::write(
+        &root,
+        &format!("register{nodes}"),
+        &history,
+        &windows,
+        &text,
+    )
+    .unwrap();
     eprintln!("report: {}", dir.display());
     if let Err(v) = verdict {
         panic!("{v}\n{}", cl.logs());

@@ -29,6 +29,9 @@ pub struct NodeProc {
     pub data: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The node joined with a token (after [`Cluster::rejoin`]): it restarts from what its
+    /// data directory stores, not from the bootstrap peers.
+    joined: bool,
 }
 
 pub struct Cluster {
@@ -82,6 +85,7 @@ impl Cluster {
                 data: dir.path().join(format!("node{id}")),
                 log: dir.path().join(format!("node{id}.log")),
                 child: None,
+                joined: false,
             })
             .collect();
         let peers = nodes
@@ -110,6 +114,17 @@ impl Cluster {
 
     pub fn spawn(&mut self, id: u64) {
         let n = &self.nodes[(id - 1) as usize];
+        if n.joined {
+            let mut args = vec![
+                "node".to_string(),
+                "--data-dir".into(),
+                n.data.display().to_string(),
+                "--listen".into(),
+                n.addr.to_string(),
+            ];
+            args.extend(self.node_args(id));
+            return self.spawn_args(id, &args);
+        }
         let mut args: Vec<String> = vec![
             "node".into(),
             "--id".into(),
@@ -121,12 +136,27 @@ impl Cluster {
             "--data-dir".into(),
             n.data.display().to_string(),
         ];
-        args.extend(self.args.iter().cloned());
+        args.extend(self.node_args(id));
+        self.spawn_args(id, &args);
+    }
+
+    /// The cluster's extra `raftsql node` arguments for node `id` (with `--etcd-listen`).
+    fn node_args(&self, id: u64) -> Vec<String> {
+        let mut args = self.args.clone();
         if self.etcd {
             args.push("--etcd-listen".into());
-            args.push(SocketAddr::new(n.addr.ip(), 2379).to_string());
+            args.push(self.etcd_addr(id).to_string());
         }
-        self.spawn_args(id, &args);
+        args
+    }
+
+    /// Starts node `id` (whose data directory must be empty) as a new member that joins
+    /// with `join` (HOST:PORT/TOKEN), with the cluster's arguments; later restarts of it
+    /// start from its data directory.
+    pub fn rejoin(&mut self, id: u64, join: &str) {
+        let extra = self.node_args(id);
+        self.spawn_join(id, join, &extra);
+        self.nodes[(id - 1) as usize].joined = true;
     }
 
     /// Starts node `id`'s process as `raftsql ARGS` (e.g. `join ...` or `node` without

@@ -1,7 +1,17 @@
-//! The nemesis of the fault tests: one fault at a time, in turn kill -9 + restart of a node,
-//! pause (SIGSTOP/SIGCONT), isolation of a node (the leader half of the time) with iptables,
-//! and kill -9 + restart of every node at once.
+//! The nemesis of the fault tests: one fault at a time, each healed before the next.
+//!
+//! The kinds ([`Kind`]): kill -9 and restart of a node; pause (SIGSTOP/SIGCONT); isolation
+//! of one node (the leader half of the time); a majority/minority split; a bridge (5
+//! nodes: two pairs that cannot see each other, both seeing the fifth); kill -9 and restart
+//! of every node at once; a leader handover (SIGTERM to the leader, which hands leadership
+//! to another voter before it stops, then a restart); and a membership change (a node
+//! `leave`s, its data is wiped, and it joins again with a fresh token, as a new member).
+//!
+//! A schedule first takes every kind it was given once, in order, then picks kinds and
+//! victims at random from its seed, so that a short run covers every kind and long runs
+//! with different seeds explore different orders.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::net::Partition;
@@ -18,6 +28,39 @@ pub struct Fault {
     pub to_us: u64,
 }
 
+/// The kinds of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// kill -9 one node, restart it 1.5 s later.
+    Kill,
+    /// SIGSTOP one node for 1.5 s.
+    Pause,
+    /// Cut one node (the leader half of the time) from all others for 2.5 s.
+    Isolate,
+    /// Cut a random minority from the majority for 2.5 s.
+    Split,
+    /// Cut two groups apart that both still see one bridge node, for 2.5 s (5+ nodes).
+    Bridge,
+    /// kill -9 every node, restart them all 0.5 s later.
+    RestartAll,
+    /// SIGTERM the leader (a clean stop hands leadership over), restart it 1 s later.
+    Handover,
+    /// A node leaves the cluster, is wiped and joins again with a fresh token.
+    Rejoin,
+}
+
+impl Kind {
+    /// Every kind that makes sense for `n` nodes.
+    pub fn all(n: usize) -> Vec<Kind> {
+        use Kind::*;
+        let mut v = vec![Kill, Pause, Isolate, Split, RestartAll, Handover, Rejoin];
+        if n >= 5 {
+            v.insert(4, Bridge);
+        }
+        v
+    }
+}
+
 /// A tiny deterministic generator.
 pub struct Rng(pub u64);
 
@@ -29,22 +72,115 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
+
+    /// `v` shuffled.
+    pub fn shuffle<T>(&mut self, mut v: Vec<T>) -> Vec<T> {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+        v
+    }
 }
 
-/// Injects faults into the nodes of `cl` until `run` has passed since `t0`, with `gap`
-/// between faults; returns them. Every fault is healed before the next one starts.
-pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, seed: u64) -> Vec<Fault> {
+/// The settings of a Jepsen-style run, from the environment so that the long profile
+/// (`tests/jepsen-long`) can vary them: `RAFTSQL_JEPSEN_SECS` (the run's length) and
+/// `RAFTSQL_JEPSEN_SEED` (the schedule's seed, mixed with each test's own).
+pub struct Settings {
+    /// How long faults are injected.
+    pub run: Duration,
+    /// The nemesis schedule's seed.
+    pub seed: u64,
+}
+
+impl Settings {
+    /// The settings, `secs` and `seed` unless the environment says otherwise.
+    pub fn from_env(secs: u64, seed: u64) -> Settings {
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        Settings {
+            run: Duration::from_secs(env("RAFTSQL_JEPSEN_SECS").unwrap_or(secs)),
+            seed: env("RAFTSQL_JEPSEN_SEED").map_or(seed, |s| s.wrapping_mul(0x9e37_79b9) ^ seed),
+        }
+    }
+}
+
+fn ips(cl: &Cluster, ids: &[u64]) -> Vec<IpAddr> {
+    ids.iter().map(|i| cl.addr(*i).ip()).collect()
+}
+
+fn leader(cl: &Cluster) -> Option<u64> {
+    cl.running()
+        .into_iter()
+        .find(|i| cl.status(*i, false).is_some_and(|s| s.role == "leader"))
+}
+
+fn cut(a: &[IpAddr], b: &[IpAddr], hold: Duration) {
+    let p = Partition::between(a, b).expect("iptables partition");
+    std::thread::sleep(hold);
+    drop(p);
+}
+
+/// Injects faults of `kinds` into the nodes of `cl` until `run` has passed since `t0`,
+/// 1.5 s apart; returns them. Every fault is healed before the next one starts.
+pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, kinds: &[Kind], seed: u64) -> Vec<Fault> {
     let us = || t0.elapsed().as_micros() as u64;
     let n = cl.nodes.len() as u64;
+    let ids: Vec<u64> = (1..=n).collect();
     let mut faults = Vec::new();
-    let mut rng = Rng(seed);
+    let mut rng = Rng(seed | 1);
     while t0.elapsed() < run {
         std::thread::sleep(Duration::from_millis(1500));
+        let kind = if faults.len() < kinds.len() {
+            kinds[faults.len()]
+        } else {
+            kinds[(rng.next() % kinds.len() as u64) as usize]
+        };
         let mut id = rng.next() % n + 1;
         let from_us = us();
-        let what = match faults.len() % 4 {
-            3 => {
-                // Every node at once: kill -9 all, then start all again.
+        let what = match kind {
+            Kind::Kill => {
+                cl.kill(id);
+                std::thread::sleep(Duration::from_millis(1500));
+                cl.spawn(id);
+                format!("kill -9 node {id}")
+            }
+            Kind::Pause => {
+                cl.pause(id);
+                std::thread::sleep(Duration::from_millis(1500));
+                cl.resume(id);
+                format!("pause node {id}")
+            }
+            Kind::Isolate => {
+                if rng.next().is_multiple_of(2) {
+                    id = leader(cl).unwrap_or(id);
+                }
+                let others: Vec<u64> = ids.iter().copied().filter(|i| *i != id).collect();
+                cut(
+                    &ips(cl, &[id]),
+                    &ips(cl, &others),
+                    Duration::from_millis(2500),
+                );
+                format!("isolate node {id}")
+            }
+            Kind::Split => {
+                let order = rng.shuffle(ids.clone());
+                let (minority, majority) = order.split_at((n as usize - 1) / 2);
+                cut(
+                    &ips(cl, minority),
+                    &ips(cl, majority),
+                    Duration::from_millis(2500),
+                );
+                format!("split {minority:?} | {majority:?}")
+            }
+            Kind::Bridge => {
+                let order = rng.shuffle(ids.clone());
+                let half = (order.len() - 1) / 2;
+                let (a, rest) = order.split_at(half);
+                let (bridge, b) = rest.split_first().unwrap();
+                cut(&ips(cl, a), &ips(cl, b), Duration::from_millis(2500));
+                format!("bridge {a:?} - {bridge} - {b:?}")
+            }
+            Kind::RestartAll => {
                 for i in 1..=n {
                     cl.kill(i);
                 }
@@ -54,36 +190,14 @@ pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, seed: u64) -> Vec<Fault
                 }
                 "kill -9 all nodes, restart".to_string()
             }
-            0 => {
-                cl.kill(id);
-                std::thread::sleep(Duration::from_millis(1500));
-                cl.spawn(id);
-                format!("kill -9 node {id}")
+            Kind::Handover => {
+                let l = leader(cl).unwrap_or(id);
+                cl.stop(l);
+                std::thread::sleep(Duration::from_millis(1000));
+                cl.spawn(l);
+                format!("SIGTERM leader {l} (handover), restart")
             }
-            1 => {
-                cl.pause(id);
-                std::thread::sleep(Duration::from_millis(1500));
-                cl.resume(id);
-                format!("pause node {id}")
-            }
-            _ => {
-                if rng.next().is_multiple_of(2) {
-                    if let Some(l) =
-                        (1..=n).find(|i| cl.status(*i, false).is_some_and(|s| s.role == "leader"))
-                    {
-                        id = l;
-                    }
-                }
-                let me = [cl.addr(id).ip()];
-                let others: Vec<_> = (1..=n)
-                    .filter(|i| *i != id)
-                    .map(|i| cl.addr(i).ip())
-                    .collect();
-                let cut = Partition::between(&me, &others).expect("iptables partition");
-                std::thread::sleep(Duration::from_millis(2500));
-                drop(cut);
-                format!("isolate node {id}")
-            }
+            Kind::Rejoin => rejoin(cl, id),
         };
         faults.push(Fault {
             what,
@@ -92,4 +206,44 @@ pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, seed: u64) -> Vec<Fault
         });
     }
     faults
+}
+
+/// Node `slot` leaves the cluster; its data is wiped and it joins again with a fresh token.
+fn rejoin(cl: &mut Cluster, slot: u64) -> String {
+    let (ok, out, err) = Cluster::run_cli(&["leave", "--endpoint", &cl.addr(slot).to_string()]);
+    if cl.wait_exit(slot, Duration::from_secs(10)).is_none() {
+        cl.kill(slot);
+    }
+    let left = if ok {
+        out.trim().to_string()
+    } else {
+        format!("leave failed: {}", err.trim())
+    };
+    let _ = std::fs::remove_dir_all(cl.data_dir(slot));
+    let others = cl
+        .running()
+        .into_iter()
+        .map(|i| cl.addr(i).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    // The token may take a few tries while leadership settles after the leave.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let join = loop {
+        let (ok, out, err) = Cluster::run_cli(&["add-node", "--endpoints", &others]);
+        if let Some(j) = out
+            .split_whitespace()
+            .find(|w| w.contains('/') && w.contains(':'))
+            .filter(|_| ok)
+        {
+            break j.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "add-node kept failing after node {slot} left: {err}\n{}",
+            cl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    cl.rejoin(slot, &join);
+    format!("node {slot} leaves ({left}), wiped, joins again")
 }
