@@ -5,8 +5,10 @@
 //! The library holds what the fault tests share:
 //!
 //! - [`linearizability`]: a WGL/Porcupine-style checker for key/value register histories;
+//! - [`append`]: the list-append checker (lost, duplicated, reordered, torn or stale);
 //! - [`report`]: a run's report directory (history, faults, verdict, SVG pictures).
 #![warn(missing_docs)]
 
+pub mod append;
 pub mod linearizability;
 pub mod report;

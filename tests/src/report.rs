@@ -9,6 +9,37 @@ use std::path::{Path, PathBuf};
 
 use crate::linearizability::{Op, Outcome};
 
+/// One operation of a history, as the report sees it.
+pub trait Record {
+    /// Invocation time, microseconds since the run's start.
+    fn invoked_us(&self) -> u64;
+    /// Completion time (for an unknown outcome: when the client gave up).
+    fn completed_us(&self) -> u64;
+    /// Whether the client got an answer.
+    fn ok(&self) -> bool;
+    /// The operation as one line of `history.jsonl`.
+    fn json(&self) -> serde_json::Value;
+}
+
+impl Record for Op {
+    fn invoked_us(&self) -> u64 {
+        self.invoked
+    }
+    fn completed_us(&self) -> u64 {
+        self.completed
+    }
+    fn ok(&self) -> bool {
+        self.outcome == Outcome::Ok
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "client": self.client, "key": self.key, "action": format!("{:?}", self.action),
+            "invoked_us": self.invoked, "completed_us": self.completed,
+            "outcome": format!("{:?}", self.outcome),
+        })
+    }
+}
+
 /// A fault window, in microseconds since the run's start.
 #[derive(Clone, Debug)]
 pub struct Window {
@@ -89,8 +120,8 @@ fn frame(title: &str, end_us: u64, faults: &[Window], y_label: &str) -> String {
 }
 
 /// The latency picture: one dot per operation at its invocation time.
-pub fn latency_svg(ops: &[Op], faults: &[Window], title: &str) -> String {
-    let end = ops.iter().map(|o| o.completed).max().unwrap_or(1);
+pub fn latency_svg<R: Record>(ops: &[R], faults: &[Window], title: &str) -> String {
+    let end = ops.iter().map(|o| o.completed_us()).max().unwrap_or(1);
     let mut s = frame(title, end, faults, "latency (ms, log)");
     let x = |t: u64| LEFT + (W - LEFT - 10.0) * t as f64 / end.max(1) as f64;
     // Log scale from 0.1 ms to 10 s.
@@ -108,15 +139,12 @@ pub fn latency_svg(ops: &[Op], faults: &[Window], title: &str) -> String {
         );
     }
     for o in ops {
-        let ms = o.completed.saturating_sub(o.invoked) as f64 / 1000.0;
-        let colour = match o.outcome {
-            Outcome::Ok => "#2a7ab0",
-            Outcome::Unknown => "#e08e0b",
-        };
+        let ms = o.completed_us().saturating_sub(o.invoked_us()) as f64 / 1000.0;
+        let colour = if o.ok() { "#2a7ab0" } else { "#e08e0b" };
         let _ = writeln!(
             s,
             r#"<circle cx="{:.1}" cy="{:.1}" r="1.2" fill="{colour}"/>"#,
-            x(o.invoked),
+            x(o.invoked_us()),
             y(ms)
         );
     }
@@ -125,13 +153,13 @@ pub fn latency_svg(ops: &[Op], faults: &[Window], title: &str) -> String {
 }
 
 /// The throughput picture: completed operations per 250 ms, as operations per second.
-pub fn throughput_svg(ops: &[Op], faults: &[Window], title: &str) -> String {
-    let end = ops.iter().map(|o| o.completed).max().unwrap_or(1);
+pub fn throughput_svg<R: Record>(ops: &[R], faults: &[Window], title: &str) -> String {
+    let end = ops.iter().map(|o| o.completed_us()).max().unwrap_or(1);
     let bucket = 250_000u64;
     let n = (end / bucket + 1) as usize;
     let mut counts = vec![0u64; n];
-    for o in ops.iter().filter(|o| o.outcome == Outcome::Ok) {
-        counts[(o.completed / bucket) as usize] += 1;
+    for o in ops.iter().filter(|o| o.ok()) {
+        counts[(o.completed_us() / bucket) as usize] += 1;
     }
     let max = counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 4.0;
     let mut s = frame(title, end, faults, "ok operations / s");
@@ -169,10 +197,10 @@ pub fn throughput_svg(ops: &[Op], faults: &[Window], title: &str) -> String {
 
 /// Writes the report of a run into a new directory under `root` (`<name>-<unix seconds>`).
 /// Returns the directory.
-pub fn write(
+pub fn write<R: Record>(
     root: &Path,
     name: &str,
-    ops: &[Op],
+    ops: &[R],
     faults: &[Window],
     verdict: &str,
 ) -> std::io::Result<PathBuf> {
@@ -184,15 +212,7 @@ pub fn write(
     std::fs::create_dir_all(&dir)?;
     let mut h = String::new();
     for o in ops {
-        let _ = writeln!(
-            h,
-            "{}",
-            serde_json::json!({
-                "client": o.client, "key": o.key, "action": format!("{:?}", o.action),
-                "invoked_us": o.invoked, "completed_us": o.completed,
-                "outcome": format!("{:?}", o.outcome),
-            })
-        );
+        let _ = writeln!(h, "{}", o.json());
     }
     std::fs::write(dir.join("history.jsonl"), h)?;
     let mut f = String::new();
