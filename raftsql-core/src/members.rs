@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS join_tokens(
     expires_ms INTEGER NOT NULL,
     reusable INTEGER NOT NULL,
     used INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS removed(id INTEGER PRIMARY KEY);
 ";
 
 /// What the leader last learned of a member by probing it.
@@ -491,6 +492,22 @@ impl ServiceHandler for Entry {
                 _ if join_only => {
                     return Err(Error::Invalid("only a join may be sent here".into()))
                 }
+                Some(pb::membership_request::Req::Removed(n)) => {
+                    if n.id != node.id() {
+                        return Err(Error::Invalid(format!(
+                            "removal notice for node {}, but this is node {}",
+                            n.id,
+                            node.id()
+                        )));
+                    }
+                    tracing::warn!("the leader removed this node from the cluster");
+                    node.mark_departed(format!("node {} was removed from the cluster", n.id));
+                    return Ok(encode(pb::membership_response::Resp::Remove(
+                        pb::RemoveResponse {
+                            report: format!("node {} stops", n.id),
+                        },
+                    )));
+                }
                 Some(pb::membership_request::Req::Remove(r)) if r.leaving => {
                     let report = leave(&node, r.force).await?;
                     return Ok(encode(pb::membership_response::Resp::Remove(
@@ -538,6 +555,11 @@ impl ServiceHandler for Leader {
                 Some(Req::Remove(r)) => Resp::Remove(pb::RemoveResponse {
                     report: remove(&node, r.id, r.force, r.leaving).await?,
                 }),
+                Some(Req::Removed(_)) => {
+                    return Err(Error::Invalid(
+                        "a removal notice goes to the removed node".into(),
+                    ))
+                }
                 None => return Err(Error::Invalid("empty membership request".into())),
             };
             Ok(encode(resp))
@@ -641,10 +663,17 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
                     "address {addr} already belongs to node {other}: remove that node first"
                 )));
             }
-            let max_reg: i64 = c
-                .query_row("SELECT coalesce(max(id), 0) FROM members", [], |r| r.get(0))
+            // Ids are never reused: a removed node's id stays retired (its old messages,
+            // its removal in the registry, its certificate must never match a new member).
+            let (max_reg, max_removed): (i64, i64) = c
+                .query_row(
+                    "SELECT (SELECT coalesce(max(id), 0) FROM members), \
+                            (SELECT coalesce(max(id), 0) FROM removed)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .map_err(sql)?;
-            let id = (max_reg as u64).max(max_conf) + 1;
+            let id = (max_reg.max(max_removed) as u64).max(max_conf) + 1;
             c.execute(
                 "INSERT INTO members(id, addr, domain, weight) VALUES (?1, ?2, ?3, ?4)",
                 rusqlite::params![id as i64, addr.to_string(), domain, weight as i64],
@@ -751,9 +780,18 @@ async fn remove(node: &Node, id: u64, force: bool, leaving: bool) -> Result<Stri
     node.write(SYSTEM_DB, move |c| {
         c.execute("DELETE FROM members WHERE id = ?1", [id as i64])
             .map_err(sql)?;
+        c.execute("INSERT OR IGNORE INTO removed(id) VALUES (?1)", [id as i64])
+            .map_err(sql)?;
         Ok(())
     })
     .await?;
+    // Out of the configuration, the node receives no more entries, so it would never see
+    // its removal in the registry: tell it (best effort; a leaving node stops by itself).
+    if !leaving {
+        if let Ok(addr) = m.addr.parse::<SocketAddr>() {
+            notify_removed(node, id, addr).await;
+        }
+    }
     let (voters, learners) = node.conf_roles();
     let report = format!(
         "removed node {id} ({}), which was a {}; voters now {:?}, standbys {:?}",
@@ -764,6 +802,31 @@ async fn remove(node: &Node, id: u64, force: bool, leaving: bool) -> Result<Stri
     );
     tracing::info!("{report}");
     Ok(report)
+}
+
+/// Tells node `id` at `addr` that it was removed, so that a node still running stops.
+async fn notify_removed(node: &Node, id: u64, addr: SocketAddr) {
+    let cfg = node.config();
+    let payload = pb::MembershipRequest {
+        req: Some(pb::membership_request::Req::Removed(pb::RemovedNotice {
+            id,
+        })),
+    }
+    .encode_to_vec();
+    let r = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut conn =
+            RpcConn::connect(addr, node.id(), &cfg.cluster, Some(cfg.listen.ip())).await?;
+        conn.call(pb::request::Body::Service(pb::ServiceCall {
+            service: MEMBERS_SERVICE.to_string(),
+            payload: payload.into(),
+        }))
+        .await
+    })
+    .await;
+    match r {
+        Ok(Ok(_)) => tracing::info!("told node {id} at {addr} that it was removed"),
+        _ => tracing::info!("node {id} at {addr} did not answer the removal notice (stopped?)"),
+    }
 }
 
 /// On the leaving node: hand leadership over, have the leader remove this node, then stop.

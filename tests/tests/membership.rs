@@ -219,11 +219,13 @@ fn form_fail_over_leave_and_remove() {
     ]);
     assert!(!ok && err.contains("left the cluster"), "{err}");
 
-    // remove-node --force on a running node: it is cut off and stops.
+    // remove-node --force on a running node (the highest id but the leader's): it is cut
+    // off and stops.
     let forced = roles(&v)
         .into_iter()
-        .find(|(i, r)| r != "voter" && *i != leaver)
-        .map(|(i, _)| i);
+        .map(|(i, _)| i)
+        .filter(|i| Some(*i) != v["leader_id"].as_u64())
+        .max();
     if let Some(forced) = forced {
         let (ok, _, err) = Cluster::run_cli(&[
             "remove-node",
@@ -236,6 +238,26 @@ fn form_fail_over_leave_and_remove() {
         assert!(
             cl.wait_exit(forced, T).is_some(),
             "node {forced} kept running after its removal"
+        );
+    }
+    // Ids are never reused: a node that joins after removals gets id 6, not a removed one's
+    // (whose removal it would otherwise take for its own), and keeps running.
+    if let Some(forced) = forced {
+        std::fs::remove_dir_all(cl.data_dir(forced)).unwrap();
+        let token = Cluster::join_string(&all, &[]);
+        cl.spawn_join(forced, &token, &[]);
+        let (v, _) = wait_show(&all, "a new member (id 6)", |v| {
+            roles(v).iter().any(|(i, _)| *i == 6)
+        });
+        assert!(
+            !roles(&v).iter().any(|(i, _)| *i == forced || *i == leaver),
+            "a removed id came back: {:?}",
+            roles(&v)
+        );
+        assert!(
+            cl.wait_exit(forced, Duration::from_secs(3)).is_none(),
+            "the new member stopped:\n{}",
+            cl.log_text(forced)
         );
     }
     let c = cl.client();

@@ -210,6 +210,7 @@ pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, kinds: &[Kind], seed: u
 
 /// Node `slot` leaves the cluster; its data is wiped and it joins again with a fresh token.
 fn rejoin(cl: &mut Cluster, slot: u64) -> String {
+    let old = cl.status(slot, false).map(|s| s.id);
     let (ok, out, err) = Cluster::run_cli(&["leave", "--endpoint", &cl.addr(slot).to_string()]);
     if cl.wait_exit(slot, Duration::from_secs(10)).is_none() {
         cl.kill(slot);
@@ -245,5 +246,22 @@ fn rejoin(cl: &mut Cluster, slot: u64) -> String {
         std::thread::sleep(Duration::from_millis(200));
     };
     cl.rejoin(slot, &join);
-    format!("node {slot} leaves ({left}), wiped, joins again")
+    // It comes back as a new member with an id never used before, and stays.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        if let Some(s) = cl.status(slot, false) {
+            break s.id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {slot} did not come back after rejoining\n{}",
+            cl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        old.is_none_or(|o| new > o),
+        "node {slot} rejoined with id {new}, not above its old id {old:?}"
+    );
+    format!("node {slot} leaves ({left}), wiped, joins again as node {new}")
 }
