@@ -21,6 +21,39 @@ pub trait Record {
     fn json(&self) -> serde_json::Value;
 }
 
+/// An operation described in words (for workloads without a checker-specific type).
+#[derive(Clone, Debug)]
+pub struct Plain {
+    /// The client that ran it.
+    pub client: u64,
+    /// What it did, e.g. "transfer 5 from 1 to 3".
+    pub what: String,
+    /// Invocation time, microseconds since the start.
+    pub invoked: u64,
+    /// Completion time.
+    pub completed: u64,
+    /// Whether it was answered.
+    pub ok: bool,
+}
+
+impl Record for Plain {
+    fn invoked_us(&self) -> u64 {
+        self.invoked
+    }
+    fn completed_us(&self) -> u64 {
+        self.completed
+    }
+    fn ok(&self) -> bool {
+        self.ok
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "client": self.client, "what": self.what, "invoked_us": self.invoked,
+            "completed_us": self.completed, "ok": self.ok,
+        })
+    }
+}
+
 impl Record for Op {
     fn invoked_us(&self) -> u64 {
         self.invoked

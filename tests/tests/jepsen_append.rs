@@ -16,7 +16,6 @@ use common::nemesis::{self, Kind, Rng, Settings};
 use common::Cluster;
 use raftsql_core::{Client, Statement, Value};
 use raftsql_tests::append::{check, Action, Op};
-use raftsql_tests::report::{self, Window};
 
 const KEYS: u64 = 6;
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -174,19 +173,7 @@ fn appends_are_never_lost_duplicated_reordered_or_torn() {
         started.elapsed(),
         faults.iter().map(|f| &f.what).collect::<Vec<_>>()
     );
-    let windows: Vec<Window> = faults
-        .iter()
-        .map(|f| Window {
-            what: f.what.clone(),
-            from_us: f.from_us,
-            to_us: f.to_us,
-        })
-        .collect();
-    let root = std::env::var_os("RAFTSQL_REPORT_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("jepsen"));
-    let dir = report::write(&root, "append3", &history, &windows, &text).unwrap();
-    eprintln!("report: {}", dir.display());
+    nemesis::report("append3", &history, &faults, &text);
     let summary = match verdict {
         Ok(s) => s,
         Err(_) => panic!("{text}\n{}", cl.logs()),

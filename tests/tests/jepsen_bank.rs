@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::nemesis::{self, Kind, Rng, Settings};
 use common::Cluster;
 use raftsql_core::{Client, Statement, Value};
+use raftsql_tests::report::Plain;
 
 const ACCOUNTS: i64 = 5;
 const TOTAL: i64 = 500;
@@ -85,10 +86,13 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
     let failed = Arc::new(AtomicU64::new(0));
     let reads = Arc::new(AtomicU64::new(0));
     let bad: Arc<parking_lot::Mutex<Vec<String>>> = Default::default();
+    let history: Arc<parking_lot::Mutex<Vec<Plain>>> = Default::default();
+    let us = move || t0.elapsed().as_micros() as u64;
     let mut tasks = Vec::new();
     let all: Vec<_> = (1..=3).map(|i| cl.addr(i)).collect();
     for w in 0..4u64 {
         let (stop, committed, failed) = (stop.clone(), committed.clone(), failed.clone());
+        let history = history.clone();
         let c = Client::new(all.clone(), "raftsql");
         tasks.push(cl.rt.spawn(async move {
             let mut rng = Rng(0x51_7cc1_b727_220a ^ ((w + 1) * 0x9e37_79b9));
@@ -96,15 +100,28 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
                 let from = (rng.next() % ACCOUNTS as u64) as i64;
                 let to = (from + 1 + (rng.next() % (ACCOUNTS as u64 - 1)) as i64) % ACCOUNTS;
                 let amount = (rng.next() % 20) as i64 + 1;
-                match tokio::time::timeout(OP_TIMEOUT, transfer(&c, from, to, amount)).await {
+                let invoked = us();
+                let r = tokio::time::timeout(OP_TIMEOUT, transfer(&c, from, to, amount)).await;
+                let what = match r {
                     Ok(Ok(true)) => {
                         committed.fetch_add(1, Ordering::SeqCst);
+                        "committed"
                     }
-                    Ok(Ok(false)) => {}
+                    Ok(Ok(false)) => "refused (balance too low)",
                     _ => {
                         failed.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        "failed or unknown"
                     }
+                };
+                history.lock().push(Plain {
+                    client: w,
+                    what: format!("transfer {amount} from {from} to {to}: {what}"),
+                    invoked,
+                    completed: us(),
+                    ok: matches!(r, Ok(Ok(_))),
+                });
+                if !matches!(r, Ok(Ok(_))) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }));
@@ -112,6 +129,7 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
     // Readers: linearizable through any node, and local on each node.
     for r in 0..4usize {
         let (stop, reads, bad) = (stop.clone(), reads.clone(), bad.clone());
+        let history = history.clone();
         let (c, local) = if r == 0 {
             (Client::new(all.clone(), "raftsql"), false)
         } else {
@@ -125,18 +143,34 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
                     vec![],
                     local,
                 );
-                match tokio::time::timeout(OP_TIMEOUT, q).await {
+                let invoked = us();
+                let what = match tokio::time::timeout(OP_TIMEOUT, q).await {
                     Ok(Ok(rows)) => {
                         reads.fetch_add(1, Ordering::SeqCst);
                         let row = &rows.rows[0];
                         let (n, sum, min) = (int(&row[0]), int(&row[1]), int(&row[2]));
+                        let what = format!("{n} accounts, total {sum}, min {min}");
                         if n != ACCOUNTS || sum != TOTAL || min < 0 {
-                            bad.lock().push(format!(
-                                "reader {r} (local: {local}): {n} accounts, total {sum}, min {min}"
-                            ));
+                            bad.lock()
+                                .push(format!("reader {r} (local: {local}): {what}"));
                         }
+                        Some(what)
                     }
-                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    _ => None,
+                };
+                history.lock().push(Plain {
+                    client: 100 + r as u64,
+                    what: format!(
+                        "{} read: {}",
+                        if local { "local" } else { "linearizable" },
+                        what.as_deref().unwrap_or("no answer")
+                    ),
+                    invoked,
+                    completed: us(),
+                    ok: what.is_some(),
+                });
+                if what.is_none() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -167,6 +201,15 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
         faults.iter().map(|f| &f.what).collect::<Vec<_>>()
     );
     let bad = bad.lock();
+    let verdict = if bad.is_empty() {
+        format!(
+            "ok: {committed} transfers committed, {failed} failed or unknown, {reads} reads \
+             all with {ACCOUNTS} accounts, total {TOTAL}, no negative balance\n"
+        )
+    } else {
+        format!("{} inconsistent reads:\n{}\n", bad.len(), bad.join("\n"))
+    };
+    nemesis::report("bank3", &history.lock(), &faults, &verdict);
     assert!(
         bad.is_empty(),
         "inconsistent reads: {:?}",

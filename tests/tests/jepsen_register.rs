@@ -25,7 +25,6 @@ use raftsql_etcd::pb::etcdserverpb::{
     TxnRequest,
 };
 use raftsql_tests::linearizability::{check, Action, Op, Outcome};
-use raftsql_tests::report::{self, Window};
 use tonic::transport::Channel;
 
 /// The two tests share the machine's cores; they run one after the other.
@@ -209,26 +208,7 @@ fn register(nodes: usize, seed: u64) {
         ),
         Err(v) => v.to_string(),
     };
-    let windows: Vec<Window> = faults
-        .iter()
-        .map(|f| Window {
-            what: f.what.clone(),
-            from_us: f.from_us,
-            to_us: f.to_us,
-        })
-        .collect();
-    let root = std::env::var_os("RAFTSQL_REPORT_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("jepsen"));
-    let dir = report::write(
-        &root,
-        &format!("register{nodes}"),
-        &history,
-        &windows,
-        &text,
-    )
-    .unwrap();
-    eprintln!("report: {}", dir.display());
+    nemesis::report(&format!("register{nodes}"), &history, &faults, &text);
     if let Err(v) = verdict {
         panic!("{v}\n{}", cl.logs());
     }

@@ -22,6 +22,7 @@ use raftsql_etcd::pb::etcdserverpb::{
     kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, RangeRequest,
     WatchCreateRequest, WatchRequest,
 };
+use raftsql_tests::report::Plain;
 
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
 const STALL: Duration = Duration::from_secs(3);
@@ -121,9 +122,12 @@ fn watchers_see_every_revision_once_in_order_across_faults() {
     let stop = Arc::new(AtomicBool::new(false));
     let until = Arc::new(AtomicI64::new(0));
     let acked: Arc<parking_lot::Mutex<Vec<Event>>> = Default::default();
+    let history: Arc<parking_lot::Mutex<Vec<Plain>>> = Default::default();
+    let us = move || t0.elapsed().as_micros() as u64;
     let mut writers = Vec::new();
     for w in 0..3usize {
         let (acked, stop, eps) = (acked.clone(), stop.clone(), eps.clone());
+        let history = history.clone();
         writers.push(cl.rt.spawn(async move {
             let mut i = 0;
             let mut n = w;
@@ -142,12 +146,22 @@ fn watchers_see_every_revision_once_in_order_across_faults() {
                         value: Bytes::from(value.clone()),
                         ..Default::default()
                     });
-                    match tokio::time::timeout(OP_TIMEOUT, put).await {
-                        Ok(Ok(r)) => {
-                            let rev = r.into_inner().header.unwrap().revision;
-                            acked.lock().push((rev, key, value));
-                        }
-                        _ => {
+                    let invoked = us();
+                    let r = tokio::time::timeout(OP_TIMEOUT, put).await;
+                    let rev = match r {
+                        Ok(Ok(r)) => Some(r.into_inner().header.unwrap().revision),
+                        _ => None,
+                    };
+                    history.lock().push(Plain {
+                        client: w as u64,
+                        what: format!("put {key} = {value}: revision {rev:?}"),
+                        invoked,
+                        completed: us(),
+                        ok: rev.is_some(),
+                    });
+                    match rev {
+                        Some(rev) => acked.lock().push((rev, key, value)),
+                        None => {
                             n += 1;
                             break;
                         }
@@ -186,38 +200,47 @@ fn watchers_see_every_revision_once_in_order_across_faults() {
         .map(|w| cl.rt.block_on(w).unwrap())
         .collect();
     let acked = acked.lock().clone();
-    eprintln!(
-        "{} puts acknowledged, final revision {final_rev}; watchers saw {:?} events with {:?} resumes; faults: {:?}",
+    let summary = format!(
+        "{} puts acknowledged, final revision {final_rev}; watchers saw {:?} events with {:?} resumes",
         acked.len(),
         watched.iter().map(|w| w.events.len()).collect::<Vec<_>>(),
         watched.iter().map(|w| w.resumes).collect::<Vec<_>>(),
+    );
+    let verdict = match verify(&watched, &acked, final_rev) {
+        Ok(()) => format!("ok: {summary}\n"),
+        Err(e) => format!("{e}\n{summary}\n"),
+    };
+    eprintln!(
+        "{verdict}faults: {:?}",
         faults.iter().map(|f| &f.what).collect::<Vec<_>>()
     );
+    nemesis::report("watch3", &history.lock(), &faults, &verdict);
+    assert!(verdict.starts_with("ok"), "{verdict}");
     assert!(acked.len() >= 200, "too few puts acknowledged");
-    // Exactly once, in order, no gap: revisions 2, 3, ..., final.
+}
+
+/// The watch guarantees: every watcher sees revisions 2..=`final_rev` once each, in order;
+/// all agree; every acknowledged put is there as answered.
+fn verify(watched: &[Watched], acked: &[Event], final_rev: i64) -> Result<(), String> {
     for (i, w) in watched.iter().enumerate() {
         for (j, e) in w.events.iter().enumerate() {
             let expected = j as i64 + 2;
-            let why = if e.0 < expected {
-                "duplicate or out of order"
-            } else {
-                "revisions skipped"
-            };
-            assert_eq!(
-                e.0,
-                expected,
-                "watcher {i}: event {j} is at revision {} (expected {expected}): {why} (after {:?})",
-                e.0,
-                j.checked_sub(1).map(|p| &w.events[p])
-            );
+            if e.0 != expected {
+                return Err(format!(
+                    "watcher {i}: event {j} is at revision {} (expected {expected}): {} (after {:?})",
+                    e.0,
+                    if e.0 < expected { "duplicate or out of order" } else { "revisions skipped" },
+                    j.checked_sub(1).map(|p| &w.events[p])
+                ));
+            }
         }
-        assert_eq!(
-            w.events.len() as i64 + 1,
-            final_rev,
-            "watcher {i} stopped short of the final revision"
-        );
+        if w.events.len() as i64 + 1 != final_rev {
+            return Err(format!(
+                "watcher {i} stopped short of the final revision {final_rev}: {:?}",
+                w.events.last()
+            ));
+        }
     }
-    // All watchers agree, and every acknowledged put is there.
     for (i, w) in watched.iter().enumerate().skip(1) {
         if let Some((a, b)) = w
             .events
@@ -225,15 +248,17 @@ fn watchers_see_every_revision_once_in_order_across_faults() {
             .zip(&watched[0].events)
             .find(|(a, b)| a != b)
         {
-            panic!("watchers 0 and {i} disagree: {b:?} vs {a:?}");
+            return Err(format!("watchers 0 and {i} disagree: {b:?} vs {a:?}"));
         }
     }
     let by_rev: BTreeMap<i64, &Event> = watched[0].events.iter().map(|e| (e.0, e)).collect();
-    for a in &acked {
-        assert_eq!(
-            by_rev.get(&a.0).copied(),
-            Some(a),
-            "the acknowledged put {a:?} is not in the watch streams as answered"
-        );
+    for a in acked {
+        if by_rev.get(&a.0).copied() != Some(a) {
+            return Err(format!(
+                "the acknowledged put {a:?} is not in the watch streams as answered: {:?}",
+                by_rev.get(&a.0)
+            ));
+        }
     }
+    Ok(())
 }

@@ -14,6 +14,8 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use raftsql_tests::report::{self, Record, Window};
+
 use super::net::Partition;
 use super::Cluster;
 
@@ -264,4 +266,28 @@ fn rejoin(cl: &mut Cluster, slot: u64) -> String {
         "node {slot} rejoined with id {new}, not above its old id {old:?}"
     );
     format!("node {slot} leaves ({left}), wiped, joins again as node {new}")
+}
+
+/// Writes a run's report (history, faults, verdict, pictures) under `$RAFTSQL_REPORT_DIR`,
+/// else `target/tmp/jepsen`, as `<name>-<unix time>/`; prints and returns where.
+pub fn report<R: Record>(
+    name: &str,
+    history: &[R],
+    faults: &[Fault],
+    verdict: &str,
+) -> std::path::PathBuf {
+    let windows: Vec<Window> = faults
+        .iter()
+        .map(|f| Window {
+            what: f.what.clone(),
+            from_us: f.from_us,
+            to_us: f.to_us,
+        })
+        .collect();
+    let root = std::env::var_os("RAFTSQL_REPORT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("jepsen"));
+    let dir = report::write(&root, name, history, &windows, verdict).expect("write the report");
+    eprintln!("report: {}", dir.display());
+    dir
 }
