@@ -213,14 +213,14 @@ pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, kinds: &[Kind], seed: u
 /// Node `slot` leaves the cluster; its data is wiped and it joins again with a fresh token.
 fn rejoin(cl: &mut Cluster, slot: u64) -> String {
     let old = cl.status(slot, false).map(|s| s.id);
-    let (ok, out, err) = Cluster::run_cli(&["leave", "--endpoint", &cl.addr(slot).to_string()]);
+    let (ok, _, err) = Cluster::run_cli(&["leave", "--endpoint", &cl.addr(slot).to_string()]);
     if cl.wait_exit(slot, Duration::from_secs(10)).is_none() {
         cl.kill(slot);
     }
     let left = if ok {
-        out.trim().to_string()
+        String::new()
     } else {
-        format!("leave failed: {}", err.trim())
+        format!(" (leave failed: {})", err.trim())
     };
     let _ = std::fs::remove_dir_all(cl.data_dir(slot));
     let others = cl
@@ -265,7 +265,7 @@ fn rejoin(cl: &mut Cluster, slot: u64) -> String {
         old.is_none_or(|o| new > o),
         "node {slot} rejoined with id {new}, not above its old id {old:?}"
     );
-    format!("node {slot} leaves ({left}), wiped, joins again as node {new}")
+    format!("node {slot} leaves{left}, rejoins as node {new}")
 }
 
 /// Writes a run's report (history, faults, verdict, pictures) under `$RAFTSQL_REPORT_DIR`,
