@@ -159,6 +159,12 @@ struct NodeArgs {
     /// Compact the Raft log once it exceeds this many bytes.
     #[arg(long, default_value_t = 64 << 20)]
     compact_log_bytes: u64,
+    /// Largest request a SQL client may send, in bytes (larger ones close its connection).
+    #[arg(long, default_value_t = raftsql_core::transport::DEFAULT_MAX_CLIENT_FRAME)]
+    max_request_bytes: usize,
+    /// Largest query result answered, in bytes (a larger one is an error asking for LIMIT).
+    #[arg(long, default_value_t = raftsql_core::node::DEFAULT_MAX_RESULT_BYTES)]
+    max_result_bytes: usize,
     /// Serve the etcd v3 API (gRPC) on this address, e.g. 127.0.0.1:2379.
     #[arg(long)]
     etcd_listen: Option<SocketAddr>,
@@ -344,6 +350,15 @@ pub(crate) async fn run_node_with(
     cfg.tick = Duration::from_millis(a.tick_ms.max(1));
     cfg.checkpoint_frames = a.checkpoint_frames.max(1);
     cfg.compact_log_bytes = a.compact_log_bytes;
+    if a.max_request_bytes < 1024 || a.max_request_bytes > raftsql_core::transport::MAX_FRAME {
+        return Err(format!(
+            "--max-request-bytes must be between 1024 and {}",
+            raftsql_core::transport::MAX_FRAME
+        )
+        .into());
+    }
+    cfg.max_request_bytes = a.max_request_bytes;
+    cfg.max_result_bytes = a.max_result_bytes;
     let cluster_id = cluster_id(&cfg.cluster);
     let tls = match (&a.cert_file, &a.key_file) {
         (Some(cert_file), Some(key_file)) => Some(

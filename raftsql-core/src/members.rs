@@ -500,6 +500,17 @@ impl ServiceHandler for Entry {
                             node.id()
                         )));
                     }
+                    // Whoever reaches this port can send the notice: believe it only once
+                    // the cluster itself confirms that this node is no longer a member.
+                    if !removal_confirmed(&node).await {
+                        tracing::warn!(
+                            "ignored a removal notice that no member confirms (this node is \
+                             still a member, or no member answered)"
+                        );
+                        return Err(Error::Invalid(
+                            "removal not confirmed by the cluster".into(),
+                        ));
+                    }
                     tracing::warn!("the leader removed this node from the cluster");
                     node.mark_departed(format!("node {} was removed from the cluster", n.id));
                     return Ok(encode(pb::membership_response::Resp::Remove(
@@ -802,6 +813,44 @@ async fn remove(node: &Node, id: u64, force: bool, leaving: bool) -> Result<Stri
     );
     tracing::info!("{report}");
     Ok(report)
+}
+
+/// Asks the other members (each forwards to the leader) for the member list: true once
+/// one answers with a list that lacks this node.
+async fn removal_confirmed(node: &Node) -> bool {
+    let (me, cfg) = (node.id(), node.config());
+    let payload: Bytes = pb::MembershipRequest {
+        req: Some(pb::membership_request::Req::Cluster(pb::ClusterRequest {})),
+    }
+    .encode_to_vec()
+    .into();
+    for (id, addr) in node.peers() {
+        if id == me {
+            continue;
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut conn = RpcConn::connect(addr, me, &cfg.cluster, Some(cfg.listen.ip())).await?;
+            conn.call(pb::request::Body::Service(pb::ServiceCall {
+                service: MEMBERS_SERVICE.to_string(),
+                payload: payload.clone(),
+            }))
+            .await
+        })
+        .await;
+        let Ok(Ok(pb::response::Body::Service(r))) = answer else {
+            continue;
+        };
+        if let Ok(pb::MembershipResponse {
+            resp: Some(pb::membership_response::Resp::Cluster(c)),
+        }) = pb::MembershipResponse::decode(r.payload)
+        {
+            return !c
+                .nodes
+                .iter()
+                .any(|n| n.member.as_ref().is_some_and(|m| m.id == me));
+        }
+    }
+    false
 }
 
 /// Tells node `id` at `addr` that it was removed, so that a node still running stops.

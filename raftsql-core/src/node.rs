@@ -93,7 +93,20 @@ pub struct NodeConfig {
     pub domain: String,
     /// This node's weight: lower is preferred for promotion.
     pub weight: u32,
+    /// Largest request a client may send (one frame of the client protocol); larger ones
+    /// close the connection. Peers may send up to [`crate::transport::MAX_FRAME`].
+    pub max_request_bytes: usize,
+    /// Largest query result (the sum of its values' sizes) answered; a larger one fails with
+    /// [`Error::Invalid`] asking for a narrower query.
+    pub max_result_bytes: usize,
 }
+
+/// The default [`NodeConfig::max_result_bytes`]: 32 MiB (well inside one frame).
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 32 << 20;
+
+/// The longest idle timeout a client may ask for its interactive transaction: while open,
+/// the transaction holds its database's writer and every other write waits.
+pub const MAX_TX_IDLE: Duration = Duration::from_secs(60);
 
 impl NodeConfig {
     /// Defaults for node `id` at `listen`, storing under `data_dir`, with no peers set.
@@ -115,6 +128,8 @@ impl NodeConfig {
             offline_after: Duration::from_secs(3),
             domain: String::new(),
             weight: 0,
+            max_request_bytes: crate::transport::DEFAULT_MAX_CLIENT_FRAME,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
@@ -396,6 +411,7 @@ impl Node {
             &cfg.data_dir.join("state"),
             SmSettings {
                 checkpoint_frames: cfg.checkpoint_frames,
+                max_result_bytes: cfg.max_result_bytes,
             },
             to_raft,
             dbs.clone(),
@@ -478,9 +494,15 @@ impl Node {
         let handler = Arc::new(NodeHandler {
             shared: Arc::downgrade(&shared),
         });
-        let (transport, _) = Transport::bind(cfg.id, &cfg.cluster, cfg.listen, handler)
-            .await
-            .map_err(|e| Error::io(PathBuf::from(cfg.listen.to_string()), e))?;
+        let (transport, _) = Transport::bind(
+            cfg.id,
+            &cfg.cluster,
+            cfg.listen,
+            cfg.max_request_bytes,
+            handler,
+        )
+        .await
+        .map_err(|e| Error::io(PathBuf::from(cfg.listen.to_string()), e))?;
         for (id, addr) in &cfg.peers {
             transport.set_peer(*id, *addr);
         }
@@ -1145,7 +1167,8 @@ impl Shared {
         let Some(handle) = handle else {
             return Err(Error::Invalid(format!("no such database: {db}")));
         };
-        tokio::task::spawn_blocking(move || handle.query(&stmt))
+        let max = self.cfg.max_result_bytes;
+        tokio::task::spawn_blocking(move || handle.query(&stmt, max))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
     }
@@ -1318,6 +1341,19 @@ impl Handler for NodeHandler {
                     }
                 }
                 Some(pb::request::Body::Status(s)) => shared.status_pb(s.with_digests).await,
+                Some(pb::request::Body::TxBegin(b))
+                    if u128::from(b.idle_ms) > MAX_TX_IDLE.as_millis() =>
+                {
+                    error_response(
+                        id,
+                        &Error::Invalid(format!(
+                            "an idle timeout of {} ms exceeds the {} s limit (an open \
+                             transaction holds the database's writer)",
+                            b.idle_ms,
+                            MAX_TX_IDLE.as_secs()
+                        )),
+                    )
+                }
                 Some(pb::request::Body::TxBegin(b)) => {
                     let idle = Duration::from_millis(if b.idle_ms == 0 {
                         30_000

@@ -164,9 +164,9 @@ impl DbHandle {
         out
     }
 
-    /// Runs one statement and returns its rows.
-    pub fn query(&self, stmt: &Statement) -> Result<Rows> {
-        self.read(|c| query_rows(c, stmt))
+    /// Runs one statement and returns its rows (at most `max_bytes` of values).
+    pub fn query(&self, stmt: &Statement, max_bytes: usize) -> Result<Rows> {
+        self.read(|c| query_rows(c, stmt, max_bytes))
     }
 
     /// crc32 of every page in page order, with the page count: equal digests mean
@@ -192,19 +192,34 @@ impl DbHandle {
     }
 }
 
-/// Runs a statement on `c` and collects its rows.
-pub fn query_rows(c: &Connection, stmt: &Statement) -> Result<Rows> {
+/// Runs a statement on `c` and collects its rows; fails once the values collected exceed
+/// `max_bytes` (counting 8 bytes per number or NULL and the length of texts and blobs), so
+/// that a query cannot make a node hold, or try to send, an unbounded answer.
+pub fn query_rows(c: &Connection, stmt: &Statement, max_bytes: usize) -> Result<Rows> {
     let mut st = c.prepare_cached(&stmt.sql)?;
     let columns: Vec<String> = st.column_names().into_iter().map(String::from).collect();
     let n = columns.len();
     let mut rows = st.query(rusqlite::params_from_iter(stmt.params.iter()))?;
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     while let Some(r) = rows.next()? {
         let mut row = Vec::with_capacity(n);
         for i in 0..n {
-            row.push(Value::from(r.get_ref(i)?));
+            let v = r.get_ref(i)?;
+            bytes += match v {
+                rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b.len(),
+                _ => 8,
+            };
+            row.push(Value::from(v));
         }
         out.push(row);
+        if bytes > max_bytes {
+            return Err(Error::Invalid(format!(
+                "the query's result exceeds the {max_bytes}-byte limit after {} rows \
+                 (--max-result-bytes): select fewer rows or columns (LIMIT/OFFSET)",
+                out.len()
+            )));
+        }
     }
     Ok(Rows { columns, rows: out })
 }
@@ -435,6 +450,8 @@ struct OpenTx {
 pub struct SmSettings {
     /// Checkpoint once this many WAL frames have accumulated over all databases.
     pub checkpoint_frames: u64,
+    /// The largest query result inside an interactive transaction.
+    pub max_result_bytes: usize,
 }
 
 /// The state machine. Lives on its own thread (see [`StateMachine::run`]).
@@ -1025,7 +1042,7 @@ impl StateMachine {
                 };
                 tx.last_used = Instant::now();
                 let w = &self.dbs[&tx.db].writer;
-                let r = query_rows(w, &stmt).map(|rows| {
+                let r = query_rows(w, &stmt, self.settings.max_result_bytes).map(|rows| {
                     (
                         rows,
                         ExecResult {

@@ -30,17 +30,34 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
-/// Largest frame accepted (requests up to this size).
+/// Largest frame accepted from a peer (a Raft batch, a snapshot chunk, a forwarded write).
 pub const MAX_FRAME: usize = 64 << 20;
+/// Largest frame a client may send unless the node says otherwise
+/// ([`crate::NodeConfig::max_request_bytes`]).
+pub const DEFAULT_MAX_CLIENT_FRAME: usize = 16 << 20;
+/// Largest frame before a connection has said hello, and on a joiner's connection.
+pub const MAX_HELLO_FRAME: usize = 64 << 10;
+/// A connection must say hello within this long.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once by one node; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Requests of one connection in progress at once; the connection is not read further
+/// until one of them completes (backpressure, not an error).
+pub const MAX_IN_FLIGHT: usize = 128;
 const PEER_QUEUE: usize = 8192;
 const BATCH_BYTES: usize = 4 << 20;
 
 /// Why bytes from the network are not a frame.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    /// The length prefix exceeds [`MAX_FRAME`].
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    /// The length prefix exceeds the connection's limit.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// The declared length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Checksum mismatch.
     #[error("frame checksum mismatch")]
     Checksum,
@@ -62,14 +79,20 @@ pub fn encode_frame(f: &pb::Frame) -> Bytes {
 }
 
 /// Decodes one frame from the front of `buf`: `Ok(None)` if more bytes are needed, else the
-/// frame and how many bytes it used.
+/// frame and how many bytes it used. Frames up to [`MAX_FRAME`].
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(pb::Frame, usize)>, FrameError> {
+    decode_frame_max(buf, MAX_FRAME)
+}
+
+/// [`decode_frame`] with a limit of `max` bytes: a longer declared length is refused as
+/// soon as the prefix arrives, before any of the payload is buffered.
+pub fn decode_frame_max(buf: &[u8], max: usize) -> Result<Option<(pb::Frame, usize)>, FrameError> {
     if buf.len() < 8 {
         return Ok(None);
     }
     let len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     if buf.len() < 8 + len {
         return Ok(None);
@@ -87,20 +110,46 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(pb::Frame, usize)>, FrameError
 pub struct FrameReader<R> {
     r: R,
     buf: BytesMut,
+    max: usize,
 }
 
 impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
-    /// Wraps a reader.
+    /// Wraps a reader; frames up to [`MAX_FRAME`].
     pub fn new(r: R) -> Self {
+        Self::with_max(r, MAX_FRAME)
+    }
+    /// Wraps a reader; frames up to `max` bytes.
+    pub fn with_max(r: R, max: usize) -> Self {
         FrameReader {
             r,
-            buf: BytesMut::with_capacity(64 << 10),
+            buf: BytesMut::with_capacity(8 << 10),
+            max,
         }
+    }
+    /// Changes the largest frame accepted from now on.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+    /// Reads and discards up to `limit` bytes for at most `within` (so that a peer still
+    /// sending a refused frame reads the answer instead of a connection reset).
+    pub async fn discard(&mut self, limit: usize, within: Duration) {
+        self.buf.clear();
+        let mut left = limit;
+        let _ = tokio::time::timeout(within, async {
+            let mut scratch = [0u8; 16 << 10];
+            while left > 0 {
+                match self.r.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
     }
     /// Next frame, or `None` at a clean end of stream.
     pub async fn next(&mut self) -> io::Result<Option<pb::Frame>> {
         loop {
-            match decode_frame(&self.buf) {
+            match decode_frame_max(&self.buf, self.max) {
                 Ok(Some((f, used))) => {
                     self.buf.advance(used);
                     return Ok(Some(f));
@@ -162,6 +211,7 @@ impl Transport {
         me: u64,
         cluster: &str,
         listen: SocketAddr,
+        max_client_frame: usize,
         handler: Arc<dyn Handler>,
     ) -> io::Result<(Arc<Transport>, SocketAddr)> {
         let listener = TcpListener::bind(listen).await?;
@@ -176,12 +226,28 @@ impl Transport {
             accept: parking_lot::Mutex::new(None),
         });
         let cluster = cluster.to_string();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let task = tokio::spawn(async move {
+            let mut refused = 0u64;
             loop {
                 match listener.accept().await {
-                    Ok((s, _)) => {
+                    Ok((s, from)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            refused += 1;
+                            if refused.is_power_of_two() {
+                                tracing::warn!(
+                                    "refused a connection from {from}: {MAX_CONNECTIONS} connections \
+                                     already served ({refused} refused so far)"
+                                );
+                            }
+                            continue;
+                        };
                         let _ = s.set_nodelay(true);
-                        tokio::spawn(serve_conn(s, cluster.clone(), handler.clone()));
+                        let (cluster, handler) = (cluster.clone(), handler.clone());
+                        tokio::spawn(async move {
+                            serve_conn(s, from, cluster, max_client_frame, handler).await;
+                            drop(slot);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!("accept failed: {e}");
@@ -355,13 +421,19 @@ async fn serve_joiner(
     }
 }
 
-async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler>) {
+async fn serve_conn(
+    stream: TcpStream,
+    addr: SocketAddr,
+    cluster: String,
+    max_client_frame: usize,
+    handler: Arc<dyn Handler>,
+) {
     let (r, mut w) = stream.into_split();
-    let mut reader = FrameReader::new(r);
-    let from = match reader.next().await {
-        Ok(Some(pb::Frame {
+    let mut reader = FrameReader::with_max(r, MAX_HELLO_FRAME);
+    let from = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+        Ok(Ok(Some(pb::Frame {
             kind: Some(pb::frame::Kind::Hello(h)),
-        })) => {
+        }))) => {
             if h.cluster.is_empty() && h.from_id == 0 {
                 // A joiner, who does not know the cluster's name yet: it may only join.
                 serve_joiner(reader, w, handler).await;
@@ -378,8 +450,28 @@ async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler
             }
             h.from_id
         }
-        _ => return,
+        Err(_) => {
+            tracing::debug!(
+                "closed a connection from {addr} that did not say hello within {HELLO_TIMEOUT:?}"
+            );
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("closed a connection from {addr}: {e}");
+            return;
+        }
+        Ok(_) => {
+            tracing::debug!("closed a connection from {addr} that did not start with hello");
+            return;
+        }
     };
+    // Peers send Raft batches and snapshot chunks; clients only requests.
+    reader.set_max(if from == 0 {
+        max_client_frame
+    } else {
+        MAX_FRAME
+    });
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let (tx, mut out) = mpsc::channel::<Bytes>(1024);
     tokio::spawn(async move {
         while let Some(b) = out.recv().await {
@@ -391,15 +483,25 @@ async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler
     loop {
         match reader.next().await {
             Ok(Some(pb::Frame {
+                kind: Some(pb::frame::Kind::Raft(_)),
+            })) if from == 0 => {
+                tracing::warn!("closed a client connection from {addr} that sent Raft messages");
+                return;
+            }
+            Ok(Some(pb::Frame {
                 kind: Some(pb::frame::Kind::Raft(b)),
             })) => handler.raft(from, b.messages),
             Ok(Some(pb::Frame {
                 kind: Some(pb::frame::Kind::Request(req)),
             })) => {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
                 let fut = handler.request(req);
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let resp = fut.await;
+                    drop(permit);
                     let f = pb::Frame {
                         kind: Some(pb::frame::Kind::Response(resp)),
                     };
@@ -408,6 +510,44 @@ async fn serve_conn(stream: TcpStream, cluster: String, handler: Arc<dyn Handler
             }
             Ok(Some(_)) => {}
             Ok(None) => return,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::warn!(
+                    "closed the connection of {} at {addr}: {e}",
+                    if from == 0 {
+                        "a client".to_string()
+                    } else {
+                        format!("node {from}")
+                    }
+                );
+                let too_large = e
+                    .get_ref()
+                    .and_then(|x| x.downcast_ref::<FrameError>())
+                    .and_then(|f| match f {
+                        FrameError::TooLarge { len, max } => Some((*len, *max)),
+                        _ => None,
+                    });
+                if let (0, Some((len, max))) = (from, too_large) {
+                    // Tell the client why (a response with id 0 answers whatever it is
+                    // waiting for), and read what it is still sending so it gets to read it.
+                    let msg = format!(
+                        "request of {len} bytes refused: this node accepts requests of up to \
+                         {max} bytes (--max-request-bytes)"
+                    );
+                    let f = pb::Frame {
+                        kind: Some(pb::frame::Kind::Response(pb::Response {
+                            id: 0,
+                            body: Some(pb::response::Body::Error(pb::Error {
+                                code: pb::error::Code::Invalid as i32,
+                                message: msg,
+                                ..Default::default()
+                            })),
+                        })),
+                    };
+                    let _ = tx.send(encode_frame(&f)).await;
+                    reader.discard(len, Duration::from_secs(2)).await;
+                }
+                return;
+            }
             Err(e) => {
                 tracing::debug!("connection from {from} closed: {e}");
                 return;
@@ -421,6 +561,8 @@ pub struct RpcConn {
     reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
     writer: tokio::net::tcp::OwnedWriteHalf,
     next_id: u64,
+    /// The server answered with a connection-level error (id 0) and is closing.
+    refused: bool,
 }
 
 impl RpcConn {
@@ -444,12 +586,13 @@ impl RpcConn {
             reader: FrameReader::new(r),
             writer: w,
             next_id: 1,
+            refused: false,
         })
     }
 
     /// True if the server has closed this connection: a request sent on it would be lost.
     pub fn is_closed(&mut self) -> bool {
-        self.reader.peer_closed()
+        self.refused || self.reader.peer_closed()
     }
 
     /// Sends a request body and waits for its response.
@@ -467,7 +610,8 @@ impl RpcConn {
             match self.reader.next().await? {
                 Some(pb::Frame {
                     kind: Some(pb::frame::Kind::Response(r)),
-                }) if r.id == id => {
+                }) if r.id == id || r.id == 0 => {
+                    self.refused |= r.id == 0;
                     return r.body.ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidData, "empty response")
                     });

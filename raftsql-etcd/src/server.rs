@@ -383,8 +383,14 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
     router_with(backend, Server::builder())
 }
 
+/// Concurrent gRPC calls (each watch stream is one) on one client connection (HTTP/2
+/// streams); etcd's default is unlimited (math.MaxUint32).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// [`router`] on a given server builder (e.g. one with TLS configured).
 fn router_with(backend: Arc<dyn Backend>, builder: Server) -> Router {
+    // One client connection may hold this many calls (e.g. watch streams) at once.
+    let builder = builder.max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     let server = Arc::new(EtcdServer::new(backend));
     // Each generated service wrapper gets the same size limits.
     macro_rules! limited {

@@ -200,6 +200,22 @@ pub async fn serve_stream(
                     }
                     next_id
                 };
+                if watches.len() >= MAX_WATCHES_PER_STREAM {
+                    let _ = out
+                        .send(Ok(WatchResponse {
+                            header: Some(store.header_now(0)),
+                            watch_id: id,
+                            created: false,
+                            canceled: true,
+                            cancel_reason: format!(
+                                "raftsql: too many watches on one stream (limit \
+                                 {MAX_WATCHES_PER_STREAM}); cancel some or open another stream"
+                            ),
+                            ..Default::default()
+                        }))
+                        .await;
+                    continue;
+                }
                 if watches.contains_key(&id) {
                     let _ = out
                         .send(Ok(WatchResponse {
@@ -266,6 +282,10 @@ pub async fn serve_stream(
 }
 
 /// One watch: sends the events from `start` on, then follows what this node applies.
+/// Watches one stream may hold at once (etcd has no such limit; kube-apiserver holds one
+/// per resource type, etcdctl one). Each costs a task and a slot in the stream's fan-out.
+pub const MAX_WATCHES_PER_STREAM: usize = 1000;
+
 async fn run_watch(store: Arc<EtcdStore>, id: i64, c: WatchCreateRequest, start: i64, out: Out) {
     let keys = Interval::new(&c.key, &c.range_end);
     let no_put = c.filters.contains(&(FilterType::Noput as i32));

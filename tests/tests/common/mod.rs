@@ -306,6 +306,17 @@ impl Cluster {
         None
     }
 
+    /// The peak resident memory (VmHWM, KiB) of node `id`'s process.
+    pub fn vm_hwm_kib(&self, id: u64) -> u64 {
+        let pid = self.node(id).child.as_ref().expect("node running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+
     pub fn log_text(&self, id: u64) -> String {
         std::fs::read_to_string(&self.node(id).log).unwrap_or_default()
     }
