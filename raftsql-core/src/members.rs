@@ -86,6 +86,19 @@ pub(crate) struct Keeper {
     /// get the benefit of the doubt for `offline_after` from then: a new leader has not had
     /// time to hear from everyone.
     leading_since: Mutex<Option<Instant>>,
+    /// Members a `remove` on this leader is taking out: the keeper leaves them alone (it
+    /// would otherwise promote the spare a removal makes of a node before its registry row
+    /// is deleted).
+    removing: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Marks a member as being removed while it lives.
+struct Removing<'a>(&'a Keeper, u64);
+
+impl Drop for Removing<'_> {
+    fn drop(&mut self) {
+        self.0.removing.lock().remove(&self.1);
+    }
 }
 
 /// What a joiner needs to start: its id, the cluster's name and its members.
@@ -320,6 +333,9 @@ async fn keep(node: &Node, conns: &mut HashMap<u64, (SocketAddr, RpcConn)>) -> R
     let views = views(node, &members);
     let targets = node.config().targets;
     if let Some(c) = plan(&views, node.id(), targets) {
+        if node.shared_keeper().removing.lock().contains(&c.id) {
+            return Ok(());
+        }
         tracing::info!(
             "roles: node {} {} -> {}",
             c.id,
@@ -767,6 +783,9 @@ async fn remove(node: &Node, id: u64, force: bool, leaving: bool) -> Result<Stri
             m.addr
         )));
     }
+    let keeper = node.shared_keeper();
+    keeper.removing.lock().insert(id);
+    let _removing = Removing(keeper, id);
     let (voters, learners) = node.conf_roles();
     let role = Role::of(id, &voters, &learners);
     if role == Role::Voter {

@@ -242,7 +242,7 @@ fn rejoin(cl: &mut Cluster, slot: u64) -> String {
         }
         assert!(
             Instant::now() < deadline,
-            "add-node kept failing after node {slot} left: {err}\n{}",
+            "add-node kept failing after node {slot} left{left}: {err}\n{}",
             cl.logs()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -256,7 +256,7 @@ fn rejoin(cl: &mut Cluster, slot: u64) -> String {
         }
         assert!(
             Instant::now() < deadline,
-            "node {slot} did not come back after rejoining\n{}",
+            "node {slot} did not come back after rejoining{left}\n{}",
             cl.logs()
         );
         std::thread::sleep(Duration::from_millis(100));
