@@ -29,6 +29,8 @@ use crate::state::SmMsg;
 
 /// Size of one chunk pulled by a follower.
 pub const CHUNK: usize = 1 << 20;
+/// Most database files a snapshot may list (one per database).
+pub const MAX_FILES: usize = 1024;
 
 /// One file of a snapshot.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -59,7 +61,20 @@ impl Manifest {
     pub fn decode(data: &[u8]) -> Result<Manifest> {
         let m: Manifest = serde_json::from_slice(data)
             .map_err(|e| Error::Corrupt(format!("snapshot manifest: {e}")))?;
+        if m.files.len() > MAX_FILES {
+            return Err(Error::Corrupt(format!(
+                "snapshot manifest lists {} files (at most {MAX_FILES})",
+                m.files.len()
+            )));
+        }
+        let mut names = std::collections::HashSet::new();
         for f in &m.files {
+            if !names.insert(&f.name) {
+                return Err(Error::Corrupt(format!(
+                    "snapshot file {:?} listed twice",
+                    f.name
+                )));
+            }
             let stem = f.name.strip_suffix(".db").unwrap_or("");
             crate::state::check_db_name(stem)
                 .map_err(|_| Error::Corrupt(format!("snapshot file name {:?}", f.name)))?;
@@ -278,6 +293,16 @@ impl SnapshotStore {
         let dir = self.incoming_dir(m);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // The sizes come from the network: refuse what cannot fit before writing any of it.
+        let declared = m.files.iter().fold(0u64, |a, f| a.saturating_add(f.len));
+        let free = fs2::available_space(&dir).map_err(|e| Error::io(&dir, e))?;
+        if declared > free {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(Error::Invalid(format!(
+                "a snapshot of {declared} bytes does not fit in the {free} bytes free under {}",
+                dir.display()
+            )));
+        }
         for fi in &m.files {
             let path = dir.join(&fi.name);
             let mut f = BufWriter::new(File::create(&path).map_err(|e| Error::io(&path, e))?);
@@ -285,6 +310,13 @@ impl SnapshotStore {
             let mut off = 0u64;
             loop {
                 let (data, eof) = fetch(fi.name.clone(), off).await?;
+                if data.len() > CHUNK {
+                    let _ = fs::remove_dir_all(&dir);
+                    return Err(Error::Corrupt(format!(
+                        "snapshot chunk of {} bytes (chunks are at most {CHUNK})",
+                        data.len()
+                    )));
+                }
                 h.update(&data);
                 off += data.len() as u64;
                 f.write_all(&data).map_err(|e| Error::io(&path, e))?;
@@ -334,5 +366,61 @@ impl crate::log::SnapshotProvider for SnapshotStore {
         Err(raft::Error::Store(
             raft::StorageError::SnapshotTemporarilyUnavailable,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(files: Vec<FileInfo>) -> Manifest {
+        Manifest {
+            index: 5,
+            term: 1,
+            from: 2,
+            files,
+        }
+    }
+
+    fn file(name: &str, len: u64) -> FileInfo {
+        FileInfo {
+            name: name.into(),
+            len,
+            crc32: 0,
+        }
+    }
+
+    #[test]
+    fn declared_sizes_from_the_network_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(dir.path(), 1).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // More than the disk holds: refused before anything is fetched.
+        let huge = manifest(vec![file("main.db", u64::MAX / 2)]);
+        let e = rt
+            .block_on(store.receive(&huge, |_, _| async { panic!("fetched") }))
+            .unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        // A chunk over the chunk size.
+        let m = manifest(vec![file("main.db", 10 << 20)]);
+        let e = rt
+            .block_on(store.receive(&m, |_, _| async {
+                Ok((Bytes::from(vec![0u8; CHUNK + 1]), false))
+            }))
+            .unwrap_err();
+        assert!(e.to_string().contains("chunks are at most"), "{e}");
+        // Too many files, or one listed twice.
+        let many = manifest(
+            (0..=MAX_FILES)
+                .map(|i| file(&format!("d{i}.db"), 1))
+                .collect(),
+        );
+        let e = Manifest::decode(&serde_json::to_vec(&many).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("files (at most"), "{e}");
+        let twice = manifest(vec![file("a.db", 1), file("a.db", 1)]);
+        let e = Manifest::decode(&serde_json::to_vec(&twice).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
     }
 }
