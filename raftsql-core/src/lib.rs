@@ -29,6 +29,7 @@ pub mod recover;
 pub mod roles;
 pub mod snapshot;
 pub mod state;
+pub mod tls;
 pub mod transport;
 pub mod value;
 pub mod vfs;
