@@ -200,30 +200,24 @@ pub async fn serve_stream(
                     }
                     next_id
                 };
-                if watches.len() >= MAX_WATCHES_PER_STREAM {
+                let refusal = if watches.len() >= MAX_WATCHES_PER_STREAM {
+                    Some(format!(
+                        "raftsql: too many watches on one stream (limit \
+                         {MAX_WATCHES_PER_STREAM}); cancel some or open another stream"
+                    ))
+                } else if watches.contains_key(&id) {
+                    Some("etcdserver: duplicate watch ID".to_string())
+                } else {
+                    None
+                };
+                if let Some(cancel_reason) = refusal {
                     let _ = out
                         .send(Ok(WatchResponse {
                             header: Some(store.header_now(0)),
                             watch_id: id,
                             created: false,
                             canceled: true,
-                            cancel_reason: format!(
-                                "raftsql: too many watches on one stream (limit \
-                                 {MAX_WATCHES_PER_STREAM}); cancel some or open another stream"
-                            ),
-                            ..Default::default()
-                        }))
-                        .await;
-                    continue;
-                }
-                if watches.contains_key(&id) {
-                    let _ = out
-                        .send(Ok(WatchResponse {
-                            header: Some(store.header_now(0)),
-                            watch_id: id,
-                            created: false,
-                            canceled: true,
-                            cancel_reason: "etcdserver: duplicate watch ID".into(),
+                            cancel_reason,
                             ..Default::default()
                         }))
                         .await;

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::Cluster;
-use raftsql_etcd::pb::etcdserverpb::{
-    kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, WatchCreateRequest,
-    WatchRequest,
-};
+use raftsql_etcd::pb::etcdserverpb::{kv_client::KvClient, PutRequest};
 
 const T: Duration = Duration::from_secs(40);
 
@@ -82,34 +79,19 @@ fn watch_is_ordered_unique_reliable_and_resumable_across_a_leader_kill() {
             let mut reconnects = 0;
             loop {
                 let done = stop.load(std::sync::atomic::Ordering::SeqCst);
-                let Ok(mut w) = WatchClient::connect(eps[node % 3].clone()).await else {
+                let Some((tx, mut stream)) = common::etcd::watch_from(
+                    &eps[node % 3],
+                    b"/w/",
+                    b"/w0",
+                    next,
+                    Duration::from_secs(3),
+                )
+                .await
+                else {
                     node += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let (tx, rx) = tokio::sync::mpsc::channel(4);
-                tx.send(WatchRequest {
-                    request_union: Some(watch_request::RequestUnion::CreateRequest(
-                        WatchCreateRequest {
-                            key: Bytes::from_static(b"/w/"),
-                            range_end: Bytes::from_static(b"/w0"),
-                            start_revision: next,
-                            ..Default::default()
-                        },
-                    )),
-                })
-                .await
-                .unwrap();
-                let call = tokio::time::timeout(
-                    Duration::from_secs(3),
-                    w.watch(tokio_stream::wrappers::ReceiverStream::new(rx)),
-                )
-                .await;
-                let Ok(Ok(resp)) = call else {
-                    node += 1;
-                    continue;
-                };
-                let mut stream = resp.into_inner();
                 loop {
                     let m = tokio::time::timeout(
                         Duration::from_secs(if done { 2 } else { 5 }),

@@ -18,10 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::nemesis::{self, Kind, Settings};
 use common::Cluster;
-use raftsql_etcd::pb::etcdserverpb::{
-    kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, RangeRequest,
-    WatchCreateRequest, WatchRequest,
-};
+use raftsql_etcd::pb::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
 use raftsql_tests::report::Plain;
 
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -53,36 +50,14 @@ async fn watcher(eps: Vec<String>, first: usize, until: Arc<AtomicI64>) -> Watch
         }
         assert!(Instant::now() < give_up, "watcher never caught up");
         let ep = eps[node % eps.len()].clone();
-        let conn = tokio::time::timeout(OP_TIMEOUT, WatchClient::connect(ep)).await;
-        let Ok(Ok(mut w)) = conn else {
+        let Some((_tx, mut stream)) =
+            common::etcd::watch_from(&ep, b"/w/", b"/w0", next, STALL).await
+        else {
             node += 1;
+            out.resumes += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(WatchRequest {
-            request_union: Some(watch_request::RequestUnion::CreateRequest(
-                WatchCreateRequest {
-                    key: Bytes::from_static(b"/w/"),
-                    range_end: Bytes::from_static(b"/w0"),
-                    start_revision: next,
-                    ..Default::default()
-                },
-            )),
-        })
-        .await
-        .unwrap();
-        let call = tokio::time::timeout(
-            STALL,
-            w.watch(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-        .await;
-        let Ok(Ok(resp)) = call else {
-            node += 1;
-            out.resumes += 1;
-            continue;
-        };
-        let mut stream = resp.into_inner();
         loop {
             let target = until.load(Ordering::SeqCst);
             if target != 0 && next > target {

@@ -134,3 +134,44 @@ pub fn strip_headers(s: String) -> String {
     out.push_str(rest);
     out
 }
+
+/// Opens a watch stream on `endpoint` for keys in [`key`, `range_end`) from revision
+/// `start`, within `within` (connection and the call): the sender (keep it alive to keep the
+/// stream open) and the response stream, or None.
+pub async fn watch_from(
+    endpoint: &str,
+    key: &'static [u8],
+    range_end: &'static [u8],
+    start: i64,
+    within: Duration,
+) -> Option<(
+    tokio::sync::mpsc::Sender<raftsql_etcd::pb::etcdserverpb::WatchRequest>,
+    tonic::Streaming<raftsql_etcd::pb::etcdserverpb::WatchResponse>,
+)> {
+    use raftsql_etcd::pb::etcdserverpb::{
+        watch_client::WatchClient, watch_request, WatchCreateRequest, WatchRequest,
+    };
+    let mut w = tokio::time::timeout(within, WatchClient::connect(endpoint.to_string()))
+        .await
+        .ok()?
+        .ok()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: Bytes::from_static(key),
+                range_end: Bytes::from_static(range_end),
+                start_revision: start,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .ok()?;
+    let call = tokio::time::timeout(
+        within,
+        w.watch(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await;
+    Some((tx, call.ok()?.ok()?.into_inner()))
+}
