@@ -199,6 +199,29 @@ fn read_registry(c: &rusqlite::Connection) -> Result<Vec<pb::Member>> {
         .map_err(sql)
 }
 
+/// The ids of removed members (none before the first removal created the table).
+fn read_removed(c: &rusqlite::Connection) -> Result<std::collections::HashSet<u64>> {
+    let exists = c
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'removed'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()
+        .map_err(sql)?
+        .is_some();
+    if !exists {
+        return Ok(Default::default());
+    }
+    let mut st = c.prepare("SELECT id FROM removed").map_err(sql)?;
+    let ids = st
+        .query_map([], |r| r.get::<_, i64>(0))
+        .map_err(sql)?
+        .collect::<rusqlite::Result<Vec<i64>>>()
+        .map_err(sql)?;
+    Ok(ids.into_iter().map(|i| i as u64).collect())
+}
+
 /// The registry in a system database file on disk, read-only (empty if there is no file).
 pub fn read_registry_file(path: &std::path::Path) -> Result<Vec<pb::Member>> {
     if !path.exists() {
@@ -278,6 +301,9 @@ async fn sync_task(weak: WeakNode, mut applied: tokio::sync::watch::Receiver<u64
     loop {
         {
             let Some(node) = weak.upgrade() else { return };
+            if let Ok(Some(removed)) = node.read(SYSTEM_DB, true, read_removed).await {
+                node.set_revoked(removed);
+            }
             if let Ok(members) = registry(&node, false).await {
                 if !members.is_empty() && last.as_ref() != Some(&members) {
                     let me = node.id();

@@ -755,12 +755,14 @@ impl Node {
     /// Records that this node is no longer a member (its data directory will refuse to
     /// start again) and tells [`Node::departed`] watchers.
     pub(crate) fn mark_departed(&self, why: String) {
-        let dir = &self.shared.cfg.data_dir;
-        if let Ok(mut nf) = NodeFile::load(dir) {
-            nf.left = true;
-            let _ = nf.store(dir);
+        self.shared.mark_departed(why);
+    }
+
+    /// The removed members: the transport refuses their connections.
+    pub(crate) fn set_revoked(&self, ids: std::collections::HashSet<u64>) {
+        if let Some(t) = self.shared.transport.lock().as_ref() {
+            t.set_revoked(ids);
         }
-        self.shared.departed.send_replace(Some(why));
     }
 
     /// Replaces the addresses of the other members (from the replicated registry).
@@ -1266,7 +1268,32 @@ struct NodeHandler {
     shared: std::sync::Weak<Shared>,
 }
 
+impl Shared {
+    /// Records in `node.json` that this node left (it will refuse to start again) and tells
+    /// [`Node::departed`] watchers why.
+    fn mark_departed(&self, why: String) {
+        let dir = &self.cfg.data_dir;
+        if let Ok(mut nf) = NodeFile::load(dir) {
+            nf.left = true;
+            let _ = nf.store(dir);
+        }
+        self.departed.send_replace(Some(why));
+    }
+}
+
 impl Handler for NodeHandler {
+    fn refused(&self, by: u64, refusal: pb::Refused) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if refusal.revoked && shared.departed.borrow().is_none() {
+            tracing::error!("node {by} refused this node: {}", refusal.reason);
+            shared.mark_departed(refusal.reason);
+        } else if !refusal.revoked {
+            tracing::warn!("node {by} refused this node: {}", refusal.reason);
+        }
+    }
+
     fn raft(&self, _from: u64, messages: Vec<Bytes>) {
         let Some(shared) = self.shared.upgrade() else {
             return;

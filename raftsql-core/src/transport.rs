@@ -192,6 +192,10 @@ pub trait Handler: Send + Sync + 'static {
     fn raft(&self, from: u64, messages: Vec<Bytes>);
     /// A request; the response goes back on the same connection.
     fn request(&self, req: pb::Request) -> ResponseFuture;
+    /// Peer `by` refused this node's connection (e.g. because this node was removed).
+    fn refused(&self, by: u64, refusal: pb::Refused) {
+        let _ = (by, refusal);
+    }
 }
 
 /// The node's network endpoint.
@@ -203,6 +207,9 @@ pub struct Transport {
     addrs: RwLock<HashMap<u64, SocketAddr>>,
     rt: tokio::runtime::Handle,
     accept: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Removed members: their connections are refused after hello.
+    revoked: Arc<RwLock<std::collections::HashSet<u64>>>,
+    handler: Arc<dyn Handler>,
 }
 
 impl Transport {
@@ -224,8 +231,11 @@ impl Transport {
             addrs: RwLock::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
             accept: parking_lot::Mutex::new(None),
+            revoked: Default::default(),
+            handler: handler.clone(),
         });
         let cluster = cluster.to_string();
+        let revoked = t.revoked.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let task = tokio::spawn(async move {
             let mut refused = 0u64;
@@ -244,8 +254,10 @@ impl Transport {
                         };
                         let _ = s.set_nodelay(true);
                         let (cluster, handler) = (cluster.clone(), handler.clone());
+                        let revoked = revoked.clone();
                         tokio::spawn(async move {
-                            serve_conn(s, from, cluster, max_client_frame, handler).await;
+                            let limits = (max_client_frame, revoked);
+                            serve_conn(s, from, cluster, limits, handler).await;
                             drop(slot);
                         });
                     }
@@ -280,6 +292,11 @@ impl Transport {
         }
     }
 
+    /// Sets the removed members, whose connections are refused from now on.
+    pub fn set_revoked(&self, ids: std::collections::HashSet<u64>) {
+        *self.revoked.write() = ids;
+    }
+
     /// Forgets a peer (a removed member): its queue and connection are dropped.
     pub fn remove_peer(&self, id: u64) {
         self.addrs.write().remove(&id);
@@ -303,11 +320,12 @@ impl Transport {
                 let (tx, rx) = mpsc::channel(PEER_QUEUE);
                 self.peers.write().insert(to, tx.clone());
                 self.rt.spawn(peer_sender(
-                    self.me,
+                    (self.me, to),
                     self.cluster.clone(),
                     self.local_ip,
                     addr,
                     rx,
+                    self.handler.clone(),
                 ));
                 tx
             }
@@ -317,15 +335,16 @@ impl Transport {
 }
 
 async fn peer_sender(
-    me: u64,
+    (me, to): (u64, u64),
     cluster: String,
     local_ip: IpAddr,
     addr: SocketAddr,
     mut rx: mpsc::Receiver<Bytes>,
+    handler: Arc<dyn Handler>,
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let mut stream = match dial(addr, Some(local_ip)).await {
+        let stream = match dial(addr, Some(local_ip)).await {
             Ok(s) => s,
             Err(_) => {
                 // Drop what queued while the peer is down; Raft resends what matters.
@@ -345,9 +364,22 @@ async fn peer_sender(
                 cluster: cluster.clone(),
             })),
         };
+        let (r, mut stream) = stream.into_split();
         if stream.write_all(&encode_frame(&hello)).await.is_err() {
             continue;
         }
+        // The peer only ever answers a refusal on this connection.
+        let handler = handler.clone();
+        let listen = tokio::spawn(async move {
+            let mut reader = FrameReader::with_max(r, MAX_HELLO_FRAME);
+            if let Ok(Some(pb::Frame {
+                kind: Some(pb::frame::Kind::Refused(refusal)),
+            })) = reader.next().await
+            {
+                handler.refused(to, refusal);
+            }
+        });
+        let _stop_listening = AbortOnDrop(listen);
         loop {
             let Some(first) = rx.recv().await else { return };
             let mut size = first.len();
@@ -368,6 +400,15 @@ async fn peer_sender(
                 break;
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -425,7 +466,7 @@ async fn serve_conn(
     stream: TcpStream,
     addr: SocketAddr,
     cluster: String,
-    max_client_frame: usize,
+    (max_client_frame, revoked): (usize, Arc<RwLock<std::collections::HashSet<u64>>>),
     handler: Arc<dyn Handler>,
 ) {
     let (r, mut w) = stream.into_split();
@@ -465,6 +506,17 @@ async fn serve_conn(
             return;
         }
     };
+    if from != 0 && revoked.read().contains(&from) {
+        tracing::warn!("refused node {from} at {addr}: it was removed from the cluster");
+        let f = pb::Frame {
+            kind: Some(pb::frame::Kind::Refused(pb::Refused {
+                reason: format!("node {from} was removed from the cluster"),
+                revoked: true,
+            })),
+        };
+        let _ = w.write_all(&encode_frame(&f)).await;
+        return;
+    }
     // Peers send Raft batches and snapshot chunks; clients only requests.
     reader.set_max(if from == 0 {
         max_client_frame
@@ -486,6 +538,12 @@ async fn serve_conn(
                 kind: Some(pb::frame::Kind::Raft(_)),
             })) if from == 0 => {
                 tracing::warn!("closed a client connection from {addr} that sent Raft messages");
+                return;
+            }
+            Ok(Some(pb::Frame {
+                kind: Some(pb::frame::Kind::Raft(_)),
+            })) if revoked.read().contains(&from) => {
+                tracing::warn!("closed the connection of node {from} at {addr}: it was removed");
                 return;
             }
             Ok(Some(pb::Frame {
@@ -616,6 +674,9 @@ impl RpcConn {
                         io::Error::new(io::ErrorKind::InvalidData, "empty response")
                     });
                 }
+                Some(pb::Frame {
+                    kind: Some(pb::frame::Kind::Refused(r)),
+                }) => return Err(io::Error::new(io::ErrorKind::PermissionDenied, r.reason)),
                 Some(_) => continue,
                 None => {
                     return Err(io::Error::new(

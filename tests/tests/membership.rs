@@ -185,6 +185,24 @@ fn form_fail_over_leave_and_remove() {
     assert!(out.contains(&format!("removed node {leader}")), "{out}");
     let v = show(&all).unwrap();
     assert!(!roles(&v).iter().any(|(i, _)| *i == leader));
+    // The removed node comes back from its data directory: the members refuse it as
+    // removed, and it stops for good by itself.
+    cl.spawn_stored(leader);
+    let st = cl.wait_exit(leader, T);
+    assert!(st.is_some(), "the removed node {leader} kept running");
+    let log = cl.log_text(leader);
+    assert!(
+        log.contains(&format!("node {leader} was removed from the cluster")),
+        "{log}"
+    );
+    let (ok, _, err) = Cluster::run_cli(&[
+        "node",
+        "--data-dir",
+        &dir(leader, &cl),
+        "--listen",
+        &addr(leader, &cl),
+    ]);
+    assert!(!ok && err.contains("left the cluster"), "{err}");
 
     // The killed voter comes back: as a spare, then promoted to standby.
     cl.spawn_stored(victim);
