@@ -1303,6 +1303,12 @@ impl Handler for NodeHandler {
                 tracing::warn!("dropped an undecodable raft message");
                 continue;
             };
+            if m.get_msg_type() == MessageType::MsgPropose {
+                // Nodes never forward proposals (see the Propose handler): a forwarded
+                // batch was executed on another node's state and must not be appended here.
+                tracing::warn!("dropped a proposal forwarded by node {}", m.from);
+                continue;
+            }
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 receive_snapshot(shared.clone(), m);
             } else {
@@ -1608,8 +1614,23 @@ impl RaftDriver {
             RaftMsg::Step(msg) => {
                 let _ = self.raw.step(msg);
             }
-            RaftMsg::Sm(ToRaft::Propose { data, seq }) => {
-                if self.raw.propose(Vec::new(), data.to_vec()).is_err() {
+            RaftMsg::Sm(ToRaft::Propose { data, seq, base }) => {
+                // Only a leader proposes: raft-rs on a follower would forward the entry to
+                // the new leader, which would append a batch executed on an old state after
+                // its own batches (found by the Jepsen watch test: a leader handover left
+                // an index entry without its row). Page images are only right on the state
+                // they were computed on: also refuse a batch if the log already holds a data
+                // entry after that state.
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = self.sm_tx.send(SmMsg::ProposalFailed(seq));
+                } else if let Some(index) = self.data_entry_after(base) {
+                    tracing::error!(
+                        "refused to propose batch {seq}: it was executed on the state at index \
+                         {base}, but the log holds data entry {index} after it (last index {})",
+                        self.raw.raft.raft_log.last_index()
+                    );
+                    let _ = self.sm_tx.send(SmMsg::ProposalFailed(seq));
+                } else if self.raw.propose(Vec::new(), data.to_vec()).is_err() {
                     let _ = self.sm_tx.send(SmMsg::ProposalFailed(seq));
                 }
             }
@@ -1750,6 +1771,24 @@ impl RaftDriver {
         }
         let _ = self.sm_tx.send(SmMsg::Apply(entries));
         Ok(())
+    }
+
+    /// The first entry after `base` in the log that carries data (a write batch), if any.
+    fn data_entry_after(&self, base: u64) -> Option<u64> {
+        let log = &self.raw.raft.raft_log;
+        if base >= log.last_index() {
+            return None;
+        }
+        if base + 1 < log.first_index() {
+            return Some(log.first_index());
+        }
+        match log.entries(base + 1, None, raft::GetEntriesContext::empty(false)) {
+            Ok(entries) => entries
+                .iter()
+                .find(|e| e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty())
+                .map(|e| e.index),
+            Err(_) => Some(base + 1),
+        }
     }
 
     fn on_ready(&mut self) -> Result<()> {

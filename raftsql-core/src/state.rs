@@ -412,6 +412,9 @@ pub enum ToRaft {
         data: Bytes,
         /// Proposer sequence, echoed in ProposalFailed.
         seq: u64,
+        /// The applied index of the state the batch was executed on: its pages are right
+        /// only if no entry after it changes data (invariant 5, checked before proposing).
+        base: u64,
     },
     /// Databases are durable up to this index: the log may be compacted to it.
     Checkpointed(u64),
@@ -717,6 +720,11 @@ impl StateMachine {
             }
             SmMsg::Role { is_leader, term } => {
                 let changed = is_leader != self.is_leader || term != self.term;
+                tracing::debug!(
+                    "role: leader {is_leader} term {term} (applied {} of term {})",
+                    self.applied(),
+                    self.applied_term
+                );
                 self.is_leader = is_leader;
                 self.term = term;
                 if changed {
@@ -921,14 +929,23 @@ impl StateMachine {
             db_pages: after.n_page,
             pages,
         };
+        tracing::debug!(
+            "batch {seq} on {db_name}: proposing {} pages at term {} (applied {} of term {})",
+            frames.pages.len(),
+            self.term,
+            self.applied(),
+            self.applied_term
+        );
         self.in_flight = Some(InFlight {
             db: db_name.to_string(),
             seq,
             waiters,
         });
+        let base = self.applied();
         (self.to_raft)(ToRaft::Propose {
             data: frames.encode(),
             seq,
+            base,
         });
         Ok(())
     }
@@ -961,6 +978,14 @@ impl StateMachine {
                 .in_flight
                 .as_ref()
                 .is_some_and(|f| frames.proposer == self.me && f.seq == frames.sequence);
+            tracing::debug!(
+                "applying entry {index} (term {}): batch {} of node {} on {}{}",
+                e.term,
+                frames.sequence,
+                frames.proposer,
+                frames.db,
+                if own { " (own, in flight)" } else { "" }
+            );
             if !own {
                 // Another node's entry: whatever this node had in flight lost its place.
                 self.abort_in_flight(Error::OutcomeUnknown);

@@ -446,3 +446,52 @@ fn secrets_stay_out_of_logs_and_cluster_show() {
         assert!(!text.contains(&token), "{what} shows the join token");
     }
 }
+
+/// A Raft proposal that arrives over the network (raft-rs followers forward proposals to the
+/// leader) is dropped, not appended: a forwarded batch was executed on another node's state,
+/// and its page images would overwrite newer ones. Here the "batch" is garbage, which every
+/// state machine would refuse to apply (stopping the node) if it were committed.
+#[test]
+fn a_forwarded_proposal_is_not_appended() {
+    use protobuf::Message as _;
+    let cl = Cluster::start(3, &[]);
+    let leader = cl.wait_leader(T);
+    cl.seed_rows(1);
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let mut entry = raft::eraftpb::Entry::default();
+    entry.data = b"not a write batch".to_vec().into();
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+    m.from = follower;
+    m.to = leader;
+    m.entries = vec![entry].into();
+    let batch = pb::Frame {
+        kind: Some(pb::frame::Kind::Raft(pb::RaftBatch {
+            messages: vec![Bytes::from(m.write_to_bytes().unwrap())],
+        })),
+    };
+    cl.rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(cl.addr(leader))
+            .await
+            .unwrap();
+        s.write_all(&[hello(follower), frame(&batch.encode_to_vec())].concat())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    // Every node still applies and answers, and the leader says what it dropped.
+    cl.rt.block_on(async {
+        cl.client()
+            .execute("main", "INSERT INTO t(v) VALUES ('after')", vec![])
+            .await
+            .unwrap()
+    });
+    cl.wait_converged(T);
+    assert_eq!(cl.local_count(leader, "main", "SELECT count(*) FROM t"), 2);
+    assert!(
+        cl.log_text(leader)
+            .contains(&format!("dropped a proposal forwarded by node {follower}")),
+        "{}",
+        cl.log_text(leader)
+    );
+}

@@ -143,6 +143,7 @@ fn appends_are_never_lost_duplicated_reordered_or_torn() {
         cl.rt.block_on(t).unwrap();
     }
     cl.wait_converged(Duration::from_secs(60));
+    cl.check_integrity("append");
     let finals = lists(
         &cl.rt
             .block_on(

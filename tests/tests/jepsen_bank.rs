@@ -183,6 +183,7 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
         cl.rt.block_on(t).unwrap();
     }
     let digests = cl.wait_converged(Duration::from_secs(30));
+    cl.check_integrity("bank");
     assert!(digests.contains_key("bank"));
     for id in 1..=3 {
         assert_eq!(

@@ -186,6 +186,7 @@ fn register(nodes: usize, seed: u64) {
     }
     // After the faults every replica converges to the same bytes.
     cl.wait_converged(Duration::from_secs(60));
+    cl.check_integrity("etcd");
     let history = history.lock().clone();
     let ok = history.iter().filter(|o| o.outcome == Outcome::Ok).count();
     let unknown = history.len() - ok;

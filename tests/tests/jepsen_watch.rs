@@ -156,6 +156,7 @@ fn watchers_see_every_revision_once_in_order_across_faults() {
     }
     // The final revision, once every node has applied everything.
     cl.wait_converged(Duration::from_secs(60));
+    cl.check_integrity("etcd");
     let final_rev = cl.rt.block_on(async {
         let mut kv = KvClient::connect(eps[0].clone()).await.unwrap();
         let r = kv

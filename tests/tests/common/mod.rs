@@ -169,17 +169,25 @@ impl Cluster {
             .append(true)
             .open(&n.log)
             .unwrap();
-        let child = Command::new(bin())
-            .args(args)
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
             .env(
                 "RAFTSQL_LOG",
                 std::env::var("RAFTSQL_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        // If the test process dies without dropping the cluster (killed), its nodes die too:
+        // an orphaned node would keep running and hold its address.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
         n.child = Some(child);
     }
 
@@ -394,6 +402,26 @@ impl Cluster {
             "nodes did not converge within {timeout:?}: {last}\n{}",
             self.logs()
         );
+    }
+
+    /// Runs `PRAGMA integrity_check` on database `db` of every running node (on what it has
+    /// applied); panics with the first problem found.
+    pub fn check_integrity(&self, db: &str) {
+        for id in self.running() {
+            let rows = self
+                .rt
+                .block_on(
+                    self.client_of(id)
+                        .query_with(db, "PRAGMA integrity_check", vec![], true),
+                )
+                .unwrap_or_else(|e| panic!("integrity check of {db} on node {id}: {e}"));
+            let first = format!("{:?}", rows.rows.first().and_then(|r| r.first()));
+            assert!(
+                first.contains("\"ok\""),
+                "database {db} on node {id} is damaged: {:?}",
+                rows.rows
+            );
+        }
     }
 
     pub fn logs(&self) -> String {

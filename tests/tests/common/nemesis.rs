@@ -52,9 +52,26 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Every kind that makes sense for `n` nodes.
+    /// Every kind that makes sense for `n` nodes, or those `RAFTSQL_JEPSEN_FAULTS` names
+    /// (comma-separated: kill, pause, isolate, split, bridge, restart-all, handover, rejoin).
     pub fn all(n: usize) -> Vec<Kind> {
         use Kind::*;
+        if let Ok(names) = std::env::var("RAFTSQL_JEPSEN_FAULTS") {
+            return names
+                .split(',')
+                .map(|k| match k.trim() {
+                    "kill" => Kill,
+                    "pause" => Pause,
+                    "isolate" => Isolate,
+                    "split" => Split,
+                    "bridge" => Bridge,
+                    "restart-all" => RestartAll,
+                    "handover" => Handover,
+                    "rejoin" => Rejoin,
+                    k => panic!("RAFTSQL_JEPSEN_FAULTS: unknown fault {k:?}"),
+                })
+                .collect();
+        }
         let mut v = vec![Kill, Pause, Isolate, Split, RestartAll, Handover, Rejoin];
         if n >= 5 {
             v.insert(4, Bridge);
