@@ -1330,7 +1330,7 @@ pub fn apply_pages(w: &Connection, f: &Frames) -> Result<()> {
 }
 
 fn in_transaction<T>(w: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-    w.execute_batch("BEGIN IMMEDIATE")?;
+    begin_immediate(w)?;
     let r = f(w);
     match &r {
         Ok(_) => w.execute_batch("COMMIT")?,
@@ -1340,6 +1340,30 @@ fn in_transaction<T>(w: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -
     }
     reset_cache(w)?;
     r
+}
+
+/// `BEGIN IMMEDIATE` on the writer, waiting out a transient SQLITE_BUSY (up to 10 s).
+///
+/// The state machine is the only writer, so the lock can only be held for a moment by a
+/// reader that is rebuilding the wal-index (after a restart, or after the rewind that
+/// empties the WAL). The writer keeps `busy_timeout=0` so that checkpoints never wait for
+/// readers; an apply, which must not fail (it would stop the node), retries here instead.
+/// (Found by the long Jepsen profile: a node restarted during local reads stopped with
+/// "database is locked".)
+fn begin_immediate(w: &Connection) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match w.execute_batch("BEGIN IMMEDIATE") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            r => return r.map_err(Error::from),
+        }
+    }
 }
 
 /// Purges the page cache of `w` (outside a transaction).
