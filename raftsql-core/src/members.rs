@@ -168,18 +168,22 @@ fn sql(e: rusqlite::Error) -> Error {
     Error::Internal(format!("system database: {e}"))
 }
 
+/// Whether the system database has table `name` yet (tables are created by the first write
+/// that needs them).
+fn table_exists(c: &rusqlite::Connection, name: &str) -> Result<bool> {
+    c.query_row(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |_| Ok(()),
+    )
+    .optional()
+    .map_err(sql)
+    .map(|r| r.is_some())
+}
+
 /// The registry as stored (empty before the first leader seeded it).
 fn read_registry(c: &rusqlite::Connection) -> Result<Vec<pb::Member>> {
-    let exists: bool = c
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'members'",
-            [],
-            |_| Ok(()),
-        )
-        .optional()
-        .map_err(sql)?
-        .is_some();
-    if !exists {
+    if !table_exists(c, "members")? {
         return Ok(Vec::new());
     }
     let mut st = c
@@ -201,16 +205,7 @@ fn read_registry(c: &rusqlite::Connection) -> Result<Vec<pb::Member>> {
 
 /// The ids of removed members (none before the first removal created the table).
 fn read_removed(c: &rusqlite::Connection) -> Result<std::collections::HashSet<u64>> {
-    let exists = c
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'removed'",
-            [],
-            |_| Ok(()),
-        )
-        .optional()
-        .map_err(sql)?
-        .is_some();
-    if !exists {
+    if !table_exists(c, "removed")? {
         return Ok(Default::default());
     }
     let mut st = c.prepare("SELECT id FROM removed").map_err(sql)?;
@@ -301,10 +296,14 @@ async fn sync_task(weak: WeakNode, mut applied: tokio::sync::watch::Receiver<u64
     loop {
         {
             let Some(node) = weak.upgrade() else { return };
-            if let Ok(Some(removed)) = node.read(SYSTEM_DB, true, read_removed).await {
+            // One read of both tables per round.
+            let both = node
+                .read(SYSTEM_DB, true, |c| {
+                    Ok((read_registry(c)?, read_removed(c)?))
+                })
+                .await;
+            if let Ok(Some((members, removed))) = both {
                 node.set_revoked(removed);
-            }
-            if let Ok(members) = registry(&node, false).await {
                 if !members.is_empty() && last.as_ref() != Some(&members) {
                     let me = node.id();
                     let peers: BTreeMap<u64, SocketAddr> = members

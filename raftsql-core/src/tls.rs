@@ -184,14 +184,19 @@ pub fn private_dir(dir: &Path) -> Result<()> {
             .create(dir)
             .map_err(|e| Error::io(dir, e))?;
     }
-    let mode = fs::metadata(dir)
-        .map_err(|e| Error::io(dir, e))?
+    owner_only(dir, "open to", "700")
+}
+
+/// Refuses `path` if group or others have any permission on it.
+fn owner_only(path: &Path, what: &str, chmod: &str) -> Result<()> {
+    let mode = fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
         return Err(Error::Invalid(format!(
-            "{} is open to other users (mode {:o}): chmod 700 it",
-            dir.display(),
+            "{} is {what} other users (mode {:o}): chmod {chmod} it",
+            path.display(),
             mode & 0o777
         )));
     }
@@ -228,17 +233,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 
 /// Reads a file [`write_private`] wrote, refusing one that group or others may read.
 pub fn read_private(path: &Path) -> Result<String> {
-    let mode = fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(Error::Invalid(format!(
-            "{} is readable by other users (mode {:o}): chmod 600 it",
-            path.display(),
-            mode & 0o777
-        )));
-    }
+    owner_only(path, "readable by", "600")?;
     fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 

@@ -268,15 +268,9 @@ fn limits_answer_with_clear_errors() {
         ],
     );
     cl.wait_leader(T);
+    cl.seed_rows(0);
     let c = cl.client();
     cl.rt.block_on(async {
-        c.execute(
-            "main",
-            "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
-            vec![],
-        )
-        .await
-        .unwrap();
         // A request over --max-request-bytes.
         let e = c
             .execute(
