@@ -112,7 +112,7 @@ impl ServiceHandler for Service {
 
 /// Registers the backup service (called by `Node::start`).
 pub(crate) fn start(node: &Node) {
-    node.register_service(BACKUP_SERVICE, Arc::new(Service(node.downgrade())));
+    node.register_client_service(BACKUP_SERVICE, Arc::new(Service(node.downgrade())));
 }
 
 /// What [`save`] wrote.
@@ -132,6 +132,7 @@ pub struct SaveReport {
 /// `progress(done, total)` is called as database bytes arrive. Writes `path` only once the
 /// copy is complete and checked (through a temporary file renamed into place).
 pub async fn save(
+    dialer: &crate::tls::Dialer,
     endpoints: &[SocketAddr],
     cluster: &str,
     path: &Path,
@@ -141,7 +142,7 @@ pub async fn save(
     // A member keeps only its newest snapshot: if Raft replaces it while we pull, start over.
     for _attempt in 0..3 {
         for ep in endpoints {
-            let mut conn = match RpcConn::connect(*ep, 0, cluster, None).await {
+            let mut conn = match RpcConn::connect(dialer, crate::tls::Peer::Endpoint, *ep, 0, cluster, None).await {
                 Ok(c) => c,
                 Err(e) => {
                     last = Error::Unavailable(format!("cannot reach {ep}: {e}"));

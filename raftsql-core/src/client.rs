@@ -12,6 +12,7 @@ use raftsql_proto::v1 as pb;
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
+use crate::tls::{Dialer, Peer};
 use crate::transport::RpcConn;
 use crate::value::{ExecResult, Rows, Statement, Value};
 
@@ -21,6 +22,7 @@ pub struct Client {
     cluster: String,
     conn: Mutex<Option<(SocketAddr, RpcConn)>>,
     preferred: parking_lot::Mutex<Option<SocketAddr>>,
+    dialer: Dialer,
     /// How long a call keeps retrying (elections, reconnects) before giving up.
     pub timeout: Duration,
 }
@@ -33,17 +35,34 @@ impl Client {
             cluster: cluster.to_string(),
             conn: Mutex::new(None),
             preferred: parking_lot::Mutex::new(None),
+            dialer: Dialer::Plain,
             timeout: Duration::from_secs(15),
         }
     }
 
-    /// Sends one request to one node (no retries, no leader following).
+    /// Connects with `dialer` (e.g. TLS, [`Dialer::client`]) instead of plain TCP.
+    pub fn with_dialer(mut self, dialer: Dialer) -> Client {
+        self.dialer = dialer;
+        self
+    }
+
+    /// Sends one request to one node (no retries, no leader following), over plain TCP.
     pub async fn call_node(
         addr: SocketAddr,
         cluster: &str,
         body: pb::request::Body,
     ) -> Result<pb::response::Body> {
-        let mut c = RpcConn::connect(addr, 0, cluster, None)
+        Self::call_node_with(&Dialer::Plain, addr, cluster, body).await
+    }
+
+    /// [`Client::call_node`] with `dialer`.
+    pub async fn call_node_with(
+        dialer: &Dialer,
+        addr: SocketAddr,
+        cluster: &str,
+        body: pb::request::Body,
+    ) -> Result<pb::response::Body> {
+        let mut c = RpcConn::connect(dialer, Peer::Endpoint, addr, 0, cluster, None)
             .await
             .map_err(|e| Error::Transport(format!("{addr}: {e}")))?;
         c.call(body)
@@ -51,13 +70,24 @@ impl Client {
             .map_err(|e| Error::Transport(format!("{addr}: {e}")))
     }
 
-    /// Status of one node.
+    /// Status of one node, over plain TCP.
     pub async fn status_of(
         addr: SocketAddr,
         cluster: &str,
         with_digests: bool,
     ) -> Result<pb::StatusResponse> {
-        match Self::call_node(
+        Self::status_of_with(&Dialer::Plain, addr, cluster, with_digests).await
+    }
+
+    /// [`Client::status_of`] with `dialer`.
+    pub async fn status_of_with(
+        dialer: &Dialer,
+        addr: SocketAddr,
+        cluster: &str,
+        with_digests: bool,
+    ) -> Result<pb::StatusResponse> {
+        match Self::call_node_with(
+            dialer,
             addr,
             cluster,
             pb::request::Body::Status(pb::StatusRequest { with_digests }),
@@ -96,7 +126,7 @@ impl Client {
                 *guard = None;
             }
             if guard.as_ref().map(|(a, _)| *a) != Some(target) {
-                *guard = match RpcConn::connect(target, 0, &self.cluster, None).await {
+                *guard = match RpcConn::connect(&self.dialer, Peer::Endpoint, target, 0, &self.cluster, None).await {
                     Ok(c) => Some((target, c)),
                     Err(e) => {
                         last_err = Error::Transport(format!("{target}: {e}"));
@@ -235,7 +265,7 @@ impl Client {
         let pb::response::Body::TxBegin(b) = body else {
             return Err(Error::Transport("unexpected response".into()));
         };
-        let conn = RpcConn::connect(addr, 0, &self.cluster, None)
+        let conn = RpcConn::connect(&self.dialer, Peer::Endpoint, addr, 0, &self.cluster, None)
             .await
             .map_err(|e| Error::Transport(format!("{addr}: {e}")))?;
         Ok(RemoteTransaction {

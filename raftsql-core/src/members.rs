@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::node::{Node, ServiceHandler, WeakNode};
 use crate::roles::{plan, Change, MemberView, Role};
+use crate::tls::{Dialer, Peer};
 use crate::transport::RpcConn;
 pub use crate::transport::JOIN_SERVICE;
 
@@ -49,6 +50,8 @@ pub const SYSTEM_DB: &str = "_raftsql";
 pub const MEMBERS_SERVICE: &str = "raftsql.members";
 /// The same requests, run on the leader.
 const LEADER_SERVICE: &str = "raftsql.members.leader";
+/// Members only: the leader tells a node it removed (see [`Notice`]).
+pub const NOTICE_SERVICE: &str = "raftsql.members.notice";
 /// How often the leader probes the members.
 pub const PROBE_EVERY: Duration = Duration::from_millis(300);
 /// A standby this close to the leader's commit index may become a voter.
@@ -110,6 +113,8 @@ pub struct JoinTicket {
     pub cluster: String,
     /// Every member's address, this node included.
     pub peers: BTreeMap<u64, SocketAddr>,
+    /// A TLS cluster's files for this node (its certificate, the CA).
+    pub tls: Option<crate::tls::Material>,
 }
 
 fn now_ms() -> i64 {
@@ -204,7 +209,7 @@ fn read_registry(c: &rusqlite::Connection) -> Result<Vec<pb::Member>> {
 }
 
 /// The ids of removed members (none before the first removal created the table).
-fn read_removed(c: &rusqlite::Connection) -> Result<std::collections::HashSet<u64>> {
+pub(crate) fn read_removed(c: &rusqlite::Connection) -> Result<std::collections::HashSet<u64>> {
     if !table_exists(c, "removed")? {
         return Ok(Default::default());
     }
@@ -270,14 +275,14 @@ pub async fn registry(node: &Node, linearizable: bool) -> Result<Vec<pb::Member>
 /// Registers the services and starts the sync and keeper tasks (called by `Node::start`).
 pub(crate) fn start(node: &Node) {
     let weak = node.downgrade();
-    node.register_service(
+    node.register_client_service(
         MEMBERS_SERVICE,
         Arc::new(Entry {
             node: weak.clone(),
             join_only: false,
         }),
     );
-    node.register_service(
+    node.register_client_service(
         JOIN_SERVICE,
         Arc::new(Entry {
             node: weak.clone(),
@@ -285,6 +290,7 @@ pub(crate) fn start(node: &Node) {
         }),
     );
     node.register_service(LEADER_SERVICE, Arc::new(Leader(weak.clone())));
+    node.register_service(NOTICE_SERVICE, Arc::new(Notice(weak.clone())));
     tokio::spawn(sync_task(weak.clone(), node.subscribe_applied()));
     tokio::spawn(keeper_task(weak));
 }
@@ -425,19 +431,23 @@ async fn probe(
     let me = node.id();
     let cluster = node.config().cluster.clone();
     let local_ip = node.config().listen.ip();
+    let dialer = node.dialer();
     let mut tasks = Vec::new();
     for m in members.iter().filter(|m| m.id != me) {
         let Ok(addr) = m.addr.parse::<SocketAddr>() else {
             continue;
         };
         let pooled = conns.remove(&m.id).filter(|(a, _)| *a == addr);
-        let (id, cluster) = (m.id, cluster.clone());
+        let (id, cluster, dialer) = (m.id, cluster.clone(), dialer.clone());
         tasks.push(tokio::spawn(async move {
             let r = tokio::time::timeout(Duration::from_millis(400), async move {
                 // A pooled connection the peer has not closed, else a new one.
                 let mut conn = match pooled.map(|(_, mut c)| (c.is_closed(), c)) {
                     Some((false, c)) => c,
-                    _ => RpcConn::connect(addr, me, &cluster, Some(local_ip)).await?,
+                    _ => {
+                        RpcConn::connect(&dialer, Peer::Node(id), addr, me, &cluster, Some(local_ip))
+                            .await?
+                    }
                 };
                 let body = pb::request::Body::Status(pb::StatusRequest {
                     with_digests: false,
@@ -533,32 +543,10 @@ impl ServiceHandler for Entry {
                 _ if join_only => {
                     return Err(Error::Invalid("only a join may be sent here".into()))
                 }
-                Some(pb::membership_request::Req::Removed(n)) => {
-                    if n.id != node.id() {
-                        return Err(Error::Invalid(format!(
-                            "removal notice for node {}, but this is node {}",
-                            n.id,
-                            node.id()
-                        )));
-                    }
-                    // Whoever reaches this port can send the notice: believe it only once
-                    // the cluster itself confirms that this node is no longer a member.
-                    if !removal_confirmed(&node).await {
-                        tracing::warn!(
-                            "ignored a removal notice that no member confirms (this node is \
-                             still a member, or no member answered)"
-                        );
-                        return Err(Error::Invalid(
-                            "removal not confirmed by the cluster".into(),
-                        ));
-                    }
-                    tracing::warn!("the leader removed this node from the cluster");
-                    node.mark_departed(format!("node {} was removed from the cluster", n.id));
-                    return Ok(encode(pb::membership_response::Resp::Remove(
-                        pb::RemoveResponse {
-                            report: format!("node {} stops", n.id),
-                        },
-                    )));
+                Some(pb::membership_request::Req::Removed(_)) => {
+                    return Err(Error::Invalid(format!(
+                        "a removal notice goes to {NOTICE_SERVICE}, which only members may call"
+                    )))
                 }
                 Some(pb::membership_request::Req::Remove(r)) if r.leaving => {
                     let report = leave(&node, r.force).await?;
@@ -569,6 +557,50 @@ impl ServiceHandler for Entry {
                 _ => {}
             }
             node.call_leader(LEADER_SERVICE, payload).await
+        })
+    }
+}
+
+/// Runs on every node, for members only: the leader's notice that it removed this node.
+struct Notice(WeakNode);
+
+impl ServiceHandler for Notice {
+    fn call(
+        &self,
+        payload: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes>> + Send>> {
+        let node = self.0.upgrade();
+        Box::pin(async move {
+            let node = node.ok_or(Error::Shutdown)?;
+            let Ok(pb::MembershipRequest {
+                req: Some(pb::membership_request::Req::Removed(n)),
+            }) = pb::MembershipRequest::decode(payload)
+            else {
+                return Err(Error::Invalid("expected a removal notice".into()));
+            };
+            if n.id != node.id() {
+                return Err(Error::Invalid(format!(
+                    "removal notice for node {}, but this is node {}",
+                    n.id,
+                    node.id()
+                )));
+            }
+            // Without TLS any process can claim to be a member: believe the notice only
+            // once the cluster itself confirms that this node is no longer a member.
+            if !removal_confirmed(&node).await {
+                tracing::warn!(
+                    "ignored a removal notice that no member confirms (this node is still a \
+                     member, or no member answered)"
+                );
+                return Err(Error::Invalid("removal not confirmed by the cluster".into()));
+            }
+            tracing::warn!("the leader removed this node from the cluster");
+            node.mark_departed(format!("node {} was removed from the cluster", n.id));
+            Ok(encode(pb::membership_response::Resp::Remove(
+                pb::RemoveResponse {
+                    report: format!("node {} stops", n.id),
+                },
+            )))
         })
     }
 }
@@ -654,6 +686,10 @@ async fn create_token(node: &Node, r: pb::CreateTokenRequest) -> Result<pb::Crea
         token: secret.iter().map(|b| format!("{b:02x}")).collect(),
         expires_unix_ms: expires as u64,
         addrs: members.into_iter().map(|m| m.addr).collect(),
+        ca_fingerprint: node
+            .tls_material()
+            .map(|m| m.ca.fingerprint_hex())
+            .unwrap_or_default(),
     })
 }
 
@@ -673,8 +709,24 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
         .unwrap_or(0);
     let now = now_ms();
     let (token_id, nonce, proof) = (r.token_id.to_vec(), r.nonce.to_vec(), r.proof.to_vec());
-    let (domain, weight) = (r.domain.clone(), r.weight);
-    let (id, members, key) = node
+    let (domain, weight, csr) = (r.domain.clone(), r.weight, r.csr.to_vec());
+    let ca = node.tls_material().map(|m| m.ca.clone());
+    match (&ca, csr.is_empty()) {
+        (Some(_), true) => {
+            return Err(Error::Invalid(
+                "this cluster runs TLS: join with the HOST:PORT/TOKEN/FINGERPRINT string that \
+                 `raftsql add-node` prints"
+                    .into(),
+            ))
+        }
+        (None, false) => {
+            return Err(Error::Invalid(
+                "this cluster runs without TLS: join with HOST:PORT/TOKEN".into(),
+            ))
+        }
+        _ => {}
+    }
+    let (id, members, key, cert) = node
         .write(SYSTEM_DB, move |c| {
             c.execute_batch(SCHEMA).map_err(sql)?;
             let row: Option<(Vec<u8>, i64, bool, bool)> = c
@@ -690,7 +742,7 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
                     "join token refused: this cluster did not issue it, or it expired".into(),
                 ));
             };
-            if !hmac_ok(&key, &[b"join", &nonce, addr.to_string().as_bytes()], &proof) {
+            if !hmac_ok(&key, &[b"join", &nonce, addr.to_string().as_bytes(), &csr], &proof) {
                 return Err(Error::Invalid("join token refused: wrong token".into()));
             }
             if expires < now {
@@ -726,6 +778,11 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
                 )
                 .map_err(sql)?;
             let id = (max_reg.max(max_removed) as u64).max(max_conf) + 1;
+            // Signed inside the transaction: if the request is refused, nothing is spent.
+            let cert = match &ca {
+                Some(ca) => ca.issue_node(id, addr.ip(), &csr)?,
+                None => String::new(),
+            };
             c.execute(
                 "INSERT INTO members(id, addr, domain, weight) VALUES (?1, ?2, ?3, ?4)",
                 rusqlite::params![id as i64, addr.to_string(), domain, weight as i64],
@@ -735,20 +792,38 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
                 c.execute("UPDATE join_tokens SET used = 1 WHERE id = ?1", [&token_id])
                     .map_err(sql)?;
             }
-            Ok((id, read_registry(c)?, key))
+            Ok((id, read_registry(c)?, key, cert))
         })
         .await?;
     let cluster = node.config().cluster.clone();
-    tracing::info!("node {id} at {addr} joined as a spare");
+    let (ca_cert, ca_key) = match node.tls_material() {
+        Some(m) => (m.ca.cert_pem().to_string(), m.ca.key_pem().to_string()),
+        None => Default::default(),
+    };
+    tracing::info!(
+        "node {id} at {addr} joined as a spare{}",
+        if cert.is_empty() { "" } else { " (certificate issued)" }
+    );
     Ok(pb::JoinResponse {
         id,
         proof: hmac(
             &key,
-            &[b"cluster", &r.nonce, &id.to_le_bytes(), cluster.as_bytes()],
+            &[
+                b"cluster",
+                &r.nonce,
+                &id.to_le_bytes(),
+                cluster.as_bytes(),
+                cert.as_bytes(),
+                ca_cert.as_bytes(),
+                ca_key.as_bytes(),
+            ],
         )
         .into(),
         cluster,
         members,
+        cert: cert.into_bytes().into(),
+        ca_cert: ca_cert.into_bytes().into(),
+        ca_key: ca_key.into_bytes().into(),
     })
 }
 
@@ -873,7 +948,7 @@ async fn removal_confirmed(node: &Node) -> bool {
             continue;
         }
         let answer = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut conn = RpcConn::connect(addr, me, &cfg.cluster, Some(cfg.listen.ip())).await?;
+            let mut conn = RpcConn::connect(&node.dialer(), Peer::Node(id), addr, me, &cfg.cluster, Some(cfg.listen.ip())).await?;
             conn.call(pb::request::Body::Service(pb::ServiceCall {
                 service: MEMBERS_SERVICE.to_string(),
                 payload: payload.clone(),
@@ -908,9 +983,9 @@ async fn notify_removed(node: &Node, id: u64, addr: SocketAddr) {
     .encode_to_vec();
     let r = tokio::time::timeout(Duration::from_secs(1), async {
         let mut conn =
-            RpcConn::connect(addr, node.id(), &cfg.cluster, Some(cfg.listen.ip())).await?;
+            RpcConn::connect(&node.dialer(), Peer::Node(id), addr, node.id(), &cfg.cluster, Some(cfg.listen.ip())).await?;
         conn.call(pb::request::Body::Service(pb::ServiceCall {
-            service: MEMBERS_SERVICE.to_string(),
+            service: NOTICE_SERVICE.to_string(),
             payload: payload.into(),
         }))
         .await
@@ -985,9 +1060,12 @@ async fn leave(node: &Node, force: bool) -> Result<String> {
 
 /// Joins the cluster that issued `token`, through its member at `target`: `addr` is the
 /// address this node will listen on. Verifies that the answer comes from that cluster.
+/// `fingerprint` (a TLS cluster's CA, from the join string) is checked during the TLS
+/// handshake, before anything is sent.
 pub async fn join(
     target: SocketAddr,
     token: &str,
+    fingerprint: Option<[u8; 32]>,
     addr: SocketAddr,
     domain: &str,
     weight: u32,
@@ -995,17 +1073,25 @@ pub async fn join(
     let secret = parse_token(token)?;
     let (token_id, key) = derive(&secret);
     let nonce: [u8; 16] = rand::random();
+    let (dialer, node_key, csr) = match fingerprint {
+        Some(fp) => {
+            let (k, csr) = crate::tls::node_request()?;
+            (Dialer::pinned(fp), Some(k), csr)
+        }
+        None => (Dialer::Plain, None, Vec::new()),
+    };
     let req = pb::MembershipRequest {
         req: Some(pb::membership_request::Req::Join(pb::JoinRequest {
             token_id: token_id.into(),
             nonce: nonce.to_vec().into(),
-            proof: hmac(&key, &[b"join", &nonce, addr.to_string().as_bytes()]).into(),
+            proof: hmac(&key, &[b"join", &nonce, addr.to_string().as_bytes(), &csr]).into(),
             addr: addr.to_string(),
             domain: domain.to_string(),
             weight,
+            csr: csr.into(),
         })),
     };
-    let mut conn = RpcConn::connect(target, 0, "", Some(addr.ip()))
+    let mut conn = RpcConn::connect(&dialer, Peer::Endpoint, target, 0, "", Some(addr.ip()))
         .await
         .map_err(|e| Error::Unavailable(format!("cannot reach {target}: {e}")))?;
     let body = pb::request::Body::Service(pb::ServiceCall {
@@ -1031,6 +1117,9 @@ pub async fn join(
             &nonce,
             &j.id.to_le_bytes(),
             j.cluster.as_bytes(),
+            &j.cert,
+            &j.ca_cert,
+            &j.ca_key,
         ],
         &j.proof,
     ) {
@@ -1047,16 +1136,45 @@ pub async fn join(
             .map_err(|_| Error::Transport(format!("bad member address {:?}", m.addr)))?;
         peers.insert(m.id, a);
     }
+    let tls = match (fingerprint, node_key) {
+        (Some(fp), Some(node_key)) => {
+            let text = |b: &Bytes, what: &str| {
+                String::from_utf8(b.to_vec())
+                    .map_err(|_| Error::Transport(format!("the join answer's {what} is not PEM")))
+            };
+            if j.cert.is_empty() {
+                return Err(Error::Invalid(
+                    "the cluster answered without a certificate (it runs without TLS?)".into(),
+                ));
+            }
+            let ca = crate::tls::ClusterCa::from_pem(text(&j.ca_cert, "CA")?, text(&j.ca_key, "CA key")?)?;
+            if ca.fingerprint() != fp {
+                return Err(Error::Invalid(
+                    "the cluster's CA does not match the join string's fingerprint".into(),
+                ));
+            }
+            let m = crate::tls::Material {
+                ca,
+                node_cert_pem: text(&j.cert, "certificate")?,
+                node_key_pem: node_key,
+            };
+            m.check_for(j.id)?;
+            Some(m)
+        }
+        _ => None,
+    };
     Ok(JoinTicket {
         id: j.id,
         cluster: j.cluster,
         peers,
+        tls,
     })
 }
 
 /// Sends a membership request to the first of `endpoints` that answers (any member: it is
 /// forwarded to the leader). For the CLI and other processes.
 pub async fn request(
+    dialer: &Dialer,
     endpoints: &[SocketAddr],
     cluster: &str,
     req: pb::membership_request::Req,
@@ -1068,7 +1186,7 @@ pub async fn request(
     // retry what is safe to retry for a few seconds.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match request_once(endpoints, cluster, &payload).await {
+        match request_once(dialer, endpoints, cluster, &payload).await {
             Err(e @ (Error::Unavailable(_) | Error::NotLeader { .. }))
                 if Instant::now() < deadline =>
             {
@@ -1081,13 +1199,14 @@ pub async fn request(
 }
 
 async fn request_once(
+    dialer: &Dialer,
     endpoints: &[SocketAddr],
     cluster: &str,
     payload: &Bytes,
 ) -> Result<pb::membership_response::Resp> {
     let mut last = Error::Unavailable("no endpoint given".into());
     for ep in endpoints {
-        let mut conn = match RpcConn::connect(*ep, 0, cluster, None).await {
+        let mut conn = match RpcConn::connect(dialer, Peer::Endpoint, *ep, 0, cluster, None).await {
             Ok(c) => c,
             Err(e) => {
                 last = Error::Unavailable(format!("cannot reach {ep}: {e}"));

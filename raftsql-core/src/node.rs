@@ -52,6 +52,7 @@ use crate::snapshot::{Manifest, SnapshotStore};
 use crate::state::{
     self, DbMap, Progress, SmMsg, SmSettings, StateMachine, ToRaft, TxOp, WriteReq,
 };
+use crate::tls::{Dialer, Peer};
 use crate::transport::{Handler, ResponseFuture, RpcConn, Transport};
 use crate::value::{ExecResult, Rows, Statement, Value};
 
@@ -99,6 +100,9 @@ pub struct NodeConfig {
     /// Largest query result (the sum of its values' sizes) answered; a larger one fails with
     /// [`Error::Invalid`] asking for a narrower query.
     pub max_result_bytes: usize,
+    /// TLS between nodes and for clients (off unless set; a data directory that has `tls/`
+    /// always runs TLS).
+    pub tls: crate::tls::TlsSettings,
 }
 
 /// The default [`NodeConfig::max_result_bytes`]: 32 MiB (well inside one frame).
@@ -130,6 +134,7 @@ impl NodeConfig {
             weight: 0,
             max_request_bytes: crate::transport::DEFAULT_MAX_CLIENT_FRAME,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            tls: Default::default(),
         }
     }
 }
@@ -222,7 +227,10 @@ struct Shared {
     receiving_snapshot: AtomicBool,
     stopped: AtomicBool,
     forward_pool: Mutex<HashMap<SocketAddr, Vec<RpcConn>>>,
-    services: parking_lot::RwLock<HashMap<String, Arc<dyn ServiceHandler>>>,
+    /// Services by name, and whether clients (not only members) may call them.
+    services: parking_lot::RwLock<HashMap<String, (Arc<dyn ServiceHandler>, bool)>>,
+    /// This node's TLS files (a TLS cluster): the CA signs joiners' certificates.
+    tls: Option<crate::tls::Material>,
     /// The member registry's view on this node and, while it leads, the role keeper's.
     pub(crate) keeper: Keeper,
     /// Set once this node has left the cluster or was removed from it (with why).
@@ -352,6 +360,12 @@ impl Node {
             .data_dir
             .canonicalize()
             .map_err(|e| Error::io(&cfg.data_dir, e))?;
+        let fresh = !cfg.data_dir.join("node.json").exists();
+        let material = crate::tls::setup(&cfg, fresh)?;
+        let peer_tls = match &material {
+            Some(m) => Some(Arc::new(crate::tls::PeerTls::new(m, &cfg.tls.client)?)),
+            None => None,
+        };
         let nf = load_or_create_node_file(&cfg)?;
         cfg.peers = nf.peers.clone();
         cfg.cluster = nf.cluster.clone();
@@ -488,19 +502,26 @@ impl Node {
             stopped: AtomicBool::new(false),
             forward_pool: Mutex::new(HashMap::new()),
             services: parking_lot::RwLock::new(HashMap::new()),
+            tls: material,
             keeper: Keeper::default(),
             departed: watch::channel(None).0,
         });
         let handler = Arc::new(NodeHandler {
             shared: Arc::downgrade(&shared),
         });
-        let (transport, _) = Transport::bind(
-            cfg.id,
-            &cfg.cluster,
-            cfg.listen,
-            cfg.max_request_bytes,
-            handler,
-        )
+        // Removed members are refused from the first connection on, not only once the
+        // registry is read again.
+        let system = shared.dbs.read().get(crate::members::SYSTEM_DB).cloned();
+        let revoked = match system {
+            Some(h) => h.read(crate::members::read_removed)?,
+            None => Default::default(),
+        };
+        let options = crate::transport::TransportOptions {
+            max_client_frame: cfg.max_request_bytes,
+            tls: peer_tls,
+            revoked,
+        };
+        let (transport, _) = Transport::bind(cfg.id, &cfg.cluster, cfg.listen, options, handler)
         .await
         .map_err(|e| Error::io(PathBuf::from(cfg.listen.to_string()), e))?;
         for (id, addr) in &cfg.peers {
@@ -544,6 +565,11 @@ impl Node {
         crate::members::start(&node);
         crate::backup::start(&node);
         Ok(node)
+    }
+
+    /// How this node dials its peers (plain TCP, or TLS with its node certificate).
+    pub fn dialer(&self) -> Dialer {
+        self.shared.dialer()
     }
 
     /// This node's id.
@@ -607,12 +633,26 @@ impl Node {
             .map_err(|e| Error::Internal(e.to_string()))?
     }
 
-    /// Registers a service other nodes can call (see [`ServiceHandler`]).
+    /// Registers a service other members can call (see [`ServiceHandler`]); a connection
+    /// that did not identify as a member (a client) is refused.
     pub fn register_service(&self, name: &str, handler: Arc<dyn ServiceHandler>) {
         self.shared
             .services
             .write()
-            .insert(name.to_string(), handler);
+            .insert(name.to_string(), (handler, false));
+    }
+
+    /// Registers a service that clients may call too.
+    pub fn register_client_service(&self, name: &str, handler: Arc<dyn ServiceHandler>) {
+        self.shared
+            .services
+            .write()
+            .insert(name.to_string(), (handler, true));
+    }
+
+    /// This node's TLS files, if the cluster runs TLS.
+    pub(crate) fn tls_material(&self) -> Option<&crate::tls::Material> {
+        self.shared.tls.as_ref()
     }
 
     /// Calls `service` on the current leader (which may be this node) and returns its reply.
@@ -989,6 +1029,15 @@ impl Shared {
         }
     }
 
+    /// How this node dials its peers.
+    fn dialer(&self) -> Dialer {
+        self.transport
+            .lock()
+            .as_ref()
+            .map(|t| t.dialer().clone())
+            .unwrap_or_default()
+    }
+
     /// A pooled connection to the leader, with its address.
     async fn leader_conn(&self) -> Result<(SocketAddr, RpcConn)> {
         let leader = self.raft_status.lock().leader_id;
@@ -1009,6 +1058,8 @@ impl Shared {
             }
         }
         let c = RpcConn::connect(
+            &self.dialer(),
+            Peer::Node(leader),
             addr,
             self.cfg.id,
             &self.cfg.cluster,
@@ -1021,7 +1072,7 @@ impl Shared {
 
     async fn call_leader(&self, service: &str, payload: Bytes) -> Result<Bytes> {
         if self.raft_status.lock().role == "leader" {
-            let h = self.services.read().get(service).cloned();
+            let h = self.services.read().get(service).map(|(h, _)| h.clone());
             let h =
                 h.ok_or_else(|| Error::Invalid(format!("no service {service:?} on this node")))?;
             return h.call(payload).await;
@@ -1067,6 +1118,8 @@ impl Shared {
         let mut conn = match pooled {
             Some(c) => c,
             None => match RpcConn::connect(
+                &self.dialer(),
+                Peer::Node(leader),
                 addr,
                 self.cfg.id,
                 &self.cfg.cluster,
@@ -1085,6 +1138,8 @@ impl Shared {
         };
         if conn.is_closed() {
             match RpcConn::connect(
+                &self.dialer(),
+                Peer::Node(leader),
                 addr,
                 self.cfg.id,
                 &self.cfg.cluster,
@@ -1317,14 +1372,22 @@ impl Handler for NodeHandler {
         }
     }
 
-    fn request(&self, req: pb::Request) -> ResponseFuture {
+    fn request(&self, from: u64, req: pb::Request) -> ResponseFuture {
         let shared = self.shared.upgrade();
         Box::pin(async move {
             let Some(shared) = shared else {
                 return error_response(req.id, &Error::Shutdown);
             };
             let id = req.id;
-            let mut resp = match req.body {
+            let mut body = req.body;
+            if from == 0 {
+                // Only a member may say a write was forwarded (and is not to be forwarded
+                // again): a client saying so is ignored.
+                if let Some(pb::request::Body::Execute(x)) = &mut body {
+                    x.forwarded = false;
+                }
+            }
+            let mut resp = match body {
                 Some(pb::request::Body::Execute(x))
                     if !x.forwarded && shared.raft_status.lock().role != "leader" =>
                 {
@@ -1430,7 +1493,14 @@ impl Handler for NodeHandler {
                 Some(pb::request::Body::Service(call)) => {
                     let h = shared.services.read().get(&call.service).cloned();
                     match h {
-                        Some(h) => match h.call(call.payload).await {
+                        Some((_, false)) if from == 0 => error_response(
+                            id,
+                            &Error::Invalid(format!(
+                                "service {:?} is only for members of the cluster",
+                                call.service
+                            )),
+                        ),
+                        Some((h, _)) => match h.call(call.payload).await {
                             Ok(payload) => pb::Response {
                                 id,
                                 body: Some(pb::response::Body::Service(pb::ServiceReply {
@@ -1496,6 +1566,8 @@ fn receive_snapshot(shared: Arc<Shared>, m: Message) {
                 })?;
             let started = Instant::now();
             let conn = RpcConn::connect(
+                &shared.dialer(),
+                Peer::Node(manifest.from),
                 addr,
                 shared.cfg.id,
                 &shared.cfg.cluster,

@@ -1,8 +1,9 @@
 //! Certificates for mutually authenticated TLS between nodes: the cluster's CA, node
 //! certificates issued from a joiner's CSR, and private files with owner-only permissions.
 //!
-//! This is the first step of peer mTLS (issue 7); the transport does not use it yet. The
-//! plan it follows is `docs/notes/mtls-plan.md`. Invariants kept here:
+//! [`PeerTls`] is what the transport serves with and dials peers with; [`Dialer`] is how
+//! a connection is opened (plaintext, mutually authenticated, or pinned for a join).
+//! The design is `docs/notes/mtls-plan.md`. Invariants kept here:
 //!
 //! - A node certificate names its node as `node-<id>.raftsql` (a DNS name; addresses can be
 //!   reused by a later member, ids never are), carries both the server and the client
@@ -12,12 +13,27 @@
 //!   refused, so the joiner proves it holds the key.
 //! - Private keys are written with mode 0600 in a 0700 directory, and a key file readable by
 //!   group or others is refused when loaded.
+//! - A peer is whoever presents a certificate of the cluster CA naming the id it claims in
+//!   its hello (`PeerTls::check`); a client certificate from `--trusted-ca-file` never
+//!   passes as a peer, and a removed node's certificate passes as nothing.
+//! - A joiner trusts the server only if the CA in its chain has the join string's SHA-256
+//!   fingerprint; it sends nothing (not even the token's proof) before that check.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer,
@@ -107,17 +123,36 @@ impl ClusterCa {
     pub fn load(dir: &Path) -> Result<ClusterCa> {
         let cert_pem = read_private(&dir.join("ca.crt"))?;
         let key_pem = read_private(&dir.join("ca.key"))?;
-        let cert_der = pem_der(&cert_pem, "CERTIFICATE").ok_or_else(|| {
-            Error::Corrupt(format!("{}: no certificate", dir.join("ca.crt").display()))
-        })?;
+        Self::from_pem(cert_pem, key_pem)
+            .map_err(|e| Error::Invalid(format!("the CA in {}: {e}", dir.display())))
+    }
+
+    /// The CA of a certificate and its key (PEM); refuses a key that is not the
+    /// certificate's.
+    pub fn from_pem(cert_pem: String, key_pem: String) -> Result<ClusterCa> {
+        let cert_der = pem_der(&cert_pem, "CERTIFICATE")
+            .ok_or_else(|| Error::Corrupt("no CA certificate".into()))?;
         // The key must be the certificate's.
         let ca = ClusterCa {
             cert_der,
             cert_pem,
             key_pem,
         };
-        ca.issuer()?;
+        let issuer = ca.issuer()?;
+        let key_spki = rcgen::PublicKeyData::subject_public_key_info(issuer.key());
+        let der = CertificateDer::from(ca.cert_der.clone());
+        let cert = ParsedCertificate::try_from(&der).map_err(|e| tls_err("the CA certificate", e))?;
+        if cert.subject_public_key_info().as_ref() != key_spki.as_slice() {
+            return Err(Error::Invalid(
+                "the CA key does not belong to the CA certificate".into(),
+            ));
+        }
         Ok(ca)
+    }
+
+    /// The CA private key (PEM): given only to a joiner, over its pinned connection.
+    pub(crate) fn key_pem(&self) -> &str {
+        &self.key_pem
     }
 
     fn issuer(&self) -> Result<Issuer<'static, KeyPair>> {
@@ -150,6 +185,528 @@ impl ClusterCa {
             .map_err(|e| tls_err("signing the node certificate", e))?;
         Ok(cert.pem())
     }
+}
+
+/// The TLS files of a node (`<data>/tls/`): the cluster CA and the node's own certificate
+/// and key, all PEM.
+#[derive(Clone)]
+pub struct Material {
+    /// The cluster CA (every member keeps its key: any leader can admit a joiner).
+    pub ca: ClusterCa,
+    /// This node's certificate, naming `node-<id>.raftsql`.
+    pub node_cert_pem: String,
+    /// This node's private key.
+    pub node_key_pem: String,
+}
+
+impl std::fmt::Debug for Material {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Material({:?})", self.ca)
+    }
+}
+
+impl Material {
+    /// A new key and certificate for node `id` at `ip`, signed by `ca`.
+    pub fn for_node(ca: ClusterCa, id: u64, ip: IpAddr) -> Result<Material> {
+        let (key, csr) = node_request()?;
+        let cert = ca.issue_node(id, ip, &csr)?;
+        Ok(Material {
+            ca,
+            node_cert_pem: cert,
+            node_key_pem: key,
+        })
+    }
+
+    /// Writes `ca.crt`, `ca.key`, `node.crt` and `node.key` (0600) into `dir` (0700).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.ca.save(dir)?;
+        write_private(&dir.join("node.crt"), self.node_cert_pem.as_bytes())?;
+        write_private(&dir.join("node.key"), self.node_key_pem.as_bytes())
+    }
+
+    /// Reads what [`Material::save`] wrote, refusing files open to other users.
+    pub fn load(dir: &Path) -> Result<Material> {
+        owner_only(dir, "open to", "700")?;
+        Ok(Material {
+            ca: ClusterCa::load(dir)?,
+            node_cert_pem: read_private(&dir.join("node.crt"))?,
+            node_key_pem: read_private(&dir.join("node.key"))?,
+        })
+    }
+
+    /// The node's chain (its certificate, then the CA's) and key.
+    fn chain_and_key(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let cert = pem_der(&self.node_cert_pem, "CERTIFICATE")
+            .ok_or_else(|| Error::Corrupt("node.crt: no certificate".into()))?;
+        let key = PrivateKeyDer::from_pem_slice(self.node_key_pem.as_bytes())
+            .map_err(|e| Error::Corrupt(format!("node.key: {e}")))?;
+        let chain = vec![
+            CertificateDer::from(cert),
+            CertificateDer::from(self.ca.cert_der.clone()),
+        ];
+        Ok((chain, key))
+    }
+
+    /// The node's certificate and name as `id`: its certificate must be the CA's for it.
+    pub fn check_for(&self, id: u64) -> Result<()> {
+        let (chain, _) = self.chain_and_key()?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(chain[1].clone())
+            .map_err(|e| tls_err("the cluster CA certificate", e))?;
+        verify_node(&chain[0], &[], &roots, id).map_err(|e| {
+            Error::Invalid(format!("node.crt is not the cluster's certificate for node {id}: {e}"))
+        })
+    }
+}
+
+use rustls::pki_types::pem::PemObject as _;
+
+/// The crypto provider every config here is built with (ring, as tonic uses).
+pub fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// A node's TLS choices (see [`setup`]).
+#[derive(Clone, Debug, Default)]
+pub struct TlsSettings {
+    /// Run TLS between nodes. A new single-node cluster creates its CA; bootstrap nodes of a
+    /// larger one need [`TlsSettings::ca_dir`].
+    pub peer_tls: bool,
+    /// Take the cluster CA from this directory (`raftsql ca init`); implies `peer_tls`.
+    pub ca_dir: Option<PathBuf>,
+    /// The files a join brought (a node joining a TLS cluster).
+    pub joined: Option<Material>,
+    /// What SQL clients see and must present.
+    pub client: ClientFacing,
+}
+
+/// Finds or creates the node's TLS files in `<data>/tls/` (`fresh`: the data directory holds
+/// no node yet). A directory with `tls/` always runs TLS, whatever the settings; an existing
+/// plaintext node cannot be switched to TLS.
+pub fn setup(cfg: &crate::NodeConfig, fresh: bool) -> Result<Option<Material>> {
+    let dir = cfg.data_dir.join("tls");
+    let s = &cfg.tls;
+    if dir.exists() {
+        let m = Material::load(&dir)?;
+        m.check_for(cfg.id)?;
+        return Ok(Some(m));
+    }
+    if !(s.peer_tls || s.ca_dir.is_some() || s.joined.is_some()) {
+        return Ok(None);
+    }
+    if !fresh {
+        return Err(Error::Invalid(format!(
+            "{} holds a node that runs without TLS: peer TLS is chosen when a cluster is \
+             formed, and an existing node cannot be switched to it",
+            cfg.data_dir.display()
+        )));
+    }
+    let ip = cfg.listen.ip();
+    let m = if let Some(m) = &s.joined {
+        m.clone()
+    } else if let Some(ca_dir) = &s.ca_dir {
+        Material::for_node(ClusterCa::load(ca_dir)?, cfg.id, ip)?
+    } else if cfg.peers.len() <= 1 {
+        Material::for_node(ClusterCa::generate(&cfg.cluster)?, cfg.id, ip)?
+    } else {
+        return Err(Error::Invalid(format!(
+            "peer TLS with {} bootstrap nodes: they must share one CA: run `raftsql ca init DIR` \
+             once and pass --peer-ca-dir DIR to every bootstrap node",
+            cfg.peers.len()
+        )));
+    };
+    m.check_for(cfg.id)?;
+    // Written whole into a scratch directory, then renamed: a crash leaves all or nothing.
+    let scratch = cfg.data_dir.join("tls.new");
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+    }
+    m.save(&scratch)?;
+    fs::rename(&scratch, &dir).map_err(|e| Error::io(&dir, e))?;
+    fs::File::open(&cfg.data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(&cfg.data_dir, e))?;
+    tracing::info!(
+        "peer TLS on: node certificate for {} signed by CA {}",
+        node_name(cfg.id),
+        m.ca.fingerprint_hex()
+    );
+    Ok(Some(m))
+}
+
+/// The client-facing side of a node's TLS: what SQL clients on `--listen` see and must
+/// present (the etcd facade reads the same flags).
+#[derive(Clone, Debug, Default)]
+pub struct ClientFacing {
+    /// Certificate chain (PEM) shown to clients instead of the node certificate.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates may also be signed by (besides the
+    /// cluster CA).
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients without a verified certificate.
+    pub client_cert_auth: bool,
+}
+
+fn load_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| Error::Invalid(format!("{flag} {}: {e}", path.display())))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Invalid(format!("{flag} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{flag} {}: no certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path, flag: &str) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| Error::Invalid(format!("{flag} {}: {e}", path.display())))
+}
+
+/// Picks the certificate by the name the client asked for: peers and joiners dial
+/// `*.raftsql` names and get the node certificate; clients get the client-facing one.
+#[derive(Debug)]
+struct Resolver {
+    node: Arc<CertifiedKey>,
+    client_facing: Option<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match hello.server_name() {
+            Some(n) if n.ends_with(".raftsql") => Some(self.node.clone()),
+            _ => Some(self.client_facing.clone().unwrap_or_else(|| self.node.clone())),
+        }
+    }
+}
+
+/// A node's TLS: the acceptor for its listener, the dialer for its peers, and the check of
+/// who a connection is once it has said hello.
+pub struct PeerTls {
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    /// Dials peers with this node's certificate.
+    pub dialer: Dialer,
+    roots: Arc<RootCertStore>,
+    client_cert_auth: bool,
+    ca_fingerprint: String,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerTls(CA {})", self.ca_fingerprint)
+    }
+}
+
+impl PeerTls {
+    /// Builds the node's TLS from its files and the client-facing flags.
+    pub fn new(m: &Material, client: &ClientFacing) -> Result<PeerTls> {
+        let p = Arc::new(provider());
+        let client_cert_auth = client.client_cert_auth;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(m.ca.cert_der.clone()))
+            .map_err(|e| tls_err("the cluster CA certificate", e))?;
+        let roots = Arc::new(roots);
+        let (chain, key) = m.chain_and_key()?;
+        let node = Arc::new(
+            CertifiedKey::from_der(chain.clone(), key.clone_key(), &p)
+                .map_err(|e| tls_err("node.crt does not match node.key", e))?,
+        );
+        let client_facing = match (&client.cert_file, &client.key_file) {
+            (Some(c), Some(k)) => Some(Arc::new(
+                CertifiedKey::from_der(load_certs(c, "--cert-file")?, load_key(k, "--key-file")?, &p)
+                    .map_err(|e| tls_err("--cert-file and --key-file", e))?,
+            )),
+            _ => None,
+        };
+        let mut accepted = (*roots).clone();
+        if let Some(f) = &client.trusted_ca_file {
+            for c in load_certs(f, "--trusted-ca-file")? {
+                accepted
+                    .add(c)
+                    .map_err(|e| tls_err("--trusted-ca-file", e))?;
+            }
+        }
+        // Joiners never have a certificate, and clients need one only under
+        // --client-cert-auth (checked after the hello); one that is presented must verify.
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(accepted), p.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| tls_err("client certificate verifier", e))?;
+        let mut server = ServerConfig::builder_with_provider(p.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_err("TLS versions", e))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver {
+                node: node.clone(),
+                client_facing,
+            }));
+        server.send_tls13_tickets = 0;
+        let client = ClientConfig::builder_with_provider(p)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_err("TLS versions", e))?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| tls_err("the node certificate", e))?;
+        Ok(PeerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            dialer: Dialer::Tls(Arc::new(client)),
+            roots,
+            client_cert_auth: client_cert_auth,
+            ca_fingerprint: m.ca.fingerprint_hex(),
+        })
+    }
+
+    /// Who may go on after saying hello as `from` (0 = a client; joiners are not checked) with the
+    /// certificate chain `certs` (already verified by the handshake against the accepted
+    /// roots, if any). `Err` is the reason to refuse, and whether it is a revocation.
+    pub(crate) fn check(
+        &self,
+        from: u64,
+        certs: Option<&[CertificateDer<'static>]>,
+        revoked: &HashSet<u64>,
+    ) -> std::result::Result<(), (String, bool)> {
+        let parsed = certs.and_then(|c| c.split_first());
+        if from != 0 {
+            if revoked.contains(&from) {
+                return Err((
+                    format!("node {from} was removed from the cluster; its certificate is revoked"),
+                    true,
+                ));
+            }
+            let Some((ee, chain)) = parsed else {
+                return Err((format!("node {from} presented no certificate"), false));
+            };
+            return verify_node(ee, chain, &self.roots, from).map_err(|e| {
+                (
+                    format!("the certificate presented is not the cluster's for node {from}: {e}"),
+                    false,
+                )
+            });
+        }
+        match parsed {
+            None if self.client_cert_auth => Err((
+                "this node requires a client certificate (--client-cert-auth)".into(),
+                false,
+            )),
+            None => Ok(()),
+            Some((ee, chain)) => {
+                // A removed node's certificate does not pass as a client's either.
+                for id in revoked {
+                    if verify_node(ee, chain, &self.roots, *id).is_ok() {
+                        return Err((
+                            format!("node {id} was removed from the cluster; its certificate is revoked"),
+                            true,
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Checks that `ee` (with intermediates `chain`) is the cluster CA's certificate for node `id`.
+fn verify_node(
+    ee: &CertificateDer<'_>,
+    chain: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    id: u64,
+) -> std::result::Result<(), rustls::Error> {
+    let parsed = ParsedCertificate::try_from(ee)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        chain,
+        UnixTime::now(),
+        provider().signature_verification_algorithms.all,
+    )?;
+    let name = ServerName::try_from(node_name(id)).map_err(|e| rustls::Error::General(e.to_string()))?;
+    rustls::client::verify_server_name(&parsed, &name)
+}
+
+/// Who a connection is meant to reach: which name the server's certificate must carry.
+#[derive(Clone, Copy, Debug)]
+pub enum Peer {
+    /// Node `id` (its certificate must name `node-<id>.raftsql`).
+    Node(u64),
+    /// Whatever node listens at the address (a client's endpoint: the certificate must
+    /// name the address's IP).
+    Endpoint,
+}
+
+/// How connections are opened.
+#[derive(Clone, Default)]
+pub enum Dialer {
+    /// Plain TCP.
+    #[default]
+    Plain,
+    /// TLS against the given roots (with a client certificate if configured).
+    Tls(Arc<ClientConfig>),
+    /// TLS to any member of the cluster whose CA has this fingerprint (a joiner).
+    Join(Arc<ClientConfig>),
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dialer::Plain => "Dialer::Plain",
+            Dialer::Tls(_) => "Dialer::Tls",
+            Dialer::Join(_) => "Dialer::Join",
+        })
+    }
+}
+
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Dialer {
+    /// A client's dialer: trust the CA certificates in `cacert` (e.g. a node's
+    /// `tls/ca.crt`), and present `cert`/`key` if given (etcdctl's `--cacert/--cert/--key`).
+    pub fn client(cacert: &Path, cert_key: Option<(&Path, &Path)>) -> Result<Dialer> {
+        let p = Arc::new(provider());
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(cacert, "--cacert")? {
+            roots.add(c).map_err(|e| tls_err("--cacert", e))?;
+        }
+        let b = ClientConfig::builder_with_provider(p)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_err("TLS versions", e))?
+            .with_root_certificates(roots);
+        let cfg = match cert_key {
+            Some((c, k)) => b
+                .with_client_auth_cert(load_certs(c, "--cert")?, load_key(k, "--key")?)
+                .map_err(|e| tls_err("--cert and --key", e))?,
+            None => b.with_no_client_auth(),
+        };
+        Ok(Dialer::Tls(Arc::new(cfg)))
+    }
+
+    /// A joiner's dialer: the server must present a chain whose CA has SHA-256 `fp`.
+    pub fn pinned(fp: [u8; 32]) -> Dialer {
+        let p = Arc::new(provider());
+        let cfg = ClientConfig::builder_with_provider(p.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCa { fp, provider: p }))
+            .with_no_client_auth();
+        Dialer::Join(Arc::new(cfg))
+    }
+
+    /// True unless plain TCP.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Dialer::Plain)
+    }
+
+    /// Opens a connection to `addr` (source address `local` when given) meant for `to`.
+    pub(crate) async fn open(
+        &self,
+        addr: SocketAddr,
+        local: Option<IpAddr>,
+        to: Peer,
+    ) -> std::io::Result<crate::transport::Halves> {
+        let tcp = crate::transport::dial(addr, local).await?;
+        let (cfg, name) = match (self, to) {
+            (Dialer::Plain, _) => {
+                let (r, w) = tcp.into_split();
+                return Ok((Box::new(r), Box::new(w)));
+            }
+            (Dialer::Tls(c), Peer::Node(id)) => (c, ServerName::try_from(node_name(id)).unwrap()),
+            (Dialer::Tls(c), Peer::Endpoint) => (c, ServerName::from(addr.ip())),
+            (Dialer::Join(c), _) => (c, ServerName::try_from("join.raftsql").unwrap()),
+        };
+        let s = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+        .map_err(|e| std::io::Error::new(e.kind(), format!("TLS handshake with {addr}: {e}")))?;
+        let (r, w) = tokio::io::split(s);
+        Ok((Box::new(r), Box::new(w)))
+    }
+}
+
+/// The joiner's server check: the CA in the server's chain must have the pinned
+/// fingerprint, and the server's certificate must be signed by it (any member will do).
+#[derive(Debug)]
+struct PinnedCa {
+    fp: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        ee: &CertificateDer<'_>,
+        inter: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let ca = inter
+            .iter()
+            .find(|c| Sha256::digest(c.as_ref())[..] == self.fp)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the cluster's CA does not match the join string's fingerprint".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &ParsedCertificate::try_from(ee)?,
+            &roots,
+            &[],
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Parses a 64-hex-digit fingerprint.
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Invalid(
+            "malformed CA fingerprint: expected 64 hexadecimal digits".into(),
+        ));
+    }
+    let mut fp = [0u8; 32];
+    for (i, b) in fp.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+    }
+    Ok(fp)
 }
 
 /// A node's new key and a certificate request for it: (key PEM, CSR DER).

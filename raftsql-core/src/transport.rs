@@ -13,6 +13,11 @@
 //!
 //! Outgoing peer sockets bind the node's own listen address as their source, so per-address
 //! firewall rules (used by the fault tests on 127.0.0.x) see the real sender.
+//!
+//! With [`PeerTls`] every connection is TLS: a peer must present the cluster CA's
+//! certificate for the id it names in its hello, or it is sent a `Refused` frame and closed
+//! (see `tls.rs`). Every write of a frame is followed by a flush: a TLS stream may keep
+//! records buffered after `write_all` returns.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,9 +31,24 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::RwLock;
 use prost::Message;
 use raftsql_proto::v1 as pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
+
+use crate::tls::{Dialer, Peer, PeerTls};
+
+/// The read half of a connection (plain TCP or TLS).
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection (plain TCP or TLS).
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+/// Both halves of a connection.
+pub type Halves = (Reader, Writer);
+
+/// Writes one encoded frame and flushes it.
+async fn write_frame(w: &mut Writer, b: &[u8]) -> io::Result<()> {
+    w.write_all(b).await?;
+    w.flush().await
+}
 
 /// Largest frame accepted from a peer (a Raft batch, a snapshot chunk, a forwarded write).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -171,14 +191,21 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     /// True if the peer has closed the connection (checked without blocking); bytes that
     /// happen to be waiting are kept for [`FrameReader::next`].
     pub fn peer_closed(&mut self) -> bool {
-        match self.r.try_read_buf(&mut self.buf) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut scratch = [0u8; 8 << 10];
+        let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+        match Pin::new(&mut self.r).poll_read(&mut cx, &mut rb) {
+            std::task::Poll::Pending => false,
+            std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => true,
+            std::task::Poll::Ready(Ok(())) => {
+                self.buf.extend_from_slice(rb.filled());
+                false
+            }
+            std::task::Poll::Ready(Err(_)) => true,
         }
     }
 }
@@ -190,8 +217,9 @@ pub type ResponseFuture = Pin<Box<dyn Future<Output = pb::Response> + Send>>;
 pub trait Handler: Send + Sync + 'static {
     /// Raft messages (encoded eraftpb::Message) from peer `from`.
     fn raft(&self, from: u64, messages: Vec<Bytes>);
-    /// A request; the response goes back on the same connection.
-    fn request(&self, req: pb::Request) -> ResponseFuture;
+    /// A request from node `from` (0: a client); the response goes back on the same
+    /// connection. With TLS, `from` is authenticated by the connection's certificate.
+    fn request(&self, from: u64, req: pb::Request) -> ResponseFuture;
     /// Peer `by` refused this node's connection (e.g. because this node was removed).
     fn refused(&self, by: u64, refusal: pb::Refused) {
         let _ = (by, refusal);
@@ -210,6 +238,39 @@ pub struct Transport {
     /// Removed members: their connections are refused after hello.
     revoked: Arc<RwLock<std::collections::HashSet<u64>>>,
     handler: Arc<dyn Handler>,
+    dialer: Dialer,
+}
+
+/// How a [`Transport`] serves.
+#[derive(Clone, Debug)]
+pub struct TransportOptions {
+    /// Largest frame a client may send.
+    pub max_client_frame: usize,
+    /// Mutually authenticated TLS for every connection (`None`: plain TCP).
+    pub tls: Option<Arc<PeerTls>>,
+    /// Removed members, refused from the first connection on.
+    pub revoked: std::collections::HashSet<u64>,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            max_client_frame: DEFAULT_MAX_CLIENT_FRAME,
+            tls: None,
+            revoked: Default::default(),
+        }
+    }
+}
+
+/// What every connection task of a listener shares.
+struct Listening {
+    cluster: String,
+    max_client_frame: usize,
+    revoked: Arc<RwLock<std::collections::HashSet<u64>>>,
+    tls: Option<Arc<PeerTls>>,
+    handler: Arc<dyn Handler>,
+    /// Failed TLS handshakes so far (logged at powers of two).
+    failed_handshakes: std::sync::atomic::AtomicU64,
 }
 
 impl Transport {
@@ -218,11 +279,12 @@ impl Transport {
         me: u64,
         cluster: &str,
         listen: SocketAddr,
-        max_client_frame: usize,
+        opts: TransportOptions,
         handler: Arc<dyn Handler>,
     ) -> io::Result<(Arc<Transport>, SocketAddr)> {
         let listener = TcpListener::bind(listen).await?;
         let local = listener.local_addr()?;
+        let revoked = Arc::new(RwLock::new(opts.revoked));
         let t = Arc::new(Transport {
             me,
             cluster: cluster.to_string(),
@@ -231,11 +293,21 @@ impl Transport {
             addrs: RwLock::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
             accept: parking_lot::Mutex::new(None),
-            revoked: Default::default(),
+            revoked: revoked.clone(),
             handler: handler.clone(),
+            dialer: opts
+                .tls
+                .as_ref()
+                .map_or(Dialer::Plain, |t| t.dialer.clone()),
         });
-        let cluster = cluster.to_string();
-        let revoked = t.revoked.clone();
+        let shared = Arc::new(Listening {
+            cluster: cluster.to_string(),
+            max_client_frame: opts.max_client_frame,
+            revoked,
+            tls: opts.tls,
+            handler,
+            failed_handshakes: Default::default(),
+        });
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let task = tokio::spawn(async move {
             let mut refused = 0u64;
@@ -253,11 +325,9 @@ impl Transport {
                             continue;
                         };
                         let _ = s.set_nodelay(true);
-                        let (cluster, handler) = (cluster.clone(), handler.clone());
-                        let revoked = revoked.clone();
+                        let shared = shared.clone();
                         tokio::spawn(async move {
-                            let limits = (max_client_frame, revoked);
-                            serve_conn(s, from, cluster, limits, handler).await;
+                            accept_conn(s, from, shared).await;
                             drop(slot);
                         });
                     }
@@ -292,6 +362,11 @@ impl Transport {
         }
     }
 
+    /// How this node dials its peers (plain, or TLS with its node certificate).
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
     /// Sets the removed members, whose connections are refused from now on.
     pub fn set_revoked(&self, ids: std::collections::HashSet<u64>) {
         *self.revoked.write() = ids;
@@ -322,8 +397,7 @@ impl Transport {
                 self.rt.spawn(peer_sender(
                     (self.me, to),
                     self.cluster.clone(),
-                    self.local_ip,
-                    addr,
+                    (self.dialer.clone(), self.local_ip, addr),
                     rx,
                     self.handler.clone(),
                 ));
@@ -337,16 +411,20 @@ impl Transport {
 async fn peer_sender(
     (me, to): (u64, u64),
     cluster: String,
-    local_ip: IpAddr,
-    addr: SocketAddr,
+    (dialer, local_ip, addr): (Dialer, IpAddr, SocketAddr),
     mut rx: mpsc::Receiver<Bytes>,
     handler: Arc<dyn Handler>,
 ) {
     let mut backoff = Duration::from_millis(50);
+    let mut failures = 0u64;
     loop {
-        let stream = match dial(addr, Some(local_ip)).await {
+        let (r, mut stream) = match dialer.open(addr, Some(local_ip), Peer::Node(to)).await {
             Ok(s) => s,
-            Err(_) => {
+            Err(e) => {
+                failures += 1;
+                if e.kind() != io::ErrorKind::ConnectionRefused && failures.is_power_of_two() {
+                    tracing::warn!("cannot connect to node {to} at {addr}: {e}");
+                }
                 // Drop what queued while the peer is down; Raft resends what matters.
                 while rx.try_recv().is_ok() {}
                 if rx.is_closed() {
@@ -364,8 +442,7 @@ async fn peer_sender(
                 cluster: cluster.clone(),
             })),
         };
-        let (r, mut stream) = stream.into_split();
-        if stream.write_all(&encode_frame(&hello)).await.is_err() {
+        if write_frame(&mut stream, &encode_frame(&hello)).await.is_err() {
             continue;
         }
         // The peer only ever answers a refusal on this connection.
@@ -396,7 +473,7 @@ async fn peer_sender(
             let f = pb::Frame {
                 kind: Some(pb::frame::Kind::Raft(pb::RaftBatch { messages })),
             };
-            if stream.write_all(&encode_frame(&f)).await.is_err() {
+            if write_frame(&mut stream, &encode_frame(&f)).await.is_err() {
                 break;
             }
         }
@@ -437,11 +514,7 @@ pub const JOIN_SERVICE: &str = "raftsql.join";
 
 /// Serves a joiner's connection: `ServiceCall`s to [`JOIN_SERVICE`] only, one at a time;
 /// anything else closes the connection.
-async fn serve_joiner(
-    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    handler: Arc<dyn Handler>,
-) {
+async fn serve_joiner(mut reader: FrameReader<Reader>, mut w: Writer, handler: Arc<dyn Handler>) {
     while let Ok(Some(pb::Frame {
         kind: Some(pb::frame::Kind::Request(req)),
     })) = reader.next().await
@@ -452,24 +525,64 @@ async fn serve_joiner(
             tracing::warn!("refused a request from a connection that did not name the cluster");
             return;
         }
-        let resp = handler.request(req).await;
+        let resp = handler.request(0, req).await;
         let f = pb::Frame {
             kind: Some(pb::frame::Kind::Response(resp)),
         };
-        if w.write_all(&encode_frame(&f)).await.is_err() {
+        if write_frame(&mut w, &encode_frame(&f)).await.is_err() {
             return;
         }
     }
 }
 
+/// Runs the TLS handshake (if any), then serves the connection.
+async fn accept_conn(tcp: TcpStream, addr: SocketAddr, l: Arc<Listening>) {
+    let Some(tls) = l.tls.clone() else {
+        let (r, w) = tcp.into_split();
+        serve_conn((Box::new(r), Box::new(w)), addr, None, &l).await;
+        return;
+    };
+    let accepted = tokio::time::timeout(HELLO_TIMEOUT, tls.acceptor.accept(tcp)).await;
+    let s = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let n = 1 + l
+                .failed_handshakes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    "refused a connection from {addr}: TLS handshake failed: {e} \
+                     ({n} failed handshakes so far)"
+                );
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("closed a connection from {addr}: no TLS handshake within {HELLO_TIMEOUT:?}");
+            return;
+        }
+    };
+    let certs = s.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+    let (r, w) = tokio::io::split(s);
+    serve_conn((Box::new(r), Box::new(w)), addr, certs, &l).await;
+}
+
+/// Sends a refusal and logs it.
+async fn refuse(w: &mut Writer, who: &str, addr: SocketAddr, reason: String, revoked: bool) {
+    tracing::warn!("refused {who} at {addr}: {reason}");
+    let f = pb::Frame {
+        kind: Some(pb::frame::Kind::Refused(pb::Refused { reason, revoked })),
+    };
+    let _ = write_frame(w, &encode_frame(&f)).await;
+}
+
 async fn serve_conn(
-    stream: TcpStream,
+    (r, mut w): Halves,
     addr: SocketAddr,
-    cluster: String,
-    (max_client_frame, revoked): (usize, Arc<RwLock<std::collections::HashSet<u64>>>),
-    handler: Arc<dyn Handler>,
+    certs: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    l: &Listening,
 ) {
-    let (r, mut w) = stream.into_split();
+    let (cluster, revoked, handler) = (&l.cluster, &l.revoked, l.handler.clone());
     let mut reader = FrameReader::with_max(r, MAX_HELLO_FRAME);
     let from = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
         Ok(Ok(Some(pb::Frame {
@@ -480,7 +593,7 @@ async fn serve_conn(
                 serve_joiner(reader, w, handler).await;
                 return;
             }
-            if h.cluster != cluster {
+            if &h.cluster != cluster {
                 tracing::warn!(
                     "refused connection from node {} of cluster {:?} (this is {:?})",
                     h.from_id,
@@ -506,17 +619,23 @@ async fn serve_conn(
             return;
         }
     };
-    if from != 0 && revoked.read().contains(&from) {
-        tracing::warn!("refused node {from} at {addr}: it was removed from the cluster");
-        let f = pb::Frame {
-            kind: Some(pb::frame::Kind::Refused(pb::Refused {
-                reason: format!("node {from} was removed from the cluster"),
-                revoked: true,
-            })),
-        };
-        let _ = w.write_all(&encode_frame(&f)).await;
+    let who = if from == 0 {
+        "a client".to_string()
+    } else {
+        format!("node {from}")
+    };
+    if let Some(tls) = &l.tls {
+        let checked = tls.check(from, certs.as_deref(), &revoked.read());
+        if let Err((reason, rev)) = checked {
+            refuse(&mut w, &who, addr, reason, rev).await;
+            return;
+        }
+    } else if from != 0 && revoked.read().contains(&from) {
+        let reason = format!("node {from} was removed from the cluster");
+        refuse(&mut w, &who, addr, reason, true).await;
         return;
     }
+    let max_client_frame = l.max_client_frame;
     // Peers send Raft batches and snapshot chunks; clients only requests.
     reader.set_max(if from == 0 {
         max_client_frame
@@ -528,6 +647,17 @@ async fn serve_conn(
     tokio::spawn(async move {
         while let Some(b) = out.recv().await {
             if w.write_all(&b).await.is_err() {
+                return;
+            }
+            // Responses that queued meanwhile go out in the same flush.
+            let mut failed = false;
+            while let Ok(b) = out.try_recv() {
+                if w.write_all(&b).await.is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            if failed || w.flush().await.is_err() {
                 return;
             }
         }
@@ -555,7 +685,7 @@ async fn serve_conn(
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     return;
                 };
-                let fut = handler.request(req);
+                let fut = handler.request(from, req);
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let resp = fut.await;
@@ -616,30 +746,32 @@ async fn serve_conn(
 
 /// A request/response connection to one node (one call at a time).
 pub struct RpcConn {
-    reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    reader: FrameReader<Reader>,
+    writer: Writer,
     next_id: u64,
     /// The server answered with a connection-level error (id 0) and is closing.
     refused: bool,
 }
 
 impl RpcConn {
-    /// Connects and says hello as `from_id` (0 for clients).
+    /// Connects with `dialer` to `to` at `addr` (source address `local` when given) and
+    /// says hello as `from_id` (0 for clients).
     pub async fn connect(
+        dialer: &Dialer,
+        to: Peer,
         addr: SocketAddr,
         from_id: u64,
         cluster: &str,
         local: Option<IpAddr>,
     ) -> io::Result<RpcConn> {
-        let s = dial(addr, local).await?;
-        let (r, mut w) = s.into_split();
+        let (r, mut w) = dialer.open(addr, local, to).await?;
         let hello = pb::Frame {
             kind: Some(pb::frame::Kind::Hello(pb::Hello {
                 from_id,
                 cluster: cluster.to_string(),
             })),
         };
-        w.write_all(&encode_frame(&hello)).await?;
+        write_frame(&mut w, &encode_frame(&hello)).await?;
         Ok(RpcConn {
             reader: FrameReader::new(r),
             writer: w,
@@ -663,7 +795,7 @@ impl RpcConn {
                 body: Some(body),
             })),
         };
-        self.writer.write_all(&encode_frame(&f)).await?;
+        write_frame(&mut self.writer, &encode_frame(&f)).await?;
         loop {
             match self.reader.next().await? {
                 Some(pb::Frame {
