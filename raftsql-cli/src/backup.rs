@@ -33,6 +33,8 @@ pub struct SaveArgs {
     /// Cluster name.
     #[arg(long, default_value = "raftsql")]
     cluster: String,
+    #[command(flatten)]
+    tls: crate::ClientTls,
 }
 
 /// `raftsql snapshot restore`.
@@ -114,7 +116,8 @@ async fn save(a: SaveArgs) -> CliResult {
         .unwrap()
         .progress_chars("=> "),
     );
-    let r = backup::save(&eps, &a.cluster, &a.file, |done, total| {
+    let dialer = a.tls.dialer()?;
+    let r = backup::save(&dialer, &eps, &a.cluster, &a.file, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })

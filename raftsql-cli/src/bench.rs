@@ -33,6 +33,8 @@ pub struct BenchConfig {
     pub workload: String,
     /// Distinct keys (random keys are drawn from this many).
     pub keys: u64,
+    /// How to connect (plain TCP or TLS).
+    pub dialer: raftsql_core::tls::Dialer,
 }
 
 fn key(n: u64, size: usize) -> String {
@@ -65,7 +67,7 @@ pub async fn run(cfg: BenchConfig) -> Result<serde_json::Value, String> {
     if cfg.workers == 0 {
         return Err("--workers must be at least 1".into());
     }
-    let setup = Client::new(cfg.endpoints.clone(), &cfg.cluster);
+    let setup = Client::new(cfg.endpoints.clone(), &cfg.cluster).with_dialer(cfg.dialer.clone());
     setup
         .execute(
             &cfg.db,
@@ -80,7 +82,8 @@ pub async fn run(cfg: BenchConfig) -> Result<serde_json::Value, String> {
     let deadline = started + cfg.duration;
     let mut tasks = Vec::new();
     for w in 0..cfg.workers {
-        let client = Client::new(cfg.endpoints.clone(), &cfg.cluster);
+        let client =
+            Client::new(cfg.endpoints.clone(), &cfg.cluster).with_dialer(cfg.dialer.clone());
         let (ops, errors) = (ops.clone(), errors.clone());
         let (db, workload, key_size, value_size, keys) = (
             cfg.db.clone(),

@@ -140,7 +140,7 @@ async fn look(p: &Procs, cluster: &str) -> View {
         let req = pb::membership_request::Req::Cluster(pb::ClusterRequest {});
         if let Ok(Ok(pb::membership_response::Resp::Cluster(c))) = tokio::time::timeout(
             Duration::from_millis(500),
-            members::request(&[p.addrs[i]], cluster, req),
+            members::request(&Default::default(), &[p.addrs[i]], cluster, req),
         )
         .await
         {

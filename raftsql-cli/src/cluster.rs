@@ -26,6 +26,8 @@ pub struct Target {
     /// Cluster name.
     #[arg(long, default_value = "raftsql")]
     cluster: String,
+    #[command(flatten)]
+    tls: crate::ClientTls,
 }
 
 /// `raftsql add-node`.
@@ -42,7 +44,8 @@ pub struct AddNodeArgs {
 /// `raftsql join`.
 #[derive(Args, Debug)]
 pub struct JoinArgs {
-    /// What `raftsql add-node` printed: HOST:PORT/TOKEN.
+    /// What `raftsql add-node` printed: HOST:PORT/TOKEN, or HOST:PORT/TOKEN/FINGERPRINT for
+    /// a TLS cluster (the fingerprint of its CA, checked before anything is sent).
     join: String,
     #[command(flatten)]
     node: NodeArgs,
@@ -60,6 +63,8 @@ pub struct LeaveArgs {
     /// Leave even if this node holds the only copy of the data.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    tls: crate::ClientTls,
 }
 
 /// `raftsql remove-node`.
@@ -97,7 +102,7 @@ async fn ask(
     req: pb::membership_request::Req,
 ) -> Result<pb::membership_response::Resp, String> {
     let eps = parse_endpoints(&t.endpoints)?;
-    members::request(&eps, &t.cluster, req)
+    members::request(&t.tls.dialer()?, &eps, &t.cluster, req)
         .await
         .map_err(|e| e.to_string())
 }
@@ -130,9 +135,14 @@ pub async fn add_node(a: AddNodeArgs) -> CliResult {
         .map_or(0, |d| d.as_millis() as u64);
     let left = Duration::from_secs(r.expires_unix_ms.saturating_sub(now) / 1000);
     println!("From the node you are adding, run one of:");
+    let fp = if r.ca_fingerprint.is_empty() {
+        String::new()
+    } else {
+        format!("/{}", r.ca_fingerprint)
+    };
     for addr in &r.addrs {
         println!(
-            "  raftsql join {addr}/{} --data-dir DIR --listen HOST:PORT",
+            "  raftsql join {addr}/{}{fp} --data-dir DIR --listen HOST:PORT",
             r.token
         );
     }
@@ -150,10 +160,21 @@ pub async fn add_node(a: AddNodeArgs) -> CliResult {
 
 /// `raftsql join`: joins, then runs the node in the foreground.
 pub async fn join(a: JoinArgs) -> CliResult {
-    let (target, token) = a
-        .join
-        .split_once('/')
-        .ok_or_else(|| format!("{:?}: expected HOST:PORT/TOKEN", a.join))?;
+    let parts: Vec<&str> = a.join.splitn(3, '/').collect();
+    let (target, token, fp) = match parts[..] {
+        [t, tok] => (t, tok, None),
+        [t, tok, fp] => (
+            t,
+            tok,
+            Some(raftsql_core::tls::parse_fingerprint(fp).map_err(|e| e.to_string())?),
+        ),
+        _ => {
+            return Err(format!(
+                "{:?}: expected HOST:PORT/TOKEN or HOST:PORT/TOKEN/FINGERPRINT",
+                a.join
+            ))
+        }
+    };
     let target: SocketAddr = target
         .parse()
         .map_err(|_| format!("{target:?}: expected HOST:PORT"))?;
@@ -168,7 +189,7 @@ pub async fn join(a: JoinArgs) -> CliResult {
         ));
     }
     let ticket: JoinTicket =
-        members::join(target, token, a.node.listen, &a.node.domain, a.node.weight)
+        members::join(target, token, fp, a.node.listen, &a.node.domain, a.node.weight)
             .await
             .map_err(|e| format!("join refused: {e}"))?;
     eprintln!(
@@ -186,7 +207,7 @@ pub async fn leave(a: LeaveArgs) -> CliResult {
         leaving: true,
     });
     // Sent to the leaving node itself: it hands over leadership, then asks the leader.
-    match members::request(&[a.endpoint], &a.cluster, req).await {
+    match members::request(&a.tls.dialer()?, &[a.endpoint], &a.cluster, req).await {
         Ok(pb::membership_response::Resp::Remove(r)) => {
             println!("{}", r.report);
             Ok(())

@@ -15,7 +15,66 @@ pub mod bench;
 pub mod bench_etcd;
 pub mod bench_failover;
 pub mod cluster;
+use raftsql_core::tls::Dialer;
 use raftsql_core::{Client, Node, NodeConfig, Value};
+
+/// TLS for commands that talk to a cluster (etcdctl's flags): without `--cacert`, plain TCP.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientTls {
+    /// Verify the nodes with these CA certificates (PEM), e.g. a node's `tls/ca.crt`; turns
+    /// TLS on.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// Present this client certificate (PEM; for --client-cert-auth nodes).
+    #[arg(long, requires = "key", requires = "cacert")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    /// How to connect: plain TCP, or TLS with these files.
+    pub fn dialer(&self) -> Result<Dialer, String> {
+        match &self.cacert {
+            None => Ok(Dialer::Plain),
+            Some(ca) => {
+                let ck = match (&self.cert, &self.key) {
+                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                    _ => None,
+                };
+                Dialer::client(ca, ck).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// `raftsql ca`: the cluster CA for peer TLS.
+#[derive(Subcommand, Debug)]
+enum CaCmd {
+    /// Create a cluster CA in DIR (ca.crt, ca.key; owner-only) for `--peer-ca-dir`, and
+    /// print its fingerprint.
+    Init {
+        /// The directory to create.
+        dir: PathBuf,
+        /// The cluster's name (shown in the CA's name).
+        #[arg(long, default_value = "raftsql")]
+        cluster: String,
+    },
+    /// Issue a client certificate signed by the cluster CA in --ca-dir (for clients of
+    /// nodes run with --client-cert-auth).
+    ClientCert {
+        /// The CA directory (`ca init`'s, or a node's `tls/`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The client's name (the certificate's common name).
+        #[arg(long)]
+        name: String,
+        /// Writes OUT.crt and OUT.key (owner-only).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
 
 /// Replicated SQLite over Raft.
 #[derive(Parser, Debug)]
@@ -62,6 +121,11 @@ enum Cmd {
     /// Disaster recovery after losing a quorum for good: make this stopped node the only
     /// voter, keeping its committed state.
     Recover(backup::RecoverArgs),
+    /// The cluster CA for TLS between nodes.
+    Ca {
+        #[command(subcommand)]
+        what: CaCmd,
+    },
     /// Load generators.
     Bench {
         #[command(subcommand)]
@@ -114,6 +178,8 @@ struct BenchSqlArgs {
     /// Cluster name.
     #[arg(long, default_value = "raftsql")]
     cluster: String,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 #[derive(Args, Debug)]
@@ -168,17 +234,29 @@ struct NodeArgs {
     /// Serve the etcd v3 API (gRPC) on this address, e.g. 127.0.0.1:2379.
     #[arg(long)]
     etcd_listen: Option<SocketAddr>,
-    /// Serve the etcd API over TLS with this certificate chain (PEM); needs --key-file.
+    /// Mutually authenticated TLS between nodes (and TLS for clients). A new single-node
+    /// cluster creates its CA in <data-dir>/tls; bootstrap nodes of a larger one need
+    /// --peer-ca-dir. A data directory with tls/ always runs TLS.
+    #[arg(long)]
+    peer_tls: bool,
+    /// The cluster CA made by `raftsql ca init` (implies --peer-tls); the node issues its
+    /// own certificate from it. Needed by every bootstrap node of a multi-node TLS cluster.
+    #[arg(long)]
+    peer_ca_dir: Option<PathBuf>,
+    /// Serve clients over TLS with this certificate chain (PEM); needs --key-file. Applies
+    /// to the etcd API, and with peer TLS to SQL clients too (which otherwise get the node
+    /// certificate).
     #[arg(long, requires = "key_file")]
     cert_file: Option<PathBuf>,
     /// The private key (PEM) of --cert-file.
     #[arg(long, requires = "cert_file")]
     key_file: Option<PathBuf>,
-    /// CA certificates (PEM) that etcd clients' certificates are verified against.
-    #[arg(long, requires = "cert_file")]
+    /// CA certificates (PEM) that client certificates are verified against (with peer TLS,
+    /// the cluster CA is trusted too).
+    #[arg(long)]
     trusted_ca_file: Option<PathBuf>,
-    /// Refuse etcd clients without a certificate signed by --trusted-ca-file.
-    #[arg(long, requires = "trusted_ca_file")]
+    /// Refuse clients without a verified certificate (needs --trusted-ca-file or peer TLS).
+    #[arg(long)]
     client_cert_auth: bool,
     /// How long an etcd watch that asked for progress notifications may stay silent before
     /// it gets one (e.g. 10m, 5s, 500ms).
@@ -205,6 +283,10 @@ struct DevArgs {
     /// Host to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Run with TLS everywhere: a cluster CA, mutually authenticated nodes, and clients
+    /// (SQL and etcd) that must present the client certificate written next to the data.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Args, Debug)]
@@ -227,6 +309,8 @@ struct SqlArgs {
     /// Cluster name.
     #[arg(long, default_value = "raftsql")]
     cluster: String,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 #[derive(Args, Debug)]
@@ -243,6 +327,8 @@ struct StatusArgs {
     /// Cluster name.
     #[arg(long, default_value = "raftsql")]
     cluster: String,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 /// Entry point of the `raftsql` binary.
@@ -271,6 +357,7 @@ pub fn main() -> ExitCode {
             } => cluster::show(a).await,
             Cmd::Snapshot { what } => backup::snapshot(what).await,
             Cmd::Recover(a) => backup::recover(a),
+            Cmd::Ca { what } => run_ca(what),
             Cmd::Bench {
                 what: BenchCmd::Sql(a),
             } => run_bench_sql(a).await,
@@ -359,25 +446,60 @@ pub(crate) async fn run_node_with(
     }
     cfg.max_request_bytes = a.max_request_bytes;
     cfg.max_result_bytes = a.max_result_bytes;
+    let tls_dir = a.data_dir.join("tls");
+    let peer_tls = a.peer_tls
+        || a.peer_ca_dir.is_some()
+        || joined.as_ref().is_some_and(|t| t.tls.is_some())
+        || tls_dir.exists();
+    if a.client_cert_auth && a.trusted_ca_file.is_none() && !peer_tls {
+        return Err("--client-cert-auth needs --trusted-ca-file (or peer TLS, whose CA is trusted)".into());
+    }
+    cfg.tls = raftsql_core::tls::TlsSettings {
+        peer_tls: a.peer_tls,
+        ca_dir: a.peer_ca_dir.clone(),
+        joined: joined.as_ref().and_then(|t| t.tls.clone()),
+        client: raftsql_core::tls::ClientFacing {
+            cert_file: a.cert_file.clone(),
+            key_file: a.key_file.clone(),
+            trusted_ca_file: a.trusted_ca_file.clone(),
+            client_cert_auth: a.client_cert_auth,
+        },
+    };
     let cluster_id = cluster_id(&cfg.cluster);
-    let tls = match (&a.cert_file, &a.key_file) {
-        (Some(cert_file), Some(key_file)) => Some(
+    let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
+    // The etcd API: --cert-file if given; with peer TLS, the node certificate otherwise
+    // (clients verify it with the cluster CA, tls/ca.crt).
+    let etcd_tls = match (&a.cert_file, &a.key_file) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone(), a.trusted_ca_file.clone())),
+        _ if peer_tls => Some((
+            tls_dir.join("node.crt"),
+            tls_dir.join("node.key"),
+            Some(a.trusted_ca_file.clone().unwrap_or_else(|| tls_dir.join("ca.crt"))),
+        )),
+        _ => None,
+    };
+    let tls = match etcd_tls {
+        Some((cert_file, key_file, trusted_ca_file)) => Some(
             raftsql_etcd::TlsFiles {
-                cert_file: cert_file.clone(),
-                key_file: key_file.clone(),
-                trusted_ca_file: a.trusted_ca_file.clone(),
+                cert_file,
+                key_file,
+                trusted_ca_file,
                 client_cert_auth: a.client_cert_auth,
             }
             .load()
             .map_err(|e| e.to_string())?,
         ),
-        _ => None,
+        None => None,
     };
-    let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
     eprintln!(
-        "raftsql: node {} listening on {} (data in {})",
+        "raftsql: node {} listening on {}{} (data in {})",
         id,
         a.listen,
+        if peer_tls {
+            " with TLS (peers mutually authenticated)"
+        } else {
+            ""
+        },
         a.data_dir.display()
     );
     let (stop_etcd, etcd_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -429,6 +551,36 @@ pub(crate) async fn run_node_with(
     Ok(())
 }
 
+fn run_ca(c: CaCmd) -> CliResult {
+    use raftsql_core::tls::{write_private, ClusterCa};
+    match c {
+        CaCmd::Init { dir, cluster } => {
+            if dir.join("ca.key").exists() || dir.join("ca.crt").exists() {
+                return Err(format!("{} already holds a CA: not replacing it", dir.display()));
+            }
+            let ca = ClusterCa::generate(&cluster).map_err(|e| e.to_string())?;
+            ca.save(&dir).map_err(|e| e.to_string())?;
+            println!("cluster CA written to {} (ca.crt, ca.key; owner-only)", dir.display());
+            println!("fingerprint (SHA-256): {}", ca.fingerprint_hex());
+            println!(
+                "start every bootstrap node with --peer-ca-dir {}; keep ca.key secret (every \
+                 member keeps a copy in its data directory's tls/)",
+                dir.display()
+            );
+            Ok(())
+        }
+        CaCmd::ClientCert { ca_dir, name, out } => {
+            let ca = ClusterCa::load(&ca_dir).map_err(|e| e.to_string())?;
+            let (cert, key) = ca.issue_client(&name).map_err(|e| e.to_string())?;
+            let (c, k) = (out.with_extension("crt"), out.with_extension("key"));
+            write_private(&c, cert.as_bytes()).map_err(|e| e.to_string())?;
+            write_private(&k, key.as_bytes()).map_err(|e| e.to_string())?;
+            println!("client certificate {} and key {} for {name:?}", c.display(), k.display());
+            Ok(())
+        }
+    }
+}
+
 /// A stable 64-bit cluster id for etcd headers, from the cluster name (FNV-1a).
 fn cluster_id(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -455,6 +607,27 @@ fn run_dev(a: DevArgs) -> CliResult {
         .map(|(i, ad)| format!("{}={ad}", i + 1))
         .collect();
     let peers = peers.join(",");
+    // With --tls: one CA for the cluster, and a client certificate for the user.
+    let (ca_dir, client_crt, client_key) = (dir.join("ca"), dir.join("client.crt"), dir.join("client.key"));
+    let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+    let mut dialer = Dialer::Plain;
+    if a.tls {
+        use raftsql_core::tls::{write_private, ClusterCa};
+        let ca = if ca_dir.join("ca.key").exists() {
+            ClusterCa::load(&ca_dir)
+        } else {
+            ClusterCa::generate("raftsql").and_then(|ca| ca.save(&ca_dir).map(|_| ca))
+        }
+        .map_err(|e| e.to_string())?;
+        if !client_crt.exists() {
+            let (c, k) = ca.issue_client("raftsql dev user").map_err(|e| e.to_string())?;
+            write_private(&client_crt, c.as_bytes()).map_err(|e| e.to_string())?;
+            write_private(&client_key, k.as_bytes()).map_err(|e| e.to_string())?;
+        }
+        tls_args = vec!["--peer-ca-dir".into(), ca_dir.clone().into(), "--client-cert-auth".into()];
+        dialer = Dialer::client(&ca_dir.join("ca.crt"), Some((&client_crt, &client_key)))
+            .map_err(|e| e.to_string())?;
+    }
     let mut children: Vec<Child> = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let id = i + 1;
@@ -472,6 +645,7 @@ fn run_dev(a: DevArgs) -> CliResult {
                 &peers,
             ])
             .args(["--etcd-listen", &format!("{}:{}", a.host, etcd_port(id))])
+            .args(&tls_args)
             .arg("--data-dir")
             .arg(&data)
             .stdin(Stdio::null())
@@ -506,7 +680,7 @@ fn run_dev(a: DevArgs) -> CliResult {
     let leader = rt.block_on(async {
         while started.elapsed() < Duration::from_secs(20) {
             for a in &sockaddrs {
-                if let Ok(s) = Client::status_of(*a, "raftsql", false).await {
+                if let Ok(s) = Client::status_of_with(&dialer, *a, "raftsql", false).await {
                     if s.leader_id != 0 {
                         return Some(s.leader_id);
                     }
@@ -523,14 +697,25 @@ fn run_dev(a: DevArgs) -> CliResult {
         ),
         None => println!("no leader yet: see the node logs"),
     }
-    println!("\nTry:\n  raftsql sql --endpoints {endpoints} -e \"CREATE TABLE t(k TEXT PRIMARY KEY, v TEXT)\"");
-    println!("  raftsql sql --endpoints {endpoints} -e \"INSERT INTO t VALUES('hello', 'world')\"");
-    println!("  raftsql sql --endpoints {endpoints} -e \"SELECT * FROM t\"");
-    println!("  raftsql status --endpoints {endpoints}");
+    let (flags, etcd_flags, scheme) = if a.tls {
+        let files = format!(
+            "--cacert {} --cert {} --key {}",
+            ca_dir.join("ca.crt").display(),
+            client_crt.display(),
+            client_key.display()
+        );
+        (format!(" {files}"), format!(" {files}"), "https://")
+    } else {
+        (String::new(), String::new(), "")
+    };
+    println!("\nTry:\n  raftsql sql --endpoints {endpoints}{flags} -e \"CREATE TABLE t(k TEXT PRIMARY KEY, v TEXT)\"");
+    println!("  raftsql sql --endpoints {endpoints}{flags} -e \"INSERT INTO t VALUES('hello', 'world')\"");
+    println!("  raftsql sql --endpoints {endpoints}{flags} -e \"SELECT * FROM t\"");
+    println!("  raftsql status --endpoints {endpoints}{flags}");
     let etcd_eps: Vec<String> = (1..=addrs.len())
-        .map(|i| format!("{}:{}", a.host, etcd_port(i)))
+        .map(|i| format!("{scheme}{}:{}", a.host, etcd_port(i)))
         .collect();
-    println!("  etcdctl --endpoints {} put foo bar", etcd_eps.join(","));
+    println!("  etcdctl --endpoints {}{etcd_flags} put foo bar", etcd_eps.join(","));
     println!("(through cargo: cargo run -p raftsql-cli -- sql ...). Ctrl-C stops the cluster.");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -727,7 +912,8 @@ fn print_rows(a: &SqlArgs, rows: &raftsql_core::Rows) {
 /// `COMMIT`/`ROLLBACK` run as one interactive transaction on the leader; `.quit` leaves.
 async fn run_sql(a: SqlArgs) -> CliResult {
     use std::io::{IsTerminal, Write};
-    let client = Client::new(parse_endpoints(&a.endpoints)?, &a.cluster);
+    let client =
+        Client::new(parse_endpoints(&a.endpoints)?, &a.cluster).with_dialer(a.tls.dialer()?);
     if let Some(sql) = &a.execute {
         return run_one(&client, &a, sql).await;
     }
@@ -848,6 +1034,7 @@ async fn run_bench_sql(a: BenchSqlArgs) -> CliResult {
         value_size: a.value_size,
         workload: a.workload,
         keys: a.keys.max(1),
+        dialer: a.tls.dialer()?,
     };
     eprintln!(
         "raftsql bench sql: {} workers, {} s, {}",
@@ -862,8 +1049,9 @@ async fn run_bench_sql(a: BenchSqlArgs) -> CliResult {
 
 async fn run_status(a: StatusArgs) -> CliResult {
     let mut any = false;
+    let dialer = a.tls.dialer()?;
     for addr in parse_endpoints(&a.endpoints)? {
-        match Client::status_of(addr, &a.cluster, a.digests).await {
+        match Client::status_of_with(&dialer, addr, &a.cluster, a.digests).await {
             Ok(s) => {
                 any = true;
                 if a.json {

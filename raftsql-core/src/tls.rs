@@ -709,6 +709,24 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32]> {
     Ok(fp)
 }
 
+impl ClusterCa {
+    /// A client certificate (client authentication only) named `name`, with a new key:
+    /// (certificate PEM, key PEM).
+    pub fn issue_client(&self, name: &str) -> Result<(String, String)> {
+        let key = KeyPair::generate().map_err(|e| tls_err("generating a client key", e))?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        let cert = p
+            .signed_by(&key, &self.issuer()?)
+            .map_err(|e| tls_err("signing the client certificate", e))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 /// A node's new key and a certificate request for it: (key PEM, CSR DER).
 pub fn node_request() -> Result<(String, Vec<u8>)> {
     let key = KeyPair::generate().map_err(|e| tls_err("generating a node key", e))?;
