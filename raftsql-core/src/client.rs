@@ -128,6 +128,11 @@ impl Client {
             if guard.as_ref().map(|(a, _)| *a) != Some(target) {
                 *guard = match RpcConn::connect(&self.dialer, Peer::Endpoint, target, 0, &self.cluster, None).await {
                     Ok(c) => Some((target, c)),
+                    // A certificate the node refuses (or that does not verify) will not
+                    // change by retrying.
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        return Err(Error::Transport(format!("{target}: {e}")));
+                    }
                     Err(e) => {
                         last_err = Error::Transport(format!("{target}: {e}"));
                         drop(guard);
@@ -139,6 +144,17 @@ impl Client {
             let (_, conn) = guard.as_mut().unwrap();
             let r = conn.call(body.clone()).await;
             match r {
+                Err(e)
+                    if guard.as_ref().is_some_and(|(_, c)| c.answered() == 0)
+                        && (e.kind() == std::io::ErrorKind::PermissionDenied
+                            || (!is_write && e.kind() == std::io::ErrorKind::InvalidData)) =>
+                {
+                    // Refused right after the hello, before any request ran (no client
+                    // certificate, a revoked one), or a read that got TLS from a node
+                    // (a plaintext client): retrying will not help.
+                    *guard = None;
+                    return Err(Error::Transport(format!("{target}: {e}")));
+                }
                 Err(e) => {
                     *guard = None;
                     if is_write {

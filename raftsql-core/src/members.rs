@@ -291,8 +291,41 @@ pub(crate) fn start(node: &Node) {
     );
     node.register_service(LEADER_SERVICE, Arc::new(Leader(weak.clone())));
     node.register_service(NOTICE_SERVICE, Arc::new(Notice(weak.clone())));
+    tokio::spawn(check_in(weak.clone()));
     tokio::spawn(sync_task(weak.clone(), node.subscribe_applied()));
     tokio::spawn(keeper_task(weak));
+}
+
+/// At start, asks every peer for its status once: a node removed while it was down learns
+/// it from their refusal (a voter would when it campaigns, but a standby or spare never
+/// dials anyone by itself).
+async fn check_in(weak: WeakNode) {
+    let Some(node) = weak.upgrade() else { return };
+    let (me, cfg, dialer) = (node.id(), node.config().clone(), node.dialer());
+    let peers = node.peers();
+    drop(node);
+    for (id, addr) in peers {
+        if id == me {
+            continue;
+        }
+        let r = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut conn = RpcConn::connect(&dialer, Peer::Node(id), addr, me, &cfg.cluster, Some(cfg.listen.ip())).await.ok()?;
+            let _ = conn
+                .call(pb::request::Body::Status(pb::StatusRequest { with_digests: false }))
+                .await;
+            conn.refusal().cloned()
+        })
+        .await;
+        if let Ok(Some(refusal)) = r {
+            let Some(node) = weak.upgrade() else { return };
+            if refusal.revoked {
+                tracing::error!("node {id} refused this node: {}", refusal.reason);
+                node.mark_departed(refusal.reason);
+                return;
+            }
+            tracing::warn!("node {id} refused this node: {}", refusal.reason);
+        }
+    }
 }
 
 /// Follows the registry: the transport's addresses, and whether this node was removed.

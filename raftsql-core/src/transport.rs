@@ -180,6 +180,12 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
             if self.r.read_buf(&mut self.buf).await? == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
+                } else if matches!(self.buf[..], [0x15 | 0x16, 0x03, ..]) {
+                    // A TLS record (an alert or a handshake): the other end speaks TLS.
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the node speaks TLS: connect with TLS (--cacert)",
+                    ))
                 } else {
                     Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -751,6 +757,10 @@ pub struct RpcConn {
     next_id: u64,
     /// The server answered with a connection-level error (id 0) and is closing.
     refused: bool,
+    /// Responses received so far.
+    answered: u64,
+    /// The server's refusal, if it refused this connection.
+    refusal: Option<pb::Refused>,
 }
 
 impl RpcConn {
@@ -777,7 +787,19 @@ impl RpcConn {
             writer: w,
             next_id: 1,
             refused: false,
+            answered: 0,
+            refusal: None,
         })
+    }
+
+    /// The server's refusal of this connection, once one arrived.
+    pub fn refusal(&self) -> Option<&pb::Refused> {
+        self.refusal.as_ref()
+    }
+
+    /// How many responses this connection has received.
+    pub fn answered(&self) -> u64 {
+        self.answered
     }
 
     /// True if the server has closed this connection: a request sent on it would be lost.
@@ -802,13 +824,19 @@ impl RpcConn {
                     kind: Some(pb::frame::Kind::Response(r)),
                 }) if r.id == id || r.id == 0 => {
                     self.refused |= r.id == 0;
+                    self.answered += 1;
                     return r.body.ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidData, "empty response")
                     });
                 }
                 Some(pb::Frame {
                     kind: Some(pb::frame::Kind::Refused(r)),
-                }) => return Err(io::Error::new(io::ErrorKind::PermissionDenied, r.reason)),
+                }) => {
+                    self.refused = true;
+                    let e = io::Error::new(io::ErrorKind::PermissionDenied, r.reason.clone());
+                    self.refusal = Some(r);
+                    return Err(e);
+                }
                 Some(_) => continue,
                 None => {
                     return Err(io::Error::new(
