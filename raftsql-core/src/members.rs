@@ -296,34 +296,44 @@ pub(crate) fn start(node: &Node) {
     tokio::spawn(keeper_task(weak));
 }
 
-/// At start, asks every peer for its status once: a node removed while it was down learns
-/// it from their refusal (a voter would when it campaigns, but a standby or spare never
-/// dials anyone by itself).
+/// Asks every peer for its status at start, then every 2 s while this node knows no
+/// leader: a node removed while it was down learns it from their refusal. (A voter would
+/// when it campaigns, but a standby or spare never dials anyone by itself, and nobody
+/// dials a removed node.)
 async fn check_in(weak: WeakNode) {
-    let Some(node) = weak.upgrade() else { return };
-    let (me, cfg, dialer) = (node.id(), node.config().clone(), node.dialer());
-    let peers = node.peers();
-    drop(node);
-    for (id, addr) in peers {
-        if id == me {
-            continue;
-        }
-        let r = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut conn = RpcConn::connect(&dialer, Peer::Node(id), addr, me, &cfg.cluster, Some(cfg.listen.ip())).await.ok()?;
-            let _ = conn
-                .call(pb::request::Body::Status(pb::StatusRequest { with_digests: false }))
-                .await;
-            conn.refusal().cloned()
-        })
-        .await;
-        if let Ok(Some(refusal)) = r {
-            let Some(node) = weak.upgrade() else { return };
-            if refusal.revoked {
-                tracing::error!("node {id} refused this node: {}", refusal.reason);
-                node.mark_departed(refusal.reason);
-                return;
+    loop {
+        let Some(node) = weak.upgrade() else { return };
+        let (me, cfg, dialer) = (node.id(), node.config().clone(), node.dialer());
+        let peers = node.peers();
+        drop(node);
+        for (id, addr) in peers {
+            if id == me {
+                continue;
             }
-            tracing::warn!("node {id} refused this node: {}", refusal.reason);
+            let r = tokio::time::timeout(Duration::from_secs(2), async {
+                let local = Some(cfg.listen.ip());
+                let mut conn = RpcConn::connect(&dialer, Peer::Node(id), addr, me, &cfg.cluster, local)
+                    .await
+                    .ok()?;
+                let status = pb::request::Body::Status(pb::StatusRequest { with_digests: false });
+                let _ = conn.call(status).await;
+                conn.refusal().cloned()
+            })
+            .await;
+            if let Ok(Some(refusal)) = r {
+                let Some(node) = weak.upgrade() else { return };
+                if refusal.revoked {
+                    tracing::error!("node {id} refused this node: {}", refusal.reason);
+                    node.mark_departed(refusal.reason);
+                    return;
+                }
+                tracing::warn!("node {id} refused this node: {}", refusal.reason);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Some(node) = weak.upgrade() else { return };
+        if node.raft_status().leader_id != 0 {
+            return;
         }
     }
 }

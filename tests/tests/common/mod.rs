@@ -42,6 +42,8 @@ pub struct Cluster {
     pub peers: String,
     pub args: Vec<String>,
     pub rt: tokio::runtime::Runtime,
+    /// How the harness's clients connect (TLS after [`Cluster::prepare_tls`]).
+    pub client_tls: raftsql_core::tls::Dialer,
 }
 
 impl Cluster {
@@ -105,7 +107,55 @@ impl Cluster {
             peers,
             args: args.iter().map(|s| s.to_string()).collect(),
             rt,
+            client_tls: Default::default(),
         }
+    }
+
+    /// [`Cluster::prepare`] for a TLS cluster: `raftsql ca init <dir>/ca`, every node gets
+    /// `--peer-ca-dir`, and a client certificate `<dir>/client.{crt,key}` from that CA
+    /// is what the harness's clients present ([`Cluster::tls_flags`] for the CLI).
+    pub fn prepare_tls(n: usize, args: &[&str], etcd: bool) -> Cluster {
+        let mut cl = Self::prepare(n, args, etcd);
+        let ca = cl.dir.path().join("ca");
+        let (ok, out, err) = Self::run_cli(&["ca", "init", ca.to_str().unwrap()]);
+        assert!(ok, "ca init failed: {err}");
+        assert!(out.contains("fingerprint"), "{out}");
+        let client = cl.dir.path().join("client");
+        let (ok, _, err) = Self::run_cli(&[
+            "ca",
+            "client-cert",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--name",
+            "tester",
+            "--out",
+            client.to_str().unwrap(),
+        ]);
+        assert!(ok, "ca client-cert failed: {err}");
+        cl.args
+            .extend(["--peer-ca-dir".to_string(), ca.display().to_string()]);
+        cl.client_tls = raftsql_core::tls::Dialer::client(
+            &ca.join("ca.crt"),
+            Some((&client.with_extension("crt"), &client.with_extension("key"))),
+        )
+        .unwrap();
+        cl
+    }
+
+    /// The CLI's TLS flags for this cluster's client certificate (after `prepare_tls`).
+    pub fn tls_flags(&self) -> Vec<String> {
+        let d = self.dir.path();
+        [
+            "--cacert",
+            &d.join("ca/ca.crt").display().to_string(),
+            "--cert",
+            &d.join("client.crt").display().to_string(),
+            "--key",
+            &d.join("client.key").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     }
 
     fn node(&self, id: u64) -> &NodeProc {
@@ -340,16 +390,22 @@ impl Cluster {
     /// A client of every node.
     pub fn client(&self) -> Client {
         Client::new(self.nodes.iter().map(|n| n.addr).collect(), "raftsql")
+            .with_dialer(self.client_tls.clone())
     }
 
     /// A client of one node only.
     pub fn client_of(&self, id: u64) -> Client {
-        Client::new(vec![self.addr(id)], "raftsql")
+        Client::new(vec![self.addr(id)], "raftsql").with_dialer(self.client_tls.clone())
     }
 
     pub fn status(&self, id: u64, digests: bool) -> Option<raftsql_proto::v1::StatusResponse> {
         self.rt
-            .block_on(Client::status_of(self.addr(id), "raftsql", digests))
+            .block_on(Client::status_of_with(
+                &self.client_tls,
+                self.addr(id),
+                "raftsql",
+                digests,
+            ))
             .ok()
     }
 
