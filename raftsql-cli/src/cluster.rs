@@ -188,10 +188,16 @@ pub async fn join(a: JoinArgs) -> CliResult {
             a.node.data_dir.display()
         ));
     }
-    let ticket: JoinTicket =
-        members::join(target, token, fp, a.node.listen, &a.node.domain, a.node.weight)
-            .await
-            .map_err(|e| format!("join refused: {e}"))?;
+    let ticket: JoinTicket = members::join(
+        target,
+        token,
+        fp,
+        a.node.listen,
+        &a.node.domain,
+        a.node.weight,
+    )
+    .await
+    .map_err(|e| format!("join refused: {e}"))?;
     eprintln!(
         "raftsql: joined cluster {:?} as node {} (a spare; the leader assigns its role)",
         ticket.cluster, ticket.id

@@ -452,7 +452,9 @@ pub(crate) async fn run_node_with(
         || joined.as_ref().is_some_and(|t| t.tls.is_some())
         || tls_dir.exists();
     if a.client_cert_auth && a.trusted_ca_file.is_none() && !peer_tls {
-        return Err("--client-cert-auth needs --trusted-ca-file (or peer TLS, whose CA is trusted)".into());
+        return Err(
+            "--client-cert-auth needs --trusted-ca-file (or peer TLS, whose CA is trusted)".into(),
+        );
     }
     cfg.tls = raftsql_core::tls::TlsSettings {
         peer_tls: a.peer_tls,
@@ -474,7 +476,11 @@ pub(crate) async fn run_node_with(
         _ if peer_tls => Some((
             tls_dir.join("node.crt"),
             tls_dir.join("node.key"),
-            Some(a.trusted_ca_file.clone().unwrap_or_else(|| tls_dir.join("ca.crt"))),
+            Some(
+                a.trusted_ca_file
+                    .clone()
+                    .unwrap_or_else(|| tls_dir.join("ca.crt")),
+            ),
         )),
         _ => None,
     };
@@ -556,11 +562,17 @@ fn run_ca(c: CaCmd) -> CliResult {
     match c {
         CaCmd::Init { dir, cluster } => {
             if dir.join("ca.key").exists() || dir.join("ca.crt").exists() {
-                return Err(format!("{} already holds a CA: not replacing it", dir.display()));
+                return Err(format!(
+                    "{} already holds a CA: not replacing it",
+                    dir.display()
+                ));
             }
             let ca = ClusterCa::generate(&cluster).map_err(|e| e.to_string())?;
             ca.save(&dir).map_err(|e| e.to_string())?;
-            println!("cluster CA written to {} (ca.crt, ca.key; owner-only)", dir.display());
+            println!(
+                "cluster CA written to {} (ca.crt, ca.key; owner-only)",
+                dir.display()
+            );
             println!("fingerprint (SHA-256): {}", ca.fingerprint_hex());
             println!(
                 "start every bootstrap node with --peer-ca-dir {}; keep ca.key secret (every \
@@ -575,7 +587,11 @@ fn run_ca(c: CaCmd) -> CliResult {
             let (c, k) = (out.with_extension("crt"), out.with_extension("key"));
             write_private(&c, cert.as_bytes()).map_err(|e| e.to_string())?;
             write_private(&k, key.as_bytes()).map_err(|e| e.to_string())?;
-            println!("client certificate {} and key {} for {name:?}", c.display(), k.display());
+            println!(
+                "client certificate {} and key {} for {name:?}",
+                c.display(),
+                k.display()
+            );
             Ok(())
         }
     }
@@ -608,7 +624,11 @@ fn run_dev(a: DevArgs) -> CliResult {
         .collect();
     let peers = peers.join(",");
     // With --tls: one CA for the cluster, and a client certificate for the user.
-    let (ca_dir, client_crt, client_key) = (dir.join("ca"), dir.join("client.crt"), dir.join("client.key"));
+    let (ca_dir, client_crt, client_key) = (
+        dir.join("ca"),
+        dir.join("client.crt"),
+        dir.join("client.key"),
+    );
     let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
     let mut dialer = Dialer::Plain;
     if a.tls {
@@ -620,11 +640,17 @@ fn run_dev(a: DevArgs) -> CliResult {
         }
         .map_err(|e| e.to_string())?;
         if !client_crt.exists() {
-            let (c, k) = ca.issue_client("raftsql dev user").map_err(|e| e.to_string())?;
+            let (c, k) = ca
+                .issue_client("raftsql dev user")
+                .map_err(|e| e.to_string())?;
             write_private(&client_crt, c.as_bytes()).map_err(|e| e.to_string())?;
             write_private(&client_key, k.as_bytes()).map_err(|e| e.to_string())?;
         }
-        tls_args = vec!["--peer-ca-dir".into(), ca_dir.clone().into(), "--client-cert-auth".into()];
+        tls_args = vec![
+            "--peer-ca-dir".into(),
+            ca_dir.clone().into(),
+            "--client-cert-auth".into(),
+        ];
         dialer = Dialer::client(&ca_dir.join("ca.crt"), Some((&client_crt, &client_key)))
             .map_err(|e| e.to_string())?;
     }
@@ -715,7 +741,10 @@ fn run_dev(a: DevArgs) -> CliResult {
     let etcd_eps: Vec<String> = (1..=addrs.len())
         .map(|i| format!("{scheme}{}:{}", a.host, etcd_port(i)))
         .collect();
-    println!("  etcdctl --endpoints {}{etcd_flags} put foo bar", etcd_eps.join(","));
+    println!(
+        "  etcdctl --endpoints {}{etcd_flags} put foo bar",
+        etcd_eps.join(",")
+    );
     println!("(through cargo: cargo run -p raftsql-cli -- sql ...). Ctrl-C stops the cluster.");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {

@@ -142,13 +142,16 @@ pub async fn save(
     // A member keeps only its newest snapshot: if Raft replaces it while we pull, start over.
     for _attempt in 0..3 {
         for ep in endpoints {
-            let mut conn = match RpcConn::connect(dialer, crate::tls::Peer::Endpoint, *ep, 0, cluster, None).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = Error::Unavailable(format!("cannot reach {ep}: {e}"));
-                    continue;
-                }
-            };
+            let mut conn =
+                match RpcConn::connect(dialer, crate::tls::Peer::Endpoint, *ep, 0, cluster, None)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = Error::Unavailable(format!("cannot reach {ep}: {e}"));
+                        continue;
+                    }
+                };
             let offer = match call(&mut conn, *ep).await {
                 Ok(o) => o,
                 Err(e @ (Error::Unavailable(_) | Error::NotLeader { .. } | Error::Timeout(_))) => {

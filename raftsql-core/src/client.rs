@@ -126,7 +126,16 @@ impl Client {
                 *guard = None;
             }
             if guard.as_ref().map(|(a, _)| *a) != Some(target) {
-                *guard = match RpcConn::connect(&self.dialer, Peer::Endpoint, target, 0, &self.cluster, None).await {
+                *guard = match RpcConn::connect(
+                    &self.dialer,
+                    Peer::Endpoint,
+                    target,
+                    0,
+                    &self.cluster,
+                    None,
+                )
+                .await
+                {
                     Ok(c) => Some((target, c)),
                     // A certificate the node refuses (or that does not verify) will not
                     // change by retrying.

@@ -312,10 +312,13 @@ async fn check_in(weak: WeakNode) {
             }
             let r = tokio::time::timeout(Duration::from_secs(2), async {
                 let local = Some(cfg.listen.ip());
-                let mut conn = RpcConn::connect(&dialer, Peer::Node(id), addr, me, &cfg.cluster, local)
-                    .await
-                    .ok()?;
-                let status = pb::request::Body::Status(pb::StatusRequest { with_digests: false });
+                let mut conn =
+                    RpcConn::connect(&dialer, Peer::Node(id), addr, me, &cfg.cluster, local)
+                        .await
+                        .ok()?;
+                let status = pb::request::Body::Status(pb::StatusRequest {
+                    with_digests: false,
+                });
                 let _ = conn.call(status).await;
                 conn.refusal().cloned()
             })
@@ -488,8 +491,15 @@ async fn probe(
                 let mut conn = match pooled.map(|(_, mut c)| (c.is_closed(), c)) {
                     Some((false, c)) => c,
                     _ => {
-                        RpcConn::connect(&dialer, Peer::Node(id), addr, me, &cluster, Some(local_ip))
-                            .await?
+                        RpcConn::connect(
+                            &dialer,
+                            Peer::Node(id),
+                            addr,
+                            me,
+                            &cluster,
+                            Some(local_ip),
+                        )
+                        .await?
                     }
                 };
                 let body = pb::request::Body::Status(pb::StatusRequest {
@@ -635,7 +645,9 @@ impl ServiceHandler for Notice {
                     "ignored a removal notice that no member confirms (this node is still a \
                      member, or no member answered)"
                 );
-                return Err(Error::Invalid("removal not confirmed by the cluster".into()));
+                return Err(Error::Invalid(
+                    "removal not confirmed by the cluster".into(),
+                ));
             }
             tracing::warn!("the leader removed this node from the cluster");
             node.mark_departed(format!("node {} was removed from the cluster", n.id));
@@ -845,7 +857,11 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
     };
     tracing::info!(
         "node {id} at {addr} joined as a spare{}",
-        if cert.is_empty() { "" } else { " (certificate issued)" }
+        if cert.is_empty() {
+            ""
+        } else {
+            " (certificate issued)"
+        }
     );
     Ok(pb::JoinResponse {
         id,
@@ -991,7 +1007,15 @@ async fn removal_confirmed(node: &Node) -> bool {
             continue;
         }
         let answer = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut conn = RpcConn::connect(&node.dialer(), Peer::Node(id), addr, me, &cfg.cluster, Some(cfg.listen.ip())).await?;
+            let mut conn = RpcConn::connect(
+                &node.dialer(),
+                Peer::Node(id),
+                addr,
+                me,
+                &cfg.cluster,
+                Some(cfg.listen.ip()),
+            )
+            .await?;
             conn.call(pb::request::Body::Service(pb::ServiceCall {
                 service: MEMBERS_SERVICE.to_string(),
                 payload: payload.clone(),
@@ -1025,8 +1049,15 @@ async fn notify_removed(node: &Node, id: u64, addr: SocketAddr) {
     }
     .encode_to_vec();
     let r = tokio::time::timeout(Duration::from_secs(1), async {
-        let mut conn =
-            RpcConn::connect(&node.dialer(), Peer::Node(id), addr, node.id(), &cfg.cluster, Some(cfg.listen.ip())).await?;
+        let mut conn = RpcConn::connect(
+            &node.dialer(),
+            Peer::Node(id),
+            addr,
+            node.id(),
+            &cfg.cluster,
+            Some(cfg.listen.ip()),
+        )
+        .await?;
         conn.call(pb::request::Body::Service(pb::ServiceCall {
             service: NOTICE_SERVICE.to_string(),
             payload: payload.into(),
@@ -1190,7 +1221,10 @@ pub async fn join(
                     "the cluster answered without a certificate (it runs without TLS?)".into(),
                 ));
             }
-            let ca = crate::tls::ClusterCa::from_pem(text(&j.ca_cert, "CA")?, text(&j.ca_key, "CA key")?)?;
+            let ca = crate::tls::ClusterCa::from_pem(
+                text(&j.ca_cert, "CA")?,
+                text(&j.ca_key, "CA key")?,
+            )?;
             if ca.fingerprint() != fp {
                 return Err(Error::Invalid(
                     "the cluster's CA does not match the join string's fingerprint".into(),

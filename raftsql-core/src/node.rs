@@ -213,6 +213,9 @@ enum RaftMsg {
     Shutdown,
 }
 
+/// A registered service, and whether clients (not only members) may call it.
+type Service = (Arc<dyn ServiceHandler>, bool);
+
 struct Shared {
     cfg: NodeConfig,
     raft_tx: Mutex<Sender<RaftMsg>>,
@@ -228,7 +231,7 @@ struct Shared {
     stopped: AtomicBool,
     forward_pool: Mutex<HashMap<SocketAddr, Vec<RpcConn>>>,
     /// Services by name, and whether clients (not only members) may call them.
-    services: parking_lot::RwLock<HashMap<String, (Arc<dyn ServiceHandler>, bool)>>,
+    services: parking_lot::RwLock<HashMap<String, Service>>,
     /// This node's TLS files (a TLS cluster): the CA signs joiners' certificates.
     tls: Option<crate::tls::Material>,
     /// The member registry's view on this node and, while it leads, the role keeper's.
@@ -522,8 +525,8 @@ impl Node {
             revoked,
         };
         let (transport, _) = Transport::bind(cfg.id, &cfg.cluster, cfg.listen, options, handler)
-        .await
-        .map_err(|e| Error::io(PathBuf::from(cfg.listen.to_string()), e))?;
+            .await
+            .map_err(|e| Error::io(PathBuf::from(cfg.listen.to_string()), e))?;
         for (id, addr) in &cfg.peers {
             transport.set_peer(*id, *addr);
         }

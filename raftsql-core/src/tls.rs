@@ -141,7 +141,8 @@ impl ClusterCa {
         let issuer = ca.issuer()?;
         let key_spki = rcgen::PublicKeyData::subject_public_key_info(issuer.key());
         let der = CertificateDer::from(ca.cert_der.clone());
-        let cert = ParsedCertificate::try_from(&der).map_err(|e| tls_err("the CA certificate", e))?;
+        let cert =
+            ParsedCertificate::try_from(&der).map_err(|e| tls_err("the CA certificate", e))?;
         if cert.subject_public_key_info().as_ref() != key_spki.as_slice() {
             return Err(Error::Invalid(
                 "the CA key does not belong to the CA certificate".into(),
@@ -255,7 +256,9 @@ impl Material {
             .add(chain[1].clone())
             .map_err(|e| tls_err("the cluster CA certificate", e))?;
         verify_node(&chain[0], &[], &roots, id).map_err(|e| {
-            Error::Invalid(format!("node.crt is not the cluster's certificate for node {id}: {e}"))
+            Error::Invalid(format!(
+                "node.crt is not the cluster's certificate for node {id}: {e}"
+            ))
         })
     }
 }
@@ -381,7 +384,11 @@ impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         match hello.server_name() {
             Some(n) if n.ends_with(".raftsql") => Some(self.node.clone()),
-            _ => Some(self.client_facing.clone().unwrap_or_else(|| self.node.clone())),
+            _ => Some(
+                self.client_facing
+                    .clone()
+                    .unwrap_or_else(|| self.node.clone()),
+            ),
         }
     }
 }
@@ -420,8 +427,12 @@ impl PeerTls {
         );
         let client_facing = match (&client.cert_file, &client.key_file) {
             (Some(c), Some(k)) => Some(Arc::new(
-                CertifiedKey::from_der(load_certs(c, "--cert-file")?, load_key(k, "--key-file")?, &p)
-                    .map_err(|e| tls_err("--cert-file and --key-file", e))?,
+                CertifiedKey::from_der(
+                    load_certs(c, "--cert-file")?,
+                    load_key(k, "--key-file")?,
+                    &p,
+                )
+                .map_err(|e| tls_err("--cert-file and --key-file", e))?,
             )),
             _ => None,
         };
@@ -458,7 +469,7 @@ impl PeerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             dialer: Dialer::Tls(Arc::new(client)),
             roots,
-            client_cert_auth: client_cert_auth,
+            client_cert_auth,
             ca_fingerprint: m.ca.fingerprint_hex(),
         })
     }
@@ -527,7 +538,8 @@ fn verify_node(
         UnixTime::now(),
         provider().signature_verification_algorithms.all,
     )?;
-    let name = ServerName::try_from(node_name(id)).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let name =
+        ServerName::try_from(node_name(id)).map_err(|e| rustls::Error::General(e.to_string()))?;
     rustls::client::verify_server_name(&parsed, &name)
 }
 
@@ -677,7 +689,12 @@ impl ServerCertVerifier for PinnedCa {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -686,11 +703,18 @@ impl ServerCertVerifier for PinnedCa {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -448,7 +448,10 @@ async fn peer_sender(
                 cluster: cluster.clone(),
             })),
         };
-        if write_frame(&mut stream, &encode_frame(&hello)).await.is_err() {
+        if write_frame(&mut stream, &encode_frame(&hello))
+            .await
+            .is_err()
+        {
             continue;
         }
         // The peer only ever answers a refusal on this connection.
@@ -564,7 +567,9 @@ async fn accept_conn(tcp: TcpStream, addr: SocketAddr, l: Arc<Listening>) {
             return;
         }
         Err(_) => {
-            tracing::debug!("closed a connection from {addr}: no TLS handshake within {HELLO_TIMEOUT:?}");
+            tracing::debug!(
+                "closed a connection from {addr}: no TLS handshake within {HELLO_TIMEOUT:?}"
+            );
             return;
         }
     };

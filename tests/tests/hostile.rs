@@ -227,14 +227,39 @@ fn garbage_flood_leaves_a_normal_client_unaffected() {
             id: 2,
         })),
     };
-    let r = cl.rt.block_on(Client::call_node(
-        cl.addr(2),
-        "raftsql",
+    let call = |service: &str| {
         pb::request::Body::Service(pb::ServiceCall {
-            service: raftsql_core::members::MEMBERS_SERVICE.into(),
+            service: service.into(),
             payload: notice.encode_to_vec().into(),
-        }),
-    ));
+        })
+    };
+    // A client may not send it at all...
+    for (service, expected) in [
+        (raftsql_core::members::MEMBERS_SERVICE, "goes to"),
+        (raftsql_core::members::NOTICE_SERVICE, "only for members"),
+    ] {
+        let r = cl
+            .rt
+            .block_on(Client::call_node(cl.addr(2), "raftsql", call(service)));
+        assert!(
+            matches!(&r, Ok(pb::response::Body::Error(e)) if e.message.contains(expected)),
+            "{service}: {r:?}"
+        );
+    }
+    // ...and one claiming to be node 1 (possible without TLS) is checked with the cluster.
+    let r = cl.rt.block_on(async {
+        let mut conn = raftsql_core::transport::RpcConn::connect(
+            &Default::default(),
+            raftsql_core::tls::Peer::Node(2),
+            cl.addr(2),
+            1,
+            "raftsql",
+            None,
+        )
+        .await
+        .unwrap();
+        conn.call(call(raftsql_core::members::NOTICE_SERVICE)).await
+    });
     assert!(
         matches!(&r, Ok(pb::response::Body::Error(e)) if e.message.contains("not confirmed")),
         "{r:?}"

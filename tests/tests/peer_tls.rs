@@ -67,9 +67,13 @@ fn tls_cluster_serves_members_and_refuses_everyone_else() {
     // A certified client writes through a follower (forwarded over mTLS) and reads back.
     let c = cl.client_of(follower);
     cl.rt.block_on(async {
-        c.execute("main", "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)", vec![])
-            .await
-            .unwrap();
+        c.execute(
+            "main",
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
+            vec![],
+        )
+        .await
+        .unwrap();
         for i in 0..20 {
             c.execute(
                 "main",
@@ -79,7 +83,10 @@ fn tls_cluster_serves_members_and_refuses_everyone_else() {
             .await
             .unwrap();
         }
-        let rows = c.query("main", "SELECT count(*) FROM t", vec![]).await.unwrap();
+        let rows = c
+            .query("main", "SELECT count(*) FROM t", vec![])
+            .await
+            .unwrap();
         assert_eq!(rows.rows[0][0], Value::Integer(20));
     });
     cl.wait_converged(T);
@@ -139,11 +146,7 @@ fn tls_cluster_serves_members_and_refuses_everyone_else() {
     wait_log(&cl, 1, "refused node 2");
 
     // Members-only services refuse a (certified) client.
-    for service in [
-        "raftsql.members.leader",
-        "raftsql.members.notice",
-        "etcd",
-    ] {
+    for service in ["raftsql.members.leader", "raftsql.members.notice", "etcd"] {
         let r = cl.rt.block_on(Client::call_node_with(
             &cl.client_tls,
             cl.addr(leader),
@@ -265,7 +268,14 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
     wrong.push(if last == '0' { '1' } else { '0' });
     let d2 = cl.data_dir(2).display().to_string();
     let a2 = cl.addr(2).to_string();
-    let (ok, _, err) = cli(&strings(&["join", &wrong, "--data-dir", &d2, "--listen", &a2]));
+    let (ok, _, err) = cli(&strings(&[
+        "join",
+        &wrong,
+        "--data-dir",
+        &d2,
+        "--listen",
+        &a2,
+    ]));
     assert!(!ok && err.contains("fingerprint"), "{err}");
     assert!(!cl.data_dir(2).join("tls").exists());
     eprintln!("wrong fingerprint: {}", err.trim());
@@ -285,12 +295,26 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
     assert_eq!(cl.local_count(2, "main", "SELECT count(*) FROM t"), 1);
     let d3 = cl.data_dir(3).display().to_string();
     let a3 = cl.addr(3).to_string();
-    let (ok, _, err) = cli(&strings(&["join", &join, "--data-dir", &d3, "--listen", &a3]));
+    let (ok, _, err) = cli(&strings(&[
+        "join",
+        &join,
+        "--data-dir",
+        &d3,
+        "--listen",
+        &a3,
+    ]));
     assert!(!ok && err.contains("already used"), "reused token: {err}");
     // An expired token.
     let short = Cluster::join_string(&ep, &["--cacert", &cacert, "--ttl", "1s"]);
     std::thread::sleep(Duration::from_millis(2100));
-    let (ok, _, err) = cli(&strings(&["join", &short, "--data-dir", &d3, "--listen", &a3]));
+    let (ok, _, err) = cli(&strings(&[
+        "join",
+        &short,
+        "--data-dir",
+        &d3,
+        "--listen",
+        &a3,
+    ]));
     assert!(!ok && err.contains("expired"), "expired token: {err}");
     assert!(!cl.data_dir(3).join("tls").exists());
 
