@@ -551,7 +551,7 @@ fn build(
         )));
     }
     // The old cluster's members and tokens mean nothing here.
-    let dropped = rewrite_registry_file(&gen.join(format!("{SYSTEM_DB}.db")), None)?.len();
+    let dropped = rewrite_registry_file(&gen.join(format!("{SYSTEM_DB}.db")), None, &[])?.len();
     let meta = Meta {
         checkpoint_index: header.index,
         checkpoint_term: header.term,

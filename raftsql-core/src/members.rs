@@ -234,9 +234,14 @@ pub fn read_registry_file(path: &std::path::Path) -> Result<Vec<pb::Member>> {
 
 /// Rewrites the registry in a system database file on disk, with its node stopped (disaster
 /// recovery and restore): keeps only the member `keep` (none if `None`) and drops every join
-/// token. Leaves the file whole (its WAL checkpointed and removed). Returns the members
+/// token. `retire` (recovery: every other id of the old configuration) and the dropped
+/// members' ids go into `removed` when `keep` is set. Leaves the file whole (its WAL checkpointed and removed). Returns the members
 /// removed. A missing file is left missing (the first leader seeds the registry).
-pub fn rewrite_registry_file(path: &std::path::Path, keep: Option<u64>) -> Result<Vec<pb::Member>> {
+pub fn rewrite_registry_file(
+    path: &std::path::Path,
+    keep: Option<u64>,
+    retire: &[u64],
+) -> Result<Vec<pb::Member>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
@@ -250,6 +255,16 @@ pub fn rewrite_registry_file(path: &std::path::Path, keep: Option<u64>) -> Resul
     )
     .map_err(sql)?;
     c.execute("DELETE FROM join_tokens", []).map_err(sql)?;
+    if keep.is_some() {
+        // Recovery: the dropped members are removed for good, like any removal (their ids
+        // retired, their certificates refused), or they could come back with their old
+        // certificates. (A restore makes a new cluster, with a new CA.)
+        let ids = removed.iter().map(|m| m.id).chain(retire.iter().copied());
+        for id in ids.filter(|id| Some(*id) != keep) {
+            c.execute("INSERT OR IGNORE INTO removed(id) VALUES (?1)", [id as i64])
+                .map_err(sql)?;
+        }
+    }
     // The replicas' files never carry a WAL: fold it into the file before closing.
     let busy: i64 = c
         .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))

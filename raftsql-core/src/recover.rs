@@ -135,7 +135,13 @@ pub fn recover(data_dir: &Path, dry_run: bool) -> Result<RecoveryReport> {
     // 3. The checkpoint's configuration, the registry, old snapshots, the peer list.
     state::rewrite_checkpoint_conf(&state_root, vec![nf.id], Vec::new())?;
     if let Some(p) = &registry {
-        report.removed_members = others(rewrite_registry_file(p, Some(me))?);
+        let retire: Vec<u64> = cs
+            .voters
+            .iter()
+            .chain(cs.learners.iter())
+            .copied()
+            .collect();
+        report.removed_members = others(rewrite_registry_file(p, Some(me), &retire)?);
     }
     let snaps = data_dir.join("snapshots");
     if snaps.exists() {

@@ -32,6 +32,28 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            endpoint,
+            "--command-timeout=5s",
+            "--dial-timeout=3s",
+        ])
+        .args(args)
+        .output()
+        .expect("etcdctl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Waits until `cond` holds for node `id`'s log.
 fn wait_log(cl: &Cluster, id: u64, what: &str) -> String {
     let deadline = std::time::Instant::now() + T;
@@ -50,7 +72,7 @@ fn wait_log(cl: &Cluster, id: u64, what: &str) -> String {
 
 #[test]
 fn tls_cluster_serves_members_and_refuses_everyone_else() {
-    let mut cl = Cluster::prepare_tls(3, &["--client-cert-auth"], false);
+    let mut cl = Cluster::prepare_tls(3, &["--client-cert-auth"], true);
     for id in 1..=3 {
         cl.spawn(id);
     }
@@ -116,6 +138,16 @@ fn tls_cluster_serves_members_and_refuses_everyone_else() {
     );
     wait_log(&cl, follower, "refused a client");
     wait_log(&cl, follower, "TLS handshake failed");
+
+    // The etcd API serves the node certificate and wants the client certificate too.
+    let etcd = format!("https://{}", cl.etcd_addr(follower));
+    let flags = cl.tls_flags();
+    let mut args: Vec<&str> = flags.iter().map(|s| s.as_str()).collect();
+    args.extend(["put", "/tls", "yes"]);
+    let (ok, out) = etcdctl(&etcd, &args);
+    assert!(ok && out.contains("OK"), "etcdctl put over TLS: {out}");
+    let (ok, out) = etcdctl(&etcd, &[&flags[0], &flags[1], "get", "/tls"]);
+    assert!(!ok, "etcdctl without a client certificate: {out}");
 
     // A client with a good client certificate claiming to be node 2 is refused: only node
     // 2's certificate may say so. Its Raft frames never reach Raft.

@@ -29,6 +29,22 @@ fn recover_from_a_lost_majority() {
     let mut cl = Cluster::start(3, &[]);
     let leader = cl.wait_leader(T);
     cl.seed_rows(100);
+    // The registry (which recovery reports from) lists every member once the leader has
+    // seeded it.
+    let eps = cl.addr(leader).to_string();
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (ok, out, _) =
+            Cluster::run_cli(&["cluster", "show", "--format", "json", "--endpoints", &eps]);
+        let n = serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v["nodes"].as_array().map(|a| a.len()));
+        if ok && n == Some(3) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "registry: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     cl.wait_converged(T);
     // The leader and one follower are lost for good.
     let survivor = (1..=3).find(|i| *i != leader).unwrap();
@@ -78,6 +94,18 @@ fn recover_from_a_lost_majority() {
     cl.rt
         .block_on(lone.execute("main", "INSERT INTO t(v) VALUES ('after recovery')", vec![]))
         .expect("a write after recovery");
+
+    // A lost node that comes back with its old data is refused: recovery retired its id
+    // (with peer TLS, its certificate), and it stops for good.
+    let stale = lost[1];
+    cl.spawn(stale);
+    let st = cl
+        .wait_exit(stale, T)
+        .expect("a member dropped by recovery kept running");
+    let log = cl.log_text(stale);
+    assert!(log.contains("was removed from the cluster"), "{log}");
+    println!("node {stale}, dropped by recovery, restarted and stopped ({st})");
+    assert_eq!(cl.wait_leader(T), survivor);
 
     // A lost node comes back wiped and joins the recovered cluster.
     let back = lost[0];

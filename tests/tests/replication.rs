@@ -109,7 +109,28 @@ fn follower_forwards_writes_and_serves_linearizable_reads() {
             pb::response::Body::Execute(r) => assert_eq!(r.leader_addr, c.addr(leader).to_string()),
             other => panic!("expected the forwarded write to succeed, got {other:?}"),
         }
-        match Client::call_node(c.addr(follower), "raftsql", req(true, "CREATE TABLE x2(a)"))
+        // Only a member may mark a write as already forwarded: a client's mark is ignored
+        // (the write is forwarded as usual)...
+        match Client::call_node(c.addr(follower), "raftsql", req(true, "CREATE TABLE x1(a)"))
+            .await
+            .unwrap()
+        {
+            pb::response::Body::Execute(r) => assert_eq!(r.leader_addr, c.addr(leader).to_string()),
+            other => panic!("a client's forwarded mark was not ignored: {other:?}"),
+        }
+        // ...and a member's forwarded write that reaches a follower is not forwarded again.
+        let mut as_member = raftsql_core::transport::RpcConn::connect(
+            &Default::default(),
+            raftsql_core::tls::Peer::Node(follower),
+            c.addr(follower),
+            leader,
+            "raftsql",
+            None,
+        )
+        .await
+        .unwrap();
+        match as_member
+            .call(req(true, "CREATE TABLE x2(a)"))
             .await
             .unwrap()
         {
