@@ -203,16 +203,18 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
     pub fn peer_closed(&mut self) -> bool {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let mut scratch = [0u8; 8 << 10];
-        let mut rb = tokio::io::ReadBuf::new(&mut scratch);
-        match Pin::new(&mut self.r).poll_read(&mut cx, &mut rb) {
-            std::task::Poll::Pending => false,
-            std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => true,
-            std::task::Poll::Ready(Ok(())) => {
-                self.buf.extend_from_slice(rb.filled());
-                false
+        // Late bytes (say, the answer to a call that was abandoned) may come before the end
+        // of the stream: read on until nothing more is ready, within the frame limit.
+        while self.buf.len() <= self.max {
+            let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.r).poll_read(&mut cx, &mut rb) {
+                std::task::Poll::Pending => return false,
+                std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => return true,
+                std::task::Poll::Ready(Ok(())) => self.buf.extend_from_slice(rb.filled()),
+                std::task::Poll::Ready(Err(_)) => return true,
             }
-            std::task::Poll::Ready(Err(_)) => true,
         }
+        false
     }
 }
 
