@@ -684,9 +684,19 @@ async fn serve_conn(
                 return;
             }
             Ok(Some(pb::Frame {
-                kind: Some(pb::frame::Kind::Raft(_)),
-            })) if revoked.read().contains(&from) => {
-                tracing::warn!("closed the connection of node {from} at {addr}: it was removed");
+                kind: Some(pb::frame::Kind::Raft(_) | pb::frame::Kind::Request(_)),
+            })) if from != 0 && revoked.read().contains(&from) => {
+                // Removed while connected: nothing more from it (no Raft messages, no
+                // forwarded writes), and it is told why.
+                let reason = format!("node {from} was removed from the cluster");
+                let f = pb::Frame {
+                    kind: Some(pb::frame::Kind::Refused(pb::Refused {
+                        reason: reason.clone(),
+                        revoked: true,
+                    })),
+                };
+                let _ = tx.send(encode_frame(&f)).await;
+                tracing::warn!("closed the connection of node {from} at {addr}: {reason}");
                 return;
             }
             Ok(Some(pb::Frame {

@@ -379,6 +379,16 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
         .block_on(Client::status_of_with(&old, cl.addr(1), "raftsql", false));
     let e = r.unwrap_err().to_string();
     assert!(e.contains("revoked"), "{e}");
+    // No private key (the CA's travelled in the join answer) in any log.
+    let key = std::fs::read_to_string(tls1.join("ca.key")).unwrap();
+    let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    for id in 1..=2 {
+        let log = cl.log_text(id);
+        assert!(
+            !log.contains("PRIVATE KEY") && !log.contains(&body[..40]),
+            "node {id}'s log shows a key"
+        );
+    }
     // The cluster goes on.
     cl.rt.block_on(async {
         cl.client()
