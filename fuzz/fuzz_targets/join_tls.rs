@@ -28,9 +28,9 @@ fuzz_target!(|data: &[u8]| {
         }
         1 => {
             // A join answer's CA certificate and key, as the joiner receives them.
-            let text = String::from_utf8_lossy(rest);
-            let (cert, key) = text.split_at(text.len() / 2);
-            let _ = ClusterCa::from_pem(cert.to_string(), key.to_string());
+            let (cert, key) = rest.split_at(rest.len() / 2);
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            let _ = ClusterCa::from_pem(text(cert), text(key));
         }
         _ => {
             // A real CA certificate with a fuzzed key.
