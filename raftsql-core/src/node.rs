@@ -1840,7 +1840,14 @@ impl RaftDriver {
                 EntryType::EntryNormal => None,
             };
             if let Some(cs) = cs {
-                self.storage.write().set_conf_state(&cs)?;
+                // Durable before the state machine sees the entry: once a checkpoint covers
+                // it, a restart no longer replays it, so a configuration still sitting in the
+                // log's write buffer would be lost to a kill -9 (a restarted standby came
+                // back with no voters and failed with "removed all voters").
+                let mut log = self.storage.write();
+                log.set_conf_state(&cs)?;
+                log.sync()?;
+                drop(log);
                 *self.shared.snapshots.conf_state.lock() = cs;
             }
         }

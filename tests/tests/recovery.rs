@@ -7,6 +7,7 @@
 //!   corrupted, truncated and foreign files are refused by `snapshot restore`, which then
 //!   creates nothing; a good file restores into a new one-node cluster that serves the data
 //!   and that another node joins.
+//! - A node that joined and then sat idle keeps its Raft configuration across kill -9.
 mod common;
 
 use std::time::Duration;
@@ -231,4 +232,62 @@ fn snapshot_save_restore_and_join() {
     cl2.spawn_join(2, &js, &[]);
     cl2.wait_converged(T);
     assert_eq!(count(&cl2, 2), 2001);
+}
+
+/// A joiner learns the configuration from entries it applies; once its checkpoint covers
+/// them they are not replayed at restart, so the configuration must be durable by itself.
+/// (It sat in the log's write buffer until the next write: an idle standby killed with -9
+/// restarted with no voters and failed with "removed all voters".)
+#[test]
+fn an_idle_joined_node_keeps_its_configuration_across_kill_9() {
+    let mut cl = Cluster::prepare(2, &[], false);
+    cl.spawn_first(&[]);
+    cl.wait_leader(T);
+    let ep = cl.addr(1).to_string();
+    let join = Cluster::join_string(&ep, &[]);
+    cl.spawn_join(2, &join, &[]);
+    // Settled: node 2 is in the configuration and has applied everything, and nothing is
+    // written after that.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (ok, out, _) =
+            Cluster::run_cli(&["cluster", "show", "--format", "json", "--endpoints", &ep]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let settled = ok
+            && v["nodes"].as_array().is_some_and(|ns| {
+                ns.iter()
+                    .any(|n| n["id"] == 2 && n["role"] != "spare" && n["lag"] == 0)
+            });
+        if settled {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 2 never settled: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    cl.kill(2);
+    let dir = cl.data_dir(2).display().to_string();
+    let (ok, out, err) = Cluster::run_cli(&["recover", "--data-dir", &dir, "--dry-run"]);
+    assert!(ok, "{err}");
+    let conf = out
+        .lines()
+        .find(|l| l.starts_with("configuration"))
+        .unwrap();
+    println!("node 2 after kill -9: {conf}");
+    // "configuration: voters [1], standbys [2] -> ..." (what recovery would change it to
+    // comes after the arrow).
+    let stored = conf.split("->").next().unwrap();
+    assert!(
+        stored.contains("voters [1") && stored.contains('2'),
+        "node 2 lost its configuration: {conf}"
+    );
+    cl.spawn_stored(2);
+    assert!(
+        cl.wait_exit(2, Duration::from_secs(3)).is_none(),
+        "node 2 stopped after a restart: {}",
+        cl.log_text(2)
+    );
 }
