@@ -467,6 +467,12 @@ pub(crate) async fn run_node_with(
             client_cert_auth: a.client_cert_auth,
         },
     };
+    if a.cert_file.is_some() && !peer_tls {
+        eprintln!(
+            "raftsql: note: --cert-file serves the etcd API; SQL clients on --listen get TLS \
+             only with peer TLS (--peer-tls or --peer-ca-dir)"
+        );
+    }
     let cluster_id = cluster_id(&cfg.cluster);
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
     // The etcd API: --cert-file if given; with peer TLS, the node certificate otherwise

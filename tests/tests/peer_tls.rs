@@ -4,7 +4,8 @@
 //! a client claiming to be a node and a node of another CA are refused and logged; clients
 //! cannot call the members-only services. Joins pin the CA's fingerprint (a wrong one sends
 //! nothing and spends nothing), expired and reused tokens are refused, and a removed node
-//! cannot come back, with its old certificate neither as a node nor as a client.
+//! cannot come back, with its old certificate neither as a node nor as a client. With
+//! `--cert-file`, SQL clients get that certificate while peers keep their node certificates.
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -397,4 +398,65 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
             .unwrap();
     });
     assert_eq!(cl.local_count(1, "main", "SELECT count(*) FROM t"), 2);
+}
+
+/// `--cert-file/--key-file` with peer TLS: SQL clients get that certificate (here from a
+/// "public" CA the cluster CA knows nothing of), while peers, which dial `node-<id>.raftsql`,
+/// still get their node certificates and form the cluster.
+#[test]
+fn sql_clients_get_the_client_facing_certificate() {
+    let mut cl = Cluster::prepare_tls(3, &[], false);
+    let public = common::tls::Ca::new(cl.dir.path(), "public-ca");
+    for id in 1..=3 {
+        let (cert, key) = public.issue(
+            &format!("server{id}"),
+            &[cl.addr(id).ip()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let mut args = cl.args.clone();
+        args.extend(strings(&["--cert-file", &cert, "--key-file", &key]));
+        let a = cl.addr(id).to_string();
+        let mut full = strings(&[
+            "node",
+            "--id",
+            &id.to_string(),
+            "--listen",
+            &a,
+            "--bootstrap-peers",
+            &cl.peers,
+            "--data-dir",
+            &cl.data_dir(id).display().to_string(),
+        ]);
+        full.extend(args);
+        cl.spawn_args(id, &full);
+    }
+    // The harness's clients trust only the cluster CA: switch to the public one.
+    cl.client_tls = Dialer::client(&public.cert_path("public-ca"), None).unwrap();
+    let leader = cl.wait_leader(T);
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    cl.rt.block_on(async {
+        let c = cl.client_of(follower);
+        c.execute("main", "CREATE TABLE t(k)", vec![])
+            .await
+            .unwrap();
+        c.execute("main", "INSERT INTO t VALUES(1)", vec![])
+            .await
+            .unwrap();
+    });
+    cl.wait_converged(T);
+    // A client that trusts only the cluster CA does not accept the client-facing
+    // certificate.
+    let ep = cl.addr(follower).to_string();
+    let cacert = cl.dir.path().join("ca/ca.crt").display().to_string();
+    let (ok, _, err) = cli(&strings(&[
+        "sql",
+        "--endpoints",
+        &ep,
+        "--cacert",
+        &cacert,
+        "-e",
+        "SELECT 1",
+    ]));
+    assert!(!ok && err.contains("certificate"), "{err}");
+    eprintln!("cluster-CA-only client: {}", err.trim());
 }

@@ -7,6 +7,7 @@
 pub mod etcd;
 pub mod nemesis;
 pub mod net;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
