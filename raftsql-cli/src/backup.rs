@@ -54,6 +54,12 @@ pub struct RestoreArgs {
     /// Name of the new cluster (default: the name saved in the backup).
     #[arg(long)]
     cluster: Option<String>,
+    /// Make the new cluster a TLS cluster with a new CA (in the node's tls/).
+    #[arg(long, conflicts_with = "peer_ca_dir")]
+    peer_tls: bool,
+    /// Make the new cluster a TLS cluster with the CA made by `raftsql ca init DIR`.
+    #[arg(long)]
+    peer_ca_dir: Option<PathBuf>,
 }
 
 /// `raftsql snapshot status`.
@@ -139,8 +145,27 @@ async fn save(a: SaveArgs) -> CliResult {
 
 fn restore(a: RestoreArgs) -> CliResult {
     let started = Instant::now();
+    // The CA first: a bad --peer-ca-dir must not leave a half-made node behind.
+    let ca = match (&a.peer_ca_dir, a.peer_tls) {
+        (Some(d), _) => Some(raftsql_core::tls::ClusterCa::load(d).map_err(|e| e.to_string())?),
+        (None, true) => Some(
+            raftsql_core::tls::ClusterCa::generate(a.cluster.as_deref().unwrap_or("raftsql"))
+                .map_err(|e| e.to_string())?,
+        ),
+        (None, false) => None,
+    };
     let r = backup::restore(&a.file, &a.data_dir, a.id, a.listen, a.cluster.as_deref())
         .map_err(|e| format!("snapshot restore: {e}"))?;
+    if let Some(ca) = ca {
+        let m = raftsql_core::tls::Material::for_node(ca, r.id, r.listen.ip())
+            .and_then(|m| raftsql_core::tls::install(&r.data_dir, &m).map(|_| m))
+            .map_err(|e| format!("snapshot restore: TLS: {e}"))?;
+        println!(
+            "peer TLS on: CA {} (clients: --cacert {})",
+            m.ca.fingerprint_hex(),
+            r.data_dir.join("tls/ca.crt").display()
+        );
+    }
     println!(
         "restored {} (index {}, term {}, {} databases, {}) into {} in {:.2?}",
         a.file.display(),

@@ -320,22 +320,34 @@ pub fn setup(cfg: &crate::NodeConfig, fresh: bool) -> Result<Option<Material>> {
         )));
     };
     m.check_for(cfg.id)?;
-    // Written whole into a scratch directory, then renamed: a crash leaves all or nothing.
-    let scratch = cfg.data_dir.join("tls.new");
-    if scratch.exists() {
-        fs::remove_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
-    }
-    m.save(&scratch)?;
-    fs::rename(&scratch, &dir).map_err(|e| Error::io(&dir, e))?;
-    fs::File::open(&cfg.data_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(&cfg.data_dir, e))?;
+    install(&cfg.data_dir, &m)?;
     tracing::info!(
         "peer TLS on: node certificate for {} signed by CA {}",
         node_name(cfg.id),
         m.ca.fingerprint_hex()
     );
     Ok(Some(m))
+}
+
+/// Writes `m` as `<data_dir>/tls/`: whole into a scratch directory, then renamed, so that a
+/// crash leaves all or nothing. Refuses to replace an existing `tls/`.
+pub fn install(data_dir: &Path, m: &Material) -> Result<()> {
+    let dir = data_dir.join("tls");
+    if dir.exists() {
+        return Err(Error::Invalid(format!(
+            "{} exists: not replacing it",
+            dir.display()
+        )));
+    }
+    let scratch = data_dir.join("tls.new");
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+    }
+    m.save(&scratch)?;
+    fs::rename(&scratch, &dir).map_err(|e| Error::io(&dir, e))?;
+    fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(data_dir, e))
 }
 
 /// The client-facing side of a node's TLS: what SQL clients on `--listen` see and must

@@ -398,6 +398,52 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
             .unwrap();
     });
     assert_eq!(cl.local_count(1, "main", "SELECT count(*) FROM t"), 2);
+
+    // A backup saved over TLS restores into a new TLS cluster (its own CA).
+    let file = cl.dir.path().join("backup.raftsql").display().to_string();
+    let (ok, out, err) = cli(&strings(&[
+        "snapshot",
+        "save",
+        &file,
+        "--endpoints",
+        &ep,
+        "--cacert",
+        &cacert,
+    ]));
+    assert!(ok, "snapshot save over TLS: {out} {err}");
+    let _ = std::fs::remove_dir_all(cl.data_dir(3));
+    let (ok, out, err) = cli(&strings(&[
+        "snapshot",
+        "restore",
+        &file,
+        "--data-dir",
+        &d3,
+        "--id",
+        "1",
+        "--listen",
+        &a3,
+        "--peer-tls",
+    ]));
+    assert!(
+        ok && out.contains("peer TLS on"),
+        "snapshot restore --peer-tls: {out} {err}"
+    );
+    cl.spawn_stored(3);
+    let tls3 = cl.data_dir(3).join("tls");
+    let new_cluster = Dialer::client(&tls3.join("ca.crt"), None).unwrap();
+    let c = Client::new(vec![cl.addr(3)], "raftsql").with_dialer(new_cluster);
+    let rows = cl
+        .rt
+        .block_on(c.query("main", "SELECT count(*) FROM t", vec![]))
+        .unwrap();
+    assert_eq!(rows.rows[0][0], Value::Integer(2));
+    assert_ne!(
+        raftsql_core::tls::ClusterCa::load(&tls3)
+            .unwrap()
+            .fingerprint_hex(),
+        fp,
+        "the restored cluster has its own CA"
+    );
 }
 
 /// `--cert-file/--key-file` with peer TLS: SQL clients get that certificate (here from a
