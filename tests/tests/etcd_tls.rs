@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 

@@ -85,8 +85,9 @@ fn appends_are_never_lost_duplicated_reordered_or_torn() {
     let mut tasks = Vec::new();
     for client in 0..5u64 {
         let (stop, history) = (stop.clone(), history.clone());
-        let c = Client::new(all.clone(), "raftsql");
-        let home = Client::new(vec![all[client as usize % all.len()]], "raftsql");
+        let c = Client::new(all.clone(), "raftsql").with_dialer(cl.client_tls.clone());
+        let home = Client::new(vec![all[client as usize % all.len()]], "raftsql")
+            .with_dialer(cl.client_tls.clone());
         tasks.push(cl.rt.spawn(async move {
             let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((client + 1) * 0x9e37_79b9));
             let mut seq = 0;

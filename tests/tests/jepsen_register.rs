@@ -112,9 +112,8 @@ fn register(nodes: usize, seed: u64) {
     let settings = Settings::from_env(24, seed);
     let mut cl = Cluster::start_with_etcd(nodes, &[]);
     cl.wait_leader(Duration::from_secs(30));
-    let eps: Vec<String> = (1..=nodes as u64)
-        .map(|i| format!("http://{}", cl.etcd_addr(i)))
-        .collect();
+    let eps: Vec<tonic::transport::Endpoint> =
+        (1..=nodes as u64).map(|i| cl.etcd_endpoint(i)).collect();
     let t0 = Instant::now();
     let us = move || t0.elapsed().as_micros() as u64;
     let stop = Arc::new(AtomicBool::new(false));
@@ -129,8 +128,8 @@ fn register(nodes: usize, seed: u64) {
             let mut last = [0u64; KEYS as usize];
             while !stop.load(Ordering::SeqCst) {
                 let ep = eps[node % eps.len()].clone();
-                let conn = tokio::time::timeout(OP_TIMEOUT, KvClient::connect(ep)).await;
-                let Ok(Ok(mut kv)) = conn else {
+                let conn = tokio::time::timeout(OP_TIMEOUT, ep.connect()).await;
+                let Ok(Ok(mut kv)) = conn.map(|c| c.map(KvClient::new)) else {
                     node += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;

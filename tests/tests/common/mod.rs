@@ -101,7 +101,7 @@ impl Cluster {
             .enable_all()
             .build()
             .unwrap();
-        Cluster {
+        let mut cl = Cluster {
             etcd,
             dir,
             nodes,
@@ -109,7 +109,11 @@ impl Cluster {
             args: args.iter().map(|s| s.to_string()).collect(),
             rt,
             client_tls: Default::default(),
+        };
+        if std::env::var("RAFTSQL_TEST_TLS").is_ok_and(|v| v == "1") {
+            cl.enable_tls();
         }
+        cl
     }
 
     /// [`Cluster::prepare`] for a TLS cluster: `raftsql ca init <dir>/ca`, every node gets
@@ -117,6 +121,18 @@ impl Cluster {
     /// is what the harness's clients present ([`Cluster::tls_flags`] for the CLI).
     pub fn prepare_tls(n: usize, args: &[&str], etcd: bool) -> Cluster {
         let mut cl = Self::prepare(n, args, etcd);
+        cl.enable_tls();
+        cl
+    }
+
+    /// Makes this (not yet started) cluster a TLS cluster; see [`Cluster::prepare_tls`].
+    /// `RAFTSQL_TEST_TLS=1` does it for every cluster of tests that reach the nodes only
+    /// through the harness (the Jepsen register and append workloads, for example).
+    pub fn enable_tls(&mut self) {
+        if self.client_tls.is_tls() {
+            return;
+        }
+        let cl = self;
         let ca = cl.dir.path().join("ca");
         let (ok, out, err) = Self::run_cli(&["ca", "init", ca.to_str().unwrap()]);
         assert!(ok, "ca init failed: {err}");
@@ -140,11 +156,34 @@ impl Cluster {
             Some((&client.with_extension("crt"), &client.with_extension("key"))),
         )
         .unwrap();
-        cl
     }
 
-    /// The CLI's TLS flags for this cluster's client certificate (after `prepare_tls`).
+    /// The gRPC endpoint of node `id`'s etcd API: `http://`, or with TLS `https://` with the
+    /// cluster CA and the harness's client certificate.
+    pub fn etcd_endpoint(&self, id: u64) -> tonic::transport::Endpoint {
+        let addr = self.etcd_addr(id);
+        if !self.client_tls.is_tls() {
+            return tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+        }
+        let d = self.dir.path();
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca/ca.crt")))
+            .identity(tonic::transport::Identity::from_pem(
+                read("client.crt"),
+                read("client.key"),
+            ));
+        tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    }
+
+    /// The CLI's TLS flags for this cluster's client certificate (none without TLS).
     pub fn tls_flags(&self) -> Vec<String> {
+        if !self.client_tls.is_tls() {
+            return Vec::new();
+        }
         let d = self.dir.path();
         [
             "--cacert",
@@ -542,8 +581,8 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
-        if std::thread::panicking() {
-            // Keep the data and logs of a failed test for inspection.
+        if std::thread::panicking() || std::env::var_os("RAFTSQL_KEEP_TEST_DATA").is_some() {
+            // Keep the data and logs of a failed test (or of any, on request) for inspection.
             let p = self.dir.path().to_path_buf();
             eprintln!("test data kept in {}", p.display());
             std::mem::forget(std::mem::replace(

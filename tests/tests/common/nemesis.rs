@@ -230,7 +230,15 @@ pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, kinds: &[Kind], seed: u
 /// Node `slot` leaves the cluster; its data is wiped and it joins again with a fresh token.
 fn rejoin(cl: &mut Cluster, slot: u64) -> String {
     let old = cl.status(slot, false).map(|s| s.id);
-    let (ok, _, err) = Cluster::run_cli(&["leave", "--endpoint", &cl.addr(slot).to_string()]);
+    let flags = cl.tls_flags();
+    let mut leave = vec![
+        "leave".to_string(),
+        "--endpoint".into(),
+        cl.addr(slot).to_string(),
+    ];
+    leave.extend(flags.iter().cloned());
+    let leave: Vec<&str> = leave.iter().map(|s| s.as_str()).collect();
+    let (ok, _, err) = Cluster::run_cli(&leave);
     if cl.wait_exit(slot, Duration::from_secs(10)).is_none() {
         cl.kill(slot);
     }
@@ -249,7 +257,9 @@ fn rejoin(cl: &mut Cluster, slot: u64) -> String {
     // The token may take a few tries while leadership settles after the leave.
     let deadline = Instant::now() + Duration::from_secs(20);
     let join = loop {
-        let (ok, out, err) = Cluster::run_cli(&["add-node", "--endpoints", &others]);
+        let mut add = vec!["add-node", "--endpoints", &others];
+        add.extend(flags.iter().map(|s| s.as_str()));
+        let (ok, out, err) = Cluster::run_cli(&add);
         if let Some(j) = out
             .split_whitespace()
             .find(|w| w.contains('/') && w.contains(':'))
