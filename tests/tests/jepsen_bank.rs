@@ -93,7 +93,7 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
     for w in 0..4u64 {
         let (stop, committed, failed) = (stop.clone(), committed.clone(), failed.clone());
         let history = history.clone();
-        let c = Client::new(all.clone(), "raftsql");
+        let c = Client::new(all.clone(), "raftsql").with_dialer(cl.client_tls.clone());
         tasks.push(cl.rt.spawn(async move {
             let mut rng = Rng(0x51_7cc1_b727_220a ^ ((w + 1) * 0x9e37_79b9));
             while !stop.load(Ordering::SeqCst) {
@@ -131,9 +131,9 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
         let (stop, reads, bad) = (stop.clone(), reads.clone(), bad.clone());
         let history = history.clone();
         let (c, local) = if r == 0 {
-            (Client::new(all.clone(), "raftsql"), false)
+            (cl.client(), false)
         } else {
-            (Client::new(vec![all[r - 1]], "raftsql"), true)
+            (cl.client_of(r as u64), true)
         };
         tasks.push(cl.rt.spawn(async move {
             while !stop.load(Ordering::SeqCst) {
