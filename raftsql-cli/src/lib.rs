@@ -553,6 +553,10 @@ pub(crate) async fn run_node_with(
         d = departed.wait_for(|d| d.is_some()) => {
             let why = d.map(|d| d.clone().unwrap_or_default()).unwrap_or_default();
             eprintln!("raftsql: {why}; stopping (this data directory will not start again)");
+            // The answer to the `leave` that got us here is still on its way out (the
+            // connection's writer task, a TLS flush): let it go before the process ends, or
+            // the CLI sees the connection drop and reports a leave that succeeded as failed.
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
     let _ = stop_etcd.send(());
