@@ -520,9 +520,16 @@ impl PeerTls {
             )),
             None => Ok(()),
             Some((ee, chain)) => {
-                // A removed node's certificate does not pass as a client's either.
+                // A removed node's certificate does not pass as a client's either. (One
+                // chain check, then a name check per removed id.)
+                let Ok(parsed) = ParsedCertificate::try_from(ee) else {
+                    return Ok(());
+                };
+                if verify_chain(&parsed, chain, &self.roots).is_err() {
+                    return Ok(()); // not a node certificate of this cluster
+                }
                 for id in revoked {
-                    if verify_node(ee, chain, &self.roots, *id).is_ok() {
+                    if verify_name(&parsed, *id).is_ok() {
                         return Err((
                             format!("node {id} was removed from the cluster; its certificate is revoked"),
                             true,
@@ -543,16 +550,30 @@ fn verify_node(
     id: u64,
 ) -> std::result::Result<(), rustls::Error> {
     let parsed = ParsedCertificate::try_from(ee)?;
+    verify_chain(&parsed, chain, roots)?;
+    verify_name(&parsed, id)
+}
+
+/// Checks that `parsed` chains to `roots` (with intermediates `chain`) as a node certificate.
+fn verify_chain(
+    parsed: &ParsedCertificate<'_>,
+    chain: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+) -> std::result::Result<(), rustls::Error> {
     rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
+        parsed,
         roots,
         chain,
         UnixTime::now(),
         provider().signature_verification_algorithms.all,
-    )?;
+    )
+}
+
+/// Checks that `parsed` names node `id`.
+fn verify_name(parsed: &ParsedCertificate<'_>, id: u64) -> std::result::Result<(), rustls::Error> {
     let name =
         ServerName::try_from(node_name(id)).map_err(|e| rustls::Error::General(e.to_string()))?;
-    rustls::client::verify_server_name(&parsed, &name)
+    rustls::client::verify_server_name(parsed, &name)
 }
 
 /// Who a connection is meant to reach: which name the server's certificate must carry.
