@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+use raftsql_core::tls::Material;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
@@ -145,20 +147,18 @@ async fn save(a: SaveArgs) -> CliResult {
 
 fn restore(a: RestoreArgs) -> CliResult {
     let started = Instant::now();
-    // The CA first: a bad --peer-ca-dir must not leave a half-made node behind.
-    let ca = match (&a.peer_ca_dir, a.peer_tls) {
-        (Some(d), _) => Some(raftsql_core::tls::ClusterCa::load(d).map_err(|e| e.to_string())?),
-        (None, true) => Some(
-            raftsql_core::tls::ClusterCa::generate(a.cluster.as_deref().unwrap_or("raftsql"))
-                .map_err(|e| e.to_string())?,
-        ),
-        (None, false) => None,
-    };
+    // The TLS files first: a bad --peer-ca-dir must not leave a half-made node behind.
+    let tls = (a.peer_tls || a.peer_ca_dir.is_some())
+        .then(|| {
+            let cluster = a.cluster.as_deref().unwrap_or("raftsql");
+            Material::new_node(a.peer_ca_dir.as_deref(), cluster, a.id, a.listen.ip())
+        })
+        .transpose()
+        .map_err(|e| format!("snapshot restore: TLS: {e}"))?;
     let r = backup::restore(&a.file, &a.data_dir, a.id, a.listen, a.cluster.as_deref())
         .map_err(|e| format!("snapshot restore: {e}"))?;
-    if let Some(ca) = ca {
-        let m = raftsql_core::tls::Material::for_node(ca, r.id, r.listen.ip())
-            .and_then(|m| raftsql_core::tls::install(&r.data_dir, &m).map(|_| m))
+    if let Some(m) = tls {
+        raftsql_core::tls::install(&r.data_dir, &m)
             .map_err(|e| format!("snapshot restore: TLS: {e}"))?;
         println!(
             "peer TLS on: CA {} (clients: --cacert {})",

@@ -568,7 +568,7 @@ pub(crate) async fn run_node_with(
 }
 
 fn run_ca(c: CaCmd) -> CliResult {
-    use raftsql_core::tls::{write_private, ClusterCa};
+    use raftsql_core::tls::ClusterCa;
     match c {
         CaCmd::Init { dir, cluster } => {
             if dir.join("ca.key").exists() || dir.join("ca.crt").exists() {
@@ -593,10 +593,8 @@ fn run_ca(c: CaCmd) -> CliResult {
         }
         CaCmd::ClientCert { ca_dir, name, out } => {
             let ca = ClusterCa::load(&ca_dir).map_err(|e| e.to_string())?;
-            let (cert, key) = ca.issue_client(&name).map_err(|e| e.to_string())?;
             let (c, k) = (out.with_extension("crt"), out.with_extension("key"));
-            write_private(&c, cert.as_bytes()).map_err(|e| e.to_string())?;
-            write_private(&k, key.as_bytes()).map_err(|e| e.to_string())?;
+            ca.issue_client(&name, &c, &k).map_err(|e| e.to_string())?;
             println!(
                 "client certificate {} and key {} for {name:?}",
                 c.display(),
@@ -642,7 +640,7 @@ fn run_dev(a: DevArgs) -> CliResult {
     let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
     let mut dialer = Dialer::Plain;
     if a.tls {
-        use raftsql_core::tls::{write_private, ClusterCa};
+        use raftsql_core::tls::ClusterCa;
         let ca = if ca_dir.join("ca.key").exists() {
             ClusterCa::load(&ca_dir)
         } else {
@@ -650,11 +648,8 @@ fn run_dev(a: DevArgs) -> CliResult {
         }
         .map_err(|e| e.to_string())?;
         if !client_crt.exists() {
-            let (c, k) = ca
-                .issue_client("raftsql dev user")
+            ca.issue_client("raftsql dev user", &client_crt, &client_key)
                 .map_err(|e| e.to_string())?;
-            write_private(&client_crt, c.as_bytes()).map_err(|e| e.to_string())?;
-            write_private(&client_key, k.as_bytes()).map_err(|e| e.to_string())?;
         }
         tls_args = vec![
             "--peer-ca-dir".into(),

@@ -340,12 +340,11 @@ async fn check_in(weak: WeakNode) {
             .await;
             if let Ok(Some(refusal)) = r {
                 let Some(node) = weak.upgrade() else { return };
-                if refusal.revoked {
-                    tracing::error!("node {id} refused this node: {}", refusal.reason);
-                    node.mark_departed(refusal.reason);
+                let revoked = refusal.revoked;
+                node.refused(id, refusal);
+                if revoked {
                     return;
                 }
-                tracing::warn!("node {id} refused this node: {}", refusal.reason);
             }
         }
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -801,6 +801,11 @@ impl Node {
         self.shared.mark_departed(why);
     }
 
+    /// Member `by` refused this node's connection (see `Shared::refused`).
+    pub(crate) fn refused(&self, by: u64, refusal: pb::Refused) {
+        self.shared.refused(by, refusal);
+    }
+
     /// The removed members: the transport refuses their connections.
     pub(crate) fn set_revoked(&self, ids: std::collections::HashSet<u64>) {
         if let Some(t) = self.shared.transport.lock().as_ref() {
@@ -1327,6 +1332,17 @@ struct NodeHandler {
 }
 
 impl Shared {
+    /// Member `by` refused this node's connection: a revocation means this node was removed
+    /// (it stops for good); anything else is logged.
+    fn refused(&self, by: u64, refusal: pb::Refused) {
+        if refusal.revoked && self.departed.borrow().is_none() {
+            tracing::error!("node {by} refused this node: {}", refusal.reason);
+            self.mark_departed(refusal.reason);
+        } else if !refusal.revoked {
+            tracing::warn!("node {by} refused this node: {}", refusal.reason);
+        }
+    }
+
     /// Records in `node.json` that this node left (it will refuse to start again) and tells
     /// [`Node::departed`] watchers why.
     fn mark_departed(&self, why: String) {
@@ -1341,14 +1357,8 @@ impl Shared {
 
 impl Handler for NodeHandler {
     fn refused(&self, by: u64, refusal: pb::Refused) {
-        let Some(shared) = self.shared.upgrade() else {
-            return;
-        };
-        if refusal.revoked && shared.departed.borrow().is_none() {
-            tracing::error!("node {by} refused this node: {}", refusal.reason);
-            shared.mark_departed(refusal.reason);
-        } else if !refusal.revoked {
-            tracing::warn!("node {by} refused this node: {}", refusal.reason);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.refused(by, refusal);
         }
     }
 

@@ -218,6 +218,16 @@ impl Material {
         })
     }
 
+    /// Files for node `id` at `ip` of a cluster whose CA is in `ca_dir` (`raftsql ca init`),
+    /// or, without one, of a new CA for the cluster named `cluster`.
+    pub fn new_node(ca_dir: Option<&Path>, cluster: &str, id: u64, ip: IpAddr) -> Result<Material> {
+        let ca = match ca_dir {
+            Some(d) => ClusterCa::load(d)?,
+            None => ClusterCa::generate(cluster)?,
+        };
+        Material::for_node(ca, id, ip)
+    }
+
     /// Writes `ca.crt`, `ca.key`, `node.crt` and `node.key` (0600) into `dir` (0700).
     pub fn save(&self, dir: &Path) -> Result<()> {
         self.ca.save(dir)?;
@@ -305,13 +315,10 @@ pub fn setup(cfg: &crate::NodeConfig, fresh: bool) -> Result<Option<Material>> {
             cfg.data_dir.display()
         )));
     }
-    let ip = cfg.listen.ip();
     let m = if let Some(m) = &s.joined {
         m.clone()
-    } else if let Some(ca_dir) = &s.ca_dir {
-        Material::for_node(ClusterCa::load(ca_dir)?, cfg.id, ip)?
-    } else if cfg.peers.len() <= 1 {
-        Material::for_node(ClusterCa::generate(&cfg.cluster)?, cfg.id, ip)?
+    } else if s.ca_dir.is_some() || cfg.peers.len() <= 1 {
+        Material::new_node(s.ca_dir.as_deref(), &cfg.cluster, cfg.id, cfg.listen.ip())?
     } else {
         return Err(Error::Invalid(format!(
             "peer TLS with {} bootstrap nodes: they must share one CA: run `raftsql ca init DIR` \
@@ -497,12 +504,7 @@ impl PeerTls {
     ) -> std::result::Result<(), (String, bool)> {
         let parsed = certs.and_then(|c| c.split_first());
         if from != 0 {
-            if revoked.contains(&from) {
-                return Err((
-                    format!("node {from} was removed from the cluster; its certificate is revoked"),
-                    true,
-                ));
-            }
+            // (A removed `from` was refused before this, by the transport.)
             let Some((ee, chain)) = parsed else {
                 return Err((format!("node {from} presented no certificate"), false));
             };
@@ -530,10 +532,7 @@ impl PeerTls {
                 }
                 for id in revoked {
                     if verify_name(&parsed, *id).is_ok() {
-                        return Err((
-                            format!("node {id} was removed from the cluster; its certificate is revoked"),
-                            true,
-                        ));
+                        return Err((crate::transport::removed_reason(*id, true), true));
                     }
                 }
                 Ok(())
@@ -767,9 +766,15 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32]> {
 }
 
 impl ClusterCa {
-    /// A client certificate (client authentication only) named `name`, with a new key:
-    /// (certificate PEM, key PEM).
-    pub fn issue_client(&self, name: &str) -> Result<(String, String)> {
+    /// Writes a client certificate (client authentication only) named `name` to `cert` and
+    /// its new key to `key`, both owner-only and new.
+    pub fn issue_client(&self, name: &str, cert: &Path, key: &Path) -> Result<()> {
+        let (c, k) = self.client_pem(name)?;
+        write_private(cert, c.as_bytes())?;
+        write_private(key, k.as_bytes())
+    }
+
+    fn client_pem(&self, name: &str) -> Result<(String, String)> {
         let key = KeyPair::generate().map_err(|e| tls_err("generating a client key", e))?;
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();

@@ -580,13 +580,26 @@ async fn accept_conn(tcp: TcpStream, addr: SocketAddr, l: Arc<Listening>) {
     serve_conn((Box::new(r), Box::new(w)), addr, certs, &l).await;
 }
 
+/// Why removed node `id` is refused (with TLS: its certificate is what is refused).
+pub(crate) fn removed_reason(id: u64, tls: bool) -> String {
+    if tls {
+        format!("node {id} was removed from the cluster; its certificate is revoked")
+    } else {
+        format!("node {id} was removed from the cluster")
+    }
+}
+
+/// A `Refused` frame.
+fn refusal(reason: String, revoked: bool) -> Bytes {
+    encode_frame(&pb::Frame {
+        kind: Some(pb::frame::Kind::Refused(pb::Refused { reason, revoked })),
+    })
+}
+
 /// Sends a refusal and logs it.
 async fn refuse(w: &mut Writer, who: &str, addr: SocketAddr, reason: String, revoked: bool) {
     tracing::warn!("refused {who} at {addr}: {reason}");
-    let f = pb::Frame {
-        kind: Some(pb::frame::Kind::Refused(pb::Refused { reason, revoked })),
-    };
-    let _ = write_frame(w, &encode_frame(&f)).await;
+    let _ = write_frame(w, &refusal(reason, revoked)).await;
 }
 
 async fn serve_conn(
@@ -637,16 +650,23 @@ async fn serve_conn(
     } else {
         format!("node {from}")
     };
+    if from != 0 && revoked.read().contains(&from) {
+        refuse(
+            &mut w,
+            &who,
+            addr,
+            removed_reason(from, l.tls.is_some()),
+            true,
+        )
+        .await;
+        return;
+    }
     if let Some(tls) = &l.tls {
         let checked = tls.check(from, certs.as_deref(), &revoked.read());
         if let Err((reason, rev)) = checked {
             refuse(&mut w, &who, addr, reason, rev).await;
             return;
         }
-    } else if from != 0 && revoked.read().contains(&from) {
-        let reason = format!("node {from} was removed from the cluster");
-        refuse(&mut w, &who, addr, reason, true).await;
-        return;
     }
     let max_client_frame = l.max_client_frame;
     // Peers send Raft batches and snapshot chunks; clients only requests.
@@ -688,14 +708,8 @@ async fn serve_conn(
             })) if from != 0 && revoked.read().contains(&from) => {
                 // Removed while connected: nothing more from it (no Raft messages, no
                 // forwarded writes), and it is told why.
-                let reason = format!("node {from} was removed from the cluster");
-                let f = pb::Frame {
-                    kind: Some(pb::frame::Kind::Refused(pb::Refused {
-                        reason: reason.clone(),
-                        revoked: true,
-                    })),
-                };
-                let _ = tx.send(encode_frame(&f)).await;
+                let reason = removed_reason(from, l.tls.is_some());
+                let _ = tx.send(refusal(reason.clone(), true)).await;
                 tracing::warn!("closed the connection of node {from} at {addr}: {reason}");
                 return;
             }

@@ -10,34 +10,12 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use common::etcdctl;
 use common::tls::Ca;
 use common::Cluster;
 use rcgen::ExtendedKeyUsagePurpose;
 
 const T: Duration = Duration::from_secs(30);
-
-/// Runs etcdctl with `args` against `endpoint`; (succeeded, stdout + stderr).
-fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            endpoint,
-            "--command-timeout=5s",
-            "--dial-timeout=3s",
-        ])
-        .args(args)
-        .output()
-        .expect("etcdctl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 #[test]
 fn etcd_api_over_tls_with_client_certificates() {

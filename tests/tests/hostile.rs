@@ -248,16 +248,7 @@ fn garbage_flood_leaves_a_normal_client_unaffected() {
     }
     // ...and one claiming to be node 1 (possible without TLS) is checked with the cluster.
     let r = cl.rt.block_on(async {
-        let mut conn = raftsql_core::transport::RpcConn::connect(
-            &Default::default(),
-            raftsql_core::tls::Peer::Node(2),
-            cl.addr(2),
-            1,
-            "raftsql",
-            None,
-        )
-        .await
-        .unwrap();
+        let mut conn = cl.connect_as(1, 2).await;
         conn.call(call(raftsql_core::members::NOTICE_SERVICE)).await
     });
     assert!(

@@ -12,9 +12,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::Cluster;
-use raftsql_core::tls::{Dialer, Peer};
-use raftsql_core::transport::RpcConn;
+use common::{etcdctl, Cluster};
+use raftsql_core::tls::Dialer;
 use raftsql_core::{Client, Value};
 use raftsql_proto::v1 as pb;
 
@@ -33,26 +32,14 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            endpoint,
-            "--command-timeout=5s",
-            "--dial-timeout=3s",
-        ])
-        .args(args)
-        .output()
-        .expect("etcdctl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+/// Runs `raftsql join JOIN` for node `id`'s directory and address, to completion (a join
+/// that is refused returns at once): (succeeded, stdout, stderr).
+fn try_join(cl: &Cluster, id: u64, join: &str) -> (bool, String, String) {
+    let (d, a) = (
+        cl.data_dir(id).display().to_string(),
+        cl.addr(id).to_string(),
+    );
+    cli(&strings(&["join", join, "--data-dir", &d, "--listen", &a]))
 }
 
 /// Waits until `cond` holds for node `id`'s log.
@@ -89,29 +76,12 @@ fn tls_cluster_serves_members_and_refuses_everyone_else() {
 
     // A certified client writes through a follower (forwarded over mTLS) and reads back.
     let c = cl.client_of(follower);
-    cl.rt.block_on(async {
-        c.execute(
-            "main",
-            "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)",
-            vec![],
-        )
-        .await
+    cl.seed_rows_with(&c, 20);
+    let rows = cl
+        .rt
+        .block_on(c.query("main", "SELECT count(*) FROM t", vec![]))
         .unwrap();
-        for i in 0..20 {
-            c.execute(
-                "main",
-                "INSERT INTO t VALUES(?1, ?2)",
-                vec![Value::Integer(i), Value::Text(format!("v{i}"))],
-            )
-            .await
-            .unwrap();
-        }
-        let rows = c
-            .query("main", "SELECT count(*) FROM t", vec![])
-            .await
-            .unwrap();
-        assert_eq!(rows.rows[0][0], Value::Integer(20));
-    });
+    assert_eq!(rows.rows[0][0], Value::Integer(20));
     cl.wait_converged(T);
     eprintln!("20 writes through follower {follower} over TLS");
 
@@ -154,16 +124,7 @@ fn tls_cluster_serves_members_and_refuses_everyone_else() {
     // 2's certificate may say so. Its Raft frames never reach Raft.
     let term_before = cl.status(leader, false).unwrap().term;
     let r = cl.rt.block_on(async {
-        let mut conn = RpcConn::connect(
-            &cl.client_tls,
-            Peer::Endpoint,
-            cl.addr(1),
-            2,
-            "raftsql",
-            None,
-        )
-        .await
-        .unwrap();
+        let mut conn = cl.connect_as(2, 1).await;
         conn.call(pb::request::Body::Status(pb::StatusRequest {
             with_digests: false,
         }))
@@ -299,16 +260,7 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
     let mut wrong = join.clone();
     let last = wrong.pop().unwrap();
     wrong.push(if last == '0' { '1' } else { '0' });
-    let d2 = cl.data_dir(2).display().to_string();
-    let a2 = cl.addr(2).to_string();
-    let (ok, _, err) = cli(&strings(&[
-        "join",
-        &wrong,
-        "--data-dir",
-        &d2,
-        "--listen",
-        &a2,
-    ]));
+    let (ok, _, err) = try_join(&cl, 2, &wrong);
     assert!(!ok && err.contains("fingerprint"), "{err}");
     assert!(!cl.data_dir(2).join("tls").exists());
     eprintln!("wrong fingerprint: {}", err.trim());
@@ -328,26 +280,12 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
     assert_eq!(cl.local_count(2, "main", "SELECT count(*) FROM t"), 1);
     let d3 = cl.data_dir(3).display().to_string();
     let a3 = cl.addr(3).to_string();
-    let (ok, _, err) = cli(&strings(&[
-        "join",
-        &join,
-        "--data-dir",
-        &d3,
-        "--listen",
-        &a3,
-    ]));
+    let (ok, _, err) = try_join(&cl, 3, &join);
     assert!(!ok && err.contains("already used"), "reused token: {err}");
     // An expired token.
     let short = Cluster::join_string(&ep, &["--cacert", &cacert, "--ttl", "1s"]);
     std::thread::sleep(Duration::from_millis(2100));
-    let (ok, _, err) = cli(&strings(&[
-        "join",
-        &short,
-        "--data-dir",
-        &d3,
-        "--listen",
-        &a3,
-    ]));
+    let (ok, _, err) = try_join(&cl, 3, &short);
     assert!(!ok && err.contains("expired"), "expired token: {err}");
     assert!(!cl.data_dir(3).join("tls").exists());
 

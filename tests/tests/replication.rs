@@ -119,16 +119,7 @@ fn follower_forwards_writes_and_serves_linearizable_reads() {
             other => panic!("a client's forwarded mark was not ignored: {other:?}"),
         }
         // ...and a member's forwarded write that reaches a follower is not forwarded again.
-        let mut as_member = raftsql_core::transport::RpcConn::connect(
-            &Default::default(),
-            raftsql_core::tls::Peer::Node(follower),
-            c.addr(follower),
-            leader,
-            "raftsql",
-            None,
-        )
-        .await
-        .unwrap();
+        let mut as_member = c.connect_as(leader, follower).await;
         match as_member
             .call(req(true, "CREATE TABLE x2(a)"))
             .await

@@ -9,6 +9,29 @@ pub mod nemesis;
 pub mod net;
 pub mod tls;
 
+/// Runs etcdctl (API v3) with `args` against `endpoint`; (succeeded, stdout + stderr).
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            endpoint,
+            "--command-timeout=5s",
+            "--dial-timeout=3s",
+        ])
+        .args(args)
+        .output()
+        .expect("etcdctl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -537,7 +560,11 @@ impl Cluster {
     /// Creates table `t(k INTEGER PRIMARY KEY, v TEXT)` in `main` and writes `rows` rows
     /// ("row 0", "row 1", ...), one acknowledged transaction each.
     pub fn seed_rows(&self, rows: usize) {
-        let c = self.client();
+        self.seed_rows_with(&self.client(), rows);
+    }
+
+    /// [`Cluster::seed_rows`] through client `c` (e.g. a follower's).
+    pub fn seed_rows_with(&self, c: &Client, rows: usize) {
         self.rt.block_on(async {
             c.execute(
                 "main",
@@ -556,6 +583,21 @@ impl Cluster {
                 .unwrap();
             }
         });
+    }
+
+    /// A connection to node `to` whose hello says it comes from node `from` (what a member
+    /// sends; without TLS nothing proves it), with the harness's client TLS.
+    pub async fn connect_as(&self, from: u64, to: u64) -> raftsql_core::transport::RpcConn {
+        raftsql_core::transport::RpcConn::connect(
+            &self.client_tls,
+            raftsql_core::tls::Peer::Endpoint,
+            self.addr(to),
+            from,
+            "raftsql",
+            None,
+        )
+        .await
+        .unwrap()
     }
 
     /// Count of rows from `sql` on one node's applied state.
