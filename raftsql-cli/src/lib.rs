@@ -231,6 +231,10 @@ struct NodeArgs {
     /// Largest query result answered, in bytes (a larger one is an error asking for LIMIT).
     #[arg(long, default_value_t = raftsql_core::node::DEFAULT_MAX_RESULT_BYTES)]
     max_result_bytes: usize,
+    /// The longest a client's SQL statement may run (a query, or one write request's
+    /// statements, which every other write waits for) before it is interrupted.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    statement_timeout: Duration,
     /// Serve the etcd v3 API (gRPC) on this address, e.g. 127.0.0.1:2379.
     #[arg(long)]
     etcd_listen: Option<SocketAddr>,
@@ -446,6 +450,10 @@ pub(crate) async fn run_node_with(
     }
     cfg.max_request_bytes = a.max_request_bytes;
     cfg.max_result_bytes = a.max_result_bytes;
+    if a.statement_timeout.is_zero() {
+        return Err("--statement-timeout must be more than 0".into());
+    }
+    cfg.statement_timeout = a.statement_timeout;
     let tls_dir = a.data_dir.join("tls");
     let peer_tls = a.peer_tls
         || a.peer_ca_dir.is_some()

@@ -9,6 +9,7 @@
 //! - [`entry`]: the replicated entry format;
 //! - [`log`]: the durable Raft log (segments of checksummed records);
 //! - [`state`]: the state machine (databases, writer, apply, checkpoints);
+//! - `guard`: what SQL from a client may do (the checks on every connection it runs on);
 //! - [`snapshot`]: snapshots for lagging followers;
 //! - [`backup`]: backup files of a whole cluster, and restoring one into a new cluster;
 //! - [`recover`]: disaster recovery when a quorum is lost for good;
@@ -22,6 +23,7 @@ pub mod backup;
 pub mod client;
 pub mod entry;
 pub mod error;
+mod guard;
 pub mod log;
 pub mod members;
 pub mod node;

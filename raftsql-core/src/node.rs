@@ -103,7 +103,13 @@ pub struct NodeConfig {
     /// TLS between nodes and for clients (off unless set; a data directory that has `tls/`
     /// always runs TLS).
     pub tls: crate::tls::TlsSettings,
+    /// The longest a client's statement may run (a query, or one request's statements on the
+    /// writer, which every other write waits for); a longer one is interrupted.
+    pub statement_timeout: Duration,
 }
+
+/// The default [`NodeConfig::statement_timeout`].
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default [`NodeConfig::max_result_bytes`]: 32 MiB (well inside one frame).
 pub const DEFAULT_MAX_RESULT_BYTES: usize = 32 << 20;
@@ -135,6 +141,7 @@ impl NodeConfig {
             max_request_bytes: crate::transport::DEFAULT_MAX_CLIENT_FRAME,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             tls: Default::default(),
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
         }
     }
 }
@@ -429,6 +436,7 @@ impl Node {
             SmSettings {
                 checkpoint_frames: cfg.checkpoint_frames,
                 max_result_bytes: cfg.max_result_bytes,
+                statement_timeout: cfg.statement_timeout,
             },
             to_raft,
             dbs.clone(),
@@ -1232,8 +1240,8 @@ impl Shared {
         let Some(handle) = handle else {
             return Err(Error::Invalid(format!("no such database: {db}")));
         };
-        let max = self.cfg.max_result_bytes;
-        tokio::task::spawn_blocking(move || handle.query(&stmt, max))
+        let (max, budget) = (self.cfg.max_result_bytes, self.cfg.statement_timeout);
+        tokio::task::spawn_blocking(move || handle.query(&stmt, max, budget))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
     }

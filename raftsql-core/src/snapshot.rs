@@ -95,6 +95,8 @@ pub struct SnapshotStore {
     /// than it cannot be followed by log entries, so it is rebuilt.
     pub log_first_index: AtomicU64,
     sm: Mutex<Option<Sender<SmMsg>>>,
+    /// Failed builds so far, and the reason of the last one.
+    failures: Mutex<(u64, String)>,
 }
 
 impl SnapshotStore {
@@ -126,6 +128,7 @@ impl SnapshotStore {
             conf_state: Mutex::new(ConfState::default()),
             log_first_index: AtomicU64::new(1),
             sm: Mutex::new(None),
+            failures: Mutex::new((0, String::new())),
         })
     }
 
@@ -156,7 +159,10 @@ impl SnapshotStore {
                         m.term,
                         m.files.len()
                     ),
-                    Err(e) => tracing::warn!("building snapshot at index {index} failed: {e}"),
+                    Err(e) => {
+                        tracing::warn!("building snapshot at index {index} failed: {e}");
+                        me.build_failed(format!("writing the snapshot at index {index}: {e}"));
+                    }
                 }
                 me.building.store(false, Ordering::SeqCst);
             })
@@ -222,10 +228,20 @@ impl SnapshotStore {
     /// index). Blocks until it is ready, or fails after `timeout`. For backups.
     pub fn fresh(&self, min_index: u64, timeout: std::time::Duration) -> Result<Manifest> {
         let deadline = std::time::Instant::now() + timeout;
+        let failed_before = self.failures.lock().0;
         loop {
             if let Some(m) = self.latest.lock().as_ref() {
                 if m.index >= min_index {
                     return Ok(m.clone());
+                }
+            }
+            {
+                let f = self.failures.lock();
+                if f.0 != failed_before {
+                    return Err(Error::Unavailable(format!(
+                        "the snapshot could not be built: {}",
+                        f.1
+                    )));
                 }
             }
             if !self.building.swap(true, Ordering::SeqCst) {
@@ -246,9 +262,15 @@ impl SnapshotStore {
         }
     }
 
-    /// Called by the state machine when it could not start a requested build, so that the
-    /// next request starts one.
-    pub fn build_not_started(&self) {
+    /// Called when a requested build failed (the state machine could not pin a database, or
+    /// writing the files failed): the next request starts a new one, and callers waiting in
+    /// [`SnapshotStore::fresh`] get the reason.
+    pub fn build_failed(&self, why: String) {
+        {
+            let mut f = self.failures.lock();
+            f.0 += 1;
+            f.1 = why;
+        }
         self.building.store(false, Ordering::SeqCst);
     }
 

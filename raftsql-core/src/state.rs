@@ -53,6 +53,7 @@ use tokio::sync::oneshot;
 
 use crate::entry::{Frames, Page};
 use crate::error::{Error, Result};
+use crate::guard::{self, Guard, Role};
 use crate::value::{ExecResult, Rows, Statement, Value};
 use crate::vfs;
 
@@ -118,7 +119,7 @@ pub struct DbHandle {
     pub path: PathBuf,
     key: String,
     gate: Gate,
-    pool: Mutex<Vec<Connection>>,
+    pool: Mutex<Vec<(Connection, Guard)>>,
 }
 
 impl DbHandle {
@@ -133,40 +134,47 @@ impl DbHandle {
         }
     }
 
-    fn reader(&self) -> Result<Connection> {
+    fn reader(&self) -> Result<(Connection, Guard)> {
         if let Some(c) = self.pool.lock().pop() {
             return Ok(c);
         }
-        let c = Connection::open_with_flags_and_vfs(
+        // Read-only at the file level: whatever a statement on it says, it cannot write.
+        let mut c = Connection::open_with_flags_and_vfs(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
+            OpenFlags::SQLITE_OPEN_READ_ONLY
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
                 | OpenFlags::SQLITE_OPEN_URI,
             vfs::VFS_NAME,
         )?;
         c.execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")?;
-        Ok(c)
+        let g = Guard::install(&mut c, Role::Reader)?;
+        Ok((c, g))
     }
 
     /// Runs `f` inside a read transaction whose snapshot holds only committed entries.
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.reader()?;
+        self.read_guarded(|c, _| f(c))
+    }
+
+    fn read_guarded<T>(&self, f: impl FnOnce(&Connection, &Guard) -> Result<T>) -> Result<T> {
+        let (conn, guard) = self.reader()?;
         self.gate.enter();
         let pinned = conn
             .execute_batch("BEGIN")
             .and_then(|_| conn.query_row("PRAGMA schema_version", [], |_| Ok(())));
         self.gate.leave();
-        let out = pinned.map_err(Error::from).and_then(|_| f(&conn));
+        let out = pinned.map_err(Error::from).and_then(|_| f(&conn, &guard));
         let _ = conn.execute_batch("COMMIT");
         if conn.is_autocommit() {
-            self.pool.lock().push(conn);
+            self.pool.lock().push((conn, guard));
         }
         out
     }
 
-    /// Runs one statement and returns its rows (at most `max_bytes` of values).
-    pub fn query(&self, stmt: &Statement, max_bytes: usize) -> Result<Rows> {
-        self.read(|c| query_rows(c, stmt, max_bytes))
+    /// Runs one client statement (checked by the reader's [`Guard`], and interrupted after
+    /// `budget`) and returns its rows (at most `max_bytes` of values).
+    pub fn query(&self, stmt: &Statement, max_bytes: usize, budget: Duration) -> Result<Rows> {
+        self.read_guarded(|c, g| g.client(budget, || query_rows(c, g, stmt, max_bytes)))
     }
 
     /// crc32 of every page in page order, with the page count: equal digests mean
@@ -192,11 +200,13 @@ impl DbHandle {
     }
 }
 
-/// Runs a statement on `c` and collects its rows; fails once the values collected exceed
-/// `max_bytes` (counting 8 bytes per number or NULL and the length of texts and blobs), so
-/// that a query cannot make a node hold, or try to send, an unbounded answer.
-pub fn query_rows(c: &Connection, stmt: &Statement, max_bytes: usize) -> Result<Rows> {
-    let mut st = c.prepare_cached(&stmt.sql)?;
+/// Runs a client statement on `c` (guarded by `g`; call inside [`Guard::client`]) and
+/// collects its rows; fails once the values collected exceed `max_bytes` (counting 8 bytes
+/// per number or NULL and the length of texts and blobs), so that a query cannot make a
+/// node hold, or try to send, an unbounded answer.
+fn query_rows(c: &Connection, g: &Guard, stmt: &Statement, max_bytes: usize) -> Result<Rows> {
+    let mut st = c.prepare_cached(&guard::client_key(&stmt.sql))?;
+    guard::check_statement(g, &st)?;
     let columns: Vec<String> = st.column_names().into_iter().map(String::from).collect();
     let n = columns.len();
     let mut rows = st.query(rusqlite::params_from_iter(stmt.params.iter()))?;
@@ -312,28 +322,24 @@ impl WriteReq {
         }
     }
 
-    /// Runs the request inside a SAVEPOINT on `w`; on success returns what answers the caller
-    /// once the batch is committed (or fails).
-    fn run(self, w: &Connection) -> Option<Waiter> {
-        match self.work {
-            Work::Statements { stmts, reply } => match run_request(w, &stmts) {
-                Ok(results) => Some(Box::new(move |r: Result<()>| {
-                    let _ = reply.send(r.map(|_| results));
-                })),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    None
-                }
-            },
-            Work::Func { f, reply } => match in_savepoint(w, f) {
-                Ok(out) => Some(Box::new(move |r: Result<()>| {
-                    let _ = reply.send(r.map(|_| out));
-                })),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    None
-                }
-            },
+    fn is_sql(&self) -> bool {
+        matches!(self.work, Work::Statements { .. })
+    }
+
+    /// Answers a SQL request now if `r` failed, or returns what answers it once the batch
+    /// commits.
+    fn settle(self, r: Result<Vec<ExecResult>>) -> Option<Waiter> {
+        let Work::Statements { reply, .. } = self.work else {
+            unreachable!("settle is for SQL requests")
+        };
+        match r {
+            Ok(results) => Some(Box::new(move |c: Result<()>| {
+                let _ = reply.send(c.map(|_| results));
+            })),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                None
+            }
         }
     }
 }
@@ -432,6 +438,8 @@ pub struct Progress {
 struct Db {
     handle: Arc<DbHandle>,
     writer: Connection,
+    /// What client SQL may do on the writer.
+    guard: Guard,
     wal: Option<File>,
 }
 
@@ -455,6 +463,8 @@ pub struct SmSettings {
     pub checkpoint_frames: u64,
     /// The largest query result inside an interactive transaction.
     pub max_result_bytes: usize,
+    /// The longest one client request's statements may run on the writer.
+    pub statement_timeout: Duration,
 }
 
 /// The state machine. Lives on its own thread (see [`StateMachine::run`]).
@@ -639,10 +649,12 @@ impl StateMachine {
     }
 
     fn open_db_at(&self, name: &str, path: PathBuf) -> Result<Db> {
-        let writer = open_writer(&path)?;
+        let mut writer = open_writer(&path)?;
+        let guard = Guard::install(&mut writer, Role::Writer)?;
         Ok(Db {
             handle: Arc::new(DbHandle::new(name, path)),
             writer,
+            guard,
             wal: None,
         })
     }
@@ -822,6 +834,7 @@ impl StateMachine {
     /// Executes a group of write requests as one SQLite transaction, one SAVEPOINT each, then
     /// proposes the transaction's pages as one entry.
     fn run_batch(&mut self, db_name: &str, batch: Vec<WriteReq>) -> Result<()> {
+        let budget = self.settings.statement_timeout;
         let db = match self.db(db_name) {
             Ok(db) => db,
             Err(e) => {
@@ -832,18 +845,16 @@ impl StateMachine {
                 return Ok(());
             }
         };
-        let w = &db.writer;
-        if let Err(e) =
-            reset_cache(w).and_then(|_| w.execute_batch("BEGIN IMMEDIATE").map_err(Error::from))
-        {
-            let msg = e.to_string();
-            for r in batch {
-                r.fail(Error::Internal(msg.clone()));
+        match execute_batch(&db.writer, &db.guard, budget, batch) {
+            Executed::Open(waiters) => self.commit_and_propose(db_name, waiters),
+            Executed::Requeue(reqs) => {
+                for r in reqs.into_iter().rev() {
+                    self.queue.push_front(r);
+                }
+                Ok(())
             }
-            return Ok(());
+            Executed::NotStarted => Ok(()),
         }
-        let waiters: Vec<Waiter> = batch.into_iter().filter_map(|req| req.run(w)).collect();
-        self.commit_and_propose(db_name, waiters)
     }
 
     /// COMMITs the writer's transaction, captures the pages it appended to the WAL, rewinds
@@ -1066,16 +1077,35 @@ impl StateMachine {
                     return;
                 };
                 tx.last_used = Instant::now();
-                let w = &self.dbs[&tx.db].writer;
-                let r = query_rows(w, &stmt, self.settings.max_result_bytes).map(|rows| {
-                    (
-                        rows,
-                        ExecResult {
-                            rows_affected: w.changes(),
-                            last_insert_rowid: w.last_insert_rowid(),
-                        },
-                    )
-                });
+                let db = &self.dbs[&tx.db];
+                let (w, g) = (&db.writer, &db.guard);
+                let r = g
+                    .client(self.settings.statement_timeout, || {
+                        query_rows(w, g, &stmt, self.settings.max_result_bytes)
+                    })
+                    .map(|rows| {
+                        (
+                            rows,
+                            ExecResult {
+                                rows_affected: w.changes(),
+                                last_insert_rowid: w.last_insert_rowid(),
+                            },
+                        )
+                    });
+                if w.is_autocommit() {
+                    // SQLite rolled the whole transaction back (OR ROLLBACK, RAISE(ROLLBACK),
+                    // an interrupted write): it is over, and nothing may run outside one.
+                    self.open_tx = None;
+                    let why = match r {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "SQLite ended it".into(),
+                    };
+                    let _ = reply.send(Err(Error::Invalid(format!(
+                        "the statement rolled back the whole transaction ({why}); nothing \
+                         of it was kept: begin a new one"
+                    ))));
+                    return;
+                }
                 let _ = reply.send(r);
             }
             TxOp::Commit { id, reply } => {
@@ -1166,24 +1196,26 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Pins every database at the applied index and hands them to the snapshot writer.
+    /// Pins every database at the applied index and hands them to the snapshot writer. If
+    /// any database cannot be pinned the snapshot fails as a whole (a snapshot lacking a
+    /// database would make a follower or a backup silently lack it).
     fn make_snapshot(&mut self) {
         let index = self.applied();
         let term = self.applied_term;
         let mut pinned = Vec::new();
         for (name, db) in &self.dbs {
-            match db.handle.reader() {
-                Ok(c) => {
-                    if c.execute_batch("BEGIN")
-                        .and_then(|_| c.query_row("PRAGMA schema_version", [], |_| Ok(())))
-                        .is_ok()
-                    {
-                        pinned.push((name.clone(), c));
-                    }
-                }
+            let r = db.handle.reader().and_then(|(c, _)| {
+                failpoint_err("snapshot-pin", name)?;
+                c.execute_batch("BEGIN")?;
+                c.query_row("PRAGMA schema_version", [], |_| Ok(()))?;
+                Ok(c)
+            });
+            match r {
+                Ok(c) => pinned.push((name.clone(), c)),
                 Err(e) => {
-                    tracing::warn!("snapshot: cannot open {name}: {e}");
-                    self.snapshots.build_not_started();
+                    let why = format!("database {name} could not be pinned at index {index}: {e}");
+                    tracing::error!("snapshot not built: {why}");
+                    self.snapshots.build_failed(why);
                     return;
                 }
             }
@@ -1252,6 +1284,17 @@ fn failpoint(name: &str) {
     }
 }
 
+/// Test hook: fails with an error at the named point for `what` when `RAFTSQL_FAIL_AT` is
+/// `name:what` (used by the snapshot tests; costs one env lookup).
+fn failpoint_err(name: &str, what: &str) -> Result<()> {
+    match std::env::var("RAFTSQL_FAIL_AT") {
+        Ok(v) if v == format!("{name}:{what}") => Err(Error::Internal(format!(
+            "failpoint {name}:{what} (RAFTSQL_FAIL_AT)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn clone_err(e: &Error) -> Error {
     match e {
         Error::OutcomeUnknown => Error::OutcomeUnknown,
@@ -1276,13 +1319,116 @@ fn clone_err(e: &Error) -> Error {
 
 /// Runs `f` inside a SAVEPOINT on `w`, rolling back to it if `f` fails.
 fn in_savepoint(w: &Connection, f: WriteFn) -> Result<Box<dyn std::any::Any + Send>> {
-    w.execute_batch("SAVEPOINT req")?;
+    w.execute_batch(&format!("SAVEPOINT {}", guard::INTERNAL_SAVEPOINT))?;
     let r = f(w);
-    if r.is_err() {
-        w.execute_batch("ROLLBACK TO req")?;
+    end_savepoint(w, r)
+}
+
+/// Releases the request's savepoint, first rolling back to it if `r` failed.
+fn end_savepoint<T>(w: &Connection, r: Result<T>) -> Result<T> {
+    if w.is_autocommit() {
+        // SQLite ended the whole transaction; the caller sees it (see [`execute_batch`]).
+        return r;
     }
-    w.execute_batch("RELEASE req")?;
+    if r.is_err() {
+        w.execute_batch(&format!("ROLLBACK TO {}", guard::INTERNAL_SAVEPOINT))?;
+    }
+    w.execute_batch(&format!("RELEASE {}", guard::INTERNAL_SAVEPOINT))?;
     r
+}
+
+/// What [`execute_batch`] left on the writer.
+enum Executed {
+    /// The batch transaction is open holding the requests that succeeded; these answer them
+    /// once it commits. (Failed requests were answered already.)
+    Open(Vec<Waiter>),
+    /// A Rust write ended the transaction: these requests did not run and go back to the
+    /// queue (the closures before it were failed).
+    Requeue(Vec<WriteReq>),
+    /// The transaction could not start; every request was answered with the error.
+    NotStarted,
+}
+
+/// Runs a batch's requests in one transaction on the writer: SQL requests first, each in a
+/// SAVEPOINT and guarded as client SQL, then Rust writes.
+///
+/// SQLite rolls back a whole transaction on its own in a few cases (a statement's `OR
+/// ROLLBACK` conflict clause, `RAISE(ROLLBACK)` in a trigger, an interrupted or failing
+/// write: SQLITE_INTERRUPT/FULL/NOMEM/IOERR). The writer must never go on in autocommit mode
+/// (each statement would commit to the WAL at once, visible on this node only, outside
+/// Raft), so after every request it checks the batch transaction is still open. If a SQL
+/// request ended it, that request is answered with its error and the others, which are data
+/// and can be re-run, run again in a new transaction. If a Rust write ended it, that write
+/// gets its error, the Rust writes before it fail with Unavailable (retry), and the rest
+/// go back to the queue.
+fn execute_batch(w: &Connection, g: &Guard, budget: Duration, batch: Vec<WriteReq>) -> Executed {
+    let (mut sql, funcs): (Vec<WriteReq>, Vec<WriteReq>) =
+        batch.into_iter().partition(WriteReq::is_sql);
+    let begin = || reset_cache(w).and_then(|_| w.execute_batch("BEGIN IMMEDIATE").map_err(Error::from));
+    let results = 'again: loop {
+        if let Err(e) = begin() {
+            let msg = e.to_string();
+            for r in sql.into_iter().chain(funcs) {
+                r.fail(Error::Internal(msg.clone()));
+            }
+            return Executed::NotStarted;
+        }
+        let mut results = Vec::with_capacity(sql.len());
+        for i in 0..sql.len() {
+            let Work::Statements { stmts, .. } = &sql[i].work else {
+                unreachable!("partitioned")
+            };
+            let r = run_request(w, g, stmts, budget);
+            if w.is_autocommit() {
+                let req = sql.remove(i);
+                req.fail(ended_transaction(r.err()));
+                continue 'again;
+            }
+            results.push(r);
+        }
+        break results;
+    };
+    let mut pending: Vec<Box<dyn FnOnce(Result<()>) + Send>> = Vec::new();
+    let mut funcs = VecDeque::from(funcs);
+    while let Some(req) = funcs.pop_front() {
+        let Work::Func { f, reply } = req.work else {
+            unreachable!("partitioned")
+        };
+        let r = in_savepoint(w, f);
+        if w.is_autocommit() {
+            let _ = reply.send(Err(ended_transaction(r.err())));
+            for p in pending {
+                p(Err(Error::Unavailable(
+                    "another write in the same batch made SQLite roll the batch back; retry"
+                        .into(),
+                )));
+            }
+            return Executed::Requeue(sql.into_iter().chain(funcs).collect());
+        }
+        match r {
+            Ok(out) => pending.push(Box::new(move |c: Result<()>| {
+                let _ = reply.send(c.map(|_| out));
+            })),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+    let mut waiters: Vec<Waiter> = sql
+        .into_iter()
+        .zip(results)
+        .filter_map(|(req, r)| req.settle(r))
+        .collect();
+    waiters.extend(pending);
+    Executed::Open(waiters)
+}
+
+/// The error of a request that made SQLite end the batch transaction.
+fn ended_transaction(e: Option<Error>) -> Error {
+    let why = e.map_or_else(|| "SQLite ended it".to_string(), |e| e.to_string());
+    Error::Invalid(format!(
+        "the request rolled back the whole transaction ({why}); nothing of it was kept"
+    ))
 }
 
 /// Writes an entry's page images into the database of `w`.
@@ -1294,6 +1440,15 @@ fn in_savepoint(w: &Connection, f: WriteFn) -> Result<Box<dyn std::any::Any + Se
 /// pages are unreachable. After each, the connection's page cache is purged: sqlite_dbpage
 /// copies bytes into cached pages but leaves the b-tree's parsed view of them stale.
 pub fn apply_pages(w: &Connection, f: &Frames) -> Result<()> {
+    // The one place that writes sqlite_dbpage: lift DEFENSIVE (on while client SQL runs on
+    // the writer, see guard.rs) for the apply only.
+    guard::set_defensive(w, false)?;
+    let r = write_pages(w, f);
+    guard::set_defensive(w, true)?;
+    r
+}
+
+fn write_pages(w: &Connection, f: &Frames) -> Result<()> {
     let grown = in_transaction(w, |w| {
         let old_pages: u32 = w.query_row("PRAGMA page_count", [], |r| r.get(0))?;
         let mut st = w.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
@@ -1392,13 +1547,20 @@ fn reset_cache(w: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Runs one request's statements inside a SAVEPOINT; on error rolls back to it.
-fn run_request(w: &Connection, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
-    w.execute_batch("SAVEPOINT req")?;
-    let r = (|| {
+/// Runs one request's client statements inside a SAVEPOINT, guarded by `g` with a time
+/// budget of `budget`; on error rolls back to the savepoint.
+fn run_request(
+    w: &Connection,
+    g: &Guard,
+    stmts: &[Statement],
+    budget: Duration,
+) -> Result<Vec<ExecResult>> {
+    w.execute_batch(&format!("SAVEPOINT {}", guard::INTERNAL_SAVEPOINT))?;
+    let r = g.client(budget, || {
         let mut out = Vec::with_capacity(stmts.len());
         for s in stmts {
-            let mut st = w.prepare_cached(&s.sql)?;
+            let mut st = w.prepare_cached(&guard::client_key(&s.sql))?;
+            guard::check_statement(g, &st)?;
             let mut rows = st.query(rusqlite::params_from_iter(s.params.iter()))?;
             while rows.next()?.is_some() {}
             out.push(ExecResult {
@@ -1407,12 +1569,8 @@ fn run_request(w: &Connection, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
             });
         }
         Ok(out)
-    })();
-    if r.is_err() {
-        w.execute_batch("ROLLBACK TO req")?;
-    }
-    w.execute_batch("RELEASE req")?;
-    r
+    });
+    end_savepoint(w, r)
 }
 
 /// Page 1's file change counter (offset 24) as committed; 0 for an empty database.
