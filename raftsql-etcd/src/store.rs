@@ -42,8 +42,14 @@ use crate::pb::mvccpb::KeyValue;
 
 /// The raftsql database holding the etcd data.
 pub const DB: &str = "etcd";
-/// Most operations in one Txn (etcd's `--max-txn-ops` default).
+/// Most compares, and most operations per branch, at each level of a Txn (etcd's
+/// `--max-txn-ops` default).
 pub const MAX_TXN_OPS: usize = 128;
+/// Most levels of nested Txns (raftsql's own bound; etcd has none, kube-apiserver uses 1).
+pub const MAX_TXN_DEPTH: usize = 16;
+/// Most compares and operations in one Txn over all its levels and branches (raftsql's own
+/// bound on what one request may cost).
+pub const MAX_TXN_TOTAL_OPS: usize = 1024;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS kv_rev (
@@ -89,9 +95,12 @@ pub enum EtcdError {
     /// Two writes to one key in one txn branch.
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,
-    /// More than [`MAX_TXN_OPS`] operations.
+    /// More than [`MAX_TXN_OPS`] operations in a branch, or [`MAX_TXN_TOTAL_OPS`] in all.
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps,
+    /// Txns nested more than [`MAX_TXN_DEPTH`] deep.
+    #[error("raftsql: txn request nested more than {MAX_TXN_DEPTH} levels deep")]
+    TxnTooDeep,
     /// No leader (elections, no quorum).
     #[error("etcdserver: no leader")]
     NoLeader,
@@ -127,7 +136,8 @@ impl From<EtcdError> for tonic::Status {
             EtcdError::KeyNotFound
             | EtcdError::EmptyKey
             | EtcdError::DuplicateKey
-            | EtcdError::TooManyOps => Code::InvalidArgument,
+            | EtcdError::TooManyOps
+            | EtcdError::TxnTooDeep => Code::InvalidArgument,
             EtcdError::LeaseNotFound => Code::NotFound,
             EtcdError::LeaseExist => Code::FailedPrecondition,
             EtcdError::RequestTooLarge => Code::InvalidArgument,
@@ -576,58 +586,90 @@ fn compare_one(c: &Connection, t: &WriteTxn, cmp: &Compare) -> R<bool> {
     Ok(kvs.iter().all(test))
 }
 
-/// etcd's txn validation: at most [`MAX_TXN_OPS`] ops per branch, and within a branch (with
-/// its nested txns) no key is written twice, nor both put and deleted.
+/// A Txn's validation, in time linear in its size: etcd's rules (at most [`MAX_TXN_OPS`]
+/// compares and ops per branch at every level; within what can run together, no key put
+/// twice, nor put and deleted), plus two of raftsql's own, which bound what one request of a
+/// few hundred bytes may cost: at most [`MAX_TXN_DEPTH`] levels of nested Txns and
+/// [`MAX_TXN_TOTAL_OPS`] compares and ops over all levels and branches.
+///
+/// (The previous check walked each nested success branch twice per level, so a Txn nested
+/// N deep took 2^N steps: depth 26 took 16 s and pinned a core.)
 fn check_txn(req: &TxnRequest) -> R<()> {
-    fn ops_writes(
-        ops: &[RequestOp],
-        puts: &mut BTreeSet<Vec<u8>>,
-        dels: &mut Vec<Interval>,
-    ) -> R<()> {
-        if ops.len() > MAX_TXN_OPS {
-            return Err(EtcdError::TooManyOps);
+    let mut total = 0;
+    check_txn_size(req, 1, &mut total)?;
+    // Depth is bounded now, so the recursion below is too.
+    branch_writes(&req.success)?;
+    branch_writes(&req.failure)?;
+    Ok(())
+}
+
+/// The size limits, walking every nested Txn once.
+fn check_txn_size(t: &TxnRequest, depth: usize, total: &mut usize) -> R<()> {
+    if depth > MAX_TXN_DEPTH {
+        return Err(EtcdError::TxnTooDeep);
+    }
+    if t.compare.len() > MAX_TXN_OPS || t.success.len() > MAX_TXN_OPS || t.failure.len() > MAX_TXN_OPS
+    {
+        return Err(EtcdError::TooManyOps);
+    }
+    *total += t.compare.len() + t.success.len() + t.failure.len();
+    if *total > MAX_TXN_TOTAL_OPS {
+        return Err(EtcdError::TooManyOps);
+    }
+    for op in t.success.iter().chain(&t.failure) {
+        if let Some(request_op::Request::RequestTxn(n)) = &op.request {
+            check_txn_size(n, depth + 1, total)?;
         }
-        for op in ops {
-            match &op.request {
-                Some(request_op::Request::RequestPut(p)) => {
-                    if !puts.insert(p.key.to_vec()) {
-                        return Err(EtcdError::DuplicateKey);
-                    }
-                }
-                Some(request_op::Request::RequestDeleteRange(d)) => {
-                    dels.push(Interval::new(&d.key, &d.range_end))
-                }
-                Some(request_op::Request::RequestTxn(t)) => {
-                    if t.compare.len() > MAX_TXN_OPS {
-                        return Err(EtcdError::TooManyOps);
-                    }
-                    // Only one of the nested branches runs: check each against this branch.
-                    for branch in [&t.success, &t.failure] {
-                        let (mut p2, mut d2) = (puts.clone(), dels.clone());
-                        ops_writes(branch, &mut p2, &mut d2)?;
-                    }
-                    let (mut p2, mut d2) = (puts.clone(), dels.clone());
-                    ops_writes(&t.success, &mut p2, &mut d2)?;
-                    *puts = p2;
-                    *dels = d2;
-                }
-                _ => {}
+    }
+    Ok(())
+}
+
+/// etcd's `checkIntervals`, bottom-up: the keys a branch puts and the ranges it deletes
+/// (nested Txns included, each computed once), failing on a key put twice or put and deleted
+/// by operations that can run together. A nested Txn's two branches never both run, so a key
+/// both of them put is fine.
+fn branch_writes(ops: &[RequestOp]) -> R<(BTreeSet<Vec<u8>>, Vec<Interval>)> {
+    let mut dels: Vec<Interval> = ops
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                Some(Interval::new(&d.key, &d.range_end))
             }
-        }
-        for p in puts.iter() {
-            if dels.iter().any(|d| d.contains(p)) {
+            _ => None,
+        })
+        .collect();
+    let deleted = |dels: &[Interval], k: &[u8]| dels.iter().any(|d| d.contains(k));
+    let mut puts = BTreeSet::new();
+    for op in ops {
+        let Some(request_op::Request::RequestTxn(t)) = &op.request else {
+            continue;
+        };
+        let (puts_then, dels_then) = branch_writes(&t.success)?;
+        let (puts_else, dels_else) = branch_writes(&t.failure)?;
+        for k in &puts_then {
+            if puts.contains(k) || deleted(&dels, k) {
                 return Err(EtcdError::DuplicateKey);
             }
         }
-        Ok(())
+        puts.extend(puts_then.iter().cloned());
+        for k in puts_else {
+            if (puts.contains(&k) && !puts_then.contains(&k)) || deleted(&dels, &k) {
+                return Err(EtcdError::DuplicateKey);
+            }
+            puts.insert(k);
+        }
+        dels.extend(dels_then);
+        dels.extend(dels_else);
     }
-    if req.compare.len() > MAX_TXN_OPS {
-        return Err(EtcdError::TooManyOps);
+    for op in ops {
+        if let Some(request_op::Request::RequestPut(p)) = &op.request {
+            if puts.contains(&p.key[..]) || deleted(&dels, &p.key) {
+                return Err(EtcdError::DuplicateKey);
+            }
+            puts.insert(p.key.to_vec());
+        }
     }
-    for branch in [&req.success, &req.failure] {
-        ops_writes(branch, &mut BTreeSet::new(), &mut Vec::new())?;
-    }
-    Ok(())
+    Ok((puts, dels))
 }
 
 fn txn(c: &Connection, t: &mut WriteTxn, req: &TxnRequest) -> R<TxnResponse> {

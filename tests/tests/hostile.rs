@@ -505,3 +505,109 @@ fn a_forwarded_proposal_is_not_appended() {
         cl.log_text(leader)
     );
 }
+
+/// A Txn nested `depth` levels deep, each level's success branch holding a put and the next
+/// level (a few bytes a level).
+fn nested_txn(depth: usize) -> TxnRequest {
+    let mut t = TxnRequest::default();
+    for level in (0..depth).rev() {
+        let put = RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: Bytes::from(format!("/nest/{level}")),
+                value: Bytes::from_static(b"v"),
+                ..Default::default()
+            })),
+        };
+        let mut outer = TxnRequest::default();
+        outer.success.push(put);
+        if level + 1 < depth {
+            outer.success.push(RequestOp {
+                request: Some(request_op::Request::RequestTxn(t)),
+            });
+        }
+        t = outer;
+    }
+    t
+}
+
+/// A small deeply nested Txn is refused in milliseconds, a permitted one runs, and other
+/// clients keep working meanwhile. (The Txn check was exponential in the depth: 26 levels
+/// took 16 s of one core, 40 would take days, and a few such requests stopped every tokio
+/// worker, heartbeats included.) The class: request validation whose cost is not linear in
+/// the request's size.
+#[test]
+fn a_deeply_nested_txn_is_refused_in_milliseconds() {
+    let cl = Cluster::start_with_etcd(1, &[]);
+    cl.wait_leader(T);
+    let addr = cl.etcd_addr(1);
+    cl.rt.block_on(async {
+        // Another client writes throughout.
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (stop, done) = (stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut kv = common::etcd::connect(addr).await;
+                while !stop.load(Ordering::Relaxed) {
+                    kv.put(PutRequest {
+                        key: Bytes::from_static(b"/other"),
+                        value: Bytes::from_static(b"x"),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("a put beside the nested txns");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let mut kv = common::etcd::connect(addr).await;
+        let deepest = raftsql_etcd::store::MAX_TXN_DEPTH;
+        let r = kv.txn(nested_txn(deepest)).await.expect("a txn at the depth limit");
+        assert!(r.into_inner().succeeded);
+        for depth in [deepest + 1, 30, 50, 200] {
+            let req = nested_txn(depth);
+            let bytes = prost::Message::encoded_len(&req);
+            let started = Instant::now();
+            let e = tokio::time::timeout(Duration::from_secs(5), kv.txn(req))
+                .await
+                .unwrap_or_else(|_| panic!("a {depth}-deep txn ({bytes} bytes) took over 5 s"))
+                .unwrap_err();
+            let took = started.elapsed();
+            let msg: String = e.message().chars().take(80).collect();
+            println!("depth {depth} ({bytes} bytes): {:?} {msg:?} in {took:?}", e.code());
+            if depth <= 50 {
+                assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            } // (Deeper than 100, prost's decoder refuses it before the store sees it.)
+            assert!(took < Duration::from_millis(500), "depth {depth} took {took:?}");
+        }
+        // Many ops spread over levels: the total is bounded too.
+        // 8 levels, each failure branch with 128 ranges: 1,039 ops in all, under the
+        // per-branch limit everywhere.
+        let mut wide = nested_txn(8);
+        let mut level = Some(&mut wide);
+        while let Some(t) = level {
+            t.failure = (0..128)
+                .map(|i| RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: Bytes::from(format!("/r/{i}")),
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            level = t.success.iter_mut().find_map(|op| match &mut op.request {
+                Some(request_op::Request::RequestTxn(n)) => Some(n),
+                _ => None,
+            });
+        }
+        let e = kv.txn(wide).await.unwrap_err();
+        assert_eq!(e.message(), "etcdserver: too many operations in txn request");
+        let before = done.load(Ordering::Relaxed);
+        let deadline = Instant::now() + T;
+        while done.load(Ordering::Relaxed) < before + 10 {
+            assert!(Instant::now() < deadline, "the other client stopped making progress");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.await.unwrap();
+    });
+}
