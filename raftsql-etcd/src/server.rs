@@ -384,7 +384,10 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
 }
 
 /// Concurrent gRPC calls (each watch stream is one) on one client connection (HTTP/2
-/// streams); etcd's default is unlimited (math.MaxUint32).
+/// streams), announced in the server's SETTINGS; etcd's default is unlimited
+/// (math.MaxUint32), but a client multiplexes all its watches over few streams (clientv3
+/// puts every watch of a context on one stream), so 1,024 leaves room and bounds what one
+/// connection may hold.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// [`router`] on a given server builder (e.g. one with TLS configured).
@@ -401,9 +404,6 @@ fn router_with(backend: Arc<dyn Backend>, builder: Server) -> Router {
         };
     }
     builder
-        // etcd allows u32::MAX concurrent streams per connection (hyper's default is 200); a
-        // client multiplexes all its watches on one connection.
-        .max_concurrent_streams(u32::MAX)
         // etcd's server-side keepalive defaults (--grpc-keepalive-interval 2h, -timeout 20s):
         // a silently dead client's streams are dropped.
         .http2_keepalive_interval(Some(Duration::from_secs(2 * 60 * 60)))

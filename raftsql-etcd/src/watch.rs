@@ -223,7 +223,6 @@ pub async fn serve_stream(
                         .await;
                     continue;
                 }
-                next_id = next_id.max(id + 1);
                 let current = store.current_rev().await;
                 let start = if c.start_revision > 0 {
                     c.start_revision

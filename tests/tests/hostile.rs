@@ -611,3 +611,61 @@ fn a_deeply_nested_txn_is_refused_in_milliseconds() {
         writer.await.unwrap();
     });
 }
+
+/// The etcd server announces (and so enforces) its per-connection stream limit, and a
+/// client-chosen watch id of i64::MAX neither overflows nor collides with the next automatic
+/// id. (The server set the limit to 1,024 and then to u32::MAX; the watch id bumped the
+/// next automatic id to `id + 1`, which overflows: a panic in a debug build, a negative id
+/// in a release one.)
+#[test]
+fn etcd_stream_and_watch_id_limits_hold() {
+    let cl = Cluster::start_with_etcd(1, &[]);
+    cl.wait_leader(T);
+    let addr = cl.etcd_addr(1);
+    cl.rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+        let deadline = Instant::now() + T;
+        let announced = loop {
+            // Drive the connection until the server's SETTINGS have arrived.
+            let _ = tokio::time::timeout(Duration::from_millis(50), &mut conn).await;
+            let n = conn.max_concurrent_send_streams();
+            if n != usize::MAX || Instant::now() > deadline {
+                break n;
+            }
+        };
+        assert_eq!(
+            announced,
+            raftsql_etcd::server::MAX_STREAMS_PER_CONNECTION as usize
+        );
+
+        let mut w = WatchClient::connect(format!("http://{addr}")).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut stream = w
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let create = |watch_id: i64| WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(b"/w"),
+                watch_id,
+                ..Default::default()
+            })),
+        };
+        let mut ids = Vec::new();
+        for id in [i64::MAX, 0, 0] {
+            tx.send(create(id)).await.unwrap();
+            let r = tokio::time::timeout(T, stream.message())
+                .await
+                .expect("the watch stream answers")
+                .expect("the stream stays up")
+                .expect("a response");
+            assert!(r.created, "{r:?}");
+            ids.push(r.watch_id);
+        }
+        assert_eq!(ids[0], i64::MAX);
+        assert!(ids[1] >= 0 && ids[2] >= 0 && ids[1] != ids[2], "{ids:?}");
+        assert!(!ids[1..].contains(&i64::MAX), "{ids:?}");
+    });
+}
