@@ -1743,6 +1743,11 @@ fn capture_and_rewind(
 }
 
 /// Reads WAL frames `first..=last`, keeping the newest image of each page, sorted by page.
+///
+/// Memory stays within the entry limit: the frames are read in chunks of at most
+/// [`READ_CHUNK_FRAMES`], and the read stops with an error as soon as the distinct pages
+/// exceed [`MAX_ENTRY_PAGE_BYTES`] (a transaction of GiBs is refused after reading 48 MiB,
+/// not after loading it all).
 fn read_frames(db: &mut Db, first: u32, last: u32, page_size: u32) -> Result<Vec<Page>> {
     let mut wal_path = db.handle.path.as_os_str().to_owned();
     wal_path.push("-wal");
@@ -1751,22 +1756,42 @@ fn read_frames(db: &mut Db, first: u32, last: u32, page_size: u32) -> Result<Vec
         db.wal = Some(File::open(&wal_path).map_err(|e| Error::io(&wal_path, e))?);
     }
     let wal = db.wal.as_ref().unwrap();
-    let frame = 24 + page_size as u64;
-    let n = (last + 1 - first) as u64;
-    let mut buf = vec![0u8; (n * frame) as usize];
-    wal.read_exact_at(&mut buf, 32 + (first as u64 - 1) * frame)
-        .map_err(|e| Error::io(&wal_path, e))?;
-    let buf = Bytes::from(buf);
-    let mut pages = BTreeMap::new();
-    for i in 0..n as usize {
-        let off = i * frame as usize;
-        let pgno = u32::from_be_bytes(buf[off..off + 4].try_into().unwrap());
-        pages.insert(pgno, buf.slice(off + 24..off + frame as usize));
+    let frame = 24 + page_size as usize;
+    let mut pages: BTreeMap<u32, Bytes> = BTreeMap::new();
+    let mut buf = Vec::new();
+    let mut next = first;
+    while next <= last {
+        let n = (last + 1 - next).min(READ_CHUNK_FRAMES);
+        buf.resize(n as usize * frame, 0);
+        wal.read_exact_at(&mut buf, 32 + (next as u64 - 1) * frame as u64)
+            .map_err(|e| Error::io(&wal_path, e))?;
+        for f in buf.chunks_exact(frame) {
+            let pgno = u32::from_be_bytes(f[..4].try_into().unwrap());
+            pages.insert(pgno, Bytes::copy_from_slice(&f[24..]));
+        }
+        if pages.len() * page_size as usize > MAX_ENTRY_PAGE_BYTES {
+            return Err(too_large(pages.len() * page_size as usize, last + 1 - first));
+        }
+        next += n;
     }
     Ok(pages
         .into_iter()
         .map(|(pgno, data)| Page { pgno, data })
         .collect())
+}
+
+/// Frames read from the WAL at a time when capturing a batch (4 MiB at 4 KiB pages).
+const READ_CHUNK_FRAMES: u32 = 1024;
+
+/// The error for a transaction whose pages do not fit in one entry.
+fn too_large(bytes_so_far: usize, frames: u32) -> Error {
+    Error::Invalid(format!(
+        "the transaction changed more than {} MiB of pages ({:.1} MiB in the first pages read \
+         of its {frames} WAL frames), more than one replicated entry may carry: split it into \
+         smaller transactions",
+        MAX_ENTRY_PAGE_BYTES >> 20,
+        bytes_so_far as f64 / (1 << 20) as f64,
+    ))
 }
 
 #[cfg(test)]
