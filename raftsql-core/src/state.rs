@@ -1381,6 +1381,11 @@ fn execute_batch(w: &Connection, g: &Guard, budget: Duration, batch: Vec<WriteRe
             let r = run_request(w, g, stmts, budget);
             if w.is_autocommit() {
                 let req = sql.remove(i);
+                tracing::info!(
+                    "a write request made SQLite roll back its batch; running the batch's {} \
+                     other SQL request(s) again",
+                    sql.len()
+                );
                 req.fail(ended_transaction(r.err()));
                 continue 'again;
             }

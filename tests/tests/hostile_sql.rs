@@ -269,3 +269,91 @@ fn hostile_sql_cannot_desynchronise_replicas() {
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
     let _ = Value::Null;
 }
+
+/// Requests that make SQLite roll back the whole batch transaction (`OR ROLLBACK`,
+/// `RAISE(ROLLBACK)` in a trigger), sent concurrently with ordinary writes so that they share
+/// batches: each costs only itself. Every acknowledged ordinary write is on every replica
+/// exactly once, no refused one is, and the replicas are identical. (Before, the batch went on
+/// in autocommit mode after such a request: the statements after it committed to the
+/// leader's WAL at once, outside Raft.)
+#[test]
+fn a_request_that_rolls_back_its_batch_costs_only_itself() {
+    let cl = Cluster::start(3, &[]);
+    cl.wait_leader(T);
+    let c = cl.client();
+    cl.rt.block_on(async {
+        c.execute("main", "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT UNIQUE)", vec![])
+            .await
+            .unwrap();
+        c.execute("main", "INSERT INTO t(k, v) VALUES (1, 'taken')", vec![])
+            .await
+            .unwrap();
+        c.execute(
+            "main",
+            "CREATE TRIGGER rb BEFORE DELETE ON t WHEN old.k = 1 \
+             BEGIN SELECT RAISE(ROLLBACK, 'no'); END",
+            vec![],
+        )
+        .await
+        .unwrap();
+    });
+    let acked = cl.rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..8u64 {
+            let c = cl.client_of(1 + w % 3);
+            tasks.push(tokio::spawn(async move {
+                let mut ok = Vec::new();
+                for i in 0..40 {
+                    let v = format!("w{w}-{i}");
+                    if c.execute("main", "INSERT INTO t(v) VALUES (?1)", vec![v.clone().into()])
+                        .await
+                        .is_ok()
+                    {
+                        ok.push(v);
+                    }
+                }
+                ok
+            }));
+        }
+        for h in 0..4u64 {
+            let c = cl.client_of(1 + h % 3);
+            tasks.push(tokio::spawn(async move {
+                for i in 0..40 {
+                    let sql = if i % 2 == 0 {
+                        "INSERT OR ROLLBACK INTO t(v) VALUES ('taken')"
+                    } else {
+                        "DELETE FROM t WHERE k = 1"
+                    };
+                    let e = c.execute("main", sql, vec![]).await.unwrap_err().to_string();
+                    assert!(e.contains("rolled back the whole transaction"), "{e}");
+                }
+                Vec::new()
+            }));
+        }
+        let mut acked = Vec::new();
+        for t in tasks {
+            acked.extend(t.await.unwrap());
+        }
+        acked
+    });
+    assert_eq!(acked.len(), 8 * 40, "ordinary writes failed");
+    // The hostile requests did share batches with ordinary ones (the leader says so).
+    let shared = (1..=3)
+        .flat_map(|id| {
+            cl.log_text(id)
+                .lines()
+                .filter(|l| l.contains("roll back its batch") && !l.contains("batch's 0 other"))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .count();
+    println!("{shared} batches were run again without a request that rolled them back");
+    assert!(shared > 0, "no hostile request shared a batch: the test proves nothing");
+    cl.wait_converged(T);
+    cl.check_integrity("main");
+    for id in 1..=3 {
+        let n = cl.local_count(id, "main", "SELECT count(*) FROM t WHERE v LIKE 'w%'");
+        assert_eq!(n as usize, acked.len(), "node {id}");
+        assert_eq!(cl.local_count(id, "main", "SELECT count(*) FROM t WHERE k = 1"), 1);
+    }
+}
