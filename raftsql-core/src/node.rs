@@ -557,6 +557,7 @@ impl Node {
             reads: HashMap::new(),
             waiting_reads: Vec::new(),
             next_read: 1,
+            read_nonce: rand::random(),
             compact_log_bytes: cfg.compact_log_bytes,
             last_leader: (false, 0),
         };
@@ -1637,9 +1638,38 @@ fn receive_snapshot(shared: Arc<Shared>, m: Message) {
 
 /// One read-index round and the reads it serves.
 struct ReadRound {
-    waiters: Vec<oneshot::Sender<Result<u64>>>,
+    waiters: Vec<ReadWaiter>,
     started: Instant,
     issued: Instant,
+}
+
+/// What waits for a read-index round.
+enum ReadWaiter {
+    /// A linearizable read: gets the read index, then waits to apply it.
+    Index(oneshot::Sender<Result<u64>>),
+    /// A write batch that changed nothing (a failed CAS, a read-only Txn or interactive
+    /// transaction), executed on the leader's state at `base`: it is answered only once a
+    /// quorum confirms this node still leads and no data entry committed after `base`
+    /// (invariant 5a in docs/ARCHITECTURE.md; a deposed leader that does not know it yet
+    /// would otherwise answer from its old state).
+    Confirm {
+        base: u64,
+        done: Box<dyn FnOnce(Result<()>) + Send>,
+    },
+}
+
+impl ReadWaiter {
+    fn gone(&self) -> bool {
+        matches!(self, ReadWaiter::Index(tx) if tx.is_closed())
+    }
+    fn fail(self, e: Error) {
+        match self {
+            ReadWaiter::Index(tx) => {
+                let _ = tx.send(Err(e));
+            }
+            ReadWaiter::Confirm { done, .. } => done(Err(e)),
+        }
+    }
 }
 
 struct RaftDriver {
@@ -1652,10 +1682,32 @@ struct RaftDriver {
     /// Read-index rounds in flight: id -> (waiters, started, last issued).
     reads: HashMap<u64, ReadRound>,
     /// Reads that arrived since the last round was issued; they go in the next one.
-    waiting_reads: Vec<oneshot::Sender<Result<u64>>>,
+    waiting_reads: Vec<ReadWaiter>,
     next_read: u64,
+    /// Drawn at start: read contexts of this run of this node (see [`read_ctx`]).
+    read_nonce: u64,
     compact_log_bytes: u64,
     last_leader: (bool, u64),
+}
+
+/// The context of read-index round `round`: this node's id, the nonce of this run and the
+/// round. The leader keys pending reads by context alone, and a follower matches answers by
+/// it, so a bare counter (as it was) collides between nodes and across a restart: an answer
+/// meant for round k of a previous run, or a heartbeat ack for another node's round k, could
+/// complete this run's round k with an older index.
+fn read_ctx(me: u64, nonce: u64, round: u64) -> Vec<u8> {
+    [me, nonce, round]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect()
+}
+
+/// The round of a read context of this run of this node, if it is one.
+fn read_round(ctx: &[u8], me: u64, nonce: u64) -> Option<u64> {
+    let word = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(ctx.get(i * 8..i * 8 + 8)?.try_into().ok()?))
+    };
+    (ctx.len() == 24 && word(0)? == me && word(1)? == nonce).then_some(word(2)?)
 }
 
 impl RaftDriver {
@@ -1742,7 +1794,10 @@ impl RaftDriver {
                     }
                 }
             }
-            RaftMsg::ReadIndex(reply) => self.waiting_reads.push(reply),
+            RaftMsg::ReadIndex(reply) => self.waiting_reads.push(ReadWaiter::Index(reply)),
+            RaftMsg::Sm(ToRaft::Confirm { base, done }) => {
+                self.waiting_reads.push(ReadWaiter::Confirm { base, done })
+            }
             RaftMsg::ConfChange(cc, reply) => {
                 let r = if self.raw.raft.state != StateRole::Leader {
                     Err(Error::NotLeader {
@@ -1811,21 +1866,33 @@ impl RaftDriver {
                 issued: now,
             },
         );
-        self.raw.read_index(id.to_le_bytes().to_vec());
+        self.raw
+            .read_index(read_ctx(self.raw.raft.id, self.read_nonce, id));
     }
 
     /// Gives up on rounds older than 5 s (the callers time out at 3 s) and re-issues the others
     /// every 200 ms: raft-rs silently drops a read index request while the leader has not
     /// committed an entry of its term yet, or while a follower knows no leader.
     fn expire_reads(&mut self) {
+        let mut expired = Vec::new();
         self.reads.retain(|_, r| {
-            r.waiters.retain(|tx| !tx.is_closed());
-            !r.waiters.is_empty() && r.started.elapsed() < Duration::from_secs(5)
+            r.waiters.retain(|w| !w.gone());
+            let keep = !r.waiters.is_empty() && r.started.elapsed() < Duration::from_secs(5);
+            if !keep {
+                expired.append(&mut r.waiters);
+            }
+            keep
         });
+        for w in expired {
+            w.fail(Error::Unavailable(
+                "no quorum confirmed this node's leadership within 5 s".into(),
+            ));
+        }
         for (id, r) in self.reads.iter_mut() {
             if r.issued.elapsed() >= Duration::from_millis(200) {
                 r.issued = Instant::now();
-                self.raw.read_index(id.to_le_bytes().to_vec());
+                self.raw
+                    .read_index(read_ctx(self.raw.raft.id, self.read_nonce, *id));
             }
         }
     }
@@ -1874,6 +1941,11 @@ impl RaftDriver {
     }
 
     /// The first entry after `base` in the log that carries data (a write batch), if any.
+    /// The first data entry in `base+1 ..= upto`, if any.
+    fn data_entry_between(&self, base: u64, upto: u64) -> Option<u64> {
+        self.data_entry_after(base).filter(|i| *i <= upto)
+    }
+
     fn data_entry_after(&self, base: u64) -> Option<u64> {
         let log = &self.raw.raft.raft_log;
         if base >= log.last_index() {
@@ -1940,10 +2012,25 @@ impl RaftDriver {
         }
         self.send(ready.take_persisted_messages());
         for rs in ready.take_read_states() {
-            let id = u64::from_le_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            let Some(id) = read_round(&rs.request_ctx, self.raw.raft.id, self.read_nonce) else {
+                continue;
+            };
             if let Some(r) = self.reads.remove(&id) {
-                for tx in r.waiters {
-                    let _ = tx.send(Ok(rs.index));
+                for w in r.waiters {
+                    match w {
+                        ReadWaiter::Index(tx) => {
+                            let _ = tx.send(Ok(rs.index));
+                        }
+                        ReadWaiter::Confirm { base, done } => {
+                            done(match self.data_entry_between(base, rs.index) {
+                                None => Ok(()),
+                                Some(i) => Err(Error::Unavailable(format!(
+                                    "entry {i} committed while the request ran on the \
+                                     state at {base}; retry"
+                                ))),
+                            })
+                        }
+                    }
                 }
             }
         }
@@ -2022,4 +2109,20 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>> {
         return Err(Error::Invalid("empty peer list".into()));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_contexts_match_only_this_run_of_this_node() {
+        let ctx = read_ctx(3, 77, 12);
+        assert_eq!(read_round(&ctx, 3, 77), Some(12));
+        // Another node's round 12, the same node's previous run, the old 8-byte form.
+        assert_eq!(read_round(&read_ctx(2, 77, 12), 3, 77), None);
+        assert_eq!(read_round(&read_ctx(3, 76, 12), 3, 77), None);
+        assert_eq!(read_round(&12u64.to_le_bytes(), 3, 77), None);
+        assert_eq!(read_round(&[], 3, 77), None);
+    }
 }

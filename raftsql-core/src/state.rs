@@ -424,6 +424,14 @@ pub enum ToRaft {
     },
     /// Databases are durable up to this index: the log may be compacted to it.
     Checkpointed(u64),
+    /// A batch that changed nothing, executed on the state at `base`: call `done` once a
+    /// read-index round confirms this node still leads and nothing committed after `base`.
+    Confirm {
+        /// The applied index the batch was executed on.
+        base: u64,
+        /// Answers the batch's callers.
+        done: Box<dyn FnOnce(Result<()>) + Send>,
+    },
 }
 
 /// Progress published by the state machine.
@@ -895,10 +903,22 @@ impl StateMachine {
         let (pages, after) = match captured {
             Ok(Some(x)) => x,
             Ok(None) => {
-                // No page changed (only reads, or writes that changed nothing): done.
-                for w in waiters {
-                    w(Ok(()));
+                // No page changed (only reads, or writes that changed nothing): nothing to
+                // replicate, but the answers were computed on this node's state, so they go
+                // out only once a quorum confirms it still leads (a deposed leader that has
+                // not heard of its successor would answer a failed CAS from an old state).
+                if waiters.is_empty() {
+                    return Ok(());
                 }
+                let base = self.applied();
+                (self.to_raft)(ToRaft::Confirm {
+                    base,
+                    done: Box::new(move |r: Result<()>| {
+                        for w in waiters {
+                            w(r.as_ref().map(|_| ()).map_err(clone_err));
+                        }
+                    }),
+                });
                 return Ok(());
             }
             Err(e) => {

@@ -9,6 +9,10 @@
 //! faults, verdict, latency and throughput pictures) goes to `target/tmp/jepsen/register-*`
 //! (or `$RAFTSQL_REPORT_DIR`).
 //!
+//! A third test binds 15 clients to one node each (no failover: requests sent to a paused node
+//! wait there) over 8 keys while followers are paused for 4-7 s, the shape of the independent
+//! checker's run that saw a stale read (issue 14).
+//!
 //! The CAS is a Txn comparing the key's value (values are unique per write, so comparing the
 //! value is as strong as comparing its mod_revision).
 mod common;
@@ -29,8 +33,34 @@ use tonic::transport::Channel;
 
 /// The two tests share the machine's cores; they run one after the other.
 static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
-const OP_TIMEOUT: Duration = Duration::from_secs(1);
-const KEYS: u64 = 3;
+/// How the clients behave.
+#[derive(Clone, Copy)]
+struct Mode {
+    clients: u64,
+    keys: u64,
+    op_timeout: Duration,
+    /// Each client keeps one connection to one node, whatever happens (as an independent
+    /// checker's clientv3 with one endpoint does); otherwise a client moves to another node
+    /// after an operation without an answer.
+    bound: bool,
+}
+
+/// The default workload: 6 clients moving between nodes, 3 keys.
+const ROAMING: Mode = Mode {
+    clients: 6,
+    keys: 3,
+    op_timeout: Duration::from_secs(1),
+    bound: false,
+};
+
+/// The workload that found a stale read after a paused follower resumed (issue 14): 15
+/// clients each bound to one node, 8 keys, 1.5 s timeouts.
+const BOUND: Mode = Mode {
+    clients: 15,
+    keys: 8,
+    op_timeout: Duration::from_millis(1500),
+    bound: true,
+};
 
 fn key(k: u64) -> Bytes {
     Bytes::from(format!("/register/{k}"))
@@ -99,17 +129,31 @@ async fn run(kv: &mut KvClient<Channel>, k: u64, a: &Action) -> Result<Action, (
 
 #[test]
 fn register_3_nodes_is_linearizable_under_faults() {
-    register(3, 42);
+    register(3, 42, ROAMING, Kind::all(3), "register3");
 }
 
 #[test]
 fn register_5_nodes_is_linearizable_under_faults() {
-    register(5, 4242);
+    register(5, 4242, ROAMING, Kind::all(5), "register5");
 }
 
-fn register(nodes: usize, seed: u64) {
+/// Clients bound to one node each while nodes (mostly followers) are paused for 4-7 s: the
+/// requests sent to a paused node wait in its socket buffers and are served when it resumes,
+/// after the others have written on.
+#[test]
+fn register_bound_clients_under_long_pauses() {
+    let kinds = if std::env::var("RAFTSQL_JEPSEN_FAULTS").is_ok() {
+        Kind::all(3)
+    } else {
+        vec![Kind::PauseFollower, Kind::LongPause, Kind::PauseFollower]
+    };
+    register(3, 4343, BOUND, kinds, "register-bound");
+}
+
+fn register(nodes: usize, seed: u64, mode: Mode, kinds: Vec<Kind>, name: &str) {
     let _serial = SERIAL.lock();
     let settings = Settings::from_env(24, seed);
+    let (op_timeout, keys) = (mode.op_timeout, mode.keys);
     let mut cl = Cluster::start_with_etcd(nodes, &[]);
     cl.wait_leader(Duration::from_secs(30));
     let eps: Vec<tonic::transport::Endpoint> =
@@ -119,24 +163,26 @@ fn register(nodes: usize, seed: u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let history: Arc<parking_lot::Mutex<Vec<Op>>> = Default::default();
     let mut clients = Vec::new();
-    for client in 0..6u64 {
+    for client in 0..mode.clients {
         let (stop, history, eps) = (stop.clone(), history.clone(), eps.clone());
         clients.push(cl.rt.spawn(async move {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((client + 1) * 0x1234_5678));
             let mut node = client as usize;
             let mut seq = 0u64;
-            let mut last = [0u64; KEYS as usize];
+            let mut last = vec![0u64; keys as usize];
             while !stop.load(Ordering::SeqCst) {
                 let ep = eps[node % eps.len()].clone();
-                let conn = tokio::time::timeout(OP_TIMEOUT, ep.connect()).await;
+                let conn = tokio::time::timeout(op_timeout, ep.connect()).await;
                 let Ok(Ok(mut kv)) = conn.map(|c| c.map(KvClient::new)) else {
-                    node += 1;
+                    if !mode.bound {
+                        node += 1;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
                 while !stop.load(Ordering::SeqCst) {
                     let r = rng.next();
-                    let k = r % KEYS;
+                    let k = r % keys;
                     seq += 1;
                     let unique = (client + 1) * 1_000_000 + seq;
                     let action = match (r >> 8) % 4 {
@@ -149,7 +195,7 @@ fn register(nodes: usize, seed: u64) {
                         },
                     };
                     let invoked = us();
-                    let r = tokio::time::timeout(OP_TIMEOUT, run(&mut kv, k, &action)).await;
+                    let r = tokio::time::timeout(op_timeout, run(&mut kv, k, &action)).await;
                     let completed = us();
                     let (action, outcome) = match r {
                         Ok(Ok(a)) => (a, Outcome::Ok),
@@ -167,7 +213,7 @@ fn register(nodes: usize, seed: u64) {
                         completed,
                         outcome,
                     });
-                    if outcome == Outcome::Unknown {
+                    if outcome == Outcome::Unknown && !mode.bound {
                         // A fresh connection, to another node.
                         node += 1;
                         break;
@@ -176,7 +222,7 @@ fn register(nodes: usize, seed: u64) {
             }
         }));
     }
-    let faults = nemesis::run(&mut cl, t0, settings.run, &Kind::all(nodes), settings.seed);
+    let faults = nemesis::run(&mut cl, t0, settings.run, &kinds, settings.seed);
     // Let the cluster heal, then stop the clients.
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
@@ -208,7 +254,7 @@ fn register(nodes: usize, seed: u64) {
         ),
         Err(v) => v.to_string(),
     };
-    nemesis::report(&format!("register{nodes}"), &history, &faults, &text);
+    nemesis::report(name, &history, &faults, &text);
     if let Err(v) = verdict {
         panic!("{v}\n{}", cl.logs());
     }

@@ -49,11 +49,18 @@ pub enum Kind {
     Handover,
     /// A node leaves the cluster, is wiped and joins again with a fresh token.
     Rejoin,
+    /// SIGSTOP one node for 4-7 s (longer than an election, and than a client's timeout),
+    /// then 5 s of quiet.
+    LongPause,
+    /// [`Kind::LongPause`] of a follower: its clients' requests wait in its socket buffers
+    /// while the others write on.
+    PauseFollower,
 }
 
 impl Kind {
     /// Every kind that makes sense for `n` nodes, or those `RAFTSQL_JEPSEN_FAULTS` names
-    /// (comma-separated: kill, pause, isolate, split, bridge, restart-all, handover, rejoin).
+    /// (comma-separated: kill, pause, isolate, split, bridge, restart-all, handover, rejoin,
+    /// pause-long, pause-follower).
     pub fn all(n: usize) -> Vec<Kind> {
         use Kind::*;
         if let Ok(names) = std::env::var("RAFTSQL_JEPSEN_FAULTS") {
@@ -68,6 +75,8 @@ impl Kind {
                     "restart-all" => RestartAll,
                     "handover" => Handover,
                     "rejoin" => Rejoin,
+                    "pause-long" => LongPause,
+                    "pause-follower" => PauseFollower,
                     k => panic!("RAFTSQL_JEPSEN_FAULTS: unknown fault {k:?}"),
                 })
                 .collect();
@@ -168,6 +177,26 @@ pub fn run(cl: &mut Cluster, t0: Instant, run: Duration, kinds: &[Kind], seed: u
                 std::thread::sleep(Duration::from_millis(1500));
                 cl.resume(id);
                 format!("pause node {id}")
+            }
+            Kind::LongPause | Kind::PauseFollower => {
+                if kind == Kind::PauseFollower {
+                    let l = leader(cl);
+                    let followers: Vec<u64> =
+                        ids.iter().copied().filter(|i| Some(*i) != l).collect();
+                    id = followers[(rng.next() % followers.len() as u64) as usize];
+                }
+                let hold = Duration::from_millis(4000 + rng.next() % 3000);
+                cl.pause(id);
+                std::thread::sleep(hold);
+                cl.resume(id);
+                let what = format!("pause node {id} for {hold:.1?}");
+                faults.push(Fault {
+                    what,
+                    from_us,
+                    to_us: us(),
+                });
+                std::thread::sleep(Duration::from_secs(5));
+                continue;
             }
             Kind::Isolate => {
                 if rng.next().is_multiple_of(2) {
