@@ -74,7 +74,11 @@ fn env() -> &'static Env {
                 .unwrap();
             for i in 0..20 {
                 leader
-                    .execute("main", "INSERT INTO t(v) VALUES (?1)", vec![Value::Integer(i)])
+                    .execute(
+                        "main",
+                        "INSERT INTO t(v) VALUES (?1)",
+                        vec![Value::Integer(i)],
+                    )
                     .await
                     .unwrap();
             }
@@ -148,23 +152,83 @@ struct Gen<'a> {
 }
 
 const PRAGMAS: &[&str] = &[
-    "query_only", "journal_mode", "wal_autocheckpoint", "wal_checkpoint", "locking_mode",
-    "synchronous", "writable_schema", "schema_version", "user_version", "application_id",
-    "page_size", "cache_size", "mmap_size", "auto_vacuum", "incremental_vacuum", "foreign_keys",
-    "recursive_triggers", "temp_store", "secure_delete", "busy_timeout", "integrity_check",
-    "table_info", "index_list", "journal_size_limit", "max_page_count", "encoding",
-    "cell_size_check", "trusted_schema", "optimize", "shrink_memory", "data_version",
-    "defer_foreign_keys", "ignore_check_constraints", "legacy_alter_table", "threads",
+    "query_only",
+    "journal_mode",
+    "wal_autocheckpoint",
+    "wal_checkpoint",
+    "locking_mode",
+    "synchronous",
+    "writable_schema",
+    "schema_version",
+    "user_version",
+    "application_id",
+    "page_size",
+    "cache_size",
+    "mmap_size",
+    "auto_vacuum",
+    "incremental_vacuum",
+    "foreign_keys",
+    "recursive_triggers",
+    "temp_store",
+    "secure_delete",
+    "busy_timeout",
+    "integrity_check",
+    "table_info",
+    "index_list",
+    "journal_size_limit",
+    "max_page_count",
+    "encoding",
+    "cell_size_check",
+    "trusted_schema",
+    "optimize",
+    "shrink_memory",
+    "data_version",
+    "defer_foreign_keys",
+    "ignore_check_constraints",
+    "legacy_alter_table",
+    "threads",
 ];
 const VALUES: &[&str] = &[
-    "0", "1", "ON", "OFF", "DELETE", "OFF", "MEMORY", "TRUNCATE", "EXCLUSIVE", "NORMAL", "FULL",
-    "WAL", "-1", "512", "100000", "'UTF-16'", "t", "2",
+    "0",
+    "1",
+    "ON",
+    "OFF",
+    "DELETE",
+    "OFF",
+    "MEMORY",
+    "TRUNCATE",
+    "EXCLUSIVE",
+    "NORMAL",
+    "FULL",
+    "WAL",
+    "-1",
+    "512",
+    "100000",
+    "'UTF-16'",
+    "t",
+    "2",
 ];
-const TABLES: &[&str] = &["t", "main.t", "temp.x", "sqlite_master", "sqlite_dbpage", "canary", "u"];
+const TABLES: &[&str] = &[
+    "t",
+    "main.t",
+    "temp.x",
+    "sqlite_master",
+    "sqlite_dbpage",
+    "canary",
+    "u",
+];
 const FUNCS: &[&str] = &[
-    "load_extension('/lib/x86_64-linux-gnu/libc.so.6')", "fts3_tokenizer('simple')",
-    "randomblob(100)", "random()", "zeroblob(4096)", "length(randomblob(100000000))",
-    "sqlite_version()", "changes()", "last_insert_rowid()", "abs(-1)", "quote(x'00')",
+    "load_extension('/lib/x86_64-linux-gnu/libc.so.6')",
+    "fts3_tokenizer('simple')",
+    "randomblob(100)",
+    "random()",
+    "zeroblob(4096)",
+    "length(randomblob(100000000))",
+    "sqlite_version()",
+    "changes()",
+    "last_insert_rowid()",
+    "abs(-1)",
+    "quote(x'00')",
 ];
 
 impl Gen<'_> {

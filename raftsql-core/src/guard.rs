@@ -304,13 +304,11 @@ pub fn decide(role: Role, ctx: &AuthContext<'_>) -> Result<(), Refusal> {
             )),
             (Ok(()), _) => Ok(()),
         },
-        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => Err(
-            Refusal::NotAllowed(
-                "a query runs in its own read transaction; BEGIN, COMMIT, ROLLBACK and \
+        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => Err(Refusal::NotAllowed(
+            "a query runs in its own read transaction; BEGIN, COMMIT, ROLLBACK and \
                  savepoints belong to interactive transactions (raftsql sql: BEGIN ... COMMIT)"
-                    .into(),
-            ),
-        ),
+                .into(),
+        )),
         _ => match write {
             Ok(()) => Err(Refusal::Writes(describe(&ctx.action))),
             Err(why) => Err(Refusal::NotAllowed(why)),
@@ -330,7 +328,9 @@ fn is_setting(a: &AuthAction<'_>) -> bool {
 
 fn describe(a: &AuthAction<'_>) -> String {
     match a {
-        AuthAction::Insert { table_name } => format!("this statement (an INSERT into {table_name})"),
+        AuthAction::Insert { table_name } => {
+            format!("this statement (an INSERT into {table_name})")
+        }
         AuthAction::Update { table_name, .. } => {
             format!("this statement (an UPDATE of {table_name})")
         }
@@ -344,9 +344,11 @@ fn describe(a: &AuthAction<'_>) -> String {
 fn writer_decides(a: &AuthAction<'_>, db: Option<&str>) -> Result<(), String> {
     use AuthAction as A;
     let temp = || {
-        Err("temp tables, views, triggers and indexes live on one connection of one node, \
+        Err(
+            "temp tables, views, triggers and indexes live on one connection of one node, \
              outside replication (and would act on other clients' writes)"
-            .to_string())
+                .to_string(),
+        )
     };
     match a {
         A::Select | A::Read { .. } | A::Recursive => Ok(()),
@@ -420,8 +422,7 @@ fn writer_decides(a: &AuthAction<'_>, db: Option<&str>) -> Result<(), String> {
             }
         }
         A::Attach { .. } | A::Detach { .. } => Err(
-            "ATTACH opens another file, which no other node has and Raft does not replicate"
-                .into(),
+            "ATTACH opens another file, which no other node has and Raft does not replicate".into(),
         ),
         A::Transaction { .. } => Err(
             "writes run inside a transaction the node manages: each request is atomic; for \

@@ -1705,7 +1705,9 @@ fn read_ctx(me: u64, nonce: u64, round: u64) -> Vec<u8> {
 /// The round of a read context of this run of this node, if it is one.
 fn read_round(ctx: &[u8], me: u64, nonce: u64) -> Option<u64> {
     let word = |i: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(ctx.get(i * 8..i * 8 + 8)?.try_into().ok()?))
+        Some(u64::from_le_bytes(
+            ctx.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
     };
     (ctx.len() == 24 && word(0)? == me && word(1)? == nonce).then_some(word(2)?)
 }

@@ -1384,7 +1384,8 @@ enum Executed {
 fn execute_batch(w: &Connection, g: &Guard, budget: Duration, batch: Vec<WriteReq>) -> Executed {
     let (mut sql, funcs): (Vec<WriteReq>, Vec<WriteReq>) =
         batch.into_iter().partition(WriteReq::is_sql);
-    let begin = || reset_cache(w).and_then(|_| w.execute_batch("BEGIN IMMEDIATE").map_err(Error::from));
+    let begin =
+        || reset_cache(w).and_then(|_| w.execute_batch("BEGIN IMMEDIATE").map_err(Error::from));
     let results = 'again: loop {
         if let Err(e) = begin() {
             let msg = e.to_string();
@@ -1424,8 +1425,7 @@ fn execute_batch(w: &Connection, g: &Guard, budget: Duration, batch: Vec<WriteRe
             let _ = reply.send(Err(ended_transaction(r.err())));
             for p in pending {
                 p(Err(Error::Unavailable(
-                    "another write in the same batch made SQLite roll the batch back; retry"
-                        .into(),
+                    "another write in the same batch made SQLite roll the batch back; retry".into(),
                 )));
             }
             return Executed::Requeue(sql.into_iter().chain(funcs).collect());
@@ -1795,7 +1795,10 @@ fn read_frames(db: &mut Db, first: u32, last: u32, page_size: u32) -> Result<Vec
             pages.insert(pgno, Bytes::copy_from_slice(&f[24..]));
         }
         if pages.len() * page_size as usize > MAX_ENTRY_PAGE_BYTES {
-            return Err(too_large(pages.len() * page_size as usize, last + 1 - first));
+            return Err(too_large(
+                pages.len() * page_size as usize,
+                last + 1 - first,
+            ));
         }
         next += n;
     }

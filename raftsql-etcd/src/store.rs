@@ -608,7 +608,9 @@ fn check_txn_size(t: &TxnRequest, depth: usize, total: &mut usize) -> R<()> {
     if depth > MAX_TXN_DEPTH {
         return Err(EtcdError::TxnTooDeep);
     }
-    if t.compare.len() > MAX_TXN_OPS || t.success.len() > MAX_TXN_OPS || t.failure.len() > MAX_TXN_OPS
+    if t.compare.len() > MAX_TXN_OPS
+        || t.success.len() > MAX_TXN_OPS
+        || t.failure.len() > MAX_TXN_OPS
     {
         return Err(EtcdError::TooManyOps);
     }

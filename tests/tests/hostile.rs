@@ -562,7 +562,10 @@ fn a_deeply_nested_txn_is_refused_in_milliseconds() {
         };
         let mut kv = common::etcd::connect(addr).await;
         let deepest = raftsql_etcd::store::MAX_TXN_DEPTH;
-        let r = kv.txn(nested_txn(deepest)).await.expect("a txn at the depth limit");
+        let r = kv
+            .txn(nested_txn(deepest))
+            .await
+            .expect("a txn at the depth limit");
         assert!(r.into_inner().succeeded);
         for depth in [deepest + 1, 30, 50, 200] {
             let req = nested_txn(depth);
@@ -574,11 +577,17 @@ fn a_deeply_nested_txn_is_refused_in_milliseconds() {
                 .unwrap_err();
             let took = started.elapsed();
             let msg: String = e.message().chars().take(80).collect();
-            println!("depth {depth} ({bytes} bytes): {:?} {msg:?} in {took:?}", e.code());
+            println!(
+                "depth {depth} ({bytes} bytes): {:?} {msg:?} in {took:?}",
+                e.code()
+            );
             if depth <= 50 {
                 assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
             } // (Deeper than 100, prost's decoder refuses it before the store sees it.)
-            assert!(took < Duration::from_millis(500), "depth {depth} took {took:?}");
+            assert!(
+                took < Duration::from_millis(500),
+                "depth {depth} took {took:?}"
+            );
         }
         // Many ops spread over levels: the total is bounded too.
         // 8 levels, each failure branch with 128 ranges: 1,039 ops in all, under the
@@ -600,11 +609,17 @@ fn a_deeply_nested_txn_is_refused_in_milliseconds() {
             });
         }
         let e = kv.txn(wide).await.unwrap_err();
-        assert_eq!(e.message(), "etcdserver: too many operations in txn request");
+        assert_eq!(
+            e.message(),
+            "etcdserver: too many operations in txn request"
+        );
         let before = done.load(Ordering::Relaxed);
         let deadline = Instant::now() + T;
         while done.load(Ordering::Relaxed) < before + 10 {
-            assert!(Instant::now() < deadline, "the other client stopped making progress");
+            assert!(
+                Instant::now() < deadline,
+                "the other client stopped making progress"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         stop.store(true, Ordering::Relaxed);
@@ -639,7 +654,9 @@ fn etcd_stream_and_watch_id_limits_hold() {
             raftsql_etcd::server::MAX_STREAMS_PER_CONNECTION as usize
         );
 
-        let mut w = WatchClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut w = WatchClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut stream = w
             .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -647,11 +664,13 @@ fn etcd_stream_and_watch_id_limits_hold() {
             .unwrap()
             .into_inner();
         let create = |watch_id: i64| WatchRequest {
-            request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
-                key: Bytes::from_static(b"/w"),
-                watch_id,
-                ..Default::default()
-            })),
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: Bytes::from_static(b"/w"),
+                    watch_id,
+                    ..Default::default()
+                },
+            )),
         };
         let mut ids = Vec::new();
         for id in [i64::MAX, 0, 0] {

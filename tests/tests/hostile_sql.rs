@@ -182,14 +182,20 @@ fn hostile_sql_cannot_desynchronise_replicas() {
                     .block_on(c.query_with("main", sql, vec![], path == Path::Local))
                     .map(|rows| format!("{} rows", rows.rows.len()));
                 let took = started.elapsed();
-                report.push(format!("node {id} {path:?} {sql:?}: {} ({took:.0?})", short(&r)));
+                report.push(format!(
+                    "node {id} {path:?} {sql:?}: {} ({took:.0?})",
+                    short(&r)
+                ));
                 let wrong = match must {
                     Must::Refused | Must::WritesOnly => r.is_ok(),
                     Must::Read => r.is_err(),
                     Must::Any => false,
                 };
                 if wrong {
-                    failures.push(format!("node {id} {path:?} {sql:?} must be {must:?}: {}", short(&r)));
+                    failures.push(format!(
+                        "node {id} {path:?} {sql:?} must be {must:?}: {}",
+                        short(&r)
+                    ));
                 }
                 if took > Duration::from_secs(5) {
                     failures.push(format!("node {id} {path:?} {sql:?} took {took:?}"));
@@ -234,12 +240,21 @@ fn hostile_sql_cannot_desynchronise_replicas() {
                     }
                 });
                 let took = started.elapsed();
-                report.push(format!("node {id} {path:?} {sql:?}: {} ({took:.0?})", short(&r)));
+                report.push(format!(
+                    "node {id} {path:?} {sql:?}: {} ({took:.0?})",
+                    short(&r)
+                ));
                 if must == Must::Refused && r.is_ok() {
-                    failures.push(format!("node {id} {path:?} {sql:?} must be refused: {}", short(&r)));
+                    failures.push(format!(
+                        "node {id} {path:?} {sql:?} must be refused: {}",
+                        short(&r)
+                    ));
                 }
                 if must == Must::Read && r.is_err() {
-                    failures.push(format!("node {id} {path:?} {sql:?} must work: {}", short(&r)));
+                    failures.push(format!(
+                        "node {id} {path:?} {sql:?} must work: {}",
+                        short(&r)
+                    ));
                 }
                 if took > Duration::from_secs(5) {
                     failures.push(format!("node {id} {path:?} {sql:?} took {took:?}"));
@@ -258,15 +273,26 @@ fn hostile_sql_cannot_desynchronise_replicas() {
     let counts: Vec<i64> = (1..=3)
         .map(|id| cl.local_count(id, "main", "SELECT count(*) FROM t"))
         .collect();
-    assert!(counts.iter().all(|n| *n == counts[0]), "row counts differ: {counts:?}");
-    for f in ["/tmp/raftsql-hostile-attach.db", "/tmp/raftsql-hostile-vacuum.db"] {
+    assert!(
+        counts.iter().all(|n| *n == counts[0]),
+        "row counts differ: {counts:?}"
+    );
+    for f in [
+        "/tmp/raftsql-hostile-attach.db",
+        "/tmp/raftsql-hostile-vacuum.db",
+    ] {
         if std::path::Path::new(f).exists() {
             failures.push(format!("{f} was created"));
         }
     }
     println!("{}", report.join("\n"));
     println!("digests after: {digests:?}, rows: {counts:?}");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     let _ = Value::Null;
 }
 
@@ -282,9 +308,13 @@ fn a_request_that_rolls_back_its_batch_costs_only_itself() {
     cl.wait_leader(T);
     let c = cl.client();
     cl.rt.block_on(async {
-        c.execute("main", "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT UNIQUE)", vec![])
-            .await
-            .unwrap();
+        c.execute(
+            "main",
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT UNIQUE)",
+            vec![],
+        )
+        .await
+        .unwrap();
         c.execute("main", "INSERT INTO t(k, v) VALUES (1, 'taken')", vec![])
             .await
             .unwrap();
@@ -305,9 +335,13 @@ fn a_request_that_rolls_back_its_batch_costs_only_itself() {
                 let mut ok = Vec::new();
                 for i in 0..40 {
                     let v = format!("w{w}-{i}");
-                    if c.execute("main", "INSERT INTO t(v) VALUES (?1)", vec![v.clone().into()])
-                        .await
-                        .is_ok()
+                    if c.execute(
+                        "main",
+                        "INSERT INTO t(v) VALUES (?1)",
+                        vec![v.clone().into()],
+                    )
+                    .await
+                    .is_ok()
                     {
                         ok.push(v);
                     }
@@ -324,7 +358,11 @@ fn a_request_that_rolls_back_its_batch_costs_only_itself() {
                     } else {
                         "DELETE FROM t WHERE k = 1"
                     };
-                    let e = c.execute("main", sql, vec![]).await.unwrap_err().to_string();
+                    let e = c
+                        .execute("main", sql, vec![])
+                        .await
+                        .unwrap_err()
+                        .to_string();
                     assert!(e.contains("rolled back the whole transaction"), "{e}");
                 }
                 Vec::new()
@@ -348,12 +386,18 @@ fn a_request_that_rolls_back_its_batch_costs_only_itself() {
         })
         .count();
     println!("{shared} batches were run again without a request that rolled them back");
-    assert!(shared > 0, "no hostile request shared a batch: the test proves nothing");
+    assert!(
+        shared > 0,
+        "no hostile request shared a batch: the test proves nothing"
+    );
     cl.wait_converged(T);
     cl.check_integrity("main");
     for id in 1..=3 {
         let n = cl.local_count(id, "main", "SELECT count(*) FROM t WHERE v LIKE 'w%'");
         assert_eq!(n as usize, acked.len(), "node {id}");
-        assert_eq!(cl.local_count(id, "main", "SELECT count(*) FROM t WHERE k = 1"), 1);
+        assert_eq!(
+            cl.local_count(id, "main", "SELECT count(*) FROM t WHERE k = 1"),
+            1
+        );
     }
 }

@@ -308,7 +308,9 @@ fn a_snapshot_that_cannot_pin_a_database_fails_whole() {
             c.execute(db, "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)", vec![])
                 .await
                 .unwrap();
-            c.execute(db, "INSERT INTO t(v) VALUES ('x')", vec![]).await.unwrap();
+            c.execute(db, "INSERT INTO t(v) VALUES ('x')", vec![])
+                .await
+                .unwrap();
         }
     });
     let file = cl.dir.path().join("partial.rsql");
@@ -325,5 +327,8 @@ fn a_snapshot_that_cannot_pin_a_database_fails_whole() {
     let (ok, _, err) = Cluster::run_cli(&["snapshot", "save", &f, "--endpoints", &ep]);
     assert!(ok, "snapshot save: {err}");
     let (ok, out, err) = Cluster::run_cli(&["snapshot", "status", &f]);
-    assert!(ok && out.contains("main.db") && out.contains("second.db"), "{out} {err}");
+    assert!(
+        ok && out.contains("main.db") && out.contains("second.db"),
+        "{out} {err}"
+    );
 }

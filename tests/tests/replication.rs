@@ -313,7 +313,11 @@ fn refusing_an_oversized_transaction_keeps_memory_bounded() {
     let leader = cl.wait_leader(T);
     let c = cl.client();
     cl.rt
-        .block_on(c.execute("main", "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)", vec![]))
+        .block_on(c.execute(
+            "main",
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)",
+            vec![],
+        ))
         .unwrap();
     let before = cl.vm_hwm_kib(leader);
     let r = cl.rt.block_on(c.execute(

@@ -50,9 +50,13 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
         })
         .await
         .unwrap();
-        sql.execute("main", "CREATE TABLE r(k INTEGER PRIMARY KEY, v TEXT)", vec![])
-            .await
-            .unwrap();
+        sql.execute(
+            "main",
+            "CREATE TABLE r(k INTEGER PRIMARY KEY, v TEXT)",
+            vec![],
+        )
+        .await
+        .unwrap();
         sql.execute("main", "INSERT INTO r VALUES (1, 'v1')", vec![])
             .await
             .unwrap();
@@ -69,8 +73,11 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
     // Cut at once, so that nothing the others send from now on (votes, the new leader's
     // heartbeats) waits in its buffers to tell it on resuming.
     let ip = |id: u64| -> IpAddr { cl.addr(id).ip() };
-    let cut = Partition::between(&[ip(old)], &others.iter().map(|i| ip(*i)).collect::<Vec<_>>())
-        .expect("iptables partition");
+    let cut = Partition::between(
+        &[ip(old)],
+        &others.iter().map(|i| ip(*i)).collect::<Vec<_>>(),
+    )
+    .expect("iptables partition");
     // The others elect a leader and write newer values.
     let deadline = Instant::now() + T;
     let new = loop {
@@ -143,7 +150,11 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
     let wait = Duration::from_secs(20);
     cl.rt.block_on(async {
         for t in txns {
-            match tokio::time::timeout(wait, t).await.expect("the txn answers").unwrap() {
+            match tokio::time::timeout(wait, t)
+                .await
+                .expect("the txn answers")
+                .unwrap()
+            {
                 Ok(r) => {
                     let r = r.into_inner();
                     let seen = match r.responses.first().and_then(|x| x.response.as_ref()) {
@@ -162,7 +173,11 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
             }
         }
         for t in ranges {
-            match tokio::time::timeout(wait, t).await.expect("the range answers").unwrap() {
+            match tokio::time::timeout(wait, t)
+                .await
+                .expect("the range answers")
+                .unwrap()
+            {
                 Ok(r) => {
                     let v = r.into_inner().kvs.first().map(|kv| kv.value.clone());
                     let a = format!("range: {v:?}");
@@ -175,7 +190,11 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
             }
         }
         for t in txs {
-            match tokio::time::timeout(wait, t).await.expect("the tx answers").unwrap() {
+            match tokio::time::timeout(wait, t)
+                .await
+                .expect("the tx answers")
+                .unwrap()
+            {
                 Ok(rows) => {
                     let a = format!("sql tx: committed, saw {:?}", rows.rows);
                     if rows.rows != vec![vec![Value::Text("v2".into())]] {
@@ -188,7 +207,10 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
         }
     });
     println!("the deposed leader answered: {answers:#?}");
-    assert!(stale.is_empty(), "stale answers from a deposed leader: {stale:#?}");
+    assert!(
+        stale.is_empty(),
+        "stale answers from a deposed leader: {stale:#?}"
+    );
     drop(cut);
     cl.wait_converged(T);
     let _ = &mut cl;
