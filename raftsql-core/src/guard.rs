@@ -361,8 +361,27 @@ fn writer_decides(a: &AuthAction<'_>, db: Option<&str>) -> Result<(), String> {
         {
             Err("sqlite_dbpage writes raw pages, bypassing SQLite's checks".into())
         }
-        A::Insert { .. } | A::Update { .. } | A::Delete { .. } if is_temp(db) => temp(),
-        A::Insert { .. } | A::Update { .. } | A::Delete { .. } => Ok(()),
+        // Changes to the main database are replicated; the same in `temp` would not be.
+        A::Insert { .. }
+        | A::Update { .. }
+        | A::Delete { .. }
+        | A::CreateIndex { .. }
+        | A::CreateTable { .. }
+        | A::CreateTrigger { .. }
+        | A::CreateView { .. }
+        | A::DropIndex { .. }
+        | A::DropTable { .. }
+        | A::DropTrigger { .. }
+        | A::DropView { .. }
+        | A::AlterTable { .. }
+        | A::Reindex { .. }
+        | A::Analyze { .. } => {
+            if is_temp(db) {
+                temp()
+            } else {
+                Ok(())
+            }
+        }
         A::CreateTempIndex { .. }
         | A::CreateTempTable { .. }
         | A::CreateTempTrigger { .. }
@@ -371,32 +390,6 @@ fn writer_decides(a: &AuthAction<'_>, db: Option<&str>) -> Result<(), String> {
         | A::DropTempTable { .. }
         | A::DropTempTrigger { .. }
         | A::DropTempView { .. } => temp(),
-        A::CreateIndex { .. }
-        | A::CreateTable { .. }
-        | A::CreateTrigger { .. }
-        | A::CreateView { .. }
-        | A::DropIndex { .. }
-        | A::DropTable { .. }
-        | A::DropTrigger { .. }
-        | A::DropView { .. }
-        | A::AlterTable { .. }
-        | A::Reindex { .. }
-        | A::Analyze { .. }
-            if is_temp(db) =>
-        {
-            temp()
-        }
-        A::CreateIndex { .. }
-        | A::CreateTable { .. }
-        | A::CreateTrigger { .. }
-        | A::CreateView { .. }
-        | A::DropIndex { .. }
-        | A::DropTable { .. }
-        | A::DropTrigger { .. }
-        | A::DropView { .. }
-        | A::AlterTable { .. }
-        | A::Reindex { .. }
-        | A::Analyze { .. } => Ok(()),
         A::CreateVtable { module_name, .. } | A::DropVtable { module_name, .. }
             if one_of(module_name, VTAB_MODULES) && !is_temp(db) =>
         {
