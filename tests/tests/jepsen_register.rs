@@ -11,7 +11,9 @@
 //!
 //! A third test binds 15 clients to one node each (no failover: requests sent to a paused node
 //! wait there) over 8 keys while followers are paused for 4-7 s, the shape of the independent
-//! checker's run that saw a stale read (issue 14).
+//! checker's run that saw a stale read (issue 14). Half its reads are SQL queries of the etcd
+//! tables on the same node, so the SQL read path on a resumed follower is checked by the same
+//! history.
 //!
 //! The CAS is a Txn comparing the key's value (values are unique per write, so comparing the
 //! value is as strong as comparing its mod_revision).
@@ -28,6 +30,7 @@ use raftsql_etcd::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp,
     TxnRequest,
 };
+use raftsql_core::{Client, Value};
 use raftsql_tests::linearizability::{check, Action, Op, Outcome};
 use tonic::transport::Channel;
 
@@ -43,6 +46,9 @@ struct Mode {
     /// checker's clientv3 with one endpoint does); otherwise a client moves to another node
     /// after an operation without an answer.
     bound: bool,
+    /// Half the reads are linearizable SQL queries of the etcd tables on the same node
+    /// (`Client::query`, the SQL read path) instead of etcd Ranges.
+    sql_reads: bool,
 }
 
 /// The default workload: 6 clients moving between nodes, 3 keys.
@@ -51,24 +57,50 @@ const ROAMING: Mode = Mode {
     keys: 3,
     op_timeout: Duration::from_secs(1),
     bound: false,
+    sql_reads: false,
 };
 
 /// The workload that found a stale read after a paused follower resumed (issue 14): 15
-/// clients each bound to one node, 8 keys, 1.5 s timeouts.
+/// clients each bound to one node, 8 keys, 1.5 s timeouts; half the reads through SQL.
 const BOUND: Mode = Mode {
     clients: 15,
     keys: 8,
     op_timeout: Duration::from_millis(1500),
     bound: true,
+    sql_reads: true,
 };
 
 fn key(k: u64) -> Bytes {
     Bytes::from(format!("/register/{k}"))
 }
 
-/// Runs one action; `Ok(answered action)` or `Err(())` for no answer.
-async fn run(kv: &mut KvClient<Channel>, k: u64, a: &Action) -> Result<Action, ()> {
+/// Reads key `k` with a linearizable SQL query of the etcd facade's live table.
+async fn sql_read(sql: &Client, k: u64) -> Result<Action, ()> {
+    let rows = sql
+        .query(
+            raftsql_etcd::store::DB,
+            "SELECT CAST(value AS TEXT) FROM kv_live WHERE key = ?1",
+            vec![Value::Blob(key(k).to_vec())],
+        )
+        .await
+        .map_err(|_| ())?;
+    let v = rows.rows.first().map(|r| match &r[0] {
+        Value::Text(t) => t.parse().unwrap(),
+        other => panic!("kv_live.value of /register/{k}: {other:?}"),
+    });
+    Ok(Action::Read(v))
+}
+
+/// Runs one action; `Ok(answered action)` or `Err(())` for no answer. A read goes through
+/// `sql` when it is given.
+async fn run(
+    kv: &mut KvClient<Channel>,
+    sql: Option<&Client>,
+    k: u64,
+    a: &Action,
+) -> Result<Action, ()> {
     match a {
+        Action::Read(_) if sql.is_some() => sql_read(sql.unwrap(), k).await,
         Action::Read(_) => {
             let r = kv
                 .range(RangeRequest {
@@ -158,6 +190,7 @@ fn register(nodes: usize, seed: u64, mode: Mode, kinds: Vec<Kind>, name: &str) {
     cl.wait_leader(Duration::from_secs(30));
     let eps: Vec<tonic::transport::Endpoint> =
         (1..=nodes as u64).map(|i| cl.etcd_endpoint(i)).collect();
+
     let t0 = Instant::now();
     let us = move || t0.elapsed().as_micros() as u64;
     let stop = Arc::new(AtomicBool::new(false));
@@ -165,6 +198,8 @@ fn register(nodes: usize, seed: u64, mode: Mode, kinds: Vec<Kind>, name: &str) {
     let mut clients = Vec::new();
     for client in 0..mode.clients {
         let (stop, history, eps) = (stop.clone(), history.clone(), eps.clone());
+        // A SQL client of the client's own node only (used by bound clients).
+        let sql = cl.client_of(client % nodes as u64 + 1);
         clients.push(cl.rt.spawn(async move {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((client + 1) * 0x1234_5678));
             let mut node = client as usize;
@@ -195,7 +230,9 @@ fn register(nodes: usize, seed: u64, mode: Mode, kinds: Vec<Kind>, name: &str) {
                         },
                     };
                     let invoked = us();
-                    let r = tokio::time::timeout(op_timeout, run(&mut kv, k, &action)).await;
+                    let via_sql = mode.sql_reads && mode.bound && (r >> 16) % 2 == 0;
+                    let sql = via_sql.then_some(&sql);
+                    let r = tokio::time::timeout(op_timeout, run(&mut kv, sql, k, &action)).await;
                     let completed = us();
                     let (action, outcome) = match r {
                         Ok(Ok(a)) => (a, Outcome::Ok),

@@ -1,8 +1,11 @@
 //! Jepsen-style watch test (short profile): writers put unique values under `/w/` through
-//! every node's etcd API while three watchers (one starting on each node) stream `/w/` from
+//! every node's etcd API while six watchers (two starting on each node) stream `/w/` from
 //! revision 1, and the nemesis (`common::nemesis`, every kind of fault) works on a 3-node
 //! cluster. A watcher whose stream breaks or stalls for 3 s resumes on the next node with
-//! `start_revision` = the last revision it saw + 1.
+//! `start_revision` = the last revision it saw + 1. Three more watchers are bound to one node
+//! each: they keep their stream open through a pause of that node (up to 20 s of silence) and
+//! resume only there, so a stream that resumes with a stale or skipped event after its node
+//! was paused is caught (issue 14).
 //!
 //! The only writes are those puts, so every revision from 2 (an empty store is at revision
 //! 1, as in etcd) to the final one is a put under `/w/`. Checked: every watcher sees every revision exactly once and in order (no gap
@@ -23,6 +26,9 @@ use raftsql_tests::report::Plain;
 
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
 const STALL: Duration = Duration::from_secs(3);
+/// How long a bound watcher waits on a silent stream before it opens a new one on the same
+/// node: longer than the longest pause, so its stream stays open across the pause.
+const BOUND_STALL: Duration = Duration::from_secs(20);
 
 /// An event as a watcher saw it: (revision, key, value).
 type Event = (i64, String, String);
@@ -34,8 +40,12 @@ struct Watched {
 }
 
 /// Streams `/w/` from revision 1, resuming on the next endpoint when the stream breaks or
-/// stalls, until it has seen revision `until` (once that is set, i.e. non-zero).
-async fn watcher(eps: Vec<String>, first: usize, until: Arc<AtomicI64>) -> Watched {
+/// stalls, until it has seen revision `until` (once that is set, i.e. non-zero). A `bound`
+/// watcher stays on its first node: it resumes there, and waits out a paused node with its
+/// stream open.
+async fn watcher(eps: Vec<String>, first: usize, until: Arc<AtomicI64>, bound: bool) -> Watched {
+    let stall = if bound { BOUND_STALL } else { STALL };
+    let step = usize::from(!bound);
     let mut out = Watched {
         events: Vec::new(),
         resumes: 0,
@@ -51,9 +61,9 @@ async fn watcher(eps: Vec<String>, first: usize, until: Arc<AtomicI64>) -> Watch
         assert!(Instant::now() < give_up, "watcher never caught up");
         let ep = eps[node % eps.len()].clone();
         let Some((_tx, mut stream)) =
-            common::etcd::watch_from(&ep, b"/w/", b"/w0", next, STALL).await
+            common::etcd::watch_from(&ep, b"/w/", b"/w0", next, stall).await
         else {
-            node += 1;
+            node += step;
             out.resumes += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -63,7 +73,7 @@ async fn watcher(eps: Vec<String>, first: usize, until: Arc<AtomicI64>) -> Watch
             if target != 0 && next > target {
                 return out;
             }
-            match tokio::time::timeout(STALL, stream.message()).await {
+            match tokio::time::timeout(stall, stream.message()).await {
                 Ok(Ok(Some(r))) if !r.canceled => {
                     for e in r.events {
                         let kv = e.kv.unwrap();
@@ -76,7 +86,7 @@ async fn watcher(eps: Vec<String>, first: usize, until: Arc<AtomicI64>) -> Watch
                     }
                 }
                 _ => {
-                    node += 1;
+                    node += step;
                     out.resumes += 1;
                     break;
                 }
@@ -145,8 +155,9 @@ fn watchers_see_every_revision_once_in_order_across_faults() {
             }
         }));
     }
-    let watchers: Vec<_> = (0..3)
-        .map(|i| cl.rt.spawn(watcher(eps.clone(), i, until.clone())))
+    // Three watchers that move on when their node stalls, and three bound to one node each.
+    let watchers: Vec<_> = (0..6)
+        .map(|i| cl.rt.spawn(watcher(eps.clone(), i % 3, until.clone(), i >= 3)))
         .collect();
     let faults = nemesis::run(&mut cl, t0, settings.run, &Kind::all(3), settings.seed);
     std::thread::sleep(Duration::from_secs(2));
