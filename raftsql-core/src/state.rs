@@ -715,7 +715,13 @@ impl StateMachine {
             }
             self.expire();
             self.maybe_start_batch();
-            if self.in_flight.is_none() && self.open_tx.is_none() {
+            // A batch in flight does not hold anything a checkpoint or a snapshot would see:
+            // its frames were rewound from the WAL at capture and come back only as a
+            // committed entry. Waiting for a moment without one starved both under
+            // concurrent load (issue 15: the leader's WAL grew to 206 MB and its Raft log
+            // was never compacted), so they run while the entry is being replicated.
+            // An interactive transaction does hold the writer's lock: they wait for it.
+            if self.open_tx.is_none() {
                 if let Err(e) = self.maybe_checkpoint() {
                     tracing::warn!("checkpoint failed (will retry): {e}");
                 }

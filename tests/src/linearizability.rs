@@ -170,8 +170,12 @@ fn zobrist(i: usize) -> u128 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     };
-    let a = mix((i as u64).wrapping_mul(2).wrapping_add(0x9e37_79b9_7f4a_7c15));
-    let b = mix((i as u64).wrapping_mul(2).wrapping_add(0x3c6e_f372_fe94_f82a));
+    let a = mix((i as u64)
+        .wrapping_mul(2)
+        .wrapping_add(0x9e37_79b9_7f4a_7c15));
+    let b = mix((i as u64)
+        .wrapping_mul(2)
+        .wrapping_add(0x3c6e_f372_fe94_f82a));
     (u128::from(a) << 64) | u128::from(b)
 }
 
@@ -483,7 +487,11 @@ mod tests {
             eprintln!(
                 "the same with a stale read at the end: refused in {:?} ({})",
                 started.elapsed(),
-                if v.gave_up { "search gave up" } else { "search exhausted" }
+                if v.gave_up {
+                    "search gave up"
+                } else {
+                    "search exhausted"
+                }
             );
             assert!(v.to_string().contains("Read(Some("), "{v}");
         }

@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::nemesis::{self, Kind, Rng, Settings};
 use common::Cluster;
+use raftsql_core::{Client, Value};
 use raftsql_etcd::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp,
     TxnRequest,
 };
-use raftsql_core::{Client, Value};
 use raftsql_tests::linearizability::{check, Action, Op, Outcome};
 use tonic::transport::Channel;
 

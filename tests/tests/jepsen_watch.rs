@@ -157,7 +157,10 @@ fn watchers_see_every_revision_once_in_order_across_faults() {
     }
     // Three watchers that move on when their node stalls, and three bound to one node each.
     let watchers: Vec<_> = (0..6)
-        .map(|i| cl.rt.spawn(watcher(eps.clone(), i % 3, until.clone(), i >= 3)))
+        .map(|i| {
+            cl.rt
+                .spawn(watcher(eps.clone(), i % 3, until.clone(), i >= 3))
+        })
         .collect();
     let faults = nemesis::run(&mut cl, t0, settings.run, &Kind::all(3), settings.seed);
     std::thread::sleep(Duration::from_secs(2));

@@ -429,13 +429,33 @@ impl Cluster {
 
     /// The peak resident memory (VmHWM, KiB) of node `id`'s process.
     pub fn vm_hwm_kib(&self, id: u64) -> u64 {
+        self.proc_status_kib(id, "VmHWM:")
+    }
+
+    /// The resident memory now (VmRSS, KiB) of node `id`'s process.
+    pub fn vm_rss_kib(&self, id: u64) -> u64 {
+        self.proc_status_kib(id, "VmRSS:")
+    }
+
+    fn proc_status_kib(&self, id: u64, field: &str) -> u64 {
         let pid = self.node(id).child.as_ref().expect("node running").id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/PID/status")
+            .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+    }
+
+    /// The size of database `db`'s WAL in node `id`'s current generation (0 if none).
+    pub fn wal_bytes(&self, id: u64, db: &str) -> u64 {
+        let state = self.data_dir(id).join("state");
+        let Ok(current) = std::fs::read_to_string(state.join("CURRENT")) else {
+            return 0;
+        };
+        std::fs::metadata(state.join(current.trim()).join(format!("{db}.db-wal")))
+            .map(|m| m.len())
+            .unwrap_or(0)
     }
 
     pub fn log_text(&self, id: u64) -> String {
