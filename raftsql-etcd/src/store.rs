@@ -26,7 +26,7 @@
 //! group-commit transaction, so concurrent requests share one Raft entry and still each get
 //! their own revision, exactly as if run one after another.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
@@ -64,6 +64,21 @@ CREATE INDEX IF NOT EXISTS kv_live_lease ON kv_live(lease) WHERE lease != 0;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lease (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL, granted_ttl INTEGER NOT NULL);
 ";
+
+/// The schema's version, kept in the database's `user_version`: the DDL above runs when a
+/// database is behind it (once), not on every write.
+const SCHEMA_VERSION: i64 = 1;
+
+fn ensure_schema(c: &Connection) -> rusqlite::Result<()> {
+    let v: i64 = c
+        .prepare_cached("PRAGMA user_version")?
+        .query_row([], |r| r.get(0))?;
+    if v < SCHEMA_VERSION {
+        c.execute_batch(SCHEMA)?;
+        c.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    }
+    Ok(())
+}
 
 /// etcd's errors, with the exact gRPC codes and messages its clients match on.
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +276,22 @@ fn row_to_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<Kv> {
     })
 }
 
+/// How many keys `iv` holds now.
+fn live_count(c: &Connection, iv: &Interval) -> R<i64> {
+    let mut st = match &iv.end {
+        Some(end) => {
+            let mut st =
+                c.prepare_cached("SELECT count(*) FROM kv_live WHERE key >= ?1 AND key < ?2")?;
+            st.raw_bind_parameter(2, end)?;
+            st
+        }
+        None => c.prepare_cached("SELECT count(*) FROM kv_live WHERE key >= ?1")?,
+    };
+    st.raw_bind_parameter(1, &iv.start)?;
+    let n = st.raw_query().next()?.map(|r| r.get(0)).transpose()?;
+    Ok(n.unwrap_or(0))
+}
+
 /// Keys of `iv` at revision `rev` (`rev` = current: from `kv_live`), in key order.
 fn range_keys(
     c: &Connection,
@@ -310,7 +341,103 @@ fn range_keys(
         }
         return Ok((out, count));
     }
-    // An older revision: one seek per distinct key of the range.
+    if let Some(found) = range_at_recent(c, iv, rev, limit)? {
+        return Ok(found);
+    }
+    range_at_by_key(c, iv, rev, limit)
+}
+
+/// Most history rows (writes after the revision read) [`range_at_recent`] scans before it
+/// leaves an old revision to [`range_at_by_key`].
+const RECENT_ROWS: usize = 100_000;
+
+/// Keys of `iv` at a past revision `rev`, from the live table plus the keys changed since
+/// `rev`: a key whose live row has `mod_rev <= rev` is unchanged since, so that row is its
+/// version at `rev`; every other key that existed at `rev` was written after it, so it is
+/// among the history rows with `rev' > rev`, and one seek finds its version at `rev`.
+///
+/// A page therefore costs the rows it returns plus the writes since `rev` (a kube
+/// `continue` page reads at the revision of its first page, moments ago), and the count
+/// costs one index count of the range as a read at the current revision does. `None` when
+/// more than [`RECENT_ROWS`] history rows follow `rev`.
+fn range_at_recent(
+    c: &Connection,
+    iv: &Interval,
+    rev: i64,
+    limit: usize,
+) -> R<Option<(Vec<Kv>, i64)>> {
+    // Every write after `rev`, in the primary key's (rev, sub) order; those of other keys
+    // are skipped here.
+    let mut since = c.prepare_cached("SELECT key FROM kv_rev WHERE rev > ?1")?;
+    let mut scanned = 0usize;
+    let mut changed: BTreeMap<Vec<u8>, Option<Kv>> = BTreeMap::new();
+    {
+        let mut rows = since.query([rev])?;
+        while let Some(r) = rows.next()? {
+            scanned += 1;
+            if scanned > RECENT_ROWS {
+                return Ok(None);
+            }
+            let k = r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+            if iv.contains(k) && !changed.contains_key(k) {
+                changed.insert(k.to_vec(), None);
+            }
+        }
+    }
+    let mut at = c.prepare_cached(
+        "SELECT key, create_rev, rev, version, value, lease FROM kv_rev INDEXED BY kv_rev_key WHERE key = ?1 AND rev <= ?2 ORDER BY rev DESC LIMIT 1",
+    )?;
+    let mut live_changed = 0i64;
+    let mut is_live = c.prepare_cached("SELECT 1 FROM kv_live WHERE key = ?1")?;
+    for (k, v) in changed.iter_mut() {
+        *v = at
+            .query_row(params![k, rev], row_to_kv)
+            .optional()?
+            .filter(|kv| kv.version > 0);
+        if is_live.exists([k])? {
+            live_changed += 1;
+        }
+    }
+    let at_rev = changed.values().filter(|v| v.is_some()).count() as i64;
+    let count = live_count(c, iv)? - live_changed + at_rev;
+    // Merge the unchanged live rows with the changed keys' versions at `rev`, in key order.
+    let mut out = Vec::new();
+    let full = |out: &Vec<Kv>| limit != 0 && out.len() >= limit;
+    let mut old = changed.into_values().flatten().peekable();
+    let sql = match iv.end {
+        Some(_) => "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key >= ?1 AND key < ?2 ORDER BY key",
+        None => "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key >= ?1 ORDER BY key",
+    };
+    let mut st = c.prepare_cached(sql)?;
+    st.raw_bind_parameter(1, &iv.start)?;
+    if let Some(end) = &iv.end {
+        st.raw_bind_parameter(2, end)?;
+    }
+    let mut rows = st.raw_query();
+    while !full(&out) {
+        let Some(r) = rows.next()? else { break };
+        let kv = row_to_kv(r)?;
+        if kv.mod_rev > rev {
+            continue; // changed since: its version at `rev` is in `old`
+        }
+        while !full(&out) && old.peek().is_some_and(|o| o.key < kv.key) {
+            out.push(old.next().unwrap());
+        }
+        if !full(&out) {
+            out.push(kv);
+        }
+    }
+    while !full(&out) {
+        let Some(o) = old.next() else { break };
+        out.push(o);
+    }
+    Ok(Some((out, count)))
+}
+
+/// Keys of `iv` at a past revision `rev`, one seek per distinct key the range ever held
+/// (for revisions older than [`RECENT_ROWS`] history rows).
+fn range_at_by_key(c: &Connection, iv: &Interval, rev: i64, limit: usize) -> R<(Vec<Kv>, i64)> {
+    let mut out = Vec::new();
     let mut next_key = c.prepare_cached(
         "SELECT key FROM kv_rev INDEXED BY kv_rev_key WHERE key >= ?1 AND (?2 IS NULL OR key < ?2) ORDER BY key LIMIT 1",
     )?;
@@ -336,6 +463,31 @@ fn range_keys(
         cur.push(0);
     }
     Ok((out, count))
+}
+
+/// One step of a compaction to `target`: removes the rows of revisions `[lo, hi)` that a
+/// newer row at or below `target` supersedes and the deletions among them, and the last
+/// surviving row below `lo` of every key written in `[lo, hi)` (superseded by that write),
+/// then records `compact_done` = `hi`.
+///
+/// Invariant: below `compact_done`, each key has at most one row, and it is not a deletion
+/// (checked by the unit test `compaction_from_the_last_one_leaves_what_a_full_one_does`).
+fn prune_history(c: &Connection, lo: i64, hi: i64, target: i64) -> R<()> {
+    // The survivors first: the rows of `[lo, hi)` name the keys.
+    c.prepare_cached(
+        "DELETE FROM kv_rev WHERE rev < ?1 AND key IN (
+           SELECT key FROM kv_rev WHERE rev >= ?1 AND rev < ?2 AND rev <= ?3)",
+    )?
+    .execute(params![lo, hi, target])?;
+    c.prepare_cached(
+        "DELETE FROM kv_rev WHERE rev >= ?1 AND rev < ?2 AND (version = 0 OR EXISTS (
+           SELECT 1 FROM kv_rev n WHERE n.key = kv_rev.key AND n.rev > kv_rev.rev AND n.rev <= ?3))",
+    )?
+    .execute(params![lo, hi, target])?;
+    if hi > meta(c, "compact_done", 0)? {
+        set_meta(c, "compact_done", hi)?;
+    }
+    Ok(())
 }
 
 /// Revision and compaction checks for a read at `rev` (0 = current).
@@ -984,7 +1136,7 @@ impl EtcdStore {
     ) -> R<(T, i64)> {
         self.node
             .write(DB, move |c| {
-                c.execute_batch(SCHEMA)?;
+                ensure_schema(c)?;
                 let mut t = WriteTxn::begin(c).map_err(encode_err)?;
                 let out = f(c, &mut t).map_err(encode_err)?;
                 let rev = t.finish(c).map_err(encode_err)?;
@@ -1104,7 +1256,7 @@ impl EtcdStore {
 
     async fn compact_local(&self, req: CompactionRequest) -> R<i64> {
         let target = req.revision;
-        let (_, rev) = self
+        let (done, rev) = self
             .write(move |c, _t| {
                 let current = meta(c, "rev", 1)?;
                 if target > current {
@@ -1114,20 +1266,20 @@ impl EtcdStore {
                     return Err(EtcdError::Compacted);
                 }
                 set_meta(c, "compact_rev", target)?;
-                Ok(())
+                meta(c, "compact_done", 0)
             })
             .await?;
         // Remove, below the target, every row that a newer row at or below the target
         // supersedes, and the deletions that end a key's history; 1,000 revisions a write.
-        let mut lo = 0i64;
+        // The work starts where the last compaction's ended (`compact_done`): below it every
+        // key has at most one row left (invariant below), so only the rows since, and those
+        // survivors of the keys written since, can have become unreachable. A compaction's
+        // cost is the history written since the previous one, not the cluster's age.
+        let mut lo = done;
         while lo < target {
             let hi = (lo + 1000).min(target);
             self.write(move |c, _t| {
-                c.execute(
-                    "DELETE FROM kv_rev WHERE rev >= ?1 AND rev < ?2 AND (version = 0 OR EXISTS (
-                       SELECT 1 FROM kv_rev n WHERE n.key = kv_rev.key AND n.rev > kv_rev.rev AND n.rev <= ?3))",
-                    params![lo, hi, target],
-                )?;
+                prune_history(c, lo, hi, target)?;
                 Ok(())
             })
             .await?;
@@ -1282,5 +1434,133 @@ impl crate::server::Backend for EtcdStore {
             tx,
         ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> Connection {
+        let c = Connection::open_in_memory().unwrap();
+        ensure_schema(&c).unwrap();
+        c
+    }
+
+    /// A random history of puts and deletes over 40 keys, one revision each.
+    fn history(c: &Connection, revisions: usize, seed: u64) {
+        let mut x = seed;
+        for _ in 0..revisions {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = format!("/k/{:02}", x % 40).into_bytes();
+            let mut t = WriteTxn::begin(c).unwrap();
+            if (x >> 8) % 5 == 0 {
+                let mut end = key.clone();
+                end.push(b'~');
+                delete_range(
+                    c,
+                    &mut t,
+                    &DeleteRangeRequest {
+                        key: key.into(),
+                        range_end: end.into(),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            } else {
+                put(
+                    c,
+                    &mut t,
+                    &PutRequest {
+                        key: key.into(),
+                        value: format!("v{x}").into_bytes().into(),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            }
+            // A delete of nothing leaves the revision as it was, as in etcd.
+            t.finish(c).unwrap();
+        }
+    }
+
+    fn ranges() -> Vec<Interval> {
+        vec![
+            Interval::new(b"/k/", b"/k0"),
+            Interval::new(b"/k/1", b"/k/3"),
+            Interval::new(b"/k/07", b""),
+            Interval::new(b"\0", b"\0"),
+        ]
+    }
+
+    #[test]
+    fn a_read_at_a_past_revision_from_recent_writes_matches_one_seek_per_key() {
+        let c = db();
+        history(&c, 3000, 0x2545_f491_4f6c_dd1d);
+        let current = meta(&c, "rev", 1).unwrap();
+        assert!(current > 2000, "{current}");
+        for rev in [1, 2, 17, 500, current - 700, current - 50, current - 1] {
+            for iv in ranges() {
+                for limit in [0, 1, 5, 1000] {
+                    let recent = range_at_recent(&c, &iv, rev, limit).unwrap().unwrap();
+                    let by_key = range_at_by_key(&c, &iv, rev, limit).unwrap();
+                    assert_eq!(recent, by_key, "rev {rev}, {iv:?}, limit {limit}");
+                }
+            }
+        }
+    }
+
+    /// Every row of `kv_rev`, in primary key order.
+    fn rows(c: &Connection) -> Vec<(i64, i64, Vec<u8>, i64)> {
+        c.prepare("SELECT rev, sub, key, version FROM kv_rev ORDER BY rev, sub")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    fn compact(c: &Connection, target: i64) {
+        set_meta(c, "compact_rev", target).unwrap();
+        let mut lo = meta(c, "compact_done", 0).unwrap();
+        while lo < target {
+            let hi = (lo + 1000).min(target);
+            prune_history(c, lo, hi, target).unwrap();
+            lo = hi;
+        }
+    }
+
+    #[test]
+    fn compaction_from_the_last_one_leaves_what_a_full_one_does() {
+        let (a, b) = (db(), db());
+        history(&a, 2500, 7);
+        history(&b, 2500, 7);
+        // `a` compacts three times, each from where the last ended; `b` once, from 0.
+        for target in [700, 1500, 2100] {
+            compact(&a, target);
+        }
+        compact(&b, 2100);
+        assert_eq!(rows(&a), rows(&b));
+        // Below the compaction revision: at most one row per key, and no deletion.
+        let mut seen = BTreeSet::new();
+        for (rev, _, key, version) in rows(&a).into_iter().filter(|r| r.0 < 2100) {
+            assert!(version > 0, "a deletion at {rev} survived");
+            assert!(seen.insert(key.clone()), "two rows of {key:?} below 2100");
+        }
+        // Reads at and after the compaction revision answer as before it.
+        let full = db();
+        history(&full, 2500, 7);
+        let current = meta(&full, "rev", 1).unwrap();
+        for rev in [2100, 2200, current - 1] {
+            for iv in ranges() {
+                assert_eq!(
+                    range_at_by_key(&a, &iv, rev, 0).unwrap(),
+                    range_at_by_key(&full, &iv, rev, 0).unwrap(),
+                    "rev {rev}, {iv:?}"
+                );
+            }
+        }
     }
 }
