@@ -4,6 +4,7 @@
 //!
 //! - [`pb`]: the generated protobuf messages and tonic services and clients.
 //! - [`server`]: [`EtcdServer`], the tonic services, delegating to a [`Backend`]; [`serve`].
+mod hub;
 pub mod lease;
 pub mod maintenance;
 pub mod pb;

@@ -245,7 +245,7 @@ impl Interval {
             }
         }
     }
-    fn contains(&self, k: &[u8]) -> bool {
+    pub(crate) fn contains(&self, k: &[u8]) -> bool {
         k >= &self.start[..] && self.end.as_ref().is_none_or(|e| k < &e[..])
     }
 }
@@ -928,6 +928,8 @@ pub struct EtcdStore {
     pub(crate) clock: std::sync::Arc<parking_lot::Mutex<crate::lease::LeaseClock>>,
     /// Tunables.
     pub(crate) options: EtcdOptions,
+    /// The watch fan-out, started by the first watch (`hub.rs`).
+    hub: std::sync::OnceLock<std::sync::Arc<crate::hub::Hub>>,
 }
 
 /// Tunables of the etcd facade, with etcd's defaults.
@@ -1009,6 +1011,14 @@ pub fn header(cluster_id: u64, node: &Node, revision: i64) -> ResponseHeader {
 }
 
 /// True if the table `name` exists (the schema is created by the first write).
+/// The store's revision on `c`, or `None` before the first write made the schema.
+pub(crate) fn current_rev_in(c: &Connection) -> raftsql_core::Result<Option<i64>> {
+    if !has_table(c, "meta")? {
+        return Ok(None);
+    }
+    Ok(Some(meta(c, "rev", 1).map_err(encode_err)?))
+}
+
 pub(crate) fn has_table(c: &Connection, name: &str) -> rusqlite::Result<bool> {
     Ok(
         c.prepare_cached("SELECT 1 FROM sqlite_schema WHERE name = ?1")?
@@ -1068,6 +1078,7 @@ impl EtcdStore {
             cluster_id,
             clock: Default::default(),
             options,
+            hub: Default::default(),
         });
         store.node.register_service(
             "etcd",
@@ -1075,6 +1086,12 @@ impl EtcdStore {
         );
         crate::lease::spawn_expiry(std::sync::Arc::downgrade(&store));
         store
+    }
+
+    /// The watch fan-out (started on first use, inside the runtime serving the watches).
+    pub(crate) fn hub(&self) -> &std::sync::Arc<crate::hub::Hub> {
+        self.hub
+            .get_or_init(|| crate::hub::Hub::start(self.node.clone()))
     }
 
     pub(crate) fn leads(&self) -> bool {

@@ -3,8 +3,10 @@
 //! Each watch is a task that owns `next`, the first revision it has not sent yet. It reads
 //! the changes at or after `next` from `kv_rev` (the event log, ordered by revision and
 //! sub-revision) on what this node has applied, sends them, and moves `next` past the last
-//! revision sent; when there is nothing new it sleeps until the node applies another entry
-//! (no polling loop). Hence, as etcd documents:
+//! revision sent. Once it has caught up it takes the events of later revisions from the
+//! store's fan-out (`hub.rs`: one read per applied change for all watches, as etcd's synced
+//! watchers get theirs from memory), and goes back to reading history whenever a chunk does
+//! not follow on from `next`. Hence, as etcd documents:
 //! - *ordered*: events come in revision order;
 //! - *unique* and *reliable*: a response always ends on a whole revision and `next` moves
 //!   exactly past it, so no event is sent twice or skipped;
@@ -31,12 +33,12 @@ use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
 use crate::store::{EtcdStore, Interval, DB};
 
 /// Most events read (and sent) at once, unless one revision alone has more.
-const BATCH: i64 = 1000;
+pub(crate) const BATCH: i64 = 1000;
 
 type Out = mpsc::Sender<Result<WatchResponse, Status>>;
 
 /// What one read of the event log found for a watch.
-enum Batch {
+pub(crate) enum Batch {
     /// Events (possibly none) and the revision to continue from, with the store revision.
     Events {
         events: Vec<Event>,
@@ -48,7 +50,7 @@ enum Batch {
 }
 
 /// Reads the changes of `keys` at revisions >= `next`, never splitting a revision.
-fn read_events(
+pub(crate) fn read_events(
     c: &rusqlite::Connection,
     keys: &Interval,
     next: i64,
@@ -283,73 +285,128 @@ async fn run_watch(store: Arc<EtcdStore>, id: i64, c: WatchCreateRequest, start:
     let keys = Interval::new(&c.key, &c.range_end);
     let no_put = c.filters.contains(&(FilterType::Noput as i32));
     let no_delete = c.filters.contains(&(FilterType::Nodelete as i32));
-    let mut applied = store.node().subscribe_applied();
+    // Subscribed before the first read of history, so no chunk read after it is missed.
+    let mut sub = store.hub().subscribe(c.prev_kv);
     let mut next = start;
     let mut last_progress = tokio::time::Instant::now();
     loop {
-        let (k, pk) = (keys.clone(), c.prev_kv);
-        let batch = store
-            .node()
-            .read(DB, true, move |conn| {
-                Ok(read_events(conn, &k, next, pk, no_put, no_delete)?)
-            })
-            .await;
-        match batch {
-            Ok(Some(Batch::Compacted(compact))) => {
-                // etcd sends this one with revision 0 in its header.
-                let _ = out
-                    .send(Ok(WatchResponse {
-                        header: Some(store.header_now(0)),
-                        watch_id: id,
-                        canceled: true,
-                        compact_revision: compact,
-                        ..Default::default()
-                    }))
-                    .await;
+        // Catch up from history.
+        loop {
+            let (k, pk) = (keys.clone(), c.prev_kv);
+            let batch = store
+                .node()
+                .read(DB, true, move |conn| {
+                    Ok(read_events(conn, &k, next, pk, no_put, no_delete)?)
+                })
+                .await;
+            match batch {
+                Ok(Some(Batch::Compacted(compact))) => {
+                    send_compacted(&store, &out, id, compact).await;
+                    return;
+                }
+                Ok(Some(Batch::Events {
+                    events,
+                    next: n,
+                    rev,
+                })) => {
+                    let advanced = n > next;
+                    next = n;
+                    if !events.is_empty() {
+                        if !send_events(&store, &out, id, events, rev).await {
+                            return;
+                        }
+                        last_progress = tokio::time::Instant::now();
+                    }
+                    if advanced && next <= rev {
+                        continue; // more history to send
+                    }
+                }
+                Ok(None) => {} // the database does not exist yet
+                Err(e) => tracing::warn!("watch {id}: reading events failed: {e}"),
+            }
+            break;
+        }
+        // Follow the hub until a chunk does not follow on from `next`.
+        loop {
+            let chunk = if c.progress_notify {
+                let due = last_progress + store.options.progress_notify_interval;
+                tokio::select! {
+                    r = sub.rx.recv() => r,
+                    _ = tokio::time::sleep_until(due) => {
+                        let resp = WatchResponse { header: Some(store.header_now(next - 1)), watch_id: id, ..Default::default() };
+                        if out.send(Ok(resp)).await.is_err() {
+                            return;
+                        }
+                        last_progress = tokio::time::Instant::now();
+                        continue;
+                    }
+                }
+            } else {
+                sub.rx.recv().await
+            };
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                // Fell behind the broadcast buffer: history has what was dropped.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if next < chunk.compact {
+                send_compacted(&store, &out, id, chunk.compact).await;
                 return;
             }
-            Ok(Some(Batch::Events {
-                events,
-                next: n,
-                rev,
-            })) => {
-                let advanced = n > next;
-                next = n;
-                if !events.is_empty() {
-                    let resp = WatchResponse {
-                        header: Some(store.header_now(rev)),
-                        watch_id: id,
-                        events,
-                        ..Default::default()
-                    };
-                    if out.send(Ok(resp)).await.is_err() {
-                        return;
-                    }
-                    last_progress = tokio::time::Instant::now();
-                }
-                if advanced && next <= rev {
-                    continue; // more history to send
-                }
+            if chunk.from > next || (c.prev_kv && !chunk.with_prev) {
+                break; // a gap, or events without the prev_kv this watch sends
             }
-            Ok(None) => {} // the database does not exist yet
-            Err(e) => tracing::warn!("watch {id}: reading events failed: {e}"),
-        }
-        // Nothing new: wait for the node to apply something (or a progress notification).
-        let wait = applied.changed();
-        if c.progress_notify {
-            let due = last_progress + store.options.progress_notify_interval;
-            tokio::select! {
-                r = wait => if r.is_err() { return },
-                _ = tokio::time::sleep_until(due) => {
-                    let resp = WatchResponse { header: Some(store.header_now(next - 1)), watch_id: id, ..Default::default() };
-                    if out.send(Ok(resp)).await.is_err() {
-                        return;
-                    }
-                    last_progress = tokio::time::Instant::now();
-                }
+            if chunk.next <= next {
+                continue; // already sent from history
             }
-        } else if wait.await.is_err() {
-            return;
+            let events: Vec<Event> = chunk
+                .events
+                .iter()
+                .filter(|e| {
+                    let kv = e.kv.as_ref().expect("an event has its kv");
+                    let deleted = e.r#type == EventType::Delete as i32;
+                    kv.mod_revision >= next
+                        && keys.contains(&kv.key)
+                        && !(deleted && no_delete)
+                        && !(!deleted && no_put)
+                })
+                .map(|e| Event {
+                    prev_kv: if c.prev_kv { e.prev_kv.clone() } else { None },
+                    ..e.clone()
+                })
+                .collect();
+            next = chunk.next;
+            if !events.is_empty() {
+                if !send_events(&store, &out, id, events, chunk.rev).await {
+                    return;
+                }
+                last_progress = tokio::time::Instant::now();
+            }
         }
     }
+}
+
+/// Sends one response of events; `false` once the stream is gone.
+async fn send_events(store: &EtcdStore, out: &Out, id: i64, events: Vec<Event>, rev: i64) -> bool {
+    let resp = WatchResponse {
+        header: Some(store.header_now(rev)),
+        watch_id: id,
+        events,
+        ..Default::default()
+    };
+    out.send(Ok(resp)).await.is_ok()
+}
+
+/// Cancels the watch: its next revision was compacted (etcd sends revision 0 in the header).
+async fn send_compacted(store: &EtcdStore, out: &Out, id: i64, compact: i64) {
+    let _ = out
+        .send(Ok(WatchResponse {
+            header: Some(store.header_now(0)),
+            watch_id: id,
+            canceled: true,
+            compact_revision: compact,
+            ..Default::default()
+        }))
+        .await;
 }

@@ -427,6 +427,11 @@ impl Cluster {
         None
     }
 
+    /// The process id of running node `id`.
+    pub fn pid(&self, id: u64) -> u32 {
+        self.node(id).child.as_ref().expect("node running").id()
+    }
+
     /// The peak resident memory (VmHWM, KiB) of node `id`'s process.
     pub fn vm_hwm_kib(&self, id: u64) -> u64 {
         self.proc_status_kib(id, "VmHWM:")
