@@ -1,6 +1,7 @@
 //! etcd's Maintenance Status and Cluster MemberList, from the raftsql node's state.
 
 use rusqlite::OptionalExtension;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::pb::etcdserverpb::{
     AlarmResponse, DefragmentResponse, HashKvResponse, HashResponse, Member, MemberListResponse,
@@ -150,37 +151,80 @@ impl EtcdStore {
     }
 
     /// Maintenance.Snapshot: the etcd database as one consistent SQLite file (its pages read
-    /// in one read transaction on this node), in 1 MiB chunks, followed by its sha256 as etcd sends it. It is raftsql's format, not
-    /// etcd's bbolt: `etcdctl snapshot save` stores it; `raftsql snapshot restore` (issue 5)
-    /// is what restores it.
-    pub async fn snapshot_chunks(&self) -> R<Vec<Vec<u8>>> {
-        let pages = self
-            .node()
-            .read(DB, true, |c| {
-                let mut st = c.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
-                let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-                let mut out = Vec::new();
-                let mut cur = Vec::with_capacity(1 << 20);
-                for p in rows {
-                    cur.extend_from_slice(&p?);
-                    if cur.len() >= 1 << 20 {
-                        out.push(std::mem::replace(&mut cur, Vec::with_capacity(1 << 20)));
-                    }
+    /// in one read transaction on this node), followed by its sha256 as etcd sends it. It is
+    /// raftsql's format, not etcd's bbolt: `etcdctl snapshot save` stores it; `raftsql
+    /// snapshot restore` (issue 5) is what restores it.
+    ///
+    /// Streamed: a blocking task reads the pages into 1 MiB chunks and hands them over a
+    /// channel of [`SNAPSHOT_CHUNKS_IN_FLIGHT`], so a snapshot of any size costs a few MiB
+    /// of memory (the whole database was built in memory before: issue 15), and a client
+    /// that reads slowly slows the reader instead of growing a buffer. Returns the stream's
+    /// total size (database plus digest, for `remaining_bytes`) and the chunks; a read
+    /// error after the first chunk ends the stream with that error.
+    pub async fn snapshot_stream(&self) -> R<(u64, mpsc::Receiver<R<Vec<u8>>>)> {
+        let (tx, rx) = mpsc::channel::<R<Vec<u8>>>(SNAPSHOT_CHUNKS_IN_FLIGHT);
+        let (total_tx, total_rx) = oneshot::channel::<u64>();
+        let node = self.node().clone();
+        let errors = tx.clone();
+        tokio::spawn(async move {
+            let read = node
+                .read(DB, true, move |c| {
+                    // `read` runs this in one read transaction: the page count and every
+                    // page come from one state.
+                    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                    let page_size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+                    let _ = total_tx.send((pages * page_size) as u64 + 32);
+                    stream_pages(c, &tx)
+                })
+                .await;
+            match read {
+                Ok(Some(())) => {}
+                // No etcd database on this node yet: an empty stream (the oneshot is gone).
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = errors.send(Err(decode_err(e))).await;
                 }
-                // etcd ends the stream with the sha256 of the content; etcdctl checks it.
-                use sha2::Digest;
-                let mut h = sha2::Sha256::new();
-                for c in &out {
-                    h.update(c);
+            }
+        });
+        match total_rx.await {
+            Ok(total) => Ok((total, rx)),
+            Err(_) => {
+                // The read ended before it knew the size: its error, or nothing to send.
+                let mut rx = rx;
+                match rx.recv().await {
+                    Some(Err(e)) => Err(e),
+                    _ => Ok((0, rx)),
                 }
-                h.update(&cur);
-                cur.extend_from_slice(&h.finalize());
-                out.push(cur);
-                Ok(out)
-            })
-            .await
-            .map_err(decode_err)?
-            .unwrap_or_default();
-        Ok(pages)
+            }
+        }
     }
+}
+
+/// Chunks of a snapshot stream read ahead of the client.
+pub const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Sends every page of `c`'s database in 1 MiB chunks, then the sha256 of them all (etcd
+/// ends the stream with the digest of the content; etcdctl checks it).
+fn stream_pages(
+    c: &rusqlite::Connection,
+    tx: &mpsc::Sender<R<Vec<u8>>>,
+) -> raftsql_core::Result<()> {
+    use sha2::Digest;
+    let gone = || raftsql_core::Error::Internal("the snapshot's client went away".into());
+    let mut h = sha2::Sha256::new();
+    let mut st = c.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
+    let mut rows = st.query([])?;
+    let mut cur = Vec::with_capacity(1 << 20);
+    while let Some(r) = rows.next()? {
+        cur.extend_from_slice(r.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?);
+        if cur.len() >= 1 << 20 {
+            h.update(&cur);
+            let full = std::mem::replace(&mut cur, Vec::with_capacity(1 << 20));
+            tx.blocking_send(Ok(full)).map_err(|_| gone())?;
+        }
+    }
+    h.update(&cur);
+    cur.extend_from_slice(&h.finalize());
+    tx.blocking_send(Ok(cur)).map_err(|_| gone())?;
+    Ok(())
 }

@@ -1354,23 +1354,23 @@ impl crate::server::Backend for EtcdStore {
         tonic::Status,
     > {
         let _ = req;
-        let chunks = self.snapshot_chunks().await?;
-        let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let (total, chunks) = self.snapshot_stream().await?;
         let header = self.header_now(self.current_rev().await);
         let mut sent = 0u64;
-        let msgs: Vec<Result<crate::pb::etcdserverpb::SnapshotResponse, tonic::Status>> = chunks
-            .into_iter()
-            .map(|c| {
+        let stream = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(chunks),
+            move |c| {
+                let c = c?;
                 sent += c.len() as u64;
                 Ok(crate::pb::etcdserverpb::SnapshotResponse {
                     header: Some(header.clone()),
-                    remaining_bytes: total - sent,
+                    remaining_bytes: total.saturating_sub(sent),
                     blob: Bytes::from(c),
                     ..Default::default()
                 })
-            })
-            .collect();
-        Ok(Box::pin(tokio_stream::iter(msgs)))
+            },
+        );
+        Ok(Box::pin(stream))
     }
     async fn alarm(
         &self,
