@@ -118,7 +118,7 @@ fn put_op(k: Vec<u8>, v: Vec<u8>) -> RequestOp {
 }
 
 /// The kube-apiserver create-or-update Txn.
-fn kube_txn(k: Vec<u8>, mod_rev: i64, v: Vec<u8>) -> TxnRequest {
+pub(crate) fn kube_txn(k: Vec<u8>, mod_rev: i64, v: Vec<u8>) -> TxnRequest {
     TxnRequest {
         compare: vec![Compare {
             result: compare::CompareResult::Equal as i32,

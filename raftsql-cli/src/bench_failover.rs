@@ -54,22 +54,50 @@ pub struct BenchFailoverArgs {
     tick_ms: u64,
 }
 
-/// The processes of the bench's cluster; killed when dropped.
-struct Procs {
+/// The processes of a bench's own cluster (also `bench soak`'s); killed when dropped.
+pub(crate) struct Procs {
     dir: PathBuf,
     addrs: Vec<SocketAddr>,
     args: Vec<Vec<String>>,
     children: Vec<Option<Child>>,
+    /// The `raftsql` binary the nodes run (this one unless [`Procs::with_exe`] says otherwise).
+    exe: Option<PathBuf>,
 }
 
 impl Procs {
-    fn start(&mut self, i: usize) -> Result<(), String> {
+    /// Node `i` runs `raftsql` with `args[i]`; its log goes to `dir/node<i+1>.log`.
+    pub(crate) fn new(dir: PathBuf, addrs: Vec<SocketAddr>, args: Vec<Vec<String>>) -> Procs {
+        let children = args.iter().map(|_| None).collect();
+        Procs {
+            dir,
+            addrs,
+            args,
+            children,
+            exe: None,
+        }
+    }
+
+    /// The nodes run `exe` (another build, to compare against) instead of this binary.
+    pub(crate) fn with_exe(mut self, exe: Option<PathBuf>) -> Procs {
+        self.exe = exe;
+        self
+    }
+
+    /// The process id of node `i`, if it runs.
+    pub(crate) fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(Child::id)
+    }
+
+    pub(crate) fn start(&mut self, i: usize) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("node{}.log", i + 1)))
             .map_err(|e| e.to_string())?;
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let exe = match &self.exe {
+            Some(e) => e.clone(),
+            None => std::env::current_exe().map_err(|e| e.to_string())?,
+        };
         let child = Command::new(exe)
             .args(&self.args[i])
             .stdin(Stdio::null())
@@ -247,12 +275,7 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
             ]
         })
         .collect();
-    let mut p = Procs {
-        dir: dir.clone(),
-        addrs,
-        args,
-        children: (0..a.nodes).map(|_| None).collect(),
-    };
+    let mut p = Procs::new(dir.clone(), addrs, args);
     for i in 0..a.nodes as usize {
         p.start(i)?;
     }
@@ -356,8 +379,8 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
     Ok(())
 }
 
-/// Removes the bench's temporary directory when dropped.
-struct TempDir(PathBuf);
+/// Removes a bench's temporary directory when dropped.
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {

@@ -14,6 +14,7 @@ pub mod backup;
 pub mod bench;
 pub mod bench_etcd;
 pub mod bench_failover;
+pub mod bench_soak;
 pub mod cluster;
 use raftsql_core::tls::Dialer;
 use raftsql_core::{Client, Node, NodeConfig, Value};
@@ -147,6 +148,9 @@ enum BenchCmd {
     Etcd(bench_etcd::BenchEtcdArgs),
     /// Leader failover and standby promotion times over many trials (runs its own cluster).
     Failover(bench_failover::BenchFailoverArgs),
+    /// Minutes of mixed SQL and kube-shaped etcd load on a cluster of its own, sampling every
+    /// node's memory, WAL and Raft log; writes soak.csv and soak.svg, prints one JSON line.
+    Soak(bench_soak::BenchSoakArgs),
 }
 
 #[derive(Args, Debug)]
@@ -371,6 +375,9 @@ pub fn main() -> ExitCode {
             Cmd::Bench {
                 what: BenchCmd::Failover(a),
             } => bench_failover::main(a).await,
+            Cmd::Bench {
+                what: BenchCmd::Soak(a),
+            } => bench_soak::main(a).await,
         }
     });
     match r {
