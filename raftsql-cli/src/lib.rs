@@ -242,6 +242,11 @@ struct NodeArgs {
     /// Serve the etcd v3 API (gRPC) on this address, e.g. 127.0.0.1:2379.
     #[arg(long)]
     etcd_listen: Option<SocketAddr>,
+    /// The etcd client URLs this node advertises in MemberList, comma-separated (etcd's flag;
+    /// default: http(s)://<--etcd-listen>, which is only right if that address is reachable
+    /// by clients, e.g. not 0.0.0.0).
+    #[arg(long, value_delimiter = ',')]
+    advertise_client_urls: Vec<String>,
     /// Mutually authenticated TLS between nodes (and TLS for clients). A new single-node
     /// cluster creates its CA in <data-dir>/tls; bootstrap nodes of a larger one need
     /// --peer-ca-dir. A data directory with tls/ always runs TLS.
@@ -544,8 +549,17 @@ pub(crate) async fn run_node_with(
                 ""
             }
         );
+        let advertise_client_urls = if a.advertise_client_urls.is_empty() {
+            vec![format!(
+                "{}://{addr}",
+                if tls.is_some() { "https" } else { "http" }
+            )]
+        } else {
+            a.advertise_client_urls.clone()
+        };
         let options = raftsql_etcd::EtcdOptions {
             progress_notify_interval: a.watch_progress_notify_interval,
+            advertise_client_urls,
         };
         let store = raftsql_etcd::EtcdStore::with_options(node.clone(), cluster_id, options);
         Some(tokio::spawn(raftsql_etcd::serve_listener_tls(

@@ -26,6 +26,7 @@ pub mod error;
 mod guard;
 pub mod log;
 pub mod members;
+pub mod metrics;
 pub mod node;
 pub mod recover;
 pub mod roles;

@@ -245,6 +245,8 @@ struct Shared {
     pub(crate) keeper: Keeper,
     /// Set once this node has left the cluster or was removed from it (with why).
     departed: watch::Sender<Option<String>>,
+    /// What the node measures over time (fsyncs, leader changes).
+    metrics: crate::metrics::Metrics,
 }
 
 /// A service the embedding application runs on every node, reachable from other nodes with
@@ -503,6 +505,7 @@ impl Node {
             raft_tx: Mutex::new(raft_tx.clone()),
             sm_tx: Mutex::new(sm_tx.clone()),
             raft_status: Mutex::new(RaftStatus::default()),
+            metrics: crate::metrics::Metrics::new(),
             dbs,
             progress: progress.clone(),
             applied_rx,
@@ -740,6 +743,11 @@ impl Node {
     pub fn conf_roles(&self) -> (Vec<u64>, Vec<u64>) {
         let cs = self.shared.snapshots.conf_state.lock();
         (cs.voters.clone(), cs.learners.clone())
+    }
+
+    /// The node's metrics (for a `/metrics` endpoint; see [`crate::metrics`]).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.shared.metrics
     }
 
     /// This node's configuration.
@@ -2010,7 +2018,12 @@ impl RaftDriver {
             wrote = true;
         }
         if wrote {
+            let started = Instant::now();
             self.storage.write().sync()?;
+            self.shared
+                .metrics
+                .wal_fsync
+                .observe(started.elapsed().as_secs_f64());
         }
         self.send(ready.take_persisted_messages());
         for rs in ready.take_read_states() {
@@ -2054,6 +2067,9 @@ impl RaftDriver {
         let r = &self.raw.raft;
         let log = self.storage.read();
         let mut s = self.shared.raft_status.lock();
+        if r.leader_id != s.leader_id && r.leader_id != 0 {
+            self.shared.metrics.leader_changes.inc();
+        }
         s.leader_id = r.leader_id;
         s.term = r.term;
         s.commit = r.raft_log.committed;

@@ -4,9 +4,14 @@
 //!
 //! - [`pb`]: the generated protobuf messages and tonic services and clients.
 //! - [`server`]: [`EtcdServer`], the tonic services, delegating to a [`Backend`]; [`serve`].
+//! - [`http`]: etcd's HTTP endpoints on the same port (`/health`, `/livez`, `/readyz`,
+//!   `/version`, `/metrics`) and the gRPC call counters.
+pub mod http;
 mod hub;
 pub mod lease;
 pub mod maintenance;
+mod members;
+mod metrics;
 pub mod pb;
 pub mod server;
 pub mod store;

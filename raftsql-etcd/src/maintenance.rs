@@ -9,8 +9,12 @@ use crate::pb::etcdserverpb::{
 };
 use crate::store::{decode_err, EtcdStore, DB, R};
 
-/// The etcd version this facade reports (the API level it implements).
-pub const ETCD_VERSION: &str = "3.5.0";
+/// The etcd version this facade reports (the API level it implements). kube-apiserver
+/// enables RequestWatchProgress (and with it ConsistentListFromCache and WatchList) only
+/// for etcd >= 3.4.31 / 3.5.13 / 3.6.0, the versions whose progress notifications wait for
+/// the watches' events (etcd issue 15220); raftsql's do (`watch.rs`, "Progress requests"),
+/// and it serves 3.6's `/livez` and `/readyz`.
+pub const ETCD_VERSION: &str = "3.6.0";
 
 impl EtcdStore {
     /// Maintenance.Status: etcd's version, this node's database size, leader and Raft indexes.
@@ -41,14 +45,23 @@ impl EtcdStore {
             raft_applied_index: st.applied,
             errors: Vec::new(),
             db_size_in_use: size.1,
-            is_learner: false,
+            is_learner: self.node().conf_roles().1.contains(&self.node().id()),
             ..Default::default()
         })
     }
 
-    /// Cluster.MemberList: the raftsql nodes, with their peer addresses.
+    /// Cluster.MemberList: the raftsql nodes, with their peer URLs (`https://` on a TLS
+    /// cluster), the client URLs each member recorded (see
+    /// [`crate::EtcdOptions::advertise_client_urls`]), and standbys and spares as learners.
     pub async fn member_list(&self) -> R<MemberListResponse> {
         let rev = self.current_rev().await;
+        let scheme = if self.node().dialer().is_tls() {
+            "https"
+        } else {
+            "http"
+        };
+        let (_, learners) = self.node().conf_roles();
+        let urls = self.client_urls().await;
         let members = self
             .node()
             .peers()
@@ -56,9 +69,9 @@ impl EtcdStore {
             .map(|(id, addr)| Member {
                 id,
                 name: format!("raftsql-{id}"),
-                peer_ur_ls: vec![format!("http://{addr}")],
-                client_ur_ls: Vec::new(),
-                is_learner: false,
+                peer_ur_ls: vec![format!("{scheme}://{addr}")],
+                client_ur_ls: urls.get(&id).cloned().unwrap_or_default(),
+                is_learner: learners.contains(&id),
             })
             .collect();
         Ok(MemberListResponse {

@@ -30,6 +30,9 @@ use tokio_stream::Stream;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
+use tower::layer::util::{Identity as NoLayer, Stack};
+
+use crate::http::{HttpAnswer, HttpLayer};
 
 use crate::pb::etcdserverpb::auth_server::{Auth, AuthServer};
 use crate::pb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
@@ -176,6 +179,84 @@ pub trait Backend: Send + Sync + 'static {
         let _ = reqs;
         Err(unimplemented())
     }
+
+    /// Whether this member knows a leader now (etcd's `s.Leader() != None`). Calls that carry
+    /// `hasleader: true` metadata (clientv3's `WithRequireLeader`, which kube-apiserver puts on
+    /// its watches) are refused without one, and their streams are canceled once the member
+    /// has been without one for [`Backend::election_timeout`].
+    fn has_leader(&self) -> bool {
+        true
+    }
+
+    /// How long a require-leader stream outlives the loss of the leader.
+    fn election_timeout(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    /// An HTTP GET of one of [`crate::http::PATHS`] on the client port, with its query string;
+    /// `None` answers 404.
+    async fn http_get(&self, path: &str, query: &str) -> Option<HttpAnswer> {
+        let _ = (path, query);
+        None
+    }
+}
+
+/// The gRPC metadata clientv3's `WithRequireLeader` sets.
+const REQUIRE_LEADER: &str = "hasleader";
+
+/// etcd's `ErrGRPCNoLeader`.
+pub fn no_leader() -> Status {
+    Status::unavailable("etcdserver: no leader")
+}
+
+fn requires_leader<T>(request: &Request<T>) -> bool {
+    request
+        .metadata()
+        .get(REQUIRE_LEADER)
+        .is_some_and(|v| v.as_bytes() == b"true")
+}
+
+/// How often a require-leader stream looks at the member's leader.
+const LEADER_CHECK: Duration = Duration::from_millis(50);
+
+/// `inner`, ended with [`no_leader`] once `backend` has had no leader for its election
+/// timeout (etcd's `monitorLeader`, which cancels such streams so that the client reconnects
+/// to a member that has one).
+fn cancel_without_leader<T: Send + 'static>(
+    mut inner: ResponseStream<T>,
+    backend: Arc<dyn Backend>,
+) -> ResponseStream<T> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut check = tokio::time::interval(LEADER_CHECK);
+        let mut leaderless_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                item = tokio_stream::StreamExt::next(&mut inner) => match item {
+                    Some(item) => {
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                _ = check.tick() => {
+                    if backend.has_leader() {
+                        leaderless_since = None;
+                    } else {
+                        let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= backend.election_timeout() {
+                            tracing::info!("canceling a require-leader stream: no leader");
+                            let _ = tx.send(Err(no_leader())).await;
+                            return;
+                        }
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// The etcd gRPC services over a [`Backend`]. Cheap to clone (one `Arc`).
@@ -205,9 +286,36 @@ impl EtcdServer {
         F: FnOnce(&'a dyn Backend, Req) -> Fut,
         Fut: Future<Output = Result<Resp, Status>> + 'a,
     {
+        if requires_leader(&request) && !self.backend.has_leader() {
+            return Err(no_leader());
+        }
         call(&*self.backend, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    /// A stream from the backend, guarded by [`cancel_without_leader`] if the call requires a
+    /// leader (refused at once without one).
+    async fn stream<'a, Req, T, F, Fut>(
+        &'a self,
+        request: Request<Req>,
+        open: F,
+    ) -> Result<Response<ResponseStream<T>>, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&'a dyn Backend, Req) -> Fut,
+        Fut: Future<Output = Result<ResponseStream<T>, Status>> + 'a,
+    {
+        let require = requires_leader(&request);
+        if require && !self.backend.has_leader() {
+            return Err(no_leader());
+        }
+        let stream = open(&*self.backend, request.into_inner()).await?;
+        Ok(Response::new(if require {
+            cancel_without_leader(stream, self.backend.clone())
+        } else {
+            stream
+        }))
     }
 }
 
@@ -269,8 +377,7 @@ service_impl! {
             &self,
             request: Request<Streaming<WatchRequest>>,
         ) -> Result<Response<Self::WatchStream>, Status> {
-            let stream = self.backend.watch(request.into_inner()).await?;
-            Ok(Response::new(stream))
+            self.stream(request, |b, r| b.watch(r)).await
         }
     }
     unimplemented {}
@@ -284,7 +391,7 @@ service_impl! {
             &self,
             request: Request<Streaming<LeaseKeepAliveRequest>>,
         ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-            Ok(Response::new(self.backend.lease_keep_alive(request.into_inner()).await?))
+            self.stream(request, |b, r| b.lease_keep_alive(r)).await
         }
         async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
             self.delegate(request, |b, r| b.lease_grant(r)).await
@@ -345,7 +452,7 @@ service_impl! {
             &self,
             request: Request<SnapshotRequest>,
         ) -> Result<Response<Self::SnapshotStream>, Status> {
-            Ok(Response::new(self.backend.snapshot(request.into_inner()).await?))
+            self.stream(request, |b, r| b.snapshot(r)).await
         }
     }
     unimplemented {
@@ -377,12 +484,6 @@ service_impl! {
     }
 }
 
-/// A tonic server with all six etcd services over `backend` added, with etcd's message size
-/// limits, ready to serve (or to get more services added, e.g. gRPC health).
-pub fn router(backend: Arc<dyn Backend>) -> Router {
-    router_with(backend, Server::builder())
-}
-
 /// Concurrent gRPC calls (each watch stream is one) on one client connection (HTTP/2
 /// streams), announced in the server's SETTINGS; etcd's default is unlimited
 /// (math.MaxUint32), but a client multiplexes all its watches over few streams (clientv3
@@ -390,10 +491,19 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
 /// connection may hold.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
-/// [`router`] on a given server builder (e.g. one with TLS configured).
-fn router_with(backend: Arc<dyn Backend>, builder: Server) -> Router {
+/// The etcd server: the six etcd services over `backend`, with etcd's message size limits,
+/// behind the HTTP endpoints of [`crate::http`], on `builder` (e.g. one with TLS configured).
+fn router_with(backend: Arc<dyn Backend>, builder: Server) -> Router<Stack<HttpLayer, NoLayer>> {
     // One client connection may hold this many calls (e.g. watch streams) at once.
-    let builder = builder.max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
+    let mut builder = builder
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // HTTP/1.1 too: health checks and Prometheus scrapes.
+        .accept_http1(true)
+        // etcd's server-side keepalive defaults (--grpc-keepalive-interval 2h, -timeout 20s):
+        // a silently dead client's streams are dropped.
+        .http2_keepalive_interval(Some(Duration::from_secs(2 * 60 * 60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(HttpLayer::new(backend.clone()));
     let server = Arc::new(EtcdServer::new(backend));
     // Each generated service wrapper gets the same size limits.
     macro_rules! limited {
@@ -404,10 +514,6 @@ fn router_with(backend: Arc<dyn Backend>, builder: Server) -> Router {
         };
     }
     builder
-        // etcd's server-side keepalive defaults (--grpc-keepalive-interval 2h, -timeout 20s):
-        // a silently dead client's streams are dropped.
-        .http2_keepalive_interval(Some(Duration::from_secs(2 * 60 * 60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(limited!(KvServer))
         .add_service(limited!(WatchServer))
         .add_service(limited!(LeaseServer))
@@ -444,10 +550,11 @@ pub async fn serve_listener_tls(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn Error + Send + Sync>> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let router = match tls {
-        Some(tls) => router_with(backend, Server::builder().tls_config(tls)?),
-        None => router(backend),
+    let builder = match tls {
+        Some(tls) => Server::builder().tls_config(tls)?,
+        None => Server::builder(),
     };
+    let router = router_with(backend, builder);
     router
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

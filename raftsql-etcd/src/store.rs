@@ -941,12 +941,18 @@ pub struct EtcdOptions {
     /// How long a watch that asked for progress notifications may stay silent before it is
     /// sent one (etcd's `--experimental-watch-progress-notify-interval`, default 10 minutes).
     pub progress_notify_interval: std::time::Duration,
+    /// The client URLs this member advertises in MemberList (etcd's
+    /// `--advertise-client-urls`), e.g. `https://10.0.0.1:2379`. Clients that sync their
+    /// endpoints from MemberList (etcdctl `--endpoints` auto-sync, clientv3 `AutoSyncInterval`)
+    /// use them; every member records its own in the replicated `etcd` database.
+    pub advertise_client_urls: Vec<String>,
 }
 
 impl Default for EtcdOptions {
     fn default() -> Self {
         EtcdOptions {
             progress_notify_interval: std::time::Duration::from_secs(600),
+            advertise_client_urls: Vec::new(),
         }
     }
 }
@@ -994,6 +1000,11 @@ impl raftsql_core::ServiceHandler for Forwarded {
                     .map(|r| r.to_le_bytes().to_vec()),
                 crate::lease::FWD_GRANT..=crate::lease::FWD_TTL => {
                     store.lease_local(kind, body).await
+                }
+                crate::members::FWD_CLIENT_URLS => {
+                    return crate::members::record_local(&store, body)
+                        .await
+                        .map(Bytes::from)
                 }
                 k => return Err(CoreError::Invalid(format!("unknown etcd call {k}"))),
             };
@@ -1088,6 +1099,10 @@ impl EtcdStore {
             std::sync::Arc::new(Forwarded(std::sync::Arc::downgrade(&store))),
         );
         crate::lease::spawn_expiry(std::sync::Arc::downgrade(&store));
+        crate::members::spawn_record(
+            std::sync::Arc::downgrade(&store),
+            store.options.advertise_client_urls.clone(),
+        );
         store
     }
 
@@ -1441,6 +1456,16 @@ impl crate::server::Backend for EtcdStore {
             tx,
         ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+    fn has_leader(&self) -> bool {
+        self.node.status().raft.leader_id != 0
+    }
+    fn election_timeout(&self) -> std::time::Duration {
+        let cfg = self.node.config();
+        cfg.tick * cfg.election_ticks as u32
+    }
+    async fn http_get(&self, path: &str, query: &str) -> Option<crate::http::HttpAnswer> {
+        self.http_answer(path, query).await
     }
     async fn watch(
         &self,

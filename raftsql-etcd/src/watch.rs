@@ -16,13 +16,25 @@
 //!   `compact_revision` (the client must re-list), never silently given a gap;
 //! - a slow client is never dropped: its task simply waits on the stream's send buffer and
 //!   catches up from history afterwards.
+//!
+//! # Progress requests
+//! A `WatchProgressRequest` is answered (watch_id -1, header revision R) only once every watch
+//! of the stream has put all its events at or below R in the stream's send queue, where R is
+//! the store's revision when the request arrived (etcd issue 15220, fixed in 3.4.31/3.5.13).
+//! kube-apiserver's consistent list from its watch cache waits for a progress notification at
+//! or above the list's revision and then trusts its cache: an answer that overtook a watch's
+//! events would let it serve a list missing writes. Each watch publishes `sent`, the revision
+//! through which its events are queued, after the send returns; the stream's loop answers when
+//! every watch's `sent` has reached R (requests that arrive meanwhile are folded into one
+//! answer at the latest R, as etcd does), and the answer is queued behind those events.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use rusqlite::{params, OptionalExtension};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 
 use crate::pb::etcdserverpb::{
@@ -178,20 +190,54 @@ pub(crate) fn read_events(
     })
 }
 
+/// A watch of a stream: its task, and the revision through which its events are queued.
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    sent: Arc<AtomicI64>,
+}
+
+/// What a watch task tells its stream: how far it has sent ([`Running::sent`]), with a wake-up
+/// for a progress request waiting on it.
+#[derive(Clone)]
+struct Progress {
+    sent: Arc<AtomicI64>,
+    changed: Arc<Notify>,
+}
+
+impl Progress {
+    /// Every event at or below `rev` is in the send queue.
+    fn sent_through(&self, rev: i64) {
+        if self.sent.fetch_max(rev, Ordering::SeqCst) < rev {
+            self.changed.notify_one();
+        }
+    }
+}
+
 /// Serves one Watch stream until the client closes it.
 pub async fn serve_stream(
     store: Arc<EtcdStore>,
     mut reqs: tonic::Streaming<WatchRequest>,
     out: Out,
 ) {
-    let mut watches: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut watches: HashMap<i64, Running> = HashMap::new();
     let mut next_id = 0i64;
+    let changed = Arc::new(Notify::new());
+    // The revision a progress request waits to be answered at (see the module doc).
+    let mut progress_due: Option<i64> = None;
     loop {
-        let req = match reqs.message().await {
+        let req = tokio::select! {
+            r = reqs.message() => r,
+            _ = changed.notified(), if progress_due.is_some() => {
+                progress_due = answer_progress(&store, &out, &mut watches, progress_due).await;
+                continue;
+            }
+            _ = out.closed() => break,
+        };
+        let req = match req {
             Ok(Some(r)) => r,
             Ok(None) | Err(_) => break,
         };
-        watches.retain(|_, t| !t.is_finished());
+        watches.retain(|_, w| !w.task.is_finished());
         match req.request_union {
             Some(watch_request::RequestUnion::CreateRequest(c)) => {
                 let id = if c.watch_id != 0 {
@@ -240,14 +286,28 @@ pub async fn serve_stream(
                         ..Default::default()
                     }))
                     .await;
+                let progress = Progress {
+                    sent: Arc::new(AtomicI64::new(start - 1)),
+                    changed: changed.clone(),
+                };
                 watches.insert(
                     id,
-                    tokio::spawn(run_watch(store.clone(), id, c, start, out.clone())),
+                    Running {
+                        sent: progress.sent.clone(),
+                        task: tokio::spawn(run_watch(
+                            store.clone(),
+                            id,
+                            c,
+                            start,
+                            out.clone(),
+                            progress,
+                        )),
+                    },
                 );
             }
             Some(watch_request::RequestUnion::CancelRequest(c)) => {
-                if let Some(t) = watches.remove(&c.watch_id) {
-                    t.abort();
+                if let Some(w) = watches.remove(&c.watch_id) {
+                    w.task.abort();
                     let _ = out
                         .send(Ok(WatchResponse {
                             header: Some(store.header_now(store.current_rev().await)),
@@ -259,21 +319,43 @@ pub async fn serve_stream(
                 }
             }
             Some(watch_request::RequestUnion::ProgressRequest(_)) => {
-                // etcd: a progress notification for the whole stream, watch_id -1.
-                let _ = out
-                    .send(Ok(WatchResponse {
-                        header: Some(store.header_now(store.current_rev().await)),
-                        watch_id: -1,
-                        ..Default::default()
-                    }))
-                    .await;
+                let rev = store.current_rev().await;
+                progress_due = Some(progress_due.map_or(rev, |r| r.max(rev)));
+                progress_due = answer_progress(&store, &out, &mut watches, progress_due).await;
             }
             None => {}
         }
     }
-    for (_, t) in watches {
-        t.abort();
+    for (_, w) in watches {
+        w.task.abort();
     }
+}
+
+/// Answers a due progress request if every running watch has queued its events through the
+/// revision it waits for (etcd: a progress notification for the whole stream, watch_id -1);
+/// returns what is still due.
+async fn answer_progress(
+    store: &EtcdStore,
+    out: &Out,
+    watches: &mut HashMap<i64, Running>,
+    due: Option<i64>,
+) -> Option<i64> {
+    let rev = due?;
+    watches.retain(|_, w| !w.task.is_finished());
+    if watches
+        .values()
+        .any(|w| w.sent.load(Ordering::SeqCst) < rev)
+    {
+        return Some(rev);
+    }
+    let _ = out
+        .send(Ok(WatchResponse {
+            header: Some(store.header_now(rev)),
+            watch_id: -1,
+            ..Default::default()
+        }))
+        .await;
+    None
 }
 
 /// One watch: sends the events from `start` on, then follows what this node applies.
@@ -281,7 +363,14 @@ pub async fn serve_stream(
 /// per resource type, etcdctl one). Each costs a task and a slot in the stream's fan-out.
 pub const MAX_WATCHES_PER_STREAM: usize = 1000;
 
-async fn run_watch(store: Arc<EtcdStore>, id: i64, c: WatchCreateRequest, start: i64, out: Out) {
+async fn run_watch(
+    store: Arc<EtcdStore>,
+    id: i64,
+    c: WatchCreateRequest,
+    start: i64,
+    out: Out,
+    progress: Progress,
+) {
     let keys = Interval::new(&c.key, &c.range_end);
     let no_put = c.filters.contains(&(FilterType::Noput as i32));
     let no_delete = c.filters.contains(&(FilterType::Nodelete as i32));
@@ -317,6 +406,7 @@ async fn run_watch(store: Arc<EtcdStore>, id: i64, c: WatchCreateRequest, start:
                         }
                         last_progress = tokio::time::Instant::now();
                     }
+                    progress.sent_through(next - 1);
                     if advanced && next <= rev {
                         continue; // more history to send
                     }
@@ -383,6 +473,7 @@ async fn run_watch(store: Arc<EtcdStore>, id: i64, c: WatchCreateRequest, start:
                 }
                 last_progress = tokio::time::Instant::now();
             }
+            progress.sent_through(next - 1);
         }
     }
 }

@@ -1,0 +1,404 @@
+//! The etcd semantics a current kube-apiserver (1.31-1.34) relies on, on real processes
+//! (issue 16): progress requests that wait for the watches' events, require-leader streams
+//! canceled on a node cut off from the quorum, etcd's HTTP endpoints on the client port, and
+//! MemberList with learners and client URLs.
+//!
+//! Debian's etcd 3.4.23 predates the progress fix (etcd issue 15220, in 3.4.31/3.5.13), so
+//! these tests assert the fixed semantics directly instead of comparing with it.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::net::Partition;
+use common::Cluster;
+use raftsql_etcd::pb::etcdserverpb::{
+    cluster_client::ClusterClient, kv_client::KvClient, watch_client::WatchClient, watch_request,
+    MemberListRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest, WatchResponse,
+};
+use tokio::sync::mpsc;
+
+const T: Duration = Duration::from_secs(30);
+
+fn create(prefix: &str, start: i64) -> WatchRequest {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: Bytes::copy_from_slice(prefix.as_bytes()),
+                range_end: Bytes::from(end),
+                start_revision: start,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn progress() -> WatchRequest {
+    WatchRequest {
+        request_union: Some(watch_request::RequestUnion::ProgressRequest(
+            WatchProgressRequest {},
+        )),
+    }
+}
+
+/// Opens a watch stream on `addr`, with clientv3's `WithRequireLeader` metadata if asked.
+async fn open(
+    addr: SocketAddr,
+    require_leader: bool,
+) -> (
+    mpsc::Sender<WatchRequest>,
+    tokio::task::JoinHandle<Result<tonic::Streaming<WatchResponse>, tonic::Status>>,
+) {
+    let mut w = WatchClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(64);
+    let call = tokio::spawn(async move {
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if require_leader {
+            req.metadata_mut()
+                .insert("hasleader", "true".parse().unwrap());
+        }
+        w.watch(req).await.map(|r| r.into_inner())
+    });
+    (tx, call)
+}
+
+async fn put(kv: &mut KvClient<tonic::transport::Channel>, key: String, value: Vec<u8>) -> i64 {
+    kv.put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .header
+    .unwrap()
+    .revision
+}
+
+/// kube-apiserver's consistent list from its watch cache trusts a progress notification at
+/// revision R to mean "every event at or below R has reached you": the notification must
+/// not overtake events a watch is still sending. Here a watch replays 3,000 events of 2 KiB
+/// from revision 1 to a client that reads nothing for a while (its send queue and the HTTP/2
+/// window fill), and a progress request is sent right behind the create. Before the fix the
+/// notification came right after `created`, ahead of every event.
+#[test]
+fn a_progress_request_never_overtakes_a_watchs_events() {
+    let c = Cluster::start_with_etcd(1, &[]);
+    c.wait_leader(T);
+    c.rt.block_on(async {
+        let kv = common::etcd::connect(c.etcd_addr(1)).await;
+        const N: usize = 3000;
+        let mut writers = Vec::new();
+        for w in 0..16 {
+            let mut kv = kv.clone();
+            writers.push(tokio::spawn(async move {
+                let mut last = 0;
+                for i in (w..N).step_by(16) {
+                    last = last.max(put(&mut kv, format!("/p/{i:05}"), vec![b'x'; 2048]).await);
+                }
+                last
+            }));
+        }
+        let mut last_put = 0;
+        for w in writers {
+            last_put = last_put.max(w.await.unwrap());
+        }
+        let (tx, call) = open(c.etcd_addr(1), false).await;
+        tx.send(create("/p/", 1)).await.unwrap();
+        tx.send(progress()).await.unwrap();
+        // The client lags: nothing is read for a second.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut rx = call.await.unwrap().unwrap();
+        let mut events_before = 0usize;
+        let progress_rev = loop {
+            let r = tokio::time::timeout(T, rx.message())
+                .await
+                .expect("no progress notification")
+                .unwrap()
+                .expect("stream ended");
+            if r.watch_id == -1 && !r.created && r.events.is_empty() {
+                break r.header.unwrap().revision;
+            }
+            events_before += r.events.len();
+        };
+        assert!(
+            progress_rev >= last_put,
+            "progress at {progress_rev}, last put {last_put}"
+        );
+        assert_eq!(
+            events_before, N,
+            "the progress notification at revision {progress_rev} came after {events_before} \
+             of the {N} events at or below it"
+        );
+        // With every watch caught up, a progress request is answered at the current revision.
+        tx.send(progress()).await.unwrap();
+        let r = tokio::time::timeout(T, rx.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.watch_id, r.header.unwrap().revision), (-1, last_put));
+    });
+}
+
+/// kube-apiserver opens its watches with `WithRequireLeader`: a member that loses its leader
+/// must cancel them ("etcdserver: no leader") so the apiserver reconnects to one that has one,
+/// instead of holding a silent watch on a partitioned follower. A watch without the metadata
+/// stays open (etcd's behaviour); new require-leader calls are refused at once.
+#[test]
+fn a_require_leader_watch_is_canceled_on_a_node_cut_off() {
+    if let Err(e) = Partition::available() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "iptables is required in CI: {e}"
+        );
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let c = Cluster::start_with_etcd(3, &[]);
+    let leader = c.wait_leader(T);
+    let f = (1..=3).find(|i| *i != leader).unwrap();
+    let others: Vec<IpAddr> = (1..=3)
+        .filter(|i| *i != f)
+        .map(|i| c.addr(i).ip())
+        .collect();
+    c.rt.block_on(async {
+        let mut kv = common::etcd::connect(c.etcd_addr(f)).await;
+        let (tx, call) = open(c.etcd_addr(f), true).await;
+        tx.send(create("/r/", 0)).await.unwrap();
+        let (tx_plain, call_plain) = open(c.etcd_addr(f), false).await;
+        tx_plain.send(create("/r/", 0)).await.unwrap();
+        let mut rx = call
+            .await
+            .unwrap()
+            .expect("a require-leader watch with a leader");
+        let mut rx_plain = call_plain.await.unwrap().unwrap();
+        assert!(rx.message().await.unwrap().unwrap().created);
+        assert!(rx_plain.message().await.unwrap().unwrap().created);
+        put(&mut kv, "/r/1".into(), b"v".to_vec()).await;
+        assert_eq!(rx.message().await.unwrap().unwrap().events.len(), 1);
+        assert_eq!(rx_plain.message().await.unwrap().unwrap().events.len(), 1);
+
+        let cut = Partition::between(&[c.addr(f).ip()], &others).expect("iptables partition");
+        let started = Instant::now();
+        let status = loop {
+            match tokio::time::timeout(T, rx.message())
+                .await
+                .expect("not canceled")
+            {
+                Ok(Some(r)) => panic!("unexpected response while cut off: {r:?}"),
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(s) => break s,
+            }
+        };
+        eprintln!(
+            "require-leader watch canceled {:?} after the cut",
+            started.elapsed()
+        );
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), "etcdserver: no leader");
+        // The watch without the metadata is still open: a progress request is answered.
+        tx_plain.send(progress()).await.unwrap();
+        let r = tokio::time::timeout(T, rx_plain.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.watch_id, -1);
+        // New require-leader calls are refused while there is no leader.
+        let (tx2, call2) = open(c.etcd_addr(f), true).await;
+        tx2.send(create("/r/", 0)).await.unwrap();
+        let refused = call2
+            .await
+            .unwrap()
+            .err()
+            .expect("refused without a leader");
+        assert_eq!(refused.message(), "etcdserver: no leader");
+        let mut req = tonic::Request::new(RangeRequest {
+            key: Bytes::from_static(b"/r/1"),
+            serializable: true,
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("hasleader", "true".parse().unwrap());
+        let refused = kv
+            .range(req)
+            .await
+            .err()
+            .expect("unary refused without a leader");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+
+        drop(cut);
+        // Healed: a require-leader watch on the node works again.
+        let deadline = Instant::now() + T;
+        loop {
+            let (tx3, call3) = open(c.etcd_addr(f), true).await;
+            tx3.send(create("/r/", 0)).await.unwrap();
+            if let Ok(Ok(mut rx3)) = call3.await {
+                if rx3
+                    .message()
+                    .await
+                    .is_ok_and(|r| r.is_some_and(|r| r.created))
+                {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no require-leader watch after healing"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// `GET path` over HTTP/1.1: status and body.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    (status, body)
+}
+
+/// etcd's HTTP endpoints on the client port, as load balancers, kubeadm probes and
+/// Prometheus use them; `/readyz` and `/health` fail on a node cut off from the quorum while
+/// `/livez` (the process serves) stays up.
+#[test]
+fn the_http_endpoints_answer_and_readyz_fails_without_quorum() {
+    let c = Cluster::start_with_etcd(3, &[]);
+    let leader = c.wait_leader(T);
+    let f = (1..=3).find(|i| *i != leader).unwrap();
+    c.rt.block_on(async {
+        let mut kv = common::etcd::connect(c.etcd_addr(f)).await;
+        put(&mut kv, "/h".into(), b"v".to_vec()).await;
+    });
+    let addr = c.etcd_addr(f);
+    assert_eq!(
+        http_get(addr, "/health"),
+        (200, r#"{"health":"true","reason":""}"#.into())
+    );
+    assert_eq!(http_get(addr, "/livez"), (200, "ok\n".into()));
+    assert_eq!(http_get(addr, "/readyz"), (200, "ok\n".into()));
+    let (code, body) = http_get(addr, "/readyz?verbose");
+    assert_eq!(code, 200);
+    assert!(body.contains("[+]linearizable_read ok\n"), "{body}");
+    let (code, body) = http_get(addr, "/version");
+    assert_eq!(code, 200);
+    assert!(body.starts_with(r#"{"etcdserver":"3.6."#), "{body}");
+    assert_eq!(http_get(addr, "/nothing-here").0, 404);
+    let (code, metrics) = http_get(addr, "/metrics");
+    assert_eq!(code, 200);
+    for line in [
+        "etcd_server_has_leader 1",
+        "etcd_server_is_leader 0",
+        "etcd_server_leader_changes_seen_total 1",
+        "raftsql_raft_role{role=\"follower\"} 1",
+        r#"grpc_server_handled_total{grpc_code="OK",grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    for name in [
+        "etcd_disk_wal_fsync_duration_seconds_bucket",
+        "etcd_mvcc_db_total_size_in_bytes",
+        "raftsql_apply_lag_entries",
+    ] {
+        assert!(metrics.contains(name), "no {name} in\n{metrics}");
+    }
+    let (_, leader_metrics) = http_get(c.etcd_addr(leader), "/metrics");
+    assert!(leader_metrics
+        .lines()
+        .any(|l| l == "etcd_server_is_leader 1"));
+
+    if let Err(e) = Partition::available() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "iptables is required in CI: {e}"
+        );
+        return;
+    }
+    let others: Vec<IpAddr> = (1..=3)
+        .filter(|i| *i != f)
+        .map(|i| c.addr(i).ip())
+        .collect();
+    let _cut = Partition::between(&[c.addr(f).ip()], &others).expect("iptables partition");
+    let deadline = Instant::now() + T;
+    let body = loop {
+        let (code, body) = http_get(addr, "/readyz");
+        if code == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "/readyz still {code} {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(body.ends_with("readyz check failed\n"), "{body}");
+    assert!(body.contains("[-]"), "{body}");
+    let (code, body) = http_get(addr, "/health");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.starts_with(r#"{"health":"false","reason":""#),
+        "{body}"
+    );
+    assert_eq!(http_get(addr, "/livez"), (200, "ok\n".into()));
+    let (_, metrics) = http_get(addr, "/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "etcd_server_has_leader 0"),
+        "{metrics}"
+    );
+}
+
+/// MemberList as clients that sync their endpoints from it need: every member's client URL,
+/// and the standby reported as a learner.
+#[test]
+fn member_list_reports_learners_and_client_urls() {
+    let c = Cluster::start_with_etcd(4, &[]);
+    c.wait_leader(T);
+    c.rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut cc = ClusterClient::connect(format!("http://{}", c.etcd_addr(1)))
+                .await
+                .unwrap();
+            let m = cc
+                .member_list(MemberListRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            let learners = m.members.iter().filter(|m| m.is_learner).count();
+            let urls_ok = m.members.iter().all(|m| {
+                m.client_ur_ls == vec![format!("http://{}", c.etcd_addr(m.id))]
+                    && m.peer_ur_ls == vec![format!("http://{}", c.addr(m.id))]
+            });
+            if m.members.len() == 4 && learners == 1 && urls_ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "MemberList never showed 3 voters, 1 learner and every client URL: {m:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
