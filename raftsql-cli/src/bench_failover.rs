@@ -235,14 +235,7 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
         return Err("--nodes must be at least 4 (3 voters and a standby)".into());
     }
     let cluster = "raftsql-failover-bench";
-    let (dir, _tmp) = match &a.dir {
-        Some(d) => (d.clone(), None),
-        None => {
-            let t = std::env::temp_dir().join(format!("raftsql-failover-{}", std::process::id()));
-            (t.clone(), Some(TempDir(t)))
-        }
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (dir, _tmp) = work_dir(a.dir.as_ref(), "raftsql-failover")?;
     let addrs: Vec<SocketAddr> = (0..a.nodes)
         .map(|i| SocketAddr::new(a.listen.ip(), a.listen.port() + i as u16))
         .collect();
@@ -381,6 +374,23 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
 
 /// Removes a bench's temporary directory when dropped.
 pub(crate) struct TempDir(pub(crate) PathBuf);
+
+/// A bench's data directory: `given`, or a new temporary one (removed when the returned
+/// guard drops) named `<prefix>-<pid>`; created either way.
+pub(crate) fn work_dir(
+    given: Option<&PathBuf>,
+    prefix: &str,
+) -> Result<(PathBuf, Option<TempDir>), String> {
+    let (dir, tmp) = match given {
+        Some(d) => (d.clone(), None),
+        None => {
+            let t = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+            (t.clone(), Some(TempDir(t)))
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok((dir, tmp))
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {

@@ -35,7 +35,7 @@ use raftsql_etcd::pb::etcdserverpb::{
 
 use crate::bench::percentile;
 use crate::bench_etcd::kube_txn;
-use crate::bench_failover::{Procs, TempDir};
+use crate::bench_failover::{work_dir, Procs};
 use crate::CliResult;
 
 /// `raftsql bench soak`.
@@ -146,14 +146,7 @@ fn xorshift(x: &mut u64) -> u64 {
 /// Runs the soak and prints its JSON line.
 pub async fn main(a: BenchSoakArgs) -> CliResult {
     let cluster = "raftsql-soak";
-    let (dir, _tmp) = match &a.dir {
-        Some(d) => (d.clone(), None),
-        None => {
-            let t = std::env::temp_dir().join(format!("raftsql-soak-{}", std::process::id()));
-            (t.clone(), Some(TempDir(t)))
-        }
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (dir, _tmp) = work_dir(a.dir.as_ref(), "raftsql-soak")?;
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let addrs: Vec<SocketAddr> = (0..3u16)
         .map(|i| SocketAddr::new(a.listen.ip(), a.listen.port() + i))

@@ -19,20 +19,7 @@ pub const ETCD_VERSION: &str = "3.6.0";
 impl EtcdStore {
     /// Maintenance.Status: etcd's version, this node's database size, leader and Raft indexes.
     pub async fn status(&self) -> R<StatusResponse> {
-        let size = self
-            .node()
-            .read(DB, true, |c| {
-                let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-                let free: i64 = c
-                    .query_row("PRAGMA freelist_count", [], |r| r.get(0))
-                    .optional()?
-                    .unwrap_or(0);
-                let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-                Ok((pages * size, (pages - free) * size))
-            })
-            .await
-            .map_err(decode_err)?
-            .unwrap_or((0, 0));
+        let size = self.db_sizes().await?;
         let st = self.node().status();
         let rev = self.current_rev().await;
         Ok(StatusResponse {
@@ -48,6 +35,24 @@ impl EtcdStore {
             is_learner: self.node().conf_roles().1.contains(&self.node().id()),
             ..Default::default()
         })
+    }
+
+    /// The `etcd` database's size and the part of it in use (bytes; zeros before it exists).
+    pub(crate) async fn db_sizes(&self) -> R<(i64, i64)> {
+        Ok(self
+            .node()
+            .read(DB, true, |c| {
+                let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                let free: i64 = c
+                    .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+                Ok((pages * size, (pages - free) * size))
+            })
+            .await
+            .map_err(decode_err)?
+            .unwrap_or((0, 0)))
     }
 
     /// Cluster.MemberList: the raftsql nodes, with their peer URLs (`https://` on a TLS

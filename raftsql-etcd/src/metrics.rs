@@ -64,7 +64,7 @@ impl EtcdStore {
         })
     }
 
-    fn has_leader_now(&self) -> bool {
+    pub(crate) fn has_leader_now(&self) -> bool {
         self.node().status().raft.leader_id != 0
     }
 
@@ -117,17 +117,7 @@ impl EtcdStore {
         let st = self.node().status();
         let (voters, learners) = self.node().conf_roles();
         let id = self.node().id();
-        let db_size = self
-            .node()
-            .read(DB, true, |c| {
-                let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-                let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-                Ok(pages * size)
-            })
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0);
+        let db_size = self.db_sizes().await.map_or(0, |s| s.0);
         let registry = Registry::new();
         let gauge = |name: &str, help: &str, v: i64| {
             let g = IntGauge::new(name, help).expect("a valid gauge");

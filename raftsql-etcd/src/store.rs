@@ -1458,7 +1458,7 @@ impl crate::server::Backend for EtcdStore {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
     fn has_leader(&self) -> bool {
-        self.node.status().raft.leader_id != 0
+        self.has_leader_now()
     }
     fn election_timeout(&self) -> std::time::Duration {
         let cfg = self.node.config();
