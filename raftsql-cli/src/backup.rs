@@ -1,15 +1,15 @@
-//! `raftsql snapshot save|restore|status` (backups of a whole cluster) and `raftsql recover`
+//! `raftsql snapshot save|restore|status|list` (backups of a whole cluster) and `raftsql recover`
 //! (disaster recovery after a quorum is lost for good).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use raftsql_core::tls::Material;
-use std::time::Instant;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use raftsql_core::{backup, recover};
+use raftsql_core::{backup, backup_schedule, recover};
 
 use crate::{parse_endpoints, CliResult};
 
@@ -22,6 +22,18 @@ pub enum SnapshotCmd {
     Restore(RestoreArgs),
     /// Check a saved FILE completely and print what it holds.
     Status(StatusArgs),
+    /// Check every backup in DIR (e.g. a node's --backup-dir), newest first.
+    List(ListArgs),
+}
+
+/// `raftsql snapshot list`.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// The directory.
+    dir: PathBuf,
+    /// One JSON object per backup instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `raftsql snapshot save`.
@@ -42,7 +54,8 @@ pub struct SaveArgs {
 /// `raftsql snapshot restore`.
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// The backup file.
+    /// The backup file, or a directory of them (e.g. a node's --backup-dir): then the newest
+    /// one that checks out completely is restored.
     file: PathBuf,
     /// The new node's data directory (must not exist, or be empty).
     #[arg(long)]
@@ -83,7 +96,11 @@ pub struct RecoverArgs {
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    if b < 1 << 20 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    }
 }
 
 /// Runs `raftsql snapshot ...`.
@@ -91,6 +108,9 @@ pub async fn snapshot(cmd: SnapshotCmd) -> CliResult {
     match cmd {
         SnapshotCmd::Save(a) => save(a).await,
         SnapshotCmd::Restore(a) => tokio::task::spawn_blocking(move || restore(a))
+            .await
+            .map_err(|e| e.to_string())?,
+        SnapshotCmd::List(a) => tokio::task::spawn_blocking(move || list(a))
             .await
             .map_err(|e| e.to_string())?,
         SnapshotCmd::Status(a) => {
@@ -145,8 +165,90 @@ async fn save(a: SaveArgs) -> CliResult {
     Ok(())
 }
 
-fn restore(a: RestoreArgs) -> CliResult {
+fn list(a: ListArgs) -> CliResult {
+    let all = backup_schedule::list(&a.dir).map_err(|e| format!("snapshot list: {e}"))?;
+    let name = |p: &std::path::Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let saved = |ms: u64| {
+        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    };
+    if a.json {
+        for l in &all {
+            let v = match &l.verdict {
+                Ok(h) => serde_json::json!({
+                    "file": name(&l.path), "bytes": l.bytes, "ok": true, "cluster": h.cluster,
+                    "index": h.index, "term": h.term, "saved": saved(h.created_unix_ms),
+                    "databases": h.files.iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
+                }),
+                Err(e) => serde_json::json!({
+                    "file": name(&l.path), "bytes": l.bytes, "ok": false, "error": e.to_string(),
+                }),
+            };
+            println!("{v}");
+        }
+    } else {
+        println!(
+            "{:<52} {:>10} {:>5} {:<24} {:>10}  STATUS",
+            "FILE", "INDEX", "TERM", "SAVED (UTC)", "SIZE"
+        );
+        for l in &all {
+            match &l.verdict {
+                Ok(h) => println!(
+                    "{:<52} {:>10} {:>5} {:<24} {:>10}  ok",
+                    name(&l.path),
+                    h.index,
+                    h.term,
+                    saved(h.created_unix_ms),
+                    mib(l.bytes)
+                ),
+                Err(e) => println!(
+                    "{:<52} {:>10} {:>5} {:<24} {:>10}  CORRUPT: {e}",
+                    name(&l.path),
+                    "-",
+                    "-",
+                    "-",
+                    mib(l.bytes)
+                ),
+            }
+        }
+    }
+    let bad = all.iter().filter(|l| l.verdict.is_err()).count();
+    if all.is_empty() {
+        return Err(format!(
+            "snapshot list: no backups (*.{}) in {}",
+            backup_schedule::EXTENSION,
+            a.dir.display()
+        ));
+    }
+    if bad > 0 {
+        return Err(format!(
+            "snapshot list: {bad} of {} backups in {} do not check out (restore skips them)",
+            all.len(),
+            a.dir.display()
+        ));
+    }
+    Ok(())
+}
+
+fn restore(mut a: RestoreArgs) -> CliResult {
     let started = Instant::now();
+    if a.file.is_dir() {
+        let (good, skipped) =
+            backup_schedule::newest_good(&a.file).map_err(|e| format!("snapshot restore: {e}"))?;
+        for l in &skipped {
+            if let Err(e) = &l.verdict {
+                eprintln!("raftsql: skipping {}: {e}", l.path.display());
+            }
+        }
+        eprintln!(
+            "raftsql: restoring the newest good backup, {}",
+            good.path.display()
+        );
+        a.file = good.path;
+    }
     // The TLS files first: a bad --peer-ca-dir must not leave a half-made node behind.
     let tls = (a.peer_tls || a.peer_ca_dir.is_some())
         .then(|| {

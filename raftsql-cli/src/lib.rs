@@ -280,6 +280,18 @@ struct NodeArgs {
         value_parser = humantime::parse_duration
     )]
     watch_progress_notify_interval: Duration,
+    /// Save a backup of this node's databases into DIR on a schedule (every node given the
+    /// flag keeps its own). `raftsql snapshot list DIR` checks them; `raftsql snapshot
+    /// restore DIR` restores the newest that checks out.
+    #[arg(long, value_name = "DIR")]
+    backup_dir: Option<PathBuf>,
+    /// Time between two scheduled backups (e.g. 12h, 30m, 10s).
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    backup_every: Duration,
+    /// How many scheduled backups of this node to keep (older ones are deleted once a new one
+    /// has been checked).
+    #[arg(long, default_value_t = 5)]
+    backup_keep: usize,
 }
 
 #[derive(Args, Debug)]
@@ -494,7 +506,30 @@ pub(crate) async fn run_node_with(
         );
     }
     let cluster_id = cluster_id(&cfg.cluster);
+    let backups = a
+        .backup_dir
+        .as_ref()
+        .map(|dir| raftsql_core::backup_schedule::BackupSchedule {
+            dir: dir.clone(),
+            every: a.backup_every,
+            keep: a.backup_keep,
+        });
+    if let Some(s) = &backups {
+        s.check()
+            .map_err(|e| format!("--backup-dir {}: {e}", s.dir.display()))?;
+    }
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
+    if let Some(schedule) = backups {
+        let dir = schedule.dir.clone();
+        raftsql_core::backup_schedule::spawn(&node, schedule)
+            .map_err(|e| format!("--backup-dir {}: {e}", dir.display()))?;
+        eprintln!(
+            "raftsql: node {id} saves a backup into {} every {} (keeping {})",
+            dir.display(),
+            humantime::format_duration(a.backup_every),
+            a.backup_keep
+        );
+    }
     // The etcd API: --cert-file if given; with peer TLS, the node certificate otherwise
     // (clients verify it with the cluster CA, tls/ca.crt).
     let etcd_tls = match (&a.cert_file, &a.key_file) {
@@ -890,6 +925,10 @@ fn json_value(v: &Value) -> serde_json::Value {
 }
 
 async fn run_one(client: &Client, a: &SqlArgs, sql: &str) -> Result<(), String> {
+    let stmts = raftsql_core::split_sql(sql);
+    if stmts.len() > 1 {
+        return run_several(client, a, stmts).await;
+    }
     // A statement that starts like a query may still write (`WITH ... INSERT`): a read
     // connection refuses it (SQLITE_READONLY) without doing anything, so run it as a write.
     let read = if is_query(sql) {
@@ -918,6 +957,43 @@ async fn run_one(client: &Client, a: &SqlArgs, sql: &str) -> Result<(), String> 
                 r.rows_affected, r.last_insert_rowid
             );
         }
+    }
+    Ok(())
+}
+
+/// Several statements in one `-e`: queries only, each runs and prints its rows; otherwise
+/// they run as one write request, all or nothing (a query among them prints no rows).
+async fn run_several(client: &Client, a: &SqlArgs, stmts: Vec<String>) -> Result<(), String> {
+    if stmts.iter().all(|s| is_query(s)) {
+        for s in &stmts {
+            let rows = client
+                .query_with(&a.db, s, vec![], a.local)
+                .await
+                .map_err(|e| e.to_string())?;
+            print_rows(a, &rows);
+        }
+        return Ok(());
+    }
+    let batch: Vec<raftsql_core::Statement> = stmts
+        .iter()
+        .map(|s| raftsql_core::Statement::with_params(s, vec![]))
+        .collect();
+    let results = client
+        .execute_batch(&a.db, &batch)
+        .await
+        .map_err(|e| e.to_string())?;
+    let affected: u64 = results.iter().map(|r| r.rows_affected).sum();
+    let last = results.last().map_or(0, |r| r.last_insert_rowid);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"statements": results.len(), "rows_affected": affected, "last_insert_rowid": last})
+        );
+    } else {
+        println!(
+            "ok: {} statements in one transaction, {affected} row(s) affected, last insert rowid {last}",
+            results.len()
+        );
     }
     Ok(())
 }

@@ -40,7 +40,7 @@ use crate::error::{Error, Result};
 use crate::log::RaftLog;
 use crate::members::{rewrite_registry_file, SYSTEM_DB};
 use crate::node::{Node, NodeFile, ServiceHandler, WeakNode};
-use crate::snapshot::{FileInfo, Manifest};
+use crate::snapshot::{FileInfo, Manifest, SnapshotStore};
 use crate::state::{self, Meta};
 use crate::transport::RpcConn;
 
@@ -94,17 +94,7 @@ impl ServiceHandler for Service {
         let weak = self.0.clone();
         Box::pin(async move {
             let node = weak.upgrade().ok_or(Error::Shutdown)?;
-            // Everything acknowledged before this call is applied here once this returns.
-            node.read(SYSTEM_DB, false, |_| Ok(())).await?;
-            let min = *node.subscribe_applied().borrow();
-            let store = node.snapshots();
-            let manifest = tokio::task::spawn_blocking(move || store.fresh(min, SNAPSHOT_TIMEOUT))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
-            let offer = Offer {
-                cluster: node.config().cluster.clone(),
-                manifest,
-            };
+            let offer = make_offer(&node).await?;
             Ok(serde_json::to_vec(&offer).unwrap().into())
         })
     }
@@ -160,7 +150,7 @@ pub async fn save(
                 }
                 Err(e) => return Err(e),
             };
-            match pull(&mut conn, &offer, path, &mut progress).await {
+            match pull(&offer, path, &mut progress, Source::Member(&mut conn)).await {
                 Ok((header, file_bytes)) => {
                     return Ok(SaveReport {
                         path: path.to_path_buf(),
@@ -197,13 +187,87 @@ async fn call(conn: &mut RpcConn, ep: SocketAddr) -> Result<Offer> {
     }
 }
 
-/// Pulls the offered snapshot into `path` (through `path` + `.tmp`). Returns the header and the
-/// file's size.
+/// Saves a backup of what this node holds to `path`, without the network: it first passes a
+/// linearizable barrier (so the copy holds every write acknowledged before the call, on a
+/// follower too), then copies the Raft snapshot at its applied index, as [`save`] does through
+/// a member. Used by scheduled backups ([`crate::backup_schedule`]).
+pub async fn save_local(node: &Node, path: &Path) -> Result<(BackupHeader, u64)> {
+    let mut last = Error::Unavailable("no attempt".into());
+    // A member keeps only its newest snapshot: if Raft replaces it while we copy, start over.
+    for _attempt in 0..3 {
+        let offer = make_offer(node).await?;
+        let local = Source::Local(node.snapshots());
+        match pull(&offer, path, &mut |_, _| {}, local).await {
+            Ok(r) => return Ok(r),
+            Err(e @ Error::Invalid(_)) => {
+                tracing::info!("snapshot replaced while saving ({e}); starting over");
+                last = e;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// After a linearizable barrier, a snapshot of this node at (at least) its applied index.
+async fn make_offer(node: &Node) -> Result<Offer> {
+    // Everything acknowledged before this call is applied here once this returns.
+    node.read(SYSTEM_DB, false, |_| Ok(())).await?;
+    let min = *node.subscribe_applied().borrow();
+    let store = node.snapshots();
+    let manifest = tokio::task::spawn_blocking(move || store.fresh(min, SNAPSHOT_TIMEOUT))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    Ok(Offer {
+        cluster: node.config().cluster.clone(),
+        manifest,
+    })
+}
+
+/// Where a snapshot's chunks come from.
+enum Source<'a> {
+    /// The member that made it, through the connection its offer came on.
+    Member(&'a mut RpcConn),
+    /// This node's own snapshot store.
+    Local(Arc<SnapshotStore>),
+}
+
+impl Source<'_> {
+    /// The chunk of `file` of the snapshot at (index, term) that starts at `offset`.
+    async fn fetch(&mut self, index: u64, term: u64, file: &str, offset: u64) -> Result<Bytes> {
+        match self {
+            Source::Member(conn) => {
+                let body = pb::request::Body::SnapshotChunk(pb::SnapshotChunkRequest {
+                    index,
+                    term,
+                    file: file.to_string(),
+                    offset,
+                });
+                match conn.call(body).await {
+                    Ok(pb::response::Body::SnapshotChunk(c)) => Ok(c.data),
+                    Ok(pb::response::Body::Error(e)) => Err(crate::client::from_pb(e)),
+                    Ok(_) => Err(Error::Transport("unexpected answer".into())),
+                    Err(e) => Err(Error::Unavailable(e.to_string())),
+                }
+            }
+            Source::Local(store) => {
+                let (store, file) = (store.clone(), file.to_string());
+                tokio::task::spawn_blocking(move || store.read_chunk(index, term, &file, offset))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?
+                    .map(|(data, _eof)| data)
+            }
+        }
+    }
+}
+
+/// Writes the offered snapshot to `path` (through `path` + `.tmp`), its files' bytes read
+/// from `source` one chunk at a time. Returns the header and the file's size.
 async fn pull(
-    conn: &mut RpcConn,
     offer: &Offer,
     path: &Path,
     progress: &mut impl FnMut(u64, u64),
+    mut source: Source<'_>,
 ) -> Result<(BackupHeader, u64)> {
     let m = &offer.manifest;
     let header = BackupHeader {
@@ -238,18 +302,7 @@ async fn pull(
             let mut h = crc32fast::Hasher::new();
             let mut off = 0u64;
             while off < fi.len {
-                let body = pb::request::Body::SnapshotChunk(pb::SnapshotChunkRequest {
-                    index: m.index,
-                    term: m.term,
-                    file: fi.name.clone(),
-                    offset: off,
-                });
-                let data = match conn.call(body).await {
-                    Ok(pb::response::Body::SnapshotChunk(c)) => c.data,
-                    Ok(pb::response::Body::Error(e)) => return Err(crate::client::from_pb(e)),
-                    Ok(_) => return Err(Error::Transport("unexpected answer".into())),
-                    Err(e) => return Err(Error::Unavailable(e.to_string())),
-                };
+                let data = source.fetch(m.index, m.term, &fi.name, off).await?;
                 if data.is_empty() || off + data.len() as u64 > fi.len {
                     return Err(Error::Corrupt(format!(
                         "snapshot file {} does not have the length its manifest says ({})",

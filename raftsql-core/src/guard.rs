@@ -217,13 +217,16 @@ pub fn check_statement(guard: &Guard, st: &rusqlite::Statement<'_>) -> Result<()
     Ok(())
 }
 
-/// The statement-cache key of a client statement: its text plus a trailing comment that no
-/// statement of this crate ends with (the comment changes nothing SQLite runs).
+/// The statement-cache key of a client statement: its text after a leading comment that no
+/// statement of this crate starts with (the comment changes nothing SQLite runs). Leading,
+/// not trailing: SQLite names a result column that has no alias by the text of its
+/// expression, which for the last column ran to the end of the input and so included a
+/// trailing mark (`SELECT 1` answered a column named "1\n-- raftsql: ...").
 pub fn client_key(sql: &str) -> String {
-    format!("{sql}{CLIENT_MARK}")
+    format!("{CLIENT_MARK}{sql}")
 }
 
-const CLIENT_MARK: &str = "\n-- raftsql: client statement";
+const CLIENT_MARK: &str = "-- raftsql: client statement\n";
 
 /// Turns `SQLITE_DBCONFIG_DEFENSIVE` on or off on `c`.
 pub fn set_defensive(c: &Connection, on: bool) -> Result<()> {

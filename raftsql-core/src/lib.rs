@@ -12,6 +12,7 @@
 //! - `guard`: what SQL from a client may do (the checks on every connection it runs on);
 //! - [`snapshot`]: snapshots for lagging followers;
 //! - [`backup`]: backup files of a whole cluster, and restoring one into a new cluster;
+//!   [`backup_schedule`]: a node saving its own on a schedule, pruning old ones;
 //! - [`recover`]: disaster recovery when a quorum is lost for good;
 //! - [`roles`]: which configuration change brings voters and standbys to their targets;
 //! - [`members`]: the member registry, join tokens, and the leader's role keeper;
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod backup;
+pub mod backup_schedule;
 pub mod client;
 pub mod entry;
 pub mod error;
@@ -40,4 +42,4 @@ pub mod vfs;
 pub use client::Client;
 pub use error::{Error, Result};
 pub use node::{parse_peers, Node, NodeConfig, ServiceHandler, Status, Transaction};
-pub use value::{ExecResult, Rows, Statement, Value};
+pub use value::{split_sql, ExecResult, Rows, Statement, Value};

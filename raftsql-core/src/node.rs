@@ -1246,13 +1246,15 @@ impl Shared {
             self.wait_applied(idx).await?;
         }
         let handle = self.dbs.read().get(db).cloned();
-        let Some(handle) = handle else {
-            return Err(Error::Invalid(format!("no such database: {db}")));
-        };
         let (max, budget) = (self.cfg.max_result_bytes, self.cfg.statement_timeout);
-        tokio::task::spawn_blocking(move || handle.query(&stmt, max, budget))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
+        // A database nobody has written yet reads as an empty one (SQLite's behaviour on a
+        // file that does not exist), so a fresh cluster answers `SELECT 1`.
+        tokio::task::spawn_blocking(move || match handle {
+            Some(h) => h.query(&stmt, max, budget),
+            None => state::query_empty(&stmt, max, budget),
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
     }
 
     async fn digests(&self) -> Result<BTreeMap<String, String>> {

@@ -200,6 +200,18 @@ impl DbHandle {
     }
 }
 
+/// Runs one client statement on an empty database: what a read of a database that nobody
+/// has written yet sees, as SQLite itself answers on a file that does not exist (`SELECT 1`
+/// answers 1; a table it names does not exist). Guarded and bounded like [`DbHandle::query`].
+pub fn query_empty(stmt: &Statement, max_bytes: usize, budget: Duration) -> Result<Rows> {
+    let mut c = Connection::open_in_memory_with_flags(
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    c.execute_batch("PRAGMA query_only=1;")?;
+    let g = Guard::install(&mut c, Role::Reader)?;
+    g.client(budget, || query_rows(&c, &g, stmt, max_bytes))
+}
+
 /// Runs a client statement on `c` (guarded by `g`; call inside [`Guard::client`]) and
 /// collects its rows; fails once the values collected exceed `max_bytes` (counting 8 bytes
 /// per number or NULL and the length of texts and blobs), so that a query cannot make a
@@ -500,7 +512,8 @@ pub struct StateMachine {
     applied_tx: tokio::sync::watch::Sender<u64>,
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
+/// Syncs a directory, so that the names created, renamed or removed in it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(dir, e))

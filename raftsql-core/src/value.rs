@@ -3,6 +3,35 @@
 use raftsql_proto::v1 as pb;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 
+/// Splits SQL text into its statements as SQLite's shell does: a `;` ends a statement only
+/// where `sqlite3_complete` says the text so far is complete (not inside a string, a
+/// comment or a trigger body). Text after the last complete statement is one more statement
+/// (running it reports what is wrong with it); empty statements are dropped.
+pub fn split_sql(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in sql.match_indices(';') {
+        let piece = &sql[start..=i];
+        let Ok(c) = std::ffi::CString::new(piece) else {
+            break; // a NUL byte: leave the rest to SQLite, which refuses it
+        };
+        // SAFETY: `c` is a NUL-terminated string that outlives the call; sqlite3_complete
+        // only reads it.
+        if unsafe { rusqlite::ffi::sqlite3_complete(c.as_ptr()) } != 0 {
+            let t = piece.trim().trim_end_matches(';').trim();
+            if !t.is_empty() {
+                out.push(t.to_string());
+            }
+            start = i + 1;
+        }
+    }
+    let rest = sql[start..].trim();
+    if !rest.is_empty() {
+        out.push(rest.to_string());
+    }
+    out
+}
+
 /// One SQL value, as SQLite types it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -134,4 +163,28 @@ pub struct Rows {
     pub columns: Vec<String>,
     /// Rows, each with one value per column.
     pub rows: Vec<Vec<Value>>,
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::split_sql;
+
+    #[test]
+    fn statements_end_where_sqlite_says_they_are_complete() {
+        assert_eq!(split_sql("SELECT 1"), ["SELECT 1"]);
+        assert_eq!(
+            split_sql("CREATE TABLE t(x); INSERT INTO t VALUES (';'); ;"),
+            ["CREATE TABLE t(x)", "INSERT INTO t VALUES (';')"]
+        );
+        let trigger = "CREATE TRIGGER r AFTER INSERT ON t BEGIN DELETE FROM t; SELECT 1; END";
+        assert_eq!(
+            split_sql(&format!("{trigger}; SELECT 2")),
+            [trigger, "SELECT 2"]
+        );
+        assert_eq!(
+            split_sql("SELECT 1 /* ; */; SELECT 'a;b' -- ;"),
+            ["SELECT 1 /* ; */", "SELECT 'a;b' -- ;"]
+        );
+        assert!(split_sql("  ;; ").is_empty());
+    }
 }

@@ -253,9 +253,14 @@ impl Cluster {
         self.spawn_args(id, &args);
     }
 
-    /// The cluster's extra `raftsql node` arguments for node `id` (with `--etcd-listen`).
+    /// The cluster's extra `raftsql node` arguments for node `id` (with `--etcd-listen`);
+    /// `{id}` in an argument becomes the node's id (e.g. a directory per node).
     fn node_args(&self, id: u64) -> Vec<String> {
-        let mut args = self.args.clone();
+        let mut args: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| a.replace("{id}", &id.to_string()))
+            .collect();
         if self.etcd {
             args.push("--etcd-listen".into());
             args.push(self.etcd_addr(id).to_string());
