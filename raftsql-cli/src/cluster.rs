@@ -4,7 +4,9 @@
 //! `cluster show --format json` prints one object with stable fields:
 //! `{"leader_id", "ha", "target_voters", "target_standbys", "commit_index", "nodes": [{"id",
 //! "address", "role" ("voter"|"standby"|"spare"), "leader", "reachable", "applied", "lag",
-//! "domain", "weight"}]}`.
+//! "domain", "weight", "last_role_change"}], "last_leader_change", "recent_events"}`, where
+//! each change is `null` or `{"at" (RFC 3339, UTC), "at_ms", "node", "kind" ("leader"|"role"),
+//! "term", "from", "to", "reason"}` and `recent_events` lists up to 10, the newest first.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -251,6 +253,52 @@ pub async fn remove_node(a: RemoveNodeArgs) -> CliResult {
     }
 }
 
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn event_json(e: Option<&pb::ClusterEvent>) -> serde_json::Value {
+    match e {
+        None => serde_json::Value::Null,
+        Some(e) => serde_json::json!({
+            "at": rfc3339(e.at_ms), "at_ms": e.at_ms, "node": e.node, "kind": e.kind,
+            "term": e.term, "from": e.from_role, "to": e.to_role, "reason": e.reason,
+        }),
+    }
+}
+
+/// "2026-12-03T12:50:01Z (5m 3s ago)".
+fn when(ms: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let ago = Duration::from_secs(now.saturating_sub(ms) / 1000);
+    format!("{} ({} ago)", rfc3339(ms), humantime::format_duration(ago))
+}
+
+/// One line for an event.
+fn event_line(e: &pb::ClusterEvent) -> String {
+    if e.kind == "leader" {
+        format!(
+            "{}  node {} leads (term {}): {}",
+            when(e.at_ms),
+            e.node,
+            e.term,
+            e.reason
+        )
+    } else {
+        format!(
+            "{}  node {} {} -> {}: {}",
+            when(e.at_ms),
+            e.node,
+            e.from_role,
+            e.to_role,
+            e.reason
+        )
+    }
+}
+
 /// The JSON form of a cluster state (see the module docs).
 pub fn cluster_json(c: &pb::ClusterResponse) -> serde_json::Value {
     serde_json::json!({
@@ -265,8 +313,11 @@ pub fn cluster_json(c: &pb::ClusterResponse) -> serde_json::Value {
                 "id": m.id, "address": m.addr, "role": n.role, "leader": n.leader,
                 "reachable": n.reachable, "applied": n.applied, "lag": n.lag,
                 "domain": m.domain, "weight": m.weight,
+                "last_role_change": event_json(n.last_role_change.as_ref()),
             })
         }).collect::<Vec<_>>(),
+        "last_leader_change": event_json(c.last_leader_change.as_ref()),
+        "recent_events": c.recent_events.iter().map(|e| event_json(Some(e))).collect::<Vec<_>>(),
     })
 }
 
@@ -277,13 +328,22 @@ pub async fn show(a: ShowArgs) -> CliResult {
         "json" => println!("{}", cluster_json(&c)),
         "table" => {
             println!(
-                "{:<4} {:<22} {:<8} {:<6} {:<9} {:>10} {:>6}  DOMAIN",
-                "ID", "ADDRESS", "ROLE", "LEADER", "REACHABLE", "APPLIED", "LAG"
+                "{:<4} {:<22} {:<8} {:<6} {:<9} {:>10} {:>6}  {:<8}  LAST ROLE CHANGE",
+                "ID", "ADDRESS", "ROLE", "LEADER", "REACHABLE", "APPLIED", "LAG", "DOMAIN"
             );
             for n in &c.nodes {
                 let m = n.member.clone().unwrap_or_default();
+                let change = n.last_role_change.as_ref().map_or("-".to_string(), |e| {
+                    format!(
+                        "{} -> {} {}: {}",
+                        e.from_role,
+                        e.to_role,
+                        rfc3339(e.at_ms),
+                        e.reason
+                    )
+                });
                 println!(
-                    "{:<4} {:<22} {:<8} {:<6} {:<9} {:>10} {:>6}  {}",
+                    "{:<4} {:<22} {:<8} {:<6} {:<9} {:>10} {:>6}  {:<8}  {}",
                     m.id,
                     m.addr,
                     n.role,
@@ -291,7 +351,8 @@ pub async fn show(a: ShowArgs) -> CliResult {
                     if n.reachable { "yes" } else { "NO" },
                     n.applied,
                     n.lag,
-                    m.domain
+                    if m.domain.is_empty() { "-" } else { &m.domain },
+                    change
                 );
             }
             println!(
@@ -300,6 +361,16 @@ pub async fn show(a: ShowArgs) -> CliResult {
                 c.target_voters,
                 c.target_standbys
             );
+            match &c.last_leader_change {
+                Some(e) => println!("last leader change: {}", event_line(e)),
+                None => println!("last leader change: none recorded"),
+            }
+            if !c.recent_events.is_empty() {
+                println!("recent events (newest first):");
+                for e in &c.recent_events {
+                    println!("  {}", event_line(e));
+                }
+            }
         }
         f => return Err(format!("--format {f:?}: use table or json")),
     }

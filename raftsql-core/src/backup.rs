@@ -604,7 +604,20 @@ fn build(
         )));
     }
     // The old cluster's members and tokens mean nothing here.
-    let dropped = rewrite_registry_file(&gen.join(format!("{SYSTEM_DB}.db")), None, &[])?.len();
+    let event = pb::ClusterEvent {
+        node: id,
+        kind: "role".into(),
+        term: header.term,
+        from_role: "new".into(),
+        to_role: crate::roles::Role::Voter.as_str().into(),
+        reason: format!(
+            "restored from a backup of cluster {:?} at index {} (a new cluster)",
+            header.cluster, header.index
+        ),
+        ..Default::default()
+    };
+    let system_db = gen.join(format!("{SYSTEM_DB}.db"));
+    let dropped = rewrite_registry_file(&system_db, None, &[], event)?.len();
     let meta = Meta {
         checkpoint_index: header.index,
         checkpoint_term: header.term,

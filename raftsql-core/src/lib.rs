@@ -16,6 +16,7 @@
 //! - [`recover`]: disaster recovery when a quorum is lost for good;
 //! - [`roles`]: which configuration change brings voters and standbys to their targets;
 //! - [`members`]: the member registry, join tokens, and the leader's role keeper;
+//!   `history`: the leader and role changes it records (for `cluster show`);
 //! - [`transport`]: framed TCP between nodes and clients;
 //! - [`node`]: the Raft thread and the [`Node`] API; [`client`]: the remote [`Client`].
 #![warn(missing_docs)]
@@ -26,6 +27,7 @@ pub mod client;
 pub mod entry;
 pub mod error;
 mod guard;
+mod history;
 pub mod log;
 pub mod members;
 pub mod metrics;

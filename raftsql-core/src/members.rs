@@ -38,8 +38,9 @@ use rusqlite::OptionalExtension;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::history;
 use crate::node::{Node, ServiceHandler, WeakNode};
-use crate::roles::{plan, Change, MemberView, Role};
+use crate::roles::{plan, Change, MemberView, Reason, Role};
 use crate::tls::{Dialer, Peer};
 use crate::transport::RpcConn;
 pub use crate::transport::JOIN_SERVICE;
@@ -236,11 +237,14 @@ pub fn read_registry_file(path: &std::path::Path) -> Result<Vec<pb::Member>> {
 /// recovery and restore): keeps only the member `keep` (none if `None`) and drops every join
 /// token. `retire` (recovery: every other id of the old configuration) and the dropped
 /// members' ids go into `removed` when `keep` is set. Leaves the file whole (its WAL checkpointed and removed). Returns the members
-/// removed. A missing file is left missing (the first leader seeds the registry).
+/// removed. A missing file is left missing (the first leader seeds the registry). `event`
+/// goes into the history; a restore (`keep` unset: a new cluster) first drops the old
+/// cluster's history.
 pub fn rewrite_registry_file(
     path: &std::path::Path,
     keep: Option<u64>,
     retire: &[u64],
+    event: pb::ClusterEvent,
 ) -> Result<Vec<pb::Member>> {
     if !path.exists() {
         return Ok(Vec::new());
@@ -255,6 +259,10 @@ pub fn rewrite_registry_file(
     )
     .map_err(sql)?;
     c.execute("DELETE FROM join_tokens", []).map_err(sql)?;
+    if keep.is_none() {
+        c.execute("DROP TABLE IF EXISTS events", []).map_err(sql)?;
+    }
+    history::record(&c, event)?;
     if keep.is_some() {
         // Recovery: the dropped members are removed for good, like any removal (their ids
         // retired, their certificates refused), or they could come back with their old
@@ -399,6 +407,8 @@ async fn sync_task(weak: WeakNode, mut applied: tokio::sync::watch::Receiver<u64
 /// While this node leads: probe, plan, change one role, repeat.
 async fn keeper_task(weak: WeakNode) {
     let mut conns: HashMap<u64, (SocketAddr, RpcConn)> = HashMap::new();
+    // The term whose election this node recorded in the history.
+    let mut recorded_term = 0;
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(node) = weak.upgrade() else { return };
@@ -412,15 +422,40 @@ async fn keeper_task(weak: WeakNode) {
             .leading_since
             .lock()
             .get_or_insert_with(Instant::now);
+        let term = node.raft_status().term;
+        if term != recorded_term {
+            match record_election(&node, term).await {
+                Ok(()) => recorded_term = term,
+                Err(e) => tracing::debug!("history: election of term {term}: {e}"),
+            }
+        }
         if let Err(e) = keep(&node, &mut conns).await {
             tracing::debug!("role keeper: {e}");
         }
     }
 }
 
+/// Records this node's election in `term`, naming the leader recorded before it.
+async fn record_election(node: &Node, term: u64) -> Result<()> {
+    let id = node.id();
+    node.write(SYSTEM_DB, move |c| {
+        let before = history::summary(c)?.last_leader;
+        if before.as_ref().is_some_and(|b| b.term >= term) {
+            return Ok(()); // recorded already (or a newer term's leader did)
+        }
+        history::record(c, history::election_event(id, term, before.as_ref()))
+    })
+    .await
+}
+
 async fn keep(node: &Node, conns: &mut HashMap<u64, (SocketAddr, RpcConn)>) -> Result<()> {
     let members = seed_registry(node).await?;
     probe(node, &members, conns).await;
+    if in_grace(node) {
+        // Every member counts as online until the probes can tell: planning now would act
+        // on dead members as if they were alive (promote a dead spare, keep a dead voter).
+        return Ok(());
+    }
     let views = views(node, &members);
     let targets = node.config().targets;
     if let Some(c) = plan(&views, node.id(), targets) {
@@ -434,6 +469,10 @@ async fn keep(node: &Node, conns: &mut HashMap<u64, (SocketAddr, RpcConn)>) -> R
             c.to.as_str()
         );
         node.change_role(c).await?;
+        let e = history::role_event(&c, &views, node.raft_status().term);
+        if let Err(e) = history::record_write(node, e).await {
+            tracing::warn!("history: node {} became a {}: {e}", c.id, c.to.as_str());
+        }
     }
     Ok(())
 }
@@ -546,14 +585,24 @@ async fn probe(
 
 /// Whether `id` answered a probe recently (this node always counts as online).
 fn online(node: &Node, id: u64) -> bool {
-    let k = node.shared_keeper();
-    let grace = k
+    in_grace(node) || answered(node, id)
+}
+
+/// This node leads for less than `offline_after`: its probes have not had the time to tell
+/// a dead member from a live one.
+fn in_grace(node: &Node) -> bool {
+    node.shared_keeper()
         .leading_since
         .lock()
-        .is_none_or(|t| t.elapsed() < node.config().offline_after);
+        .is_none_or(|t| t.elapsed() < node.config().offline_after)
+}
+
+/// `id` is this node, or answered one of its probes within `offline_after`.
+fn answered(node: &Node, id: u64) -> bool {
     id == node.id()
-        || grace
-        || k.health
+        || node
+            .shared_keeper()
+            .health
             .lock()
             .get(&id)
             .is_some_and(|h| h.last_ok.elapsed() < node.config().offline_after)
@@ -777,6 +826,7 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
         .max()
         .unwrap_or(0);
     let now = now_ms();
+    let term = node.raft_status().term;
     let (token_id, nonce, proof) = (r.token_id.to_vec(), r.nonce.to_vec(), r.proof.to_vec());
     let (domain, weight, csr) = (r.domain.clone(), r.weight, r.csr.to_vec());
     let ca = node.tls_material().map(|m| m.ca.clone());
@@ -857,6 +907,18 @@ async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
                 rusqlite::params![id as i64, addr.to_string(), domain, weight as i64],
             )
             .map_err(sql)?;
+            history::record(
+                c,
+                pb::ClusterEvent {
+                    node: id,
+                    kind: "role".into(),
+                    term,
+                    from_role: "new".into(),
+                    to_role: Role::Spare.as_str().into(),
+                    reason: format!("joined with a token from {addr}"),
+                    ..Default::default()
+                },
+            )?;
             if !reusable {
                 c.execute("UPDATE join_tokens SET used = 1 WHERE id = ?1", [&token_id])
                     .map_err(sql)?;
@@ -906,6 +968,10 @@ async fn cluster(node: &Node) -> Result<pb::ClusterResponse> {
     let (voters, learners) = node.conf_roles();
     let commit = node.raft_status().commit;
     let health = node.shared_keeper().health.lock().clone();
+    let mut history = node
+        .read(SYSTEM_DB, true, history::summary)
+        .await?
+        .unwrap_or_default();
     let nodes: Vec<pb::MemberStatus> = members
         .into_iter()
         .map(|m| {
@@ -914,9 +980,12 @@ async fn cluster(node: &Node) -> Result<pb::ClusterResponse> {
             pb::MemberStatus {
                 role: Role::of(m.id, &voters, &learners).as_str().into(),
                 leader: me,
-                reachable: online(node, m.id),
+                // What the probes say, also in a new leader's first seconds (a dead
+                // member is not shown as reachable because nobody has asked it yet).
+                reachable: answered(node, m.id),
                 applied,
                 lag: commit.saturating_sub(applied),
+                last_role_change: history.last_role.remove(&m.id),
                 member: Some(m),
             }
         })
@@ -935,6 +1004,8 @@ async fn cluster(node: &Node) -> Result<pb::ClusterResponse> {
         target_voters: t.voters as u32,
         target_standbys: t.standbys as u32,
         commit_index: commit,
+        last_leader_change: history.last_leader,
+        recent_events: history.recent,
     })
 }
 
@@ -977,12 +1048,15 @@ async fn remove(node: &Node, id: u64, force: bool, leaving: bool) -> Result<Stri
             id,
             from: role,
             to: Role::Spare,
+            reason: Reason::Removed,
         })
         .await?;
     }
+    let event = history::removal_event(id, role, node.raft_status().term, leaving, force);
     node.write(SYSTEM_DB, move |c| {
         c.execute("DELETE FROM members WHERE id = ?1", [id as i64])
             .map_err(sql)?;
+        history::record(c, event)?;
         c.execute("INSERT OR IGNORE INTO removed(id) VALUES (?1)", [id as i64])
             .map_err(sql)?;
         Ok(())

@@ -141,7 +141,17 @@ pub fn recover(data_dir: &Path, dry_run: bool) -> Result<RecoveryReport> {
             .chain(cs.learners.iter())
             .copied()
             .collect();
-        report.removed_members = others(rewrite_registry_file(p, Some(me), &retire)?);
+        let event = raftsql_proto::v1::ClusterEvent {
+            node: me,
+            kind: "role".into(),
+            from_role: "voter".into(),
+            to_role: "voter".into(),
+            reason: format!(
+                "raftsql recover: the only voter after the quorum was lost (commit index {commit})"
+            ),
+            ..Default::default()
+        };
+        report.removed_members = others(rewrite_registry_file(p, Some(me), &retire, event)?);
     }
     let snaps = data_dir.join("snapshots");
     if snaps.exists() {

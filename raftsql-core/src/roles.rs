@@ -98,6 +98,42 @@ pub struct Change {
     pub from: Role,
     /// Its role after.
     pub to: Role,
+    /// Why (the rule of [`plan`] that chose it, or an operator's command).
+    pub reason: Reason,
+}
+
+/// Why a member changes role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Fewer voters online than the target allows (a voter is offline or missing).
+    TooFewVoters,
+    /// An offline voter leaves the configuration (its replacement came in).
+    VoterOffline,
+    /// More voters than the target (or than fault tolerance needs): one steps down.
+    TooManyVoters,
+    /// Fewer standbys online than the target.
+    TooFewStandbys,
+    /// More standbys than the target.
+    TooManyStandbys,
+    /// An offline standby makes room for an online spare.
+    StandbyOffline,
+    /// `raftsql remove-node` or `raftsql leave`.
+    Removed,
+}
+
+impl Reason {
+    /// A short description for `cluster show`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TooFewVoters => "too few voters online",
+            Reason::VoterOffline => "voter offline, replaced",
+            Reason::TooManyVoters => "more voters than needed",
+            Reason::TooFewStandbys => "too few standbys online",
+            Reason::TooManyStandbys => "more standbys than needed",
+            Reason::StandbyOffline => "standby offline, an online spare stands in",
+            Reason::Removed => "removed",
+        }
+    }
 }
 
 /// The next change, if any. `leader` is the planning node (it is never demoted).
@@ -118,22 +154,23 @@ pub fn plan(members: &[MemberView], leader: u64, targets: Targets) -> Option<Cha
     if want_voters % 2 == 0 {
         want_voters -= 1;
     }
-    let change = |m: &MemberView, to: Role| Change {
+    let change = |m: &MemberView, to: Role, reason: Reason| Change {
         id: m.id,
         from: m.role,
         to,
+        reason,
     };
 
     // 1. Too few voters online: promote a caught-up standby; else start a spare on the way.
     if online_voters < want_voters {
         let taken = domains(members, &[Role::Voter]);
         if let Some(m) = best(members, Role::Standby, &taken, |m| m.caught_up) {
-            return Some(change(m, Role::Voter));
+            return Some(change(m, Role::Voter, Reason::TooFewVoters));
         }
         let taken = domains(members, &[Role::Voter, Role::Standby]);
         if online_standbys == 0 {
             if let Some(m) = best(members, Role::Spare, &taken, |_| true) {
-                return Some(change(m, Role::Standby));
+                return Some(change(m, Role::Standby, Reason::TooFewVoters));
             }
         }
     }
@@ -143,22 +180,26 @@ pub fn plan(members: &[MemberView], leader: u64, targets: Targets) -> Option<Cha
     //    number): a voter that adds no fault tolerance only slows commits.
     if voters > targets.voters || (voters == online_voters && online_voters > want_voters) {
         if let Some(m) = worst(members, Role::Voter, leader) {
-            let to = if m.online { Role::Standby } else { Role::Spare };
-            return Some(change(m, to));
+            let (to, why) = if m.online {
+                (Role::Standby, Reason::TooManyVoters)
+            } else {
+                (Role::Spare, Reason::VoterOffline)
+            };
+            return Some(change(m, to, why));
         }
     }
     // 3. Too few standbys online: promote a spare.
     if online_standbys < targets.standbys {
         let taken = domains(members, &[Role::Voter, Role::Standby]);
         if let Some(m) = best(members, Role::Spare, &taken, |_| true) {
-            return Some(change(m, Role::Standby));
+            return Some(change(m, Role::Standby, Reason::TooFewStandbys));
         }
     }
     // 4. Too many standbys: demote one to spare, offline first (not while one is needed on
     //    its way to becoming a voter).
     if standbys > targets.standbys && online_voters >= want_voters {
         if let Some(m) = worst(members, Role::Standby, leader) {
-            return Some(change(m, Role::Spare));
+            return Some(change(m, Role::Spare, Reason::TooManyStandbys));
         }
     }
     // 5. An offline standby while an online spare could stand in: swap them (the spare is
@@ -171,7 +212,7 @@ pub fn plan(members: &[MemberView], leader: u64, targets: Targets) -> Option<Cha
                 .filter(|m| m.role == Role::Standby && !m.online)
                 .min_by_key(|m| m.id)
             {
-                return Some(change(m, Role::Spare));
+                return Some(change(m, Role::Spare, Reason::StandbyOffline));
             }
         }
     }
@@ -285,7 +326,8 @@ mod tests {
             Change {
                 id: 4,
                 from: Role::Standby,
-                to: Role::Voter
+                to: Role::Voter,
+                reason: Reason::TooFewVoters,
             }
         );
         let end = settle(ms, 1, Targets::default());
@@ -315,7 +357,8 @@ mod tests {
             Some(Change {
                 id: 5,
                 from: Role::Standby,
-                to: Role::Voter
+                to: Role::Voter,
+                reason: Reason::TooFewVoters,
             })
         );
     }

@@ -353,3 +353,119 @@ fn failure_domains_guide_promotion() {
         roles(&v)
     );
 }
+
+/// The change a node's `last_role_change` records: (from, to, reason).
+fn last_change(v: &Value, id: u64) -> Option<(String, String, String)> {
+    let n = v["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["id"].as_u64() == Some(id))?;
+    let e = &n["last_role_change"];
+    Some((
+        e["from"].as_str()?.to_string(),
+        e["to"].as_str()?.to_string(),
+        e["reason"].as_str()?.to_string(),
+    ))
+}
+
+/// `cluster show` says when the leader last changed and why each node has its role, from
+/// the history the leaders record in the system database: joins, promotions (with the
+/// failure domain that decided them), the demotion of a dead voter, and elections after a
+/// kill -9 of the leader.
+#[test]
+fn cluster_show_tells_when_and_why_roles_and_leaders_changed() {
+    let mut cl = Cluster::prepare(4, &[], false);
+    let addr = |i: u64, cl: &Cluster| cl.addr(i).to_string();
+    let a1 = addr(1, &cl);
+    cl.spawn_first(&[s("--domain"), s("zone-a")]);
+    cl.wait_leader(T);
+    let token = Cluster::join_string(&a1, &["--ttl", "5m"]);
+    for (i, domain) in [(2, "zone-b"), (3, "zone-c"), (4, "zone-c")] {
+        cl.spawn_join(i, &token, &[s("--domain"), s(domain)]);
+        wait_show(&a1, "joined", |v| roles(v).len() == i as usize);
+        if i == 3 {
+            wait_show(&a1, "3 voters", |v| count(v, "voter") == 3);
+        }
+    }
+    let all = (1..=4).map(|i| addr(i, &cl)).collect::<Vec<_>>().join(",");
+    let (v, _) = wait_show(&all, "3 voters + 1 standby", |v| {
+        count(v, "voter") == 3 && count(v, "standby") == 1
+    });
+    eprintln!("{v:#}");
+    assert_eq!(v["last_leader_change"]["node"].as_u64(), Some(1), "{v}");
+    assert!(
+        v["last_leader_change"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("first leader"),
+        "{v}"
+    );
+    let (from, to, why) = last_change(&v, 4).unwrap();
+    assert_eq!((from.as_str(), to.as_str()), ("spare", "standby"), "{why}");
+    assert!(why.contains("too few standbys online"), "{why}");
+    // Node 3 became a voter for the voters' count and brought zone-c in.
+    let (_, to, why) = last_change(&v, 3).unwrap();
+    assert_eq!(to, "voter");
+    assert!(
+        why.contains("too few voters online") && why.contains("zone-c"),
+        "{why}"
+    );
+
+    // Kill voter 3 (zone-c); standby 4 (zone-c) replaces it, then 3 is demoted.
+    let leader = cl.wait_leader(T);
+    assert_eq!(leader, 1);
+    cl.kill(3);
+    let (v, _) = wait_show(&all, "3 demoted", |v| {
+        last_change(v, 3).is_some_and(|(_, to, _)| to == "spare")
+            && last_change(v, 4).is_some_and(|(_, to, _)| to == "voter")
+    });
+    let (from, _, why) = last_change(&v, 3).unwrap();
+    assert_eq!(
+        (from.as_str(), why.as_str()),
+        ("voter", "voter offline, replaced")
+    );
+    let (_, _, why) = last_change(&v, 4).unwrap();
+    assert!(
+        why.contains("too few voters online") && why.contains("zone-c"),
+        "{why}"
+    );
+
+    // kill -9 the leader: the next one records its election and names node 1.
+    let before = v["last_leader_change"]["term"].as_u64().unwrap();
+    cl.kill(1);
+    let survivors = [2, 4].map(|i| addr(i, &cl)).join(",");
+    let (v, took) = wait_show(&survivors, "a new leader recorded", |v| {
+        v["last_leader_change"]["term"].as_u64() > Some(before)
+    });
+    let new = v["last_leader_change"]["node"].as_u64().unwrap();
+    let why = v["last_leader_change"]["reason"].as_str().unwrap();
+    assert!([2, 4].contains(&new) && why.contains("node 1"), "{v}");
+    eprintln!("after killing leader 1 ({took:?}): node {new}: {why}");
+    let events = v["recent_events"].as_array().unwrap();
+    assert!(!events.is_empty() && events.len() <= 10, "{v}");
+    let times: Vec<u64> = events
+        .iter()
+        .map(|e| e["at_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "leader" && e["node"] == new),
+        "{v}"
+    );
+    // The table says the same.
+    let (ok, out, err) = Cluster::run_cli(&["cluster", "show", "--endpoints", &survivors]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("LAST ROLE CHANGE")
+            && out.contains("last leader change: ")
+            && out.contains(&format!("node {new} leads"))
+            && out.contains("voter offline, replaced"),
+        "{out}"
+    );
+    eprintln!("{out}");
+}
