@@ -217,9 +217,10 @@ struct NodeArgs {
     /// voter is then replaced).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     offline_after: Duration,
-    /// Cluster name; nodes of other clusters are refused.
-    #[arg(long, default_value = "raftsql")]
-    cluster: String,
+    /// Cluster name; nodes of other clusters are refused (default: the name stored in the
+    /// data directory, or "raftsql" for a new cluster).
+    #[arg(long)]
+    cluster: Option<String>,
     /// Raft tick in milliseconds (election timeout is 10 ticks, heartbeat 2).
     #[arg(long, default_value_t = 50)]
     tick_ms: u64,
@@ -429,7 +430,47 @@ pub(crate) async fn run_node_with(
     if a.voters % 2 == 0 {
         return Err(format!("--voters {}: must be odd", a.voters));
     }
-    let stored = raftsql_core::node::stored_id(&a.data_dir).map_err(|e| e.to_string())?;
+    let stored_node = raftsql_core::node::stored_node(&a.data_dir).map_err(|e| e.to_string())?;
+    if let Some(s) = &stored_node {
+        if s.left {
+            return Err(format!(
+                "node {} left the cluster or was removed from it; its data directory {} cannot \
+                 be started again: move it away, run `raftsql add-node` on a member and \
+                 `raftsql join ADDR/TOKEN --data-dir <empty dir>` here",
+                s.id,
+                a.data_dir.display()
+            ));
+        }
+        if let Some(c) = a.cluster.as_ref().filter(|c| **c != s.cluster) {
+            return Err(format!(
+                "data directory {} belongs to node {} of cluster {:?}, not {c:?}: drop --cluster \
+                 (it is read from the directory), or give the data directory of a node of {c:?}",
+                a.data_dir.display(),
+                s.id,
+                s.cluster
+            ));
+        }
+        if let Some(id) = a.id.filter(|id| *id != s.id && joined.is_none()) {
+            return Err(format!(
+                "data directory {} belongs to node {}, not node {id}: drop --id (it is read \
+                 from the directory) or give the data directory of node {id}",
+                a.data_dir.display(),
+                s.id
+            ));
+        }
+        if let Some(known) = s
+            .addr
+            .filter(|k| *k != a.listen && !a.listen.ip().is_unspecified())
+        {
+            eprintln!(
+                "raftsql: warning: node {} is known to its peers at {known}, but --listen is {}: \
+                 they will not reach it unless that address leads here (to move a node, \
+                 `raftsql remove-node {}` and join it again at the new address)",
+                s.id, a.listen, s.id
+            );
+        }
+    }
+    let stored = stored_node.as_ref().map(|s| s.id);
     let id = match (a.id, stored, &joined) {
         (_, _, Some(t)) => t.id,
         (Some(id), _, None) => id,
@@ -453,7 +494,11 @@ pub(crate) async fn run_node_with(
             cfg.peers =
                 raftsql_core::parse_peers(p).map_err(|e| format!("--bootstrap-peers: {e}"))?;
         }
-        cfg.cluster = a.cluster.clone();
+        cfg.cluster = match (&a.cluster, &stored_node) {
+            (Some(c), _) => c.clone(),
+            (None, Some(s)) => s.cluster.clone(),
+            (None, None) => "raftsql".into(),
+        };
     }
     cfg.domain = a.domain.clone();
     cfg.weight = a.weight;

@@ -140,10 +140,10 @@ impl Client {
                     // A certificate the node refuses (or that does not verify) will not
                     // change by retrying.
                     Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                        return Err(Error::Transport(format!("{target}: {e}")));
+                        return Err(transport_error(target, &e));
                     }
                     Err(e) => {
-                        last_err = Error::Transport(format!("{target}: {e}"));
+                        last_err = transport_error(target, &e);
                         drop(guard);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -162,7 +162,7 @@ impl Client {
                     // certificate, a revoked one), or a read that got TLS from a node
                     // (a plaintext client): retrying will not help.
                     *guard = None;
-                    return Err(Error::Transport(format!("{target}: {e}")));
+                    return Err(transport_error(target, &e));
                 }
                 Err(e) => {
                     *guard = None;
@@ -170,7 +170,7 @@ impl Client {
                         tracing::debug!("write to {target} lost its connection: {e}");
                         return Err(Error::OutcomeUnknown);
                     }
-                    last_err = Error::Transport(format!("{target}: {e}"));
+                    last_err = transport_error(target, &e);
                 }
                 Ok(pb::response::Body::Error(e)) => {
                     let err = from_pb(e);
@@ -446,4 +446,9 @@ pub fn from_pb(e: pb::Error) -> Error {
         Code::Shutdown => Error::Shutdown,
         Code::Internal => Error::Internal(e.message),
     }
+}
+
+/// A transport error for `target`, with what to do about it when the cause is a TLS mistake.
+fn transport_error(target: impl std::fmt::Display, e: &std::io::Error) -> Error {
+    Error::Transport(crate::tls::with_hint(format!("{target}: {e}")))
 }

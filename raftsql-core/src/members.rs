@@ -1397,7 +1397,7 @@ async fn request_once(
                 }
             }
             Ok(Ok(_)) => last = Error::Transport("unexpected answer".into()),
-            Ok(Err(e)) => last = Error::Unavailable(format!("{ep}: {e}")),
+            Ok(Err(e)) => last = Error::Unavailable(crate::tls::with_hint(format!("{ep}: {e}"))),
             Err(_) => last = Error::Timeout(Duration::from_secs(15)),
         }
     }

@@ -309,10 +309,34 @@ pub(crate) fn lock_data_dir(dir: &Path) -> Result<File> {
 
 /// The id of the node whose data directory is `data_dir`, if one was started there.
 pub fn stored_id(data_dir: &Path) -> Result<Option<u64>> {
+    Ok(stored_node(data_dir)?.map(|s| s.id))
+}
+
+/// What a data directory says about the node that was started in it.
+#[derive(Clone, Debug)]
+pub struct StoredNode {
+    /// Its id.
+    pub id: u64,
+    /// Its cluster's name.
+    pub cluster: String,
+    /// The address its peers know it by, if recorded.
+    pub addr: Option<SocketAddr>,
+    /// It left the cluster or was removed (it cannot start again).
+    pub left: bool,
+}
+
+/// The node started in `data_dir`, if any.
+pub fn stored_node(data_dir: &Path) -> Result<Option<StoredNode>> {
     if !data_dir.join("node.json").exists() {
         return Ok(None);
     }
-    NodeFile::load(data_dir).map(|nf| Some(nf.id))
+    let nf = NodeFile::load(data_dir)?;
+    Ok(Some(StoredNode {
+        id: nf.id,
+        addr: nf.peers.get(&nf.id).copied(),
+        cluster: nf.cluster,
+        left: nf.left,
+    }))
 }
 
 fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
@@ -322,17 +346,20 @@ fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
             let nf = NodeFile::load(&cfg.data_dir)?;
             if nf.left {
                 return Err(Error::Invalid(format!(
-                    "node {} left the cluster; its data directory {} cannot be started again \
-                     (remove it, then join with a new token)",
+                    "node {} left the cluster or was removed from it; its data directory {} \
+                     cannot be started again: move it away, run `raftsql add-node` on a member \
+                     and `raftsql join ADDR/TOKEN --data-dir <empty dir>` here",
                     nf.id,
                     cfg.data_dir.display()
                 )));
             }
             if nf.id != cfg.id {
                 return Err(Error::Invalid(format!(
-                    "data directory {} belongs to node {}, not node {}",
+                    "data directory {} belongs to node {}, not node {}: drop --id (it is \
+                     read from the directory) or give the data directory of node {}",
                     cfg.data_dir.display(),
                     nf.id,
+                    cfg.id,
                     cfg.id
                 )));
             }

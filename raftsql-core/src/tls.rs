@@ -672,9 +672,55 @@ impl Dialer {
         )
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
-        .map_err(|e| std::io::Error::new(e.kind(), format!("TLS handshake with {addr}: {e}")))?;
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                with_hint(format!("TLS handshake with {addr}: {e}")),
+            )
+        })?;
         let (r, w) = tokio::io::split(s);
         Ok((Box::new(r), Box::new(w)))
+    }
+}
+
+/// What to do about a TLS failure, from its message (rustls' error names), for the errors
+/// a person meets when a flag is wrong; `None` if there is nothing better to say.
+pub fn explain(msg: &str) -> Option<&'static str> {
+    let has = |s: &str| msg.contains(s);
+    if has("BadSignature") || has("UnknownIssuer") {
+        Some(
+            "the node's certificate is not signed by the CA given to --cacert: give the \
+             cluster's CA (ca.crt of `raftsql ca init`, or a node's <data-dir>/tls/ca.crt)",
+        )
+    } else if has("NotValidForName") {
+        Some("the node's certificate does not name this address: connect to the address it was started with")
+    } else if has("Expired") {
+        Some("a certificate expired: check the clocks, or issue a new one")
+    } else if [
+        "CertificateUnknown",
+        "BadCertificate",
+        "UnknownCA",
+        "DecryptError",
+    ]
+    .iter()
+    .any(|a| has(&format!("alert: {a}")))
+    {
+        // (DecryptError: rustls' answer to a client certificate whose signature does not
+        // verify, e.g. one of another CA with the same name.)
+        Some(
+            "the node refused this client's certificate: give --cert/--key issued by the \
+             cluster's CA (`raftsql ca client-cert --ca-dir <node data-dir>/tls --name NAME --out FILE`)",
+        )
+    } else {
+        None
+    }
+}
+
+/// `msg` with [`explain`]'s hint after it, if it has one and does not carry it yet.
+pub fn with_hint(msg: String) -> String {
+    match explain(&msg).filter(|h| !msg.contains(h)) {
+        Some(h) => format!("{msg} ({h})"),
+        None => msg,
     }
 }
 

@@ -620,12 +620,25 @@ async fn serve_conn(
                 return;
             }
             if &h.cluster != cluster {
-                tracing::warn!(
-                    "refused connection from node {} of cluster {:?} (this is {:?})",
-                    h.from_id,
-                    h.cluster,
-                    cluster
+                // Say why, so that the other side can print the fix (a client given the
+                // wrong --cluster otherwise saw only "connection closed").
+                let who = match h.from_id {
+                    0 => "a client".to_string(),
+                    id => format!("node {id}"),
+                };
+                let reason = format!(
+                    "this node belongs to cluster {cluster:?}, not {:?}: give --cluster {cluster} \
+                     (or the endpoint of a node of cluster {:?})",
+                    h.cluster, h.cluster
                 );
+                refuse(
+                    &mut w,
+                    &format!("{who} of cluster {:?}", h.cluster),
+                    addr,
+                    reason,
+                    false,
+                )
+                .await;
                 return;
             }
             h.from_id

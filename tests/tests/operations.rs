@@ -446,3 +446,139 @@ fn scheduled_backups_keep_n_verified_files() {
     );
     check_restored(&restored2, &second, 10);
 }
+
+/// The mistakes a person makes at 3 a.m., each answered by an error that names the fix:
+/// the wrong cluster name, the data directory of another cluster or node, a node that left,
+/// the wrong CA, a client certificate of another CA.
+#[test]
+fn errors_name_the_fix() {
+    let mut cl = Cluster::prepare_tls(3, &[], false);
+    for id in 1..=3 {
+        cl.spawn(id);
+    }
+    cl.wait_leader(T);
+    let ep = cl.addr(1).to_string();
+    let tls = cl.tls_flags();
+    let run = |extra: &[&str], with_tls: bool| {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if with_tls {
+            args.extend(tls.iter().cloned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out, err) = cli(&args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        eprintln!("{}", err.trim());
+        err
+    };
+    // The wrong --cluster, from a client (before: "connection closed").
+    let err = run(
+        &[
+            "sql",
+            "--endpoints",
+            &ep,
+            "--cluster",
+            "prod",
+            "-e",
+            "SELECT 1",
+        ],
+        true,
+    );
+    assert!(
+        err.contains("not \"prod\": give --cluster raftsql"),
+        "{err}"
+    );
+    let err = run(
+        &["cluster", "show", "--endpoints", &ep, "--cluster", "prod"],
+        true,
+    );
+    assert!(err.contains("give --cluster raftsql"), "{err}");
+    // The wrong CA: the node's certificate is not signed by what --cacert holds.
+    let other = cl.dir.path().join("other-ca");
+    let (ok, _, err) = cli(&["ca", "init", &other.display().to_string()]);
+    assert!(ok, "{err}");
+    let other_crt = other.join("ca.crt").display().to_string();
+    let mut wrong_ca = tls.clone();
+    let i = wrong_ca.iter().position(|a| a == "--cacert").unwrap();
+    wrong_ca[i + 1] = other_crt.clone();
+    let mut args = vec!["sql", "--endpoints", &ep, "-e", "SELECT 1"];
+    args.extend(wrong_ca.iter().map(String::as_str));
+    let err = run(&args, false);
+    assert!(
+        err.contains("not signed by the CA given to --cacert"),
+        "{err}"
+    );
+    // A client certificate from another CA.
+    let stranger = cl.dir.path().join("stranger");
+    let (ok, _, err) = cli(&[
+        "ca",
+        "client-cert",
+        "--ca-dir",
+        &other.display().to_string(),
+        "--name",
+        "stranger",
+        "--out",
+        &stranger.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let (crt, key) = (
+        stranger.with_extension("crt").display().to_string(),
+        stranger.with_extension("key").display().to_string(),
+    );
+    let cacert = cl.dir.path().join("ca/ca.crt").display().to_string();
+    let err = run(
+        &[
+            "sql",
+            "--endpoints",
+            &ep,
+            "--cacert",
+            &cacert,
+            "--cert",
+            &crt,
+            "--key",
+            &key,
+            "-e",
+            "SELECT 1",
+        ],
+        false,
+    );
+    assert!(err.contains("refused this client's certificate"), "{err}");
+
+    // Restarting a node with the wrong --cluster or --id.
+    cl.stop(3);
+    let data3 = cl.data_dir(3).display().to_string();
+    let a3 = cl.addr(3).to_string();
+    let err = run(
+        &[
+            "node",
+            "--data-dir",
+            &data3,
+            "--listen",
+            &a3,
+            "--cluster",
+            "prod",
+        ],
+        false,
+    );
+    assert!(err.contains("drop --cluster"), "{err}");
+    let err = run(
+        &["node", "--data-dir", &data3, "--listen", &a3, "--id", "7"],
+        false,
+    );
+    assert!(
+        err.contains("belongs to node 3, not node 7: drop --id"),
+        "{err}"
+    );
+    // A node that left cannot start again, and is told how to come back.
+    cl.spawn(3);
+    cl.wait_converged(T);
+    let mut args = vec!["leave", "--endpoint", &a3];
+    args.extend(tls.iter().map(String::as_str));
+    let (ok, out, err) = cli(&args);
+    assert!(ok, "{out} {err}");
+    cl.wait_exit(3, T).expect("node 3 stops after leaving");
+    let err = run(&["node", "--data-dir", &data3, "--listen", &a3], false);
+    assert!(
+        err.contains("left the cluster or was removed") && err.contains("raftsql join"),
+        "{err}"
+    );
+}
