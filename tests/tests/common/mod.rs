@@ -42,9 +42,15 @@ use raftsql_core::{Client, Value};
 
 static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(1);
 
-/// The binary under test: the real CLI code, built as this package's binary.
+/// The binary under test: the real CLI code, built as this package's binary, or the copy
+/// `RAFTSQL_TEST_BIN` names (`tests/jepsen-long` freezes one, since any later `cargo test`
+/// build replaces the binary in target/).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_raftsql-under-test")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("RAFTSQL_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_raftsql-under-test").to_string())
+    })
 }
 
 pub struct NodeProc {
