@@ -4,6 +4,7 @@
 //!
 //! - [`pb`]: the generated protobuf messages and tonic services and clients.
 //! - [`server`]: [`EtcdServer`], the tonic services, delegating to a [`Backend`]; [`serve`].
+//! - `range_stream`: KV.RangeStream (etcd 3.7), a range answered in chunks.
 //! - [`http`]: etcd's HTTP endpoints on the same port (`/health`, `/livez`, `/readyz`,
 //!   `/version`, `/metrics`) and the gRPC call counters.
 pub mod http;
@@ -13,6 +14,7 @@ pub mod maintenance;
 mod members;
 mod metrics;
 pub mod pb;
+mod range_stream;
 pub mod server;
 pub mod store;
 pub mod watch;

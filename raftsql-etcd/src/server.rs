@@ -80,6 +80,14 @@ pub trait Backend: Send + Sync + 'static {
         let _ = req;
         Err(unimplemented())
     }
+    /// KV.RangeStream (etcd 3.7): the answer to `req` in chunks, merging to Range's answer.
+    async fn range_stream(
+        &self,
+        req: RangeRequest,
+    ) -> Result<ResponseStream<RangeStreamResponse>, Status> {
+        let _ = req;
+        Err(unimplemented())
+    }
     /// KV.Put.
     async fn put(&self, req: PutRequest) -> Result<PutResponse, Status> {
         let _ = req;
@@ -344,8 +352,16 @@ macro_rules! service_impl {
 
 service_impl! {
     impl Kv {
+        type RangeStreamStream = ResponseStream<RangeStreamResponse>;
+
         async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
             self.delegate(request, |b, r| b.range(r)).await
+        }
+        async fn range_stream(
+            &self,
+            request: Request<RangeRequest>,
+        ) -> Result<Response<Self::RangeStreamStream>, Status> {
+            self.stream(request, |b, r| b.range_stream(r)).await
         }
         async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
             self.delegate(request, |b, r| b.put(r)).await

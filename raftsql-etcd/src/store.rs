@@ -251,17 +251,15 @@ impl Interval {
 }
 
 fn meta(c: &Connection, name: &str, default: i64) -> R<i64> {
-    Ok(
-        c.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
-            r.get(0)
-        })
+    Ok(c.prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
         .optional()?
-        .unwrap_or(default),
-    )
+        .unwrap_or(default))
 }
 
 fn set_meta(c: &Connection, name: &str, v: i64) -> R<()> {
-    c.execute("INSERT INTO meta(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value", params![name, v])?;
+    c.prepare_cached("INSERT INTO meta(name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value")?
+        .execute(params![name, v])?;
     Ok(())
 }
 
@@ -1113,7 +1111,7 @@ impl EtcdStore {
     }
 
     pub(crate) fn leads(&self) -> bool {
-        self.node.status().raft.role == "leader"
+        self.node.is_leader()
     }
 
     /// Sends a write to the leader's store and decodes its answer.
@@ -1328,6 +1326,20 @@ impl EtcdStore {
 impl crate::server::Backend for EtcdStore {
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse, tonic::Status> {
         Ok(EtcdStore::range(self, req).await?)
+    }
+    async fn range_stream(
+        &self,
+        req: RangeRequest,
+    ) -> Result<
+        crate::server::ResponseStream<crate::pb::etcdserverpb::RangeStreamResponse>,
+        tonic::Status,
+    > {
+        let chunks = EtcdStore::range_stream(self, req).await?;
+        let stream = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(chunks),
+            |c| c.map_err(tonic::Status::from),
+        );
+        Ok(Box::pin(stream))
     }
     async fn put(&self, req: PutRequest) -> Result<PutResponse, tonic::Status> {
         Ok(EtcdStore::put(self, req).await?)
