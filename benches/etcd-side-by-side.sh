@@ -5,13 +5,14 @@
 # Markdown table at the end.
 #
 # usage: benches/etcd-side-by-side.sh [SECONDS] [OUTDIR]     (defaults: 10, /tmp/etcd-side-by-side)
+#        OPS="put range" CLIENTS="1 64" RAFTSQL_BIN=/path/to/raftsql benches/etcd-side-by-side.sh
 # needs: etcd and etcdctl (apt-get install etcd-server etcd-client), a release build of raftsql
 # (cargo build --release -p raftsql-cli).
 set -euo pipefail
 secs=${1:-10}
 out=${2:-/tmp/etcd-side-by-side}
 root=$(cd "$(dirname "$0")/.." && pwd)
-raftsql=$root/target/release/raftsql
+raftsql=${RAFTSQL_BIN:-$root/target/release/raftsql}  # RAFTSQL_BIN: another build's nodes
 anchors=${ANCHORS:-$root/../shared/anchors}
 [ -x "$raftsql" ] || { echo "build first: cargo build --release -p raftsql-cli" >&2; exit 1; }
 rm -rf "$out" && mkdir -p "$out"
@@ -42,15 +43,17 @@ run() { # label endpoints args...
   "$raftsql" bench etcd --endpoints "$eps" --duration "$secs" --label "$label" "$@" 2>/dev/null \
     | tee -a "$out/results.jsonl"
 }
-for op in put range txn; do
-  for c in 1 16 256; do
+for op in ${OPS:-put range txn}; do
+  for c in ${CLIENTS:-1 16 64 256}; do
     pre=(); [ "$op" = put ] || pre=(--preload --keys 10000)
     run etcd "$etcd_eps" --op $op --clients $c "${pre[@]}"
     run raftsql "$raftsql_eps" --op $op --clients $c "${pre[@]}"
   done
 done
-run etcd "$etcd_eps" --op watch --clients 4 --watchers 16 --rate 1000
-run raftsql "$raftsql_eps" --op watch --clients 4 --watchers 16 --rate 1000
+if [ "${WATCH:-1}" = 1 ]; then
+  run etcd "$etcd_eps" --op watch --clients 4 --watchers 16 --rate 1000
+  run raftsql "$raftsql_eps" --op watch --clients 4 --watchers 16 --rate 1000
+fi
 
 python3 - "$out/results.jsonl" <<'EOF'
 import json, sys
@@ -58,12 +61,13 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 by = {}
 for r in rows:
     by.setdefault((r["op"], r["clients"]), {})[r["label"]] = r
-print("\n| op | clients | etcd ops/s | raftsql ops/s | etcd p50/p99 ms | raftsql p50/p99 ms | errors e/r |")
-print("|---|---|---|---|---|---|---|")
+print("\n| op | clients | etcd ops/s | raftsql ops/s | raftsql/etcd | etcd p50/p99 ms | raftsql p50/p99 ms | errors e/r |")
+print("|---|---|---|---|---|---|---|---|")
 for (op, c), d in by.items():
     e, r = d.get("etcd", {}), d.get("raftsql", {})
     key = "puts_per_s" if op == "watch" else "ops_per_s"
-    print(f"| {op} | {c} | {e.get(key)} | {r.get(key)} | {e.get('p50_ms')}/{e.get('p99_ms')} "
+    ratio = f"{r[key] / e[key]:.2f}x" if e.get(key) and r.get(key) else "-"
+    print(f"| {op} | {c} | {e.get(key)} | {r.get(key)} | {ratio} | {e.get('p50_ms')}/{e.get('p99_ms')} "
           f"| {r.get('p50_ms')}/{r.get('p99_ms')} | {e.get('errors')}/{r.get('errors')} |")
 print("\n(watch: puts/s at a capped rate; p50/p99 is the event latency, Put sent to event received by each of 16 watchers)")
 EOF

@@ -89,9 +89,22 @@ pub struct Cli {
     cmd: Cmd,
 }
 
+const NODE_EXAMPLES: &str = "\
+Examples:
+  a new 3-node cluster (on each machine, its own --id and --listen):
+    raftsql node --id 1 --listen 10.0.0.1:7001 --data-dir /var/lib/raftsql \\
+      --bootstrap-peers 1=10.0.0.1:7001,2=10.0.0.2:7001,3=10.0.0.3:7001
+  restart a node (id, cluster and peers are read from the data directory):
+    raftsql node --data-dir /var/lib/raftsql --listen 10.0.0.1:7001
+  add a machine: `raftsql add-node` on a member prints ADDR/TOKEN, then on the new one:
+    raftsql join ADDR/TOKEN --data-dir /var/lib/raftsql --listen 10.0.0.4:7001
+  see the cluster (roles, lag, last leader and role changes): raftsql cluster show
+  lost a majority for good: raftsql recover --data-dir ... --dry-run (see the README)";
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run one node in the foreground (Ctrl-C or SIGTERM stops it cleanly).
+    #[command(after_help = NODE_EXAMPLES)]
     Node(NodeArgs),
     /// Start a local 3-node cluster as child processes and keep it running until Ctrl-C.
     Dev(DevArgs),
@@ -202,75 +215,75 @@ struct NodeArgs {
     bootstrap_peers: Option<String>,
     /// This node's failure domain (e.g. a rack or zone): promotions prefer domains that are
     /// not represented yet.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", help_heading = "Roles")]
     domain: String,
     /// This node's weight: lower is preferred for promotion.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = "Roles")]
     weight: u32,
     /// Voters the cluster keeps (odd), applied while this node leads.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, help_heading = "Roles")]
     voters: usize,
     /// Standbys the cluster keeps, applied while this node leads.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, help_heading = "Roles")]
     standbys: usize,
     /// A member that has not answered the leader for this long counts as offline (and a
     /// voter is then replaced).
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, help_heading = "Roles")]
     offline_after: Duration,
     /// Cluster name; nodes of other clusters are refused (default: the name stored in the
     /// data directory, or "raftsql" for a new cluster).
     #[arg(long)]
     cluster: Option<String>,
     /// Raft tick in milliseconds (election timeout is 10 ticks, heartbeat 2).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, help_heading = "Storage and Raft")]
     tick_ms: u64,
     /// Checkpoint the WAL into the database files after this many pages.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, help_heading = "Storage and Raft")]
     checkpoint_frames: u64,
     /// Compact the Raft log once it exceeds this many bytes.
-    #[arg(long, default_value_t = 64 << 20)]
+    #[arg(long, default_value_t = 64 << 20, help_heading = "Storage and Raft")]
     compact_log_bytes: u64,
     /// Largest request a SQL client may send, in bytes (larger ones close its connection).
-    #[arg(long, default_value_t = raftsql_core::transport::DEFAULT_MAX_CLIENT_FRAME)]
+    #[arg(long, default_value_t = raftsql_core::transport::DEFAULT_MAX_CLIENT_FRAME, help_heading = "Limits")]
     max_request_bytes: usize,
     /// Largest query result answered, in bytes (a larger one is an error asking for LIMIT).
-    #[arg(long, default_value_t = raftsql_core::node::DEFAULT_MAX_RESULT_BYTES)]
+    #[arg(long, default_value_t = raftsql_core::node::DEFAULT_MAX_RESULT_BYTES, help_heading = "Limits")]
     max_result_bytes: usize,
     /// The longest a client's SQL statement may run (a query, or one write request's
     /// statements, which every other write waits for) before it is interrupted.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Limits")]
     statement_timeout: Duration,
     /// Serve the etcd v3 API (gRPC) on this address, e.g. 127.0.0.1:2379.
-    #[arg(long)]
+    #[arg(long, help_heading = "etcd API")]
     etcd_listen: Option<SocketAddr>,
     /// The etcd client URLs this node advertises in MemberList, comma-separated (etcd's flag;
     /// default: http(s)://<--etcd-listen>, which is only right if that address is reachable
     /// by clients, e.g. not 0.0.0.0).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', help_heading = "etcd API")]
     advertise_client_urls: Vec<String>,
     /// Mutually authenticated TLS between nodes (and TLS for clients). A new single-node
     /// cluster creates its CA in <data-dir>/tls; bootstrap nodes of a larger one need
     /// --peer-ca-dir. A data directory with tls/ always runs TLS.
-    #[arg(long)]
+    #[arg(long, help_heading = "TLS")]
     peer_tls: bool,
     /// The cluster CA made by `raftsql ca init` (implies --peer-tls); the node issues its
     /// own certificate from it. Needed by every bootstrap node of a multi-node TLS cluster.
-    #[arg(long)]
+    #[arg(long, help_heading = "TLS")]
     peer_ca_dir: Option<PathBuf>,
     /// Serve clients over TLS with this certificate chain (PEM); needs --key-file. Applies
     /// to the etcd API, and with peer TLS to SQL clients too (which otherwise get the node
     /// certificate).
-    #[arg(long, requires = "key_file")]
+    #[arg(long, requires = "key_file", help_heading = "TLS")]
     cert_file: Option<PathBuf>,
     /// The private key (PEM) of --cert-file.
-    #[arg(long, requires = "cert_file")]
+    #[arg(long, requires = "cert_file", help_heading = "TLS")]
     key_file: Option<PathBuf>,
     /// CA certificates (PEM) that client certificates are verified against (with peer TLS,
     /// the cluster CA is trusted too).
-    #[arg(long)]
+    #[arg(long, help_heading = "TLS")]
     trusted_ca_file: Option<PathBuf>,
     /// Refuse clients without a verified certificate (needs --trusted-ca-file or peer TLS).
-    #[arg(long)]
+    #[arg(long, help_heading = "TLS")]
     client_cert_auth: bool,
     /// How long an etcd watch that asked for progress notifications may stay silent before
     /// it gets one (e.g. 10m, 5s, 500ms).
@@ -278,20 +291,19 @@ struct NodeArgs {
         long,
         alias = "experimental-watch-progress-notify-interval",
         default_value = "10m",
-        value_parser = humantime::parse_duration
-    )]
+        value_parser = humantime::parse_duration, help_heading = "etcd API")]
     watch_progress_notify_interval: Duration,
     /// Save a backup of this node's databases into DIR on a schedule (every node given the
     /// flag keeps its own). `raftsql snapshot list DIR` checks them; `raftsql snapshot
     /// restore DIR` restores the newest that checks out.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Scheduled backups")]
     backup_dir: Option<PathBuf>,
     /// Time between two scheduled backups (e.g. 12h, 30m, 10s).
-    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration, help_heading = "Scheduled backups")]
     backup_every: Duration,
     /// How many scheduled backups of this node to keep (older ones are deleted once a new one
     /// has been checked).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, help_heading = "Scheduled backups")]
     backup_keep: usize,
 }
 
