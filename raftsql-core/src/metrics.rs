@@ -24,6 +24,31 @@ pub struct Metrics {
     pub backup_last_bytes: IntGauge,
     /// `raftsql_backup_failures_total`: scheduled backups that failed.
     pub backup_failures: IntCounter,
+    /// The leader's write path, stage by stage.
+    pub write: WriteMetrics,
+}
+
+/// Where a leader's write batch spends its time (the state machine records them).
+#[derive(Clone, Debug)]
+pub struct WriteMetrics {
+    /// `raftsql_write_batch_requests`: requests per group-commit batch.
+    pub batch_requests: Histogram,
+    /// `raftsql_write_batch_execute_seconds`: from the batch's start to its proposal (SQL,
+    /// speculative COMMIT, capture of the frames).
+    pub execute: Histogram,
+    /// `raftsql_write_batch_commit_seconds`: from the proposal to the start of its apply
+    /// here (log append and fsync, replication, a quorum's fsyncs, commit).
+    pub commit: Histogram,
+    /// `raftsql_apply_seconds`: writing one entry's pages into its database.
+    pub apply: Histogram,
+}
+
+fn seconds(name: &str, help: &str) -> Histogram {
+    Histogram::with_opts(
+        HistogramOpts::new(name, help)
+            .buckets(exponential_buckets(0.0001, 2.0, 16).expect("valid buckets")),
+    )
+    .expect("a valid histogram")
 }
 
 impl Metrics {
@@ -57,8 +82,34 @@ impl Metrics {
             "Scheduled backups that failed.",
         )
         .expect("a valid counter");
+        let write = WriteMetrics {
+            batch_requests: Histogram::with_opts(
+                HistogramOpts::new(
+                    "raftsql_write_batch_requests",
+                    "Requests per group-commit write batch on the leader.",
+                )
+                .buckets(exponential_buckets(1.0, 2.0, 10).expect("valid buckets")),
+            )
+            .expect("a valid histogram"),
+            execute: seconds(
+                "raftsql_write_batch_execute_seconds",
+                "From a write batch's start to its proposal (SQL, commit, capture).",
+            ),
+            commit: seconds(
+                "raftsql_write_batch_commit_seconds",
+                "From a write batch's proposal to its apply on the leader (fsyncs, replication).",
+            ),
+            apply: seconds(
+                "raftsql_apply_seconds",
+                "Writing one committed entry's pages into its database.",
+            ),
+        };
         for c in [
-            Box::new(wal_fsync.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(write.batch_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(write.execute.clone()),
+            Box::new(write.commit.clone()),
+            Box::new(write.apply.clone()),
+            Box::new(wal_fsync.clone()),
             Box::new(leader_changes.clone()),
             Box::new(backup_last_success.clone()),
             Box::new(backup_last_bytes.clone()),
@@ -73,6 +124,7 @@ impl Metrics {
             backup_last_success,
             backup_last_bytes,
             backup_failures,
+            write,
         }
     }
 

@@ -459,6 +459,7 @@ impl Node {
                 let _ = tx.lock().send(RaftMsg::Sm(m));
             }) as Box<dyn Fn(ToRaft) + Send>
         };
+        let metrics = crate::metrics::Metrics::new();
         let sm = StateMachine::open(
             cfg.id,
             &cfg.data_dir.join("state"),
@@ -466,6 +467,7 @@ impl Node {
                 checkpoint_frames: cfg.checkpoint_frames,
                 max_result_bytes: cfg.max_result_bytes,
                 statement_timeout: cfg.statement_timeout,
+                metrics: metrics.write.clone(),
             },
             to_raft,
             dbs.clone(),
@@ -532,7 +534,7 @@ impl Node {
             raft_tx: Mutex::new(raft_tx.clone()),
             sm_tx: Mutex::new(sm_tx.clone()),
             raft_status: Mutex::new(RaftStatus::default()),
-            metrics: crate::metrics::Metrics::new(),
+            metrics,
             dbs,
             progress: progress.clone(),
             applied_rx,

@@ -467,6 +467,8 @@ struct InFlight {
     db: String,
     seq: u64,
     waiters: Vec<Waiter>,
+    /// When it was proposed (for `raftsql_write_batch_commit_seconds`).
+    proposed: Instant,
 }
 
 struct OpenTx {
@@ -485,6 +487,8 @@ pub struct SmSettings {
     pub max_result_bytes: usize,
     /// The longest one client request's statements may run on the writer.
     pub statement_timeout: Duration,
+    /// Where the write path's stage durations go.
+    pub metrics: crate::metrics::WriteMetrics,
 }
 
 /// The state machine. Lives on its own thread (see [`StateMachine::run`]).
@@ -510,6 +514,8 @@ pub struct StateMachine {
     snapshots: Arc<crate::snapshot::SnapshotStore>,
     snapshot_wanted: bool,
     applied_tx: tokio::sync::watch::Sender<u64>,
+    /// When the batch being executed started.
+    batch_started: Instant,
 }
 
 /// Syncs a directory, so that the names created, renamed or removed in it are durable.
@@ -629,6 +635,7 @@ impl StateMachine {
             seq: 0,
             frames_since_checkpoint: 0,
             next_checkpoint: Instant::now(),
+            batch_started: Instant::now(),
             settings,
             to_raft,
             snapshots,
@@ -861,6 +868,11 @@ impl StateMachine {
     /// Executes a group of write requests as one SQLite transaction, one SAVEPOINT each, then
     /// proposes the transaction's pages as one entry.
     fn run_batch(&mut self, db_name: &str, batch: Vec<WriteReq>) -> Result<()> {
+        self.batch_started = Instant::now();
+        self.settings
+            .metrics
+            .batch_requests
+            .observe(batch.len() as f64);
         let budget = self.settings.statement_timeout;
         let db = match self.db(db_name) {
             Ok(db) => db,
@@ -986,10 +998,15 @@ impl StateMachine {
             self.applied(),
             self.applied_term
         );
+        self.settings
+            .metrics
+            .execute
+            .observe(self.batch_started.elapsed().as_secs_f64());
         self.in_flight = Some(InFlight {
             db: db_name.to_string(),
             seq,
             waiters,
+            proposed: Instant::now(),
         });
         let base = self.applied();
         (self.to_raft)(ToRaft::Propose {
@@ -1040,8 +1057,16 @@ impl StateMachine {
                 // Another node's entry: whatever this node had in flight lost its place.
                 self.abort_in_flight(Error::OutcomeUnknown);
                 self.rollback_tx();
+            } else if let Some(f) = &self.in_flight {
+                let waited = f.proposed.elapsed().as_secs_f64();
+                self.settings.metrics.commit.observe(waited);
             }
+            let started = Instant::now();
             self.apply_frames(&frames)?;
+            self.settings
+                .metrics
+                .apply
+                .observe(started.elapsed().as_secs_f64());
             if own {
                 // The applied index is published before the writers are answered, so that
                 // an answered writer that reads `applied` sees its own entry included.
