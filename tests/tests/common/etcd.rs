@@ -26,6 +26,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The reference etcd: `RAFTSQL_REF_ETCD` (e.g. the 3.6 that `scripts/build-kube-current.sh`
+/// builds), or Debian's `etcd` (3.4) on the PATH.
+pub fn etcd_bin() -> String {
+    std::env::var("RAFTSQL_REF_ETCD").unwrap_or_else(|_| "etcd".into())
+}
+
 impl RealEtcd {
     /// Starts etcd, or returns None (test skipped) if it is not installed and CI is not set.
     pub fn start() -> Option<RealEtcd> {
@@ -34,7 +40,7 @@ impl RealEtcd {
 
     /// [`RealEtcd::start`] with extra `etcd` arguments.
     pub fn start_with(args: &[&str]) -> Option<RealEtcd> {
-        if Command::new("etcd").arg("--version").output().is_err() {
+        if Command::new(etcd_bin()).arg("--version").output().is_err() {
             assert!(
                 std::env::var("CI").is_err(),
                 "etcd (Debian package etcd-server) is required in CI: .ci/run installs it"
@@ -46,7 +52,7 @@ impl RealEtcd {
         let (cp, pp) = (free_port(), free_port());
         let client = format!("http://127.0.0.1:{cp}");
         let peer = format!("http://127.0.0.1:{pp}");
-        let child = Command::new("etcd")
+        let child = Command::new(etcd_bin())
             .args(["--name", "ref", "--data-dir"])
             .arg(dir.path().join("data"))
             .args([
