@@ -19,6 +19,10 @@
 //! - compactor: `Txn(If(Version("compact_rev_key") == t).Then(OpPut("compact_rev_key",
 //!   rev)).Else(OpGet("compact_rev_key")))`, then `Compact(rev)`.
 //! - health check: `Get("/registry/health")`.
+//!
+//! And what 1.31-1.34 add (k8s.io/apiserver v0.34): the current-revision probe of a
+//! consistent list from cache, the cacher's watch with prev_kv and progress notify, a
+//! progress request on it, the `etcd-readiness` check (`kube_1_3x_call_shapes_match_real_etcd`).
 mod common;
 
 use std::fmt::Debug;
@@ -1385,4 +1389,156 @@ fn kube_compactor_matches_real_etcd() {
             .unwrap();
     });
     d.finish("kube_compactor");
+}
+
+/// The watch a 1.3x cacher opens (k8s.io/apiserver v0.34 storage/etcd3/watcher.go:380):
+/// `Watch(prefix, WithRev(initialRev + 1), WithPrevKV(), WithProgressNotify())`, then
+/// `RequestProgress` on it (watcher.go:264); returns the events (type, key, mod revision,
+/// prev value) up to the progress notification and that notification's revision.
+async fn cacher_watch(
+    endpoint: String,
+    prefix: &str,
+    start: i64,
+    writes: impl std::future::Future<Output = ()>,
+) -> (Vec<String>, i64) {
+    use raftsql_etcd::pb::etcdserverpb::{
+        watch_client::WatchClient, watch_request, WatchCreateRequest, WatchProgressRequest,
+        WatchRequest,
+    };
+    let mut w = WatchClient::connect(endpoint).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: b(prefix),
+                range_end: prefix_end(prefix.as_bytes()),
+                start_revision: start,
+                prev_kv: true,
+                progress_notify: true,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut s = w
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let created = s.message().await.unwrap().unwrap();
+    assert!(created.created, "{created:?}");
+    writes.await;
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::ProgressRequest(
+            WatchProgressRequest {},
+        )),
+    })
+    .await
+    .unwrap();
+    let mut events = Vec::new();
+    loop {
+        let r = tokio::time::timeout(T, s.message())
+            .await
+            .expect("no progress notification")
+            .unwrap()
+            .unwrap();
+        if r.events.is_empty() && !r.created {
+            // The progress notification: every event at or below it came before it.
+            let rev = r.header.unwrap().revision;
+            return (events, rev);
+        }
+        for e in r.events {
+            let kv = e.kv.unwrap_or_default();
+            events.push(format!(
+                "{} {} @{} prev={:?}",
+                e.r#type,
+                String::from_utf8_lossy(&kv.key),
+                kv.mod_revision,
+                e.prev_kv.map(|p| p.mod_revision)
+            ));
+        }
+    }
+}
+
+/// The calls a 1.31-1.34 kube-apiserver adds to 1.20's (k8s.io/apiserver v0.34): the
+/// current-revision probe of a consistent list from cache (`GetCurrentResourceVersion`,
+/// store.go:690: a list of the resource prefix with limit 1), the cacher's watch with
+/// prev_kv and progress notify from a revision, a progress request on it (what a consistent
+/// list and WatchList's bookmark wait for), and the `etcd-readiness` check (etcd3.go:264:
+/// `Get("/registry/health")`). Sent to both systems; with Debian's etcd 3.4 (before the
+/// progress fix, etcd issue 15220) the notification is only checked on raftsql.
+#[test]
+fn kube_1_3x_call_shapes_match_real_etcd() {
+    let Some((etcd, c, mut d)) = start() else {
+        return;
+    };
+    let leader = c.wait_leader(T);
+    c.rt.block_on(async {
+        for i in 0..20 {
+            let key = pod_key("ns", &format!("p{i}"));
+            d.txn("create", create_txn(&key, pod("ns", &format!("p{i}"), 1)))
+                .await
+                .unwrap();
+        }
+        let probe = RangeRequest {
+            key: b("/registry/pods/"),
+            range_end: prefix_end(b"/registry/pods/"),
+            limit: 1,
+            ..Default::default()
+        };
+        let r = d
+            .range("GetCurrentResourceVersion", probe.clone())
+            .await
+            .unwrap();
+        let rv = rev_of(&r.header);
+        assert!(r.more && r.kvs.len() == 1, "{r:?}");
+        d.range("etcd-readiness", get("/registry/health"))
+            .await
+            .unwrap();
+        // The cacher's watch from rv + 1, with writes while it runs, then a progress request.
+        let mut results = Vec::new();
+        for (who, ep) in [
+            ("etcd", format!("http://{}", etcd.addr)),
+            ("raftsql", format!("http://{}", c.etcd_addr(leader))),
+        ] {
+            let mut kv = if who == "etcd" {
+                d.etcd.clone()
+            } else {
+                d.leader.clone()
+            };
+            let writes = async move {
+                for i in 0..5 {
+                    let key = pod_key("ns", &format!("p{i}"));
+                    let cur = kv.range(get(&key)).await.unwrap().into_inner();
+                    let rev = cur.kvs[0].mod_revision;
+                    kv.txn(update_txn(&key, rev, pod("ns", &format!("p{i}"), 2)))
+                        .await
+                        .unwrap();
+                }
+            };
+            let (events, progress) = cacher_watch(ep, "/registry/pods/", rv + 1, writes).await;
+            results.push((who, events, progress));
+        }
+        let (_, etcd_events, _) = &results[0];
+        let (_, raftsql_events, raftsql_progress) = &results[1];
+        // Each system saw its own writes (same sequence, same revisions: both started from
+        // the same history).
+        assert_eq!(etcd_events.len(), 5, "{etcd_events:?}");
+        assert_eq!(
+            etcd_events, raftsql_events,
+            "the cacher's watch differs from etcd's"
+        );
+        let last = rev_of(&d.range("after", probe).await.unwrap().header);
+        assert_eq!(
+            *raftsql_progress, last,
+            "raftsql's progress notification is at the current revision"
+        );
+        eprintln!(
+            "cacher watch from {}: {} events then progress at {raftsql_progress}",
+            rv + 1,
+            raftsql_events.len()
+        );
+    });
+    d.finish("kube_1_3x_call_shapes_match_real_etcd");
 }
