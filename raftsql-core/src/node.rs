@@ -192,6 +192,10 @@ pub struct RaftStatus {
     pub log_first: u64,
     /// Last index in the log.
     pub log_last: u64,
+    /// This node leads, or heard from its leader within an election timeout. A standby
+    /// (learner) cut off from the leader never campaigns, so it keeps `leader_id`: this is
+    /// what says it has lost it.
+    pub heard_leader: bool,
 }
 
 /// A snapshot of the node's state, for `status` and tests.
@@ -1773,6 +1777,8 @@ impl RaftDriver {
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
+                // Ticks move `heard_leader` even when there is nothing to ready.
+                self.publish_status();
                 next_tick += tick;
                 if next_tick < now {
                     next_tick = now + tick;
@@ -2113,6 +2119,8 @@ impl RaftDriver {
         .into();
         s.log_first = log.first_index();
         s.log_last = log.last_index();
+        s.heard_leader = r.state == StateRole::Leader
+            || (r.leader_id != 0 && r.election_elapsed < r.election_timeout());
     }
 }
 

@@ -64,8 +64,11 @@ impl EtcdStore {
         })
     }
 
+    /// A leader is known and was heard from within an election timeout (a cut-off standby
+    /// keeps the leader's id but hears nothing).
     pub(crate) fn has_leader_now(&self) -> bool {
-        self.node().status().raft.leader_id != 0
+        let r = self.node().status().raft;
+        r.leader_id != 0 && r.heard_leader
     }
 
     /// A read of the store's revision, linearizable or not, within [`CHECK_TIMEOUT`].

@@ -530,3 +530,84 @@ fn a_range_stream_of_10k_keys_equals_the_range() {
         }
     });
 }
+
+/// The same on a standby (a Raft learner): cut off, it never campaigns and keeps its
+/// leader's id, so "has a leader" must mean "heard from it within an election timeout".
+/// Before, its require-leader watch stayed open for as long as the cut lasted.
+#[test]
+fn a_require_leader_watch_is_canceled_on_a_standby_cut_off() {
+    if let Err(e) = Partition::available() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "iptables is required in CI: {e}"
+        );
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let c = Cluster::start_with_etcd(4, &[]);
+    c.wait_leader(T);
+    // Four bootstrap voters: the keeper makes one of them a standby (3 voters are enough).
+    let eps: String = (1..=4)
+        .map(|i| c.addr(i).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let deadline = Instant::now() + T;
+    let standby = loop {
+        let (ok, out, _) =
+            Cluster::run_cli(&["cluster", "show", "--format", "json", "--endpoints", &eps]);
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let s: Vec<u64> = v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["role"] == "standby")
+                .map(|n| n["id"].as_u64().unwrap())
+                .collect();
+            if s.len() == 1 {
+                break s[0];
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no standby: {out}",
+            out = out_or(&eps)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let others: Vec<IpAddr> = (1..=4)
+        .filter(|i| *i != standby)
+        .map(|i| c.addr(i).ip())
+        .collect();
+    c.rt.block_on(async {
+        let (tx, call) = open(c.etcd_addr(standby), true).await;
+        tx.send(create("/s/", 0)).await.unwrap();
+        let mut rx = call
+            .await
+            .unwrap()
+            .expect("a require-leader watch on the standby");
+        assert!(rx.message().await.unwrap().unwrap().created);
+        let cut = Partition::between(&[c.addr(standby).ip()], &others).expect("iptables partition");
+        let started = Instant::now();
+        let status = loop {
+            match tokio::time::timeout(T, rx.message())
+                .await
+                .expect("the standby's require-leader watch was not canceled")
+            {
+                Ok(Some(r)) => panic!("unexpected response while cut off: {r:?}"),
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(s) => break s,
+            }
+        };
+        eprintln!(
+            "standby {standby}: require-leader watch canceled {:?} after the cut",
+            started.elapsed()
+        );
+        assert_eq!(status.message(), "etcdserver: no leader");
+        drop(cut);
+    });
+}
+
+fn out_or(eps: &str) -> String {
+    Cluster::run_cli(&["cluster", "show", "--endpoints", eps]).1
+}
