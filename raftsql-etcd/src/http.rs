@@ -7,8 +7,8 @@
 //!
 //! The layer also counts gRPC calls with the names of go-grpc-prometheus, which etcd
 //! exports: `grpc_server_started_total` for every call and `grpc_server_handled_total` with
-//! its status code for unary calls (the code of a unary call is in its response headers; a
-//! stream's ends with its trailers, which this layer does not wait for).
+//! its status code (a unary call's is in its response headers; a stream's in its trailers,
+//! counted as they pass, or `Canceled` if the client leaves first).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -101,7 +101,7 @@ impl GrpcMetrics {
 fn grpc_type(method: &str) -> &'static str {
     match method {
         "Watch" | "LeaseKeepAlive" => "bidi_stream",
-        "Snapshot" => "server_stream",
+        "Snapshot" | "RangeStream" => "server_stream",
         _ => "unary",
     }
 }
@@ -231,21 +231,88 @@ where
         let grpc = self.layer.grpc.clone();
         Box::pin(async move {
             let resp = fut.await?;
-            if let Some((service, method)) = call {
-                let kind = grpc_type(&method);
-                if kind == "unary" {
-                    let code = resp
-                        .headers()
+            let Some((service, method)) = call else {
+                return Ok(resp.map(Body::new));
+            };
+            let kind = grpc_type(&method);
+            // A call refused at once (or any unary call) has its code in the headers; a
+            // stream's comes in its trailers, counted by `Counted` when they pass.
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(code_name);
+            if kind == "unary" || code.is_some() {
+                grpc.handled
+                    .with_label_values(&[kind, &service, &method, code.unwrap_or("OK")])
+                    .inc();
+                return Ok(resp.map(Body::new));
+            }
+            let labels = [kind.to_string(), service, method];
+            Ok(resp.map(|b| {
+                Body::new(Counted {
+                    inner: Body::new(b),
+                    handled: Some((grpc.handled.clone(), labels)),
+                })
+            }))
+        })
+    }
+}
+
+/// A stream's response body that counts `grpc_server_handled_total` with the code of its
+/// trailers when they pass (`Canceled` if the client goes away first).
+struct Counted {
+    inner: Body,
+    handled: Option<(IntCounterVec, [String; 3])>,
+}
+
+impl Counted {
+    fn count(&mut self, code: &str) {
+        if let Some((c, [kind, service, method])) = self.handled.take() {
+            c.with_label_values(&[kind.as_str(), &service, &method, code])
+                .inc();
+        }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(t) = f.trailers_ref() {
+                    let code = t
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
                         .map_or("OK", code_name);
-                    grpc.handled
-                        .with_label_values(&[kind, &service, &method, code])
-                        .inc();
+                    self.count(code);
                 }
             }
-            Ok(resp.map(Body::new))
-        })
+            Poll::Ready(Some(Err(_))) => self.count("Unknown"),
+            Poll::Ready(None) => self.count("OK"),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.count("Canceled");
     }
 }
 

@@ -291,6 +291,16 @@ fn the_http_endpoints_answer_and_readyz_fails_without_quorum() {
     c.rt.block_on(async {
         let mut kv = common::etcd::connect(c.etcd_addr(f)).await;
         put(&mut kv, "/h".into(), b"v".to_vec()).await;
+        // A server stream that ends: counted with the code of its trailers.
+        let mut s = kv
+            .range_stream(RangeRequest {
+                key: Bytes::from_static(b"/h"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while s.message().await.unwrap().is_some() {}
     });
     let addr = c.etcd_addr(f);
     assert_eq!(
@@ -314,6 +324,8 @@ fn the_http_endpoints_answer_and_readyz_fails_without_quorum() {
         "etcd_server_leader_changes_seen_total 1",
         "raftsql_raft_role{role=\"follower\"} 1",
         r#"grpc_server_handled_total{grpc_code="OK",grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#,
+        r#"grpc_server_started_total{grpc_method="RangeStream",grpc_service="etcdserverpb.KV",grpc_type="server_stream"} 1"#,
+        r#"grpc_server_handled_total{grpc_code="OK",grpc_method="RangeStream",grpc_service="etcdserverpb.KV",grpc_type="server_stream"} 1"#,
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
