@@ -265,6 +265,124 @@ fn kube_apiserver_on_raftsql() {
         "{paged}"
     );
 
+    // Other kinds: a secret, a deployment (stored; no controller runs), a CRD and one of its
+    // objects, and an event (stored with a lease: --event-ttl).
+    ok(
+        &bin,
+        port,
+        &[
+            "-n",
+            "e2e",
+            "create",
+            "secret",
+            "generic",
+            "s1",
+            "--from-literal=k=v",
+        ],
+    );
+    ok(
+        &bin,
+        port,
+        &[
+            "-n",
+            "e2e",
+            "create",
+            "deployment",
+            "web",
+            "--image=nginx",
+            "--replicas=2",
+        ],
+    );
+    let apply = |yaml: &str| {
+        let mut child = kubectl_cmd(&bin, port)
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(yaml.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    apply(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.e2e.raftsql.io\nspec:\n  group: e2e.raftsql.io\n  scope: Namespaced\n  names: {plural: widgets, singular: widget, kind: Widget}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n",
+    );
+    let deadline = Instant::now() + T;
+    loop {
+        let (success, _, err) = kubectl(&bin, port, &["get", "widgets", "-A"]);
+        if success {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the CRD is not served: {err}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    apply("apiVersion: e2e.raftsql.io/v1\nkind: Widget\nmetadata: {name: w1, namespace: e2e}\nspec: {size: 3}\n");
+    apply("apiVersion: v1\nkind: Event\nmetadata: {name: ev1, namespace: e2e}\ninvolvedObject: {kind: ConfigMap, name: cm0, namespace: e2e}\nreason: Tested\nmessage: hello\ntype: Normal\n");
+    let got = ok(
+        &bin,
+        port,
+        &[
+            "-n",
+            "e2e",
+            "get",
+            "secret/s1",
+            "deployment/web",
+            "widget/w1",
+            "event/ev1",
+            "-o",
+            "name",
+        ],
+    );
+    for n in [
+        "secret/s1",
+        "deployment.apps/web",
+        "widget.e2e.raftsql.io/w1",
+        "event/ev1",
+    ] {
+        assert!(got.contains(n), "{got}");
+    }
+    let size = ok(
+        &bin,
+        port,
+        &[
+            "-n",
+            "e2e",
+            "get",
+            "widget",
+            "w1",
+            "-o",
+            "jsonpath={.spec.size}",
+        ],
+    );
+    assert_eq!(size, "3");
+    // The event's key is attached to a lease, as on etcd.
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &cl.etcd_addr(leader).to_string(),
+            "lease",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let leases = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        leases.contains("found") && !leases.contains("found 0 leases"),
+        "{leases}"
+    );
+
     // Watch: a kubectl watch sees a configmap created after it started.
     let mut watch = kubectl_cmd(&bin, port)
         .args([
