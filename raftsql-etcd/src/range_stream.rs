@@ -53,7 +53,7 @@ impl EtcdStore {
         }
         let store = self.clone();
         tokio::spawn(async move {
-            let header = resp.header.clone();
+            let header = resp.header;
             let (count, rev) = (resp.count, header.as_ref().map_or(0, |h| h.revision));
             let mut sent = resp.kvs.len() as i64;
             let mut more = resp.more;
