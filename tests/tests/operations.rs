@@ -274,18 +274,15 @@ fn scheduled_backups_keep_n_verified_files() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The killed node restarts, drops what it was writing, and goes on with its schedule.
-    let partials_before = std::fs::read_dir(dir_of(&cl, leader))
-        .unwrap()
-        .filter(|e| {
-            let n = e
-                .as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .into_owned();
-            n.contains(".partial")
-        })
-        .count();
+    // What the kill left unfinished; the restart removes it (and may start a new one).
+    let unfinished = |cl: &Cluster| -> Vec<String> {
+        std::fs::read_dir(dir_of(cl, leader))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".rsqlbak"))
+            .collect()
+    };
+    let at_kill = unfinished(&cl);
     let had = backups(&dir_of(&cl, leader));
     cl.spawn(leader);
     let deadline = Instant::now() + T;
@@ -300,14 +297,17 @@ fn scheduled_backups_keep_n_verified_files() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let leftovers: Vec<String> = std::fs::read_dir(dir_of(&cl, leader))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".rsqlbak"))
+    let left: Vec<String> = unfinished(&cl)
+        .into_iter()
+        .filter(|n| at_kill.contains(n))
         .collect();
-    assert!(leftovers.is_empty(), "node {leader} left {leftovers:?}");
+    assert!(
+        left.is_empty(),
+        "node {leader} left {left:?} from before its kill"
+    );
     eprintln!(
-        "node {leader}: {partials_before} unfinished backup(s) at the kill, none after its restart"
+        "node {leader}: {} unfinished backup file(s) at the kill ({at_kill:?}), none after its restart",
+        at_kill.len()
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     cl.rt.block_on(writer).unwrap();
