@@ -150,6 +150,10 @@ done
   || die "Go toolchain incomplete under $GOROOT_DIR"
 export GOROOT="$GOROOT_DIR"
 export PATH="$GOROOT/bin:$PATH"
+# The machine's own Go settings (`go env -w`, e.g. GOFLAGS=-buildvcs=false for Go 1.18+)
+# are not for Go 1.15, which refuses flags it does not know.
+export GOENV=off
+unset GOFLAGS GOTOOLCHAIN
 log "using $(go version) (GOROOT=$GOROOT)"
 case "$(go version)" in
   *" go1.15."*) ;;
