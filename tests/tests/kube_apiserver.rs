@@ -575,7 +575,22 @@ fn kube_apiserver_on_raftsql() {
     }
 
     // Kill the raftsql leader: the apiserver's etcd client moves on, and writes work again
-    // once a new leader is elected.
+    // once a new leader is elected; a `kubectl get -w` opened before the kill sees them.
+    let mut watch = kubectl_cmd(&bin, port)
+        .args([
+            "-n",
+            "e2e",
+            "get",
+            "configmaps",
+            "--watch-only",
+            "-o",
+            "name",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     cl.kill(leader);
     let killed = Instant::now();
     loop {
@@ -597,6 +612,20 @@ fn kube_apiserver_on_raftsql() {
     eprintln!(
         "kube-apiserver wrote again {:?} after the raftsql leader was killed",
         killed.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = watch.kill();
+    let mut seen = String::new();
+    watch
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut seen)
+        .unwrap();
+    let _ = watch.wait();
+    assert!(
+        seen.contains("configmap/after-failover"),
+        "a watch across the leader's kill -9 saw: {seen:?}"
     );
     let v = ok(
         &bin,
