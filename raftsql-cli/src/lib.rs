@@ -444,15 +444,7 @@ pub(crate) async fn run_node_with(
     }
     let stored_node = raftsql_core::node::stored_node(&a.data_dir).map_err(|e| e.to_string())?;
     if let Some(s) = &stored_node {
-        if s.left {
-            return Err(format!(
-                "node {} left the cluster or was removed from it; its data directory {} cannot \
-                 be started again: move it away, run `raftsql add-node` on a member and \
-                 `raftsql join ADDR/TOKEN --data-dir <empty dir>` here",
-                s.id,
-                a.data_dir.display()
-            ));
-        }
+        // A node that left, or another node's id: refused by `Node::start` (before TLS).
         if let Some(c) = a.cluster.as_ref().filter(|c| **c != s.cluster) {
             return Err(format!(
                 "data directory {} belongs to node {} of cluster {:?}, not {c:?}: drop --cluster \
@@ -460,14 +452,6 @@ pub(crate) async fn run_node_with(
                 a.data_dir.display(),
                 s.id,
                 s.cluster
-            ));
-        }
-        if let Some(id) = a.id.filter(|id| *id != s.id && joined.is_none()) {
-            return Err(format!(
-                "data directory {} belongs to node {}, not node {id}: drop --id (it is read \
-                 from the directory) or give the data directory of node {id}",
-                a.data_dir.display(),
-                s.id
             ));
         }
         if let Some(known) = s

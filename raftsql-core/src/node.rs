@@ -325,8 +325,6 @@ pub struct StoredNode {
     pub cluster: String,
     /// The address its peers know it by, if recorded.
     pub addr: Option<SocketAddr>,
-    /// It left the cluster or was removed (it cannot start again).
-    pub left: bool,
 }
 
 /// The node started in `data_dir`, if any.
@@ -339,37 +337,39 @@ pub fn stored_node(data_dir: &Path) -> Result<Option<StoredNode>> {
         id: nf.id,
         addr: nf.peers.get(&nf.id).copied(),
         cluster: nf.cluster,
-        left: nf.left,
     }))
 }
 
-fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
-    let p = cfg.data_dir.join("node.json");
-    match std::fs::metadata(&p) {
-        Ok(_) => {
-            let nf = NodeFile::load(&cfg.data_dir)?;
-            if nf.left {
-                return Err(Error::Invalid(format!(
-                    "node {} left the cluster or was removed from it; its data directory {} \
-                     cannot be started again: move it away, run `raftsql add-node` on a member \
-                     and `raftsql join ADDR/TOKEN --data-dir <empty dir>` here",
-                    nf.id,
-                    cfg.data_dir.display()
-                )));
-            }
-            if nf.id != cfg.id {
-                return Err(Error::Invalid(format!(
-                    "data directory {} belongs to node {}, not node {}: drop --id (it is \
-                     read from the directory) or give the data directory of node {}",
-                    cfg.data_dir.display(),
-                    nf.id,
-                    cfg.id,
-                    cfg.id
-                )));
-            }
-            Ok(nf)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+/// Refuses to start the node `nf` describes as `cfg` says: a node that left, or another
+/// node's id. (Checked before TLS is set up, whose certificate errors would hide it.)
+fn refuse_stored(cfg: &NodeConfig, nf: &NodeFile) -> Result<()> {
+    if nf.left {
+        return Err(Error::Invalid(format!(
+            "node {} left the cluster or was removed from it; its data directory {} \
+             cannot be started again: move it away, run `raftsql add-node` on a member \
+             and `raftsql join ADDR/TOKEN --data-dir <empty dir>` here",
+            nf.id,
+            cfg.data_dir.display()
+        )));
+    }
+    if nf.id != cfg.id {
+        return Err(Error::Invalid(format!(
+            "data directory {} belongs to node {}, not node {}: drop --id (it is \
+             read from the directory) or give the data directory of node {}",
+            cfg.data_dir.display(),
+            nf.id,
+            cfg.id,
+            cfg.id
+        )));
+    }
+    Ok(())
+}
+
+/// The node file `stored` (already read and checked by [`refuse_stored`]), or a new one.
+fn load_or_create_node_file(cfg: &NodeConfig, stored: Option<NodeFile>) -> Result<NodeFile> {
+    match stored {
+        Some(nf) => Ok(nf),
+        None => {
             if !cfg.peers.contains_key(&cfg.id) {
                 return Err(Error::Invalid(format!(
                     "the peer list does not include this node ({})",
@@ -386,7 +386,6 @@ fn load_or_create_node_file(cfg: &NodeConfig) -> Result<NodeFile> {
             nf.store(&cfg.data_dir)?;
             Ok(nf)
         }
-        Err(e) => Err(Error::io(&p, e)),
     }
 }
 
@@ -404,12 +403,20 @@ impl Node {
             .canonicalize()
             .map_err(|e| Error::io(&cfg.data_dir, e))?;
         let fresh = !cfg.data_dir.join("node.json").exists();
+        let stored = if fresh {
+            None
+        } else {
+            Some(NodeFile::load(&cfg.data_dir)?)
+        };
+        if let Some(nf) = &stored {
+            refuse_stored(&cfg, nf)?;
+        }
         let material = crate::tls::setup(&cfg, fresh)?;
         let peer_tls = match &material {
             Some(m) => Some(Arc::new(crate::tls::PeerTls::new(m, &cfg.tls.client)?)),
             None => None,
         };
-        let nf = load_or_create_node_file(&cfg)?;
+        let nf = load_or_create_node_file(&cfg, stored)?;
         cfg.peers = nf.peers.clone();
         cfg.cluster = nf.cluster.clone();
 

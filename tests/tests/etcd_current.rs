@@ -149,18 +149,42 @@ fn a_progress_request_never_overtakes_a_watchs_events() {
     });
 }
 
+/// True if iptables can cut links here; otherwise skips (outside CI) or fails (in CI).
+fn iptables_or_skip() -> bool {
+    match Partition::available() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "iptables is required in CI: {e}"
+            );
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+/// The status a watch stream ends with, within `T`; any message before it is a failure.
+async fn canceled(rx: &mut tonic::Streaming<WatchResponse>, what: &str) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(T, rx.message())
+            .await
+            .unwrap_or_else(|_| panic!("{what} was not canceled"))
+        {
+            Ok(Some(r)) => panic!("unexpected response while cut off: {r:?}"),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(s) => return s,
+        }
+    }
+}
+
 /// kube-apiserver opens its watches with `WithRequireLeader`: a member that loses its leader
 /// must cancel them ("etcdserver: no leader") so the apiserver reconnects to one that has one,
 /// instead of holding a silent watch on a partitioned follower. A watch without the metadata
 /// stays open (etcd's behaviour); new require-leader calls are refused at once.
 #[test]
 fn a_require_leader_watch_is_canceled_on_a_node_cut_off() {
-    if let Err(e) = Partition::available() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "iptables is required in CI: {e}"
-        );
-        eprintln!("skipped: {e}");
+    if !iptables_or_skip() {
         return;
     }
     let c = Cluster::start_with_etcd(3, &[]);
@@ -189,16 +213,7 @@ fn a_require_leader_watch_is_canceled_on_a_node_cut_off() {
 
         let cut = Partition::between(&[c.addr(f).ip()], &others).expect("iptables partition");
         let started = Instant::now();
-        let status = loop {
-            match tokio::time::timeout(T, rx.message())
-                .await
-                .expect("not canceled")
-            {
-                Ok(Some(r)) => panic!("unexpected response while cut off: {r:?}"),
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(s) => break s,
-            }
-        };
+        let status = canceled(&mut rx, "the require-leader watch").await;
         eprintln!(
             "require-leader watch canceled {:?} after the cut",
             started.elapsed()
@@ -548,12 +563,7 @@ fn a_range_stream_of_10k_keys_equals_the_range() {
 /// Before, its require-leader watch stayed open for as long as the cut lasted.
 #[test]
 fn a_require_leader_watch_is_canceled_on_a_standby_cut_off() {
-    if let Err(e) = Partition::available() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "iptables is required in CI: {e}"
-        );
-        eprintln!("skipped: {e}");
+    if !iptables_or_skip() {
         return;
     }
     let c = Cluster::start_with_etcd(4, &[]);
@@ -601,16 +611,7 @@ fn a_require_leader_watch_is_canceled_on_a_standby_cut_off() {
         assert!(rx.message().await.unwrap().unwrap().created);
         let cut = Partition::between(&[c.addr(standby).ip()], &others).expect("iptables partition");
         let started = Instant::now();
-        let status = loop {
-            match tokio::time::timeout(T, rx.message())
-                .await
-                .expect("the standby's require-leader watch was not canceled")
-            {
-                Ok(Some(r)) => panic!("unexpected response while cut off: {r:?}"),
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(s) => break s,
-            }
-        };
+        let status = canceled(&mut rx, "the standby's require-leader watch").await;
         eprintln!(
             "standby {standby}: require-leader watch canceled {:?} after the cut",
             started.elapsed()

@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::free_port;
+use common::etcdctl;
 use common::Cluster;
 
 const T: Duration = Duration::from_secs(30);
@@ -84,6 +85,46 @@ fn kube_minor(bin: &Path) -> u32 {
         .and_then(|x| x.split('.').nth(1))
         .and_then(|m| m.parse().ok())
         .unwrap_or_else(|| panic!("cannot read the version from {v:?}"))
+}
+
+/// `kubectl get configmaps --watch-only` in namespace e2e, running (given 2 s to start).
+fn watch_configmaps(bin: &Path, port: u16) -> Watching {
+    let child = kubectl_cmd(bin, port)
+        .args([
+            "-n",
+            "e2e",
+            "get",
+            "configmaps",
+            "--watch-only",
+            "-o",
+            "name",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    Watching(child)
+}
+
+/// A running `kubectl get -w`.
+struct Watching(Child);
+
+impl Watching {
+    /// Waits 2 s for the last events, stops the watch and returns what it printed.
+    fn seen(mut self) -> String {
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = self.0.kill();
+        let mut seen = String::new();
+        self.0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut seen)
+            .unwrap();
+        let _ = self.0.wait();
+        seen
+    }
 }
 
 struct Killed(Child);
@@ -367,50 +408,17 @@ fn kube_apiserver_on_raftsql() {
     );
     assert_eq!(size, "3");
     // The event's key is attached to a lease, as on etcd.
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &cl.etcd_addr(leader).to_string(),
-            "lease",
-            "list",
-        ])
-        .output()
-        .unwrap();
-    let leases = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (_, leases) = etcdctl(&cl.etcd_addr(leader).to_string(), &["lease", "list"]);
     assert!(
         leases.contains("found") && !leases.contains("found 0 leases"),
         "{leases}"
     );
 
     // Watch: a kubectl watch sees a configmap created after it started.
-    let mut watch = kubectl_cmd(&bin, port)
-        .args([
-            "-n",
-            "e2e",
-            "get",
-            "configmaps",
-            "--watch-only",
-            "-o",
-            "name",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let watch = watch_configmaps(&bin, port);
     ok(&bin, port, &["-n", "e2e", "create", "configmap", "watched"]);
     ok(&bin, port, &["-n", "e2e", "delete", "configmap", "cm4"]);
-    std::thread::sleep(Duration::from_secs(2));
-    let _ = watch.kill();
-    let mut seen = String::new();
-    watch
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut seen)
-        .unwrap();
-    let _ = watch.wait();
+    let seen = watch.seen();
     assert!(seen.contains("configmap/watched"), "watch saw: {seen:?}");
     assert!(seen.contains("configmap/cm4"), "watch saw: {seen:?}");
 
@@ -434,37 +442,14 @@ fn kube_apiserver_on_raftsql() {
         port,
         &["-n", "e2e", "create", "configmap", "after-rv"],
     );
-    let status = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &cl.etcd_addr(leader).to_string(),
-            "endpoint",
-            "status",
-            "-w",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    let rev: i64 = serde_json::from_slice::<serde_json::Value>(&status.stdout).unwrap()[0]
-        ["Status"]["header"]["revision"]
+    let leader_ep = cl.etcd_addr(leader).to_string();
+    let (_, status) = etcdctl(&leader_ep, &["endpoint", "status", "-w", "json"]);
+    let rev: i64 = serde_json::from_str::<serde_json::Value>(&status).unwrap()[0]["Status"]
+        ["header"]["revision"]
         .as_i64()
         .unwrap();
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &cl.etcd_addr(leader).to_string(),
-            "compact",
-            &rev.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (compacted, out) = etcdctl(&leader_ep, &["compact", &rev.to_string()]);
+    assert!(compacted, "{out}");
     let (success, out, err) = kubectl(
         &bin,
         port,
@@ -502,38 +487,20 @@ fn kube_apiserver_on_raftsql() {
         }
     );
     // On raftsql itself the revision is gone.
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &cl.etcd_addr(leader).to_string(),
+    let (found, err) = etcdctl(
+        &leader_ep,
+        &[
             "get",
             "--rev",
             &rv.to_string(),
             "/registry/configmaps/e2e/cm0",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("compacted"), "{err}");
+        ],
+    );
+    assert!(!found && err.contains("compacted"), "{err}");
 
     // SIGSTOP a follower for 6 s while a watch runs: the watch keeps delivering.
     let follower = (1..=3).find(|&id| id != leader).unwrap();
-    let mut watch = kubectl_cmd(&bin, port)
-        .args([
-            "-n",
-            "e2e",
-            "get",
-            "configmaps",
-            "--watch-only",
-            "-o",
-            "name",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let watch = watch_configmaps(&bin, port);
     cl.pause(follower);
     let paused = Instant::now();
     // A request the apiserver's etcd client sends to the stopped member hangs until its
@@ -557,16 +524,7 @@ fn kube_apiserver_on_raftsql() {
     std::thread::sleep(Duration::from_secs(6).saturating_sub(paused.elapsed()));
     cl.resume(follower);
     ok(&bin, port, &["-n", "e2e", "create", "configmap", "resumed"]);
-    std::thread::sleep(Duration::from_secs(2));
-    let _ = watch.kill();
-    let mut seen = String::new();
-    watch
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut seen)
-        .unwrap();
-    let _ = watch.wait();
+    let seen = watch.seen();
     for n in ["paused0", "paused1", "paused2", "resumed"] {
         assert!(
             seen.contains(&format!("configmap/{n}")),
@@ -576,21 +534,7 @@ fn kube_apiserver_on_raftsql() {
 
     // Kill the raftsql leader: the apiserver's etcd client moves on, and writes work again
     // once a new leader is elected; a `kubectl get -w` opened before the kill sees them.
-    let mut watch = kubectl_cmd(&bin, port)
-        .args([
-            "-n",
-            "e2e",
-            "get",
-            "configmaps",
-            "--watch-only",
-            "-o",
-            "name",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let watch = watch_configmaps(&bin, port);
     cl.kill(leader);
     let killed = Instant::now();
     loop {
@@ -613,16 +557,7 @@ fn kube_apiserver_on_raftsql() {
         "kube-apiserver wrote again {:?} after the raftsql leader was killed",
         killed.elapsed()
     );
-    std::thread::sleep(Duration::from_secs(2));
-    let _ = watch.kill();
-    let mut seen = String::new();
-    watch
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut seen)
-        .unwrap();
-    let _ = watch.wait();
+    let seen = watch.seen();
     assert!(
         seen.contains("configmap/after-failover"),
         "a watch across the leader's kill -9 saw: {seen:?}"
