@@ -51,7 +51,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::entry::{Frames, Page};
+use crate::entry::{Change, Frames, Page, PageChange};
 use crate::error::{Error, Result};
 use crate::guard::{self, Guard, Role};
 use crate::value::{ExecResult, Rows, Statement, Value};
@@ -469,6 +469,9 @@ struct InFlight {
     waiters: Vec<Waiter>,
     /// When it was proposed (for `raftsql_write_batch_commit_seconds`).
     proposed: Instant,
+    /// The whole pages of its entry, as captured (page 1 stamped): applying its own entry,
+    /// the leader writes these instead of rebuilding them from their bases.
+    pages: Vec<Page>,
 }
 
 struct OpenTx {
@@ -884,7 +887,14 @@ impl StateMachine {
                 return Ok(());
             }
         };
-        match execute_batch(&db.writer, &db.guard, budget, batch) {
+        // The pages the batch reads of the committed state are the bases its entry is
+        // diffed against (vfs.rs, "Recording reads").
+        vfs::record_reads(&db.handle.key, PAGE_SIZE);
+        let executed = execute_batch(&db.writer, &db.guard, budget, batch);
+        if !matches!(executed, Executed::Open(_)) {
+            vfs::stop_recording();
+        }
+        match executed {
             Executed::Open(waiters) => self.commit_and_propose(db_name, waiters),
             Executed::Requeue(reqs) => {
                 for r in reqs.into_iter().rev() {
@@ -915,6 +925,7 @@ impl StateMachine {
             }
         };
         let (Some(saved), Some(before)) = (vfs::save_header(&key), vfs::read_header(&key)) else {
+            vfs::stop_recording();
             let _ = db.writer.execute_batch("ROLLBACK");
             fail(
                 waiters,
@@ -922,6 +933,7 @@ impl StateMachine {
             );
             return Ok(());
         };
+        let bases = vfs::take_reads(&key, before.max_frame);
         db.handle.gate.close();
         if let Err(e) = db.writer.execute_batch("COMMIT") {
             let _ = db.writer.execute_batch("ROLLBACK");
@@ -983,13 +995,23 @@ impl StateMachine {
                 }
             }
         }
+        // Each page travels as the bytes that differ from the committed page (invariant 3:
+        // every node applies the entry to that same page), or whole if that is smaller.
+        let committed_pages = (before.max_frame > 0).then_some(before.n_page);
+        let changes = match diff_pages(&db.writer, &pages, bases, committed_pages) {
+            Ok(c) => c,
+            Err(e) => {
+                fail(waiters, e);
+                return Ok(());
+            }
+        };
         let frames = Frames {
             proposer: me,
             sequence: seq,
             db: db_name.to_string(),
             page_size: after.page_size,
             db_pages: after.n_page,
-            pages,
+            pages: changes,
         };
         tracing::debug!(
             "batch {seq} on {db_name}: proposing {} pages at term {} (applied {} of term {})",
@@ -1007,6 +1029,7 @@ impl StateMachine {
             seq,
             waiters,
             proposed: Instant::now(),
+            pages,
         });
         let base = self.applied();
         (self.to_raft)(ToRaft::Propose {
@@ -1062,7 +1085,14 @@ impl StateMachine {
                 self.settings.metrics.commit.observe(waited);
             }
             let started = Instant::now();
-            self.apply_frames(&frames)?;
+            let images = if own {
+                self.in_flight
+                    .as_mut()
+                    .map(|f| std::mem::take(&mut f.pages))
+            } else {
+                None
+            };
+            self.apply_frames(&frames, images.as_deref())?;
             self.settings
                 .metrics
                 .apply
@@ -1083,7 +1113,7 @@ impl StateMachine {
     }
 
     /// Writes an entry's page images through SQLite (invariant 3).
-    fn apply_frames(&mut self, f: &Frames) -> Result<()> {
+    fn apply_frames(&mut self, f: &Frames, images: Option<&[Page]>) -> Result<()> {
         if f.page_size != PAGE_SIZE {
             return Err(Error::Corrupt(format!(
                 "entry for {} has page size {}",
@@ -1092,7 +1122,7 @@ impl StateMachine {
         }
         self.frames_since_checkpoint += f.pages.len() as u64;
         let db = self.db(&f.db)?;
-        apply_pages(&db.writer, f)
+        apply_pages(&db.writer, f, images)
     }
 
     fn handle_tx(&mut self, op: TxOp) {
@@ -1508,34 +1538,68 @@ fn ended_transaction(e: Option<Error>) -> Error {
 /// two, readers already see the new database, whose header gives its new size, so the extra
 /// pages are unreachable. After each, the connection's page cache is purged: sqlite_dbpage
 /// copies bytes into cached pages but leaves the b-tree's parsed view of them stale.
-pub fn apply_pages(w: &Connection, f: &Frames) -> Result<()> {
+///
+/// `images`, given by the leader for its own entry, are the entry's pages whole (as it
+/// captured them, one per change, in order); each must have the change's crc32.
+pub fn apply_pages(w: &Connection, f: &Frames, images: Option<&[Page]>) -> Result<()> {
     // The one place that writes sqlite_dbpage: lift DEFENSIVE (on while client SQL runs on
     // the writer, see guard.rs) for the apply only.
     guard::set_defensive(w, false)?;
-    let r = write_pages(w, f);
+    let r = write_pages(w, f, images);
     guard::set_defensive(w, true)?;
     r
 }
 
-fn write_pages(w: &Connection, f: &Frames) -> Result<()> {
+fn write_pages(w: &Connection, f: &Frames, images: Option<&[Page]>) -> Result<()> {
+    let size = f.page_size as usize;
+    let images = images.filter(|i| {
+        i.len() == f.pages.len()
+            && i.iter()
+                .zip(&f.pages)
+                .all(|(p, c)| p.pgno == c.pgno && crc32fast::hash(&p.data) == c.crc)
+    });
     let grown = in_transaction(w, |w| {
         let old_pages: u32 = w.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let mut st = w.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
-        let (first, rest): (Vec<&Page>, Vec<&Page>) = f.pages.iter().partition(|p| p.pgno == 1);
-        for p in rest.into_iter().chain(first) {
-            st.execute(rusqlite::params![p.pgno, &p.data[..]])?;
+        // Every base is read before anything is written: once the database grows inside
+        // this transaction, a page between its old and new end would read as whatever an
+        // old WAL frame or the file's tail holds there, not as the zeros the leader diffed
+        // against.
+        let mut pages = Vec::with_capacity(f.pages.len());
+        for (i, c) in f.pages.iter().enumerate() {
+            if let Some(images) = images {
+                pages.push((c.pgno, images[i].data.to_vec()));
+                continue;
+            }
+            let base = match c.change {
+                Change::Image(_) => None,
+                Change::Ranges(_) => read_page(w, c.pgno)?,
+            };
+            let page = c
+                .apply_to(base.as_deref(), size)
+                .map_err(|e| Error::Corrupt(format!("applying an entry to {}: {e}", f.db)))?;
+            pages.push((c.pgno, page));
         }
-        Ok(f.pages.last().map_or(old_pages, |p| p.pgno.max(old_pages)))
+        let mut st = w.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+        let (first, rest): (Vec<_>, Vec<_>) = pages.iter().partition(|(pgno, _)| *pgno == 1);
+        for (pgno, data) in rest.into_iter().chain(first.iter().copied()) {
+            st.execute(rusqlite::params![pgno, &data[..]])?;
+        }
+        let page1 = first.first().map(|(_, d)| d.clone());
+        Ok((
+            f.pages.last().map_or(old_pages, |p| p.pgno.max(old_pages)),
+            page1,
+        ))
     })?;
-    if let Some(p1) = f.pages.first().filter(|p| p.pgno == 1) {
+    let (grown, page1) = grown;
+    if let Some(p1) = page1 {
         // Replicas must be byte-identical: check the one page SQLite rewrites on its own.
         let now: Vec<u8> =
             w.query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| {
                 r.get(0)
             })?;
-        if now[..] != p1.data[..] {
+        if now[..] != p1[..] {
             let diff: Vec<usize> = (0..now.len())
-                .filter(|i| now[*i] != p1.data[*i])
+                .filter(|i| now[*i] != p1[*i])
                 .take(8)
                 .collect();
             return Err(Error::Corrupt(format!(
@@ -1659,6 +1723,54 @@ fn page1_counter(w: &Connection) -> Result<u32> {
     Ok(r.map_or(0, |d| u32::from_be_bytes(d[24..28].try_into().unwrap())))
 }
 
+/// Page `pgno` as the connection's current transaction (or a new read) sees it; `None` past
+/// the end of the database.
+fn read_page(w: &Connection, pgno: u32) -> Result<Option<Vec<u8>>> {
+    let mut st = w.prepare_cached("SELECT data FROM sqlite_dbpage WHERE pgno = ?1")?;
+    let mut rows = st.query([pgno])?;
+    Ok(match rows.next()? {
+        Some(r) => Some(r.get(0)?),
+        None => None,
+    })
+}
+
+/// The changes that turn the committed pages into `pages`. The committed page is the one the
+/// batch read (`bases`, recorded by the VFS), else it is read on the rewound writer (a page
+/// SQLite reused from the freelist without reading it, or one past the end).
+///
+/// `committed_pages` is the committed database's size when the wal-index knows it: a page
+/// past it has no base.
+fn diff_pages(
+    w: &Connection,
+    pages: &[Page],
+    mut bases: HashMap<u32, Vec<u8>>,
+    committed_pages: Option<u32>,
+) -> Result<Vec<PageChange>> {
+    pages
+        .iter()
+        .map(|p| {
+            let base = match bases.remove(&p.pgno) {
+                Some(b) => {
+                    // The test builds check every recorded base against SQLite's own.
+                    #[cfg(debug_assertions)]
+                    {
+                        let read = read_page(w, p.pgno)?;
+                        assert!(
+                            read.as_deref() == Some(&b[..]),
+                            "the recorded base of page {} differs from the committed page",
+                            p.pgno
+                        );
+                    }
+                    Some(b)
+                }
+                None if committed_pages.is_some_and(|n| p.pgno > n) => None,
+                None => read_page(w, p.pgno)?,
+            };
+            Ok(PageChange::diff(p, base.as_deref()))
+        })
+        .collect()
+}
+
 /// Page 1 with its change counter and "version valid for" set to `counter` and the SQLite
 /// version number set, as SQLite's pager writes them when it commits page 1 in WAL mode.
 fn stamp_change_counter(page: &Bytes, counter: u32) -> Bytes {
@@ -1744,9 +1856,36 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
                 files.insert(f.db.clone(), file);
             }
             let file = &files[&f.db];
-            for p in &f.pages {
-                file.write_all_at(&p.data, (p.pgno as u64 - 1) * f.page_size as u64)
-                    .map_err(|e| Error::io(&path, e))?;
+            // Entries up to an interrupted checkpoint's target may find pages the checkpoint
+            // already carried further: their ranges are written as they are (entry.rs: a
+            // replay over mixed versions ends at the last one). From there on every page is
+            // exactly its entry's base, and each one is checked against the entry's crc32.
+            let mixed = e.index <= meta.checkpoint_target;
+            let size = f.page_size as usize;
+            for c in &f.pages {
+                let at = (c.pgno as u64 - 1) * f.page_size as u64;
+                let io = |e| Error::io(&path, e);
+                match &c.change {
+                    Change::Ranges(rs) if mixed => {
+                        for r in rs {
+                            file.write_all_at(&r.data, at + r.offset as u64)
+                                .map_err(io)?;
+                        }
+                    }
+                    change => {
+                        let base = match change {
+                            Change::Image(_) => None,
+                            Change::Ranges(_) => read_file_page(file, at, size).map_err(io)?,
+                        };
+                        let page = c.apply_to(base.as_deref(), size).map_err(|x| {
+                            Error::Corrupt(format!(
+                                "replaying entry {} into {}: {x}",
+                                e.index, f.db
+                            ))
+                        })?;
+                        file.write_all_at(&page, at).map_err(io)?;
+                    }
+                }
             }
             file.set_len(f.db_pages as u64 * f.page_size as u64)
                 .map_err(|e| Error::io(&path, e))?;
@@ -1766,6 +1905,19 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
         started.elapsed()
     );
     Ok(upto)
+}
+
+/// The page of `size` bytes at `at` in a database file: `None` past its end, zeros past the
+/// end of a page the file holds only in part.
+fn read_file_page(file: &File, at: u64, size: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let len = file.metadata()?.len();
+    if at >= len {
+        return Ok(None);
+    }
+    let mut page = vec![0u8; size];
+    let have = ((len - at) as usize).min(size);
+    file.read_exact_at(&mut page[..have], at)?;
+    Ok(Some(page))
 }
 
 /// After a speculative COMMIT: reads the frames it appended and rewinds the WAL to `saved`.
@@ -1882,7 +2034,8 @@ mod tests {
 
     /// Runs `sql` the way the leader does (cache purged first) and returns the entry a
     /// leader would ship: the pages that changed and the new size.
-    fn leader_write(a: &Connection, sql: &str) -> Frames {
+    #[allow(clippy::type_complexity)]
+    fn leader_write(a: &Connection, sql: &str) -> (Vec<Page>, BTreeMap<u32, Vec<u8>>, u32) {
         reset_cache(a).unwrap();
         let before = pages_of(a);
         a.execute_batch(sql).unwrap();
@@ -1895,13 +2048,35 @@ mod tests {
                 data: Bytes::from(d.clone()),
             })
             .collect();
+        (pages, before, after.len() as u32)
+    }
+
+    /// The entry a leader ships for `pages`: page 1 stamped with the counter the replicas
+    /// will write (`counter`), each page diffed against `before`.
+    fn entry(
+        mut pages: Vec<Page>,
+        before: &BTreeMap<u32, Vec<u8>>,
+        db_pages: u32,
+        counter: u32,
+    ) -> Frames {
+        if let Some(p1) = pages.first_mut().filter(|p| p.pgno == 1) {
+            p1.data = stamp_change_counter(&p1.data, counter);
+        }
         Frames {
             proposer: 1,
             sequence: 1,
             db: "main".into(),
             page_size: PAGE_SIZE,
-            db_pages: after.len() as u32,
-            pages,
+            db_pages,
+            pages: pages
+                .iter()
+                .map(|p| {
+                    let base = before
+                        .get(&p.pgno)
+                        .filter(|_| p.pgno <= before.len() as u32);
+                    PageChange::diff(p, base.map(|b| &b[..]))
+                })
+                .collect(),
         }
     }
 
@@ -1931,13 +2106,11 @@ mod tests {
         let b = open_writer(&dir.path().join("b.db")).unwrap();
         let c = open_writer(&dir.path().join("c.db")).unwrap();
         let step = |sql: &str| {
-            let mut f = leader_write(&a, sql);
+            let (pages, before, n) = leader_write(&a, sql);
             // As the leader does: page 1 carries the counter the replicas will write.
-            if let Some(p1) = f.pages.first_mut().filter(|p| p.pgno == 1) {
-                p1.data = stamp_change_counter(&p1.data, page1_counter(&b).unwrap() + 1);
-            }
-            apply_pages(&b, &f).unwrap();
-            apply_pages(&c, &f).unwrap();
+            let f = entry(pages, &before, n, page1_counter(&b).unwrap() + 1);
+            apply_pages(&b, &f, None).unwrap();
+            apply_pages(&c, &f, None).unwrap();
             assert_eq!(digest(&b), digest(&c), "after {sql}");
         };
         step("CREATE TABLE t(k TEXT PRIMARY KEY)");

@@ -19,8 +19,19 @@
 //!
 //! The header layout used here is SQLite's documented wal-index format
 //! (<https://www.sqlite.org/walformat.html>): native-endian u32 fields, `szPage` u16 at 14,
-//! `mxFrame` at 16, `nPage` at 20, salts at 32..40.
+//! `mxFrame` at 16, `nPage` at 20, salts at 32..40. After the header (136 bytes with the
+//! checkpoint info) each 32 KiB region starts with the page number of each of its frames
+//! (4,062 in region 0, 4,096 in the others), which [`take_reads`] uses.
+//!
+//! # Recording reads
+//! While the state machine runs a leader batch it records, on its own thread, every page
+//! image the writer reads of the committed state ([`record_reads`], [`take_reads`]): the
+//! writer's cache is purged before each batch, so every existing page the batch changes was
+//! read once, and that first read is the base the batch's entry is diffed against (entry.rs).
+//! Only reads of committed frames (at most the header's `mxFrame`) are kept, never frames a
+//! cache spill of the batch itself wrote.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
@@ -34,15 +45,15 @@ pub const VFS_NAME: &str = "raftsql";
 /// Bytes of the two wal-index header copies at the start of shm region 0.
 pub const WAL_INDEX_HDR_BYTES: usize = 96;
 
-/// Address of region 0 of the wal-index of each open database, keyed by the database path
-/// SQLite opened. Stored as `usize` so the map is `Send`.
-static SHM_REGIONS: OnceLock<Mutex<HashMap<String, usize>>> = OnceLock::new();
+/// Addresses of the mapped regions of the wal-index of each open database (index = region),
+/// keyed by the database path SQLite opened. Stored as `usize` so the map is `Send`.
+static SHM_REGIONS: OnceLock<Mutex<HashMap<String, Vec<usize>>>> = OnceLock::new();
 static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
 /// The unix VFS we delegate to.
 static mut UNIX_VFS: *mut ffi::sqlite3_vfs = std::ptr::null_mut();
 static IO_METHODS: OnceLock<ffi::sqlite3_io_methods> = OnceLock::new();
 
-fn shm_regions() -> &'static Mutex<HashMap<String, usize>> {
+fn shm_regions() -> &'static Mutex<HashMap<String, Vec<usize>>> {
     SHM_REGIONS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
@@ -54,6 +65,139 @@ struct File {
     real: *mut ffi::sqlite3_file,
     /// Path of a main database file (used as the key of its wal-index), else null.
     main_db_path: *mut c_char,
+    /// For a WAL file, the path of its database, else null.
+    wal_db_path: *mut c_char,
+}
+
+/// Page reads being recorded on this thread.
+struct Recorder {
+    db: CString,
+    page_size: usize,
+    /// First image read of each page from the database file.
+    file_pages: HashMap<u32, Vec<u8>>,
+    /// First image read of each WAL frame.
+    frames: HashMap<u32, Vec<u8>>,
+}
+
+thread_local! {
+    static RECORDER: RefCell<Option<Recorder>> = const { RefCell::new(None) };
+}
+
+/// Starts recording, on this thread, the page images read of database `db_path`.
+pub fn record_reads(db_path: &str, page_size: u32) {
+    let Ok(db) = CString::new(db_path) else {
+        return;
+    };
+    RECORDER.with(|r| {
+        *r.borrow_mut() = Some(Recorder {
+            db,
+            page_size: page_size as usize,
+            file_pages: HashMap::new(),
+            frames: HashMap::new(),
+        })
+    });
+}
+
+/// Stops recording and returns the committed page images read since [`record_reads`]:
+/// frames after `max_frame` (written by this transaction) are dropped, the others mapped to
+/// their page through the wal-index. Call it while the transaction is still open (before
+/// COMMIT may restart the WAL and reuse frame numbers). A page seen twice with different
+/// bytes is left out.
+pub fn take_reads(db_path: &str, max_frame: u32) -> HashMap<u32, Vec<u8>> {
+    let Some(rec) = RECORDER.with(|r| r.borrow_mut().take()) else {
+        return HashMap::new();
+    };
+    if rec.db.as_bytes() != db_path.as_bytes() {
+        return HashMap::new();
+    }
+    let regions = shm_regions()
+        .lock()
+        .get(db_path)
+        .cloned()
+        .unwrap_or_default();
+    let mut out = rec.file_pages;
+    let mut conflicts = Vec::new();
+    for (frame, data) in rec.frames {
+        if frame == 0 || frame > max_frame {
+            continue;
+        }
+        let Some(pgno) = frame_pgno(&regions, frame) else {
+            continue;
+        };
+        match out.get(&pgno) {
+            Some(d) if *d != data => conflicts.push(pgno),
+            Some(_) => {}
+            None => {
+                out.insert(pgno, data);
+            }
+        }
+    }
+    for p in conflicts {
+        out.remove(&p);
+    }
+    out
+}
+
+/// Stops recording on this thread, dropping what was recorded.
+pub fn stop_recording() {
+    RECORDER.with(|r| r.borrow_mut().take());
+}
+
+/// Frames per wal-index region, and in region 0 (whose first 136 bytes are the header).
+const FRAMES_PER_REGION: u32 = 4096;
+const FRAMES_IN_REGION_0: u32 = FRAMES_PER_REGION - (WAL_INDEX_HEADER_AREA / 4) as u32;
+/// The two header copies and the checkpoint info at the start of region 0.
+const WAL_INDEX_HEADER_AREA: usize = 136;
+
+/// The page number of WAL frame `frame` (1-based), from the wal-index (SQLite's
+/// `walFramePgno`).
+fn frame_pgno(regions: &[usize], frame: u32) -> Option<u32> {
+    let k = ((frame + FRAMES_PER_REGION - FRAMES_IN_REGION_0 - 1) / FRAMES_PER_REGION) as usize;
+    let base = *regions.get(k).filter(|p| **p != 0)? as *const u32;
+    let i = if k == 0 {
+        WAL_INDEX_HEADER_AREA / 4 + frame as usize - 1
+    } else {
+        ((frame - 1 - FRAMES_IN_REGION_0) % FRAMES_PER_REGION) as usize
+    };
+    // SAFETY: a mapped region is 32 KiB and stays mapped while a connection to the database
+    // is open (the caller's writer is); `i` < 8192 u32s. The writer's transaction is open,
+    // so no other connection appends frames.
+    let pgno = unsafe { std::ptr::read_volatile(base.add(i)) };
+    (pgno != 0).then_some(pgno)
+}
+
+/// Records a completed read of `file` if this thread records reads of its database.
+///
+/// # Safety
+/// `file` is one of our files and `buf` holds `n` bytes just read at `off`.
+unsafe fn record(file: *mut ffi::sqlite3_file, buf: *const c_void, n: c_int, off: i64) {
+    RECORDER.with(|r| {
+        let mut r = r.borrow_mut();
+        let Some(rec) = r.as_mut() else {
+            return;
+        };
+        let size = rec.page_size;
+        if n as usize != size || off < 0 {
+            return;
+        }
+        let f = file as *mut File;
+        let matches = |p: *mut c_char| !p.is_null() && CStr::from_ptr(p) == rec.db.as_c_str();
+        let off = off as u64;
+        let data = || std::slice::from_raw_parts(buf as *const u8, size).to_vec();
+        if matches((*f).main_db_path) {
+            if off % size as u64 == 0 {
+                let pgno = (off / size as u64 + 1) as u32;
+                rec.file_pages.entry(pgno).or_insert_with(data);
+            }
+        } else if matches((*f).wal_db_path) {
+            // A frame's page image: 32-byte WAL header, then frames of 24 + size bytes.
+            let frame = 24 + size as u64;
+            if off >= 56 && (off - 56) % frame == 0 {
+                let n = ((off - 56) / frame + 1) as u32;
+                rec.frames.entry(n).or_insert_with(data);
+            }
+        }
+    });
 }
 
 /// Registers the `raftsql` VFS with SQLite (idempotent). It is not made the default VFS.
@@ -93,6 +237,7 @@ unsafe extern "C" fn x_open(
     let real = (file as *mut u8).add(std::mem::size_of::<File>()) as *mut ffi::sqlite3_file;
     (*f).real = real;
     (*f).main_db_path = std::ptr::null_mut();
+    (*f).wal_db_path = std::ptr::null_mut();
     (*f).base.pMethods = std::ptr::null();
     let rc = ((*UNIX_VFS).xOpen.unwrap())(UNIX_VFS, name, real, flags, out_flags);
     if rc != ffi::SQLITE_OK || (*real).pMethods.is_null() {
@@ -100,6 +245,14 @@ unsafe extern "C" fn x_open(
     }
     if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 && !name.is_null() {
         (*f).main_db_path = CString::from(CStr::from_ptr(name)).into_raw();
+    }
+    if flags & ffi::SQLITE_OPEN_WAL != 0 && !name.is_null() {
+        let wal = CStr::from_ptr(name).to_bytes();
+        if let Some(db) = wal.strip_suffix(b"-wal") {
+            if let Ok(db) = CString::new(db) {
+                (*f).wal_db_path = db.into_raw();
+            }
+        }
     }
     let methods = IO_METHODS.get_or_init(|| io_methods((*(*real).pMethods).iVersion));
     (*f).base.pMethods = methods as *const _;
@@ -146,6 +299,10 @@ unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
         drop(CString::from_raw((*f).main_db_path));
         (*f).main_db_path = std::ptr::null_mut();
     }
+    if !(*f).wal_db_path.is_null() {
+        drop(CString::from_raw((*f).wal_db_path));
+        (*f).wal_db_path = std::ptr::null_mut();
+    }
     rc
 }
 unsafe extern "C" fn x_read(
@@ -155,7 +312,11 @@ unsafe extern "C" fn x_read(
     off: i64,
 ) -> c_int {
     let (r, m) = real(file);
-    m.xRead.unwrap()(r, buf, n, off)
+    let rc = m.xRead.unwrap()(r, buf, n, off);
+    if rc == ffi::SQLITE_OK {
+        record(file, buf, n, off);
+    }
+    rc
 }
 unsafe extern "C" fn x_write(
     file: *mut ffi::sqlite3_file,
@@ -222,11 +383,17 @@ unsafe extern "C" fn x_shm_map(
     let f = file as *mut File;
     let (r, m) = real(file);
     let rc = m.xShmMap.unwrap()(r, region, size, extend, out);
-    if rc == ffi::SQLITE_OK && region == 0 && !(*out).is_null() && !(*f).main_db_path.is_null() {
+    if rc == ffi::SQLITE_OK && region >= 0 && !(*out).is_null() && !(*f).main_db_path.is_null() {
         let path = CStr::from_ptr((*f).main_db_path)
             .to_string_lossy()
             .into_owned();
-        shm_regions().lock().insert(path, *out as usize);
+        let mut map = shm_regions().lock();
+        let regions = map.entry(path).or_default();
+        let k = region as usize;
+        if regions.len() <= k {
+            regions.resize(k + 1, 0);
+        }
+        regions[k] = *out as usize;
     }
     rc
 }
@@ -271,7 +438,12 @@ pub struct WalHeader {
 pub struct SavedHeader(pub [u8; WAL_INDEX_HDR_BYTES]);
 
 fn region0(db_path: &str) -> Option<*mut u8> {
-    shm_regions().lock().get(db_path).map(|p| *p as *mut u8)
+    shm_regions()
+        .lock()
+        .get(db_path)
+        .and_then(|r| r.first().copied())
+        .filter(|p| *p != 0)
+        .map(|p| p as *mut u8)
 }
 
 /// Reads the wal-index header of `db_path`, if its wal-index is mapped.
