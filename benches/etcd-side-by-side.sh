@@ -20,8 +20,17 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   "$anchors/etcd3.sh" stop "$out/etcd" 2>/dev/null || true
+  wait_gone
+}
+# The previous run's nodes may still be exiting and holding the ports: wait for them.
+wait_gone() {
+  for t in $(seq 100); do
+    pgrep -f -- 'http://127.0.0.1[1-3]:2380|--etcd-listen 127.0.0.3[1-3]:' >/dev/null || return 0
+    sleep 0.1
+  done
 }
 trap cleanup EXIT
+wait_gone
 
 echo "starting etcd (127.0.0.11-13) and raftsql (127.0.0.31-33)" >&2
 "$anchors/etcd3.sh" start "$out/etcd"
