@@ -2052,16 +2052,18 @@ impl RaftDriver {
         }
         let committed = ready.take_committed_entries();
         self.apply_committed(committed)?;
-        let mut wrote = false;
         if !ready.entries().is_empty() {
             self.storage.write().append(ready.entries())?;
-            wrote = true;
         }
         if let Some(hs) = ready.hs() {
             self.storage.write().set_hard_state(hs)?;
-            wrote = true;
         }
-        if wrote {
+        // Entries, a vote or a term must be durable before the messages that depend on them
+        // go out. A hard state whose only change is the commit index need not be: it stays
+        // buffered and reaches the disk with the next sync, and a node that restarts with an
+        // older commit index learns it again from the leader (its databases may be ahead of
+        // it; `Node::start` raises it to what they hold). This is etcd's `MustSync`.
+        if ready.must_sync() {
             let started = Instant::now();
             self.storage.write().sync()?;
             self.shared
