@@ -2059,11 +2059,17 @@ impl RaftDriver {
             self.storage.write().set_hard_state(hs)?;
         }
         // Entries, a vote or a term must be durable before the messages that depend on them
-        // go out. A hard state whose only change is the commit index need not be: it stays
-        // buffered and reaches the disk with the next sync, and a node that restarts with an
-        // older commit index learns it again from the leader (its databases may be ahead of
-        // it; `Node::start` raises it to what they hold). This is etcd's `MustSync`.
-        if ready.must_sync() {
+        // go out. A hard state whose only change is the commit index need not be (etcd's
+        // `MustSync`): a node that restarts with an older commit index learns it again from
+        // the leader (its databases may be ahead of it; `Node::start` raises it to what they
+        // hold). It is still handed to the operating system, so that it survives a kill -9:
+        // `raftsql recover` keeps the entries up to the commit index it finds, and a survivor
+        // that applied an acknowledged write must not drop it (recovery.rs found this).
+        if !ready.must_sync() {
+            if ready.hs().is_some() {
+                self.storage.write().flush()?;
+            }
+        } else {
             let started = Instant::now();
             self.storage.write().sync()?;
             self.shared
@@ -2099,7 +2105,9 @@ impl RaftDriver {
         if let Some(commit) = light.commit_index() {
             let mut hs = self.storage.read().hard_state().clone();
             hs.commit = commit;
-            self.storage.write().set_hard_state(&hs)?;
+            let mut log = self.storage.write();
+            log.set_hard_state(&hs)?;
+            log.flush()?;
         }
         self.send(light.take_messages());
         let committed = light.take_committed_entries();
