@@ -24,6 +24,7 @@
 pub mod backup;
 pub mod backup_schedule;
 pub mod client;
+mod committed;
 pub mod entry;
 pub mod error;
 mod guard;

@@ -51,6 +51,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::committed::Committed;
 use crate::entry::{Change, Frames, Page, PageChange};
 use crate::error::{Error, Result};
 use crate::guard::{self, Guard, Role};
@@ -461,6 +462,8 @@ struct Db {
     /// What client SQL may do on the writer.
     guard: Guard,
     wal: Option<File>,
+    /// Committed page images, the bases of page changes (committed.rs).
+    committed: Committed,
 }
 
 struct InFlight {
@@ -472,6 +475,20 @@ struct InFlight {
     /// The whole pages of its entry, as captured (page 1 stamped): applying its own entry,
     /// the leader writes these instead of rebuilding them from their bases.
     pages: Vec<Page>,
+    /// Its frames, still in the WAL past the rewound header, if they are exactly the entry.
+    kept: Option<Kept>,
+}
+
+/// A batch's frames left in the WAL past the rewound wal-index header. When the batch's
+/// entry commits and no WAL has been written since, putting `exposed` back makes those
+/// frames the committed state: the leader applies its own entry without writing a page.
+struct Kept {
+    /// The header SQLite wrote at the speculative COMMIT.
+    exposed: vfs::SavedHeader,
+    /// The header the rewind put back.
+    rewound: vfs::SavedHeader,
+    /// [`vfs::wal_writes`] right after the rewind.
+    wal_writes: u64,
 }
 
 struct OpenTx {
@@ -687,6 +704,7 @@ impl StateMachine {
             writer,
             guard,
             wal: None,
+            committed: Committed::default(),
         })
     }
 
@@ -910,8 +928,9 @@ impl StateMachine {
     /// the WAL so they vanish again, and proposes them as one entry.
     ///
     /// The read gate is closed only from COMMIT to the rewind (microseconds): the frames are
-    /// visible to no reader. When the entry commits, this node applies it exactly like every
-    /// other node does ([`apply_pages`]), so all replicas are built by the same code path.
+    /// visible to no reader. When the entry commits, this node publishes the frames still in
+    /// its WAL if they are exactly the entry ([`Kept`], `expose_kept`), else applies it like
+    /// every other node does ([`apply_pages`]).
     fn commit_and_propose(&mut self, db_name: &str, waiters: Vec<Waiter>) -> Result<()> {
         let me = self.me;
         self.seq += 1;
@@ -943,7 +962,8 @@ impl StateMachine {
         }
         let captured = capture_and_rewind(db, &key, &saved, &before);
         db.handle.gate.open();
-        let (pages, after) = match captured {
+        let wal_writes = vfs::wal_writes();
+        let (pages, after, exposed) = match captured {
             Ok(Some(x)) => x,
             Ok(None) => {
                 // No page changed (only reads, or writes that changed nothing): nothing to
@@ -984,11 +1004,32 @@ impl StateMachine {
             return Ok(());
         }
         let mut pages = pages;
+        // The frames can stand as this node's apply only if they are the entry's pages.
+        let mut kept = exposed.map(|exposed| Kept {
+            exposed,
+            rewound: saved,
+            wal_writes,
+        });
         if let Some(p1) = pages.first_mut().filter(|p| p.pgno == 1) {
             // Stamp page 1 with the change counter every node's apply will write: the
             // committed counter (the WAL is rewound, so the writer reads it) plus one.
-            match page1_counter(&db.writer) {
-                Ok(c) => p1.data = stamp_change_counter(&p1.data, c.wrapping_add(1)),
+            // (From page 1's committed image if held: diff_pages checks it in test builds.)
+            let held = bases
+                .get(&1)
+                .map(|b| &b[..])
+                .or(db.committed.get(1).map(|b| &b[..]));
+            let counter = match held {
+                Some(b) => Ok(u32::from_be_bytes(b[24..28].try_into().unwrap())),
+                None => page1_counter(&db.writer),
+            };
+            match counter {
+                Ok(c) => {
+                    let stamped = stamp_change_counter(&p1.data, c.wrapping_add(1));
+                    if stamped != p1.data {
+                        kept = None;
+                    }
+                    p1.data = stamped;
+                }
                 Err(e) => {
                     fail(waiters, e);
                     return Ok(());
@@ -998,7 +1039,7 @@ impl StateMachine {
         // Each page travels as the bytes that differ from the committed page (invariant 3:
         // every node applies the entry to that same page), or whole if that is smaller.
         let committed_pages = (before.max_frame > 0).then_some(before.n_page);
-        let changes = match diff_pages(&db.writer, &pages, bases, committed_pages) {
+        let changes = match diff_pages(&db.writer, &pages, bases, &db.committed, committed_pages) {
             Ok(c) => c,
             Err(e) => {
                 fail(waiters, e);
@@ -1030,6 +1071,7 @@ impl StateMachine {
             waiters,
             proposed: Instant::now(),
             pages,
+            kept,
         });
         let base = self.applied();
         (self.to_raft)(ToRaft::Propose {
@@ -1085,14 +1127,17 @@ impl StateMachine {
                 self.settings.metrics.commit.observe(waited);
             }
             let started = Instant::now();
-            let images = if own {
-                self.in_flight
-                    .as_mut()
-                    .map(|f| std::mem::take(&mut f.pages))
-            } else {
-                None
+            let (images, kept) = match self.in_flight.as_mut().filter(|_| own) {
+                Some(f) => (Some(std::mem::take(&mut f.pages)), f.kept.take()),
+                None => (None, None),
             };
-            self.apply_frames(&frames, images.as_deref())?;
+            let exposed = match (kept, &images) {
+                (Some(k), Some(i)) => self.expose_kept(&frames, k, i.clone()),
+                _ => false,
+            };
+            if !exposed {
+                self.apply_frames(&frames, images.as_deref())?;
+            }
             self.settings
                 .metrics
                 .apply
@@ -1112,6 +1157,40 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Applies the leader's own entry by putting back the wal-index header of its speculative
+    /// COMMIT, if the frames it wrote are still there: no WAL was written since the rewind
+    /// (so they were not overwritten, checkpointed over or truncated) and the header is still
+    /// the rewound one. Readers see the entry at once, as after any SQLite commit; the next
+    /// transaction of every connection sees the changed header and drops its page cache.
+    /// Returns false (nothing done) otherwise; the caller then writes the pages.
+    fn expose_kept(&mut self, f: &Frames, kept: Kept, images: Vec<Page>) -> bool {
+        let Some(db) = self.dbs.get_mut(&f.db) else {
+            return false;
+        };
+        let key = &db.handle.key;
+        if vfs::wal_writes() != kept.wal_writes || vfs::save_header(key) != Some(kept.rewound) {
+            return false;
+        }
+        if !vfs::restore_header(key, &kept.exposed) {
+            return false;
+        }
+        // The test builds check that this node now holds exactly the entry's pages.
+        #[cfg(debug_assertions)]
+        for c in &f.pages {
+            let page = read_page(&db.writer, c.pgno).unwrap().unwrap();
+            assert_eq!(
+                crc32fast::hash(&page),
+                c.crc,
+                "page {} of the exposed frames differs from the entry",
+                c.pgno
+            );
+        }
+        db.committed
+            .applied(images.into_iter().map(|p| (p.pgno, p.data)), f.db_pages);
+        self.frames_since_checkpoint += f.pages.len() as u64;
+        true
+    }
+
     /// Writes an entry's page images through SQLite (invariant 3).
     fn apply_frames(&mut self, f: &Frames, images: Option<&[Page]>) -> Result<()> {
         if f.page_size != PAGE_SIZE {
@@ -1122,7 +1201,7 @@ impl StateMachine {
         }
         self.frames_since_checkpoint += f.pages.len() as u64;
         let db = self.db(&f.db)?;
-        apply_pages(&db.writer, f, images)
+        apply_pages(&db.writer, f, images, &mut db.committed)
     }
 
     fn handle_tx(&mut self, op: TxOp) {
@@ -1541,16 +1620,29 @@ fn ended_transaction(e: Option<Error>) -> Error {
 ///
 /// `images`, given by the leader for its own entry, are the entry's pages whole (as it
 /// captured them, one per change, in order); each must have the change's crc32.
-pub fn apply_pages(w: &Connection, f: &Frames, images: Option<&[Page]>) -> Result<()> {
+///
+/// `committed` holds committed images of some pages (the bases it has are used instead of
+/// reading them) and gets the pages written.
+pub(crate) fn apply_pages(
+    w: &Connection,
+    f: &Frames,
+    images: Option<&[Page]>,
+    committed: &mut Committed,
+) -> Result<()> {
     // The one place that writes sqlite_dbpage: lift DEFENSIVE (on while client SQL runs on
     // the writer, see guard.rs) for the apply only.
     guard::set_defensive(w, false)?;
-    let r = write_pages(w, f, images);
+    let r = write_pages(w, f, images, committed);
     guard::set_defensive(w, true)?;
     r
 }
 
-fn write_pages(w: &Connection, f: &Frames, images: Option<&[Page]>) -> Result<()> {
+fn write_pages(
+    w: &Connection,
+    f: &Frames,
+    images: Option<&[Page]>,
+    committed: &mut Committed,
+) -> Result<()> {
     let size = f.page_size as usize;
     let images = images.filter(|i| {
         i.len() == f.pages.len()
@@ -1572,7 +1664,9 @@ fn write_pages(w: &Connection, f: &Frames, images: Option<&[Page]>) -> Result<()
             }
             let base = match c.change {
                 Change::Image(_) => None,
-                Change::Ranges(_) => read_page(w, c.pgno)?,
+                Change::Ranges(_) => {
+                    committed_base(w, &mut HashMap::new(), committed, Some(old_pages), c.pgno)?
+                }
             };
             let page = c
                 .apply_to(base.as_deref(), size)
@@ -1588,9 +1682,10 @@ fn write_pages(w: &Connection, f: &Frames, images: Option<&[Page]>) -> Result<()
         Ok((
             f.pages.last().map_or(old_pages, |p| p.pgno.max(old_pages)),
             page1,
+            pages,
         ))
     })?;
-    let (grown, page1) = grown;
+    let (grown, page1, written) = grown;
     if let Some(p1) = page1 {
         // Replicas must be byte-identical: check the one page SQLite rewrites on its own.
         let now: Vec<u8> =
@@ -1614,6 +1709,10 @@ fn write_pages(w: &Connection, f: &Frames, images: Option<&[Page]>) -> Result<()
             Ok(())
         })?;
     }
+    committed.applied(
+        written.into_iter().map(|(p, d)| (p, Bytes::from(d))),
+        f.db_pages,
+    );
     Ok(())
 }
 
@@ -1744,31 +1843,48 @@ fn diff_pages(
     w: &Connection,
     pages: &[Page],
     mut bases: HashMap<u32, Vec<u8>>,
+    committed: &Committed,
     committed_pages: Option<u32>,
 ) -> Result<Vec<PageChange>> {
     pages
         .iter()
         .map(|p| {
-            let base = match bases.remove(&p.pgno) {
-                Some(b) => {
-                    // The test builds check every recorded base against SQLite's own.
-                    #[cfg(debug_assertions)]
-                    {
-                        let read = read_page(w, p.pgno)?;
-                        assert!(
-                            read.as_deref() == Some(&b[..]),
-                            "the recorded base of page {} differs from the committed page",
-                            p.pgno
-                        );
-                    }
-                    Some(b)
-                }
-                None if committed_pages.is_some_and(|n| p.pgno > n) => None,
-                None => read_page(w, p.pgno)?,
-            };
+            let base = committed_base(w, &mut bases, committed, committed_pages, p.pgno)?;
             Ok(PageChange::diff(p, base.as_deref()))
         })
         .collect()
+}
+
+/// The committed image of page `pgno`: one the batch read (`recorded`, taken out), else the
+/// one `committed` holds, else `None` past the committed size if it is known, else the page
+/// read on `w` (which must see the committed state).
+fn committed_base(
+    w: &Connection,
+    recorded: &mut HashMap<u32, Vec<u8>>,
+    committed: &Committed,
+    committed_pages: Option<u32>,
+    pgno: u32,
+) -> Result<Option<Bytes>> {
+    let held = match recorded.remove(&pgno) {
+        Some(b) => Some(Bytes::from(b)),
+        None => committed.get(pgno).cloned(),
+    };
+    match held {
+        Some(b) => {
+            // The test builds check every recorded or cached base against SQLite's own.
+            #[cfg(debug_assertions)]
+            {
+                let read = read_page(w, pgno)?;
+                assert!(
+                    read.as_deref() == Some(&b[..]),
+                    "the held base of page {pgno} differs from the committed page"
+                );
+            }
+            Ok(Some(b))
+        }
+        None if committed_pages.is_some_and(|n| pgno > n) => Ok(None),
+        None => Ok(read_page(w, pgno)?.map(Bytes::from)),
+    }
 }
 
 /// Page 1 with its change counter and "version valid for" set to `counter` and the SQLite
@@ -1934,14 +2050,16 @@ fn capture_and_rewind(
     key: &str,
     saved: &vfs::SavedHeader,
     before: &vfs::WalHeader,
-) -> Result<Option<(Vec<Page>, vfs::WalHeader)>> {
+) -> Result<Option<(Vec<Page>, vfs::WalHeader, Option<vfs::SavedHeader>)>> {
     let after = vfs::read_header(key);
+    let exposed = vfs::save_header(key);
     let restarted = after.is_none_or(|a| a.salt != before.salt);
     let captured = match after {
         Some(a) if !restarted && a.max_frame == before.max_frame => Ok(None),
         Some(a) => {
             let first = if restarted { 1 } else { before.max_frame + 1 };
-            read_frames(db, first, a.max_frame, a.page_size).map(|p| Some((p, a)))
+            read_frames(db, first, a.max_frame, a.page_size)
+                .map(|p| Some((p, a, exposed.filter(|_| !restarted))))
         }
         None => Err(Error::Internal(
             "wal-index header unreadable after commit".into(),
@@ -2105,12 +2223,14 @@ mod tests {
         remove_wal_files(&dir.path().join("b.db"));
         let b = open_writer(&dir.path().join("b.db")).unwrap();
         let c = open_writer(&dir.path().join("c.db")).unwrap();
-        let step = |sql: &str| {
+        // b reads every base from SQLite, c from its cache of the pages it applied.
+        let mut cache = Committed::default();
+        let mut step = |sql: &str| {
             let (pages, before, n) = leader_write(&a, sql);
             // As the leader does: page 1 carries the counter the replicas will write.
             let f = entry(pages, &before, n, page1_counter(&b).unwrap() + 1);
-            apply_pages(&b, &f, None).unwrap();
-            apply_pages(&c, &f, None).unwrap();
+            apply_pages(&b, &f, None, &mut Committed::default()).unwrap();
+            apply_pages(&c, &f, None, &mut cache).unwrap();
             assert_eq!(digest(&b), digest(&c), "after {sql}");
         };
         step("CREATE TABLE t(k TEXT PRIMARY KEY)");

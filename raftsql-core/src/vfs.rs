@@ -34,6 +34,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
@@ -48,6 +49,8 @@ pub const WAL_INDEX_HDR_BYTES: usize = 96;
 /// Addresses of the mapped regions of the wal-index of each open database (index = region),
 /// keyed by the database path SQLite opened. Stored as `usize` so the map is `Send`.
 static SHM_REGIONS: OnceLock<Mutex<HashMap<String, Vec<usize>>>> = OnceLock::new();
+/// Writes and truncations of any WAL file through this VFS, ever (see [`wal_writes`]).
+static WAL_WRITES: AtomicU64 = AtomicU64::new(0);
 static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
 /// The unix VFS we delegate to.
 static mut UNIX_VFS: *mut ffi::sqlite3_vfs = std::ptr::null_mut();
@@ -324,12 +327,22 @@ unsafe extern "C" fn x_write(
     n: c_int,
     off: i64,
 ) -> c_int {
+    count_wal_write(file);
     let (r, m) = real(file);
     m.xWrite.unwrap()(r, buf, n, off)
 }
 unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    count_wal_write(file);
     let (r, m) = real(file);
     m.xTruncate.unwrap()(r, size)
+}
+/// Counts a write to a WAL file (before it is made, so that no reader of the count can miss
+/// one that has begun).
+unsafe fn count_wal_write(file: *mut ffi::sqlite3_file) {
+    // SAFETY: SQLite passes back the file object x_open initialized as our File.
+    if !(*(file as *mut File)).wal_db_path.is_null() {
+        WAL_WRITES.fetch_add(1, Ordering::SeqCst);
+    }
 }
 unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     let (r, m) = real(file);
@@ -434,7 +447,7 @@ pub struct WalHeader {
 }
 
 /// A raw copy of both wal-index header copies, to be put back by [`restore_header`].
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SavedHeader(pub [u8; WAL_INDEX_HDR_BYTES]);
 
 fn region0(db_path: &str) -> Option<*mut u8> {
@@ -489,6 +502,13 @@ pub fn restore_header(db_path: &str, saved: &SavedHeader) -> bool {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
     true
+}
+
+/// How many times any WAL file has been written or truncated through this VFS. Equal counts
+/// at two moments mean no WAL changed in between: frames past a rewound header are still
+/// the ones that were there.
+pub fn wal_writes() -> u64 {
+    WAL_WRITES.load(Ordering::SeqCst)
 }
 
 /// Marks the wal-index header invalid, so the next connection to read rebuilds the index
