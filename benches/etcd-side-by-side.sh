@@ -28,6 +28,9 @@ wait_gone() {
     pgrep -f -- 'http://127.0.0.1[1-3]:2380|--etcd-listen 127.0.0.3[1-3]:' >/dev/null || return 0
     sleep 0.1
   done
+  echo "etcd or raftsql nodes still hold 127.0.0.11-13 or 127.0.0.31-33:" >&2
+  pgrep -af -- 'http://127.0.0.1[1-3]:2380|--etcd-listen 127.0.0.3[1-3]:' >&2
+  exit 1
 }
 trap cleanup EXIT
 wait_gone
