@@ -41,6 +41,10 @@ pub struct WriteMetrics {
     pub commit: Histogram,
     /// `raftsql_apply_seconds`: writing one entry's pages into its database.
     pub apply: Histogram,
+    /// `raftsql_checkpoint_seconds`: one checkpoint on any node (the WAL copied into every
+    /// database file, the files fsynced, the checkpoint index recorded): the state machine
+    /// neither applies nor starts a batch meanwhile.
+    pub checkpoint: Histogram,
 }
 
 fn seconds(name: &str, help: &str) -> Histogram {
@@ -103,12 +107,17 @@ impl Metrics {
                 "raftsql_apply_seconds",
                 "Writing one committed entry's pages into its database.",
             ),
+            checkpoint: seconds(
+                "raftsql_checkpoint_seconds",
+                "One checkpoint: the WAL copied into the database files, which are fsynced.",
+            ),
         };
         for c in [
             Box::new(write.batch_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(write.execute.clone()),
             Box::new(write.commit.clone()),
             Box::new(write.apply.clone()),
+            Box::new(write.checkpoint.clone()),
             Box::new(wal_fsync.clone()),
             Box::new(leader_changes.clone()),
             Box::new(backup_last_success.clone()),

@@ -40,7 +40,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -529,6 +529,8 @@ pub struct StateMachine {
     seq: u64,
     frames_since_checkpoint: u64,
     next_checkpoint: Instant,
+    /// A checkpoint whose files are being fsynced off this thread.
+    syncing: Option<Syncing>,
     settings: SmSettings,
     to_raft: Box<dyn Fn(ToRaft) + Send>,
     snapshots: Arc<crate::snapshot::SnapshotStore>,
@@ -543,6 +545,36 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(dir, e))
+}
+
+/// A checkpoint whose copy is done, waiting for the fsyncs of its files.
+struct Syncing {
+    /// Its index and term: the checkpoint index and term once the files are durable.
+    applied: u64,
+    term: u64,
+    started: Instant,
+    done: Receiver<Result<()>>,
+}
+
+impl Syncing {
+    fn new(applied: u64, term: u64, started: Instant, done: Receiver<Result<()>>) -> Syncing {
+        Syncing {
+            applied,
+            term,
+            started,
+            done,
+        }
+    }
+}
+
+/// fsyncs each database file, then their directory.
+fn sync_files(files: &[PathBuf], dir: &Path) -> Result<()> {
+    for f in files {
+        File::open(f)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(f, e))?;
+    }
+    fsync_dir(dir)
 }
 
 /// Writes `data` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
@@ -655,6 +687,7 @@ impl StateMachine {
             seq: 0,
             frames_since_checkpoint: 0,
             next_checkpoint: Instant::now(),
+            syncing: None,
             batch_started: Instant::now(),
             settings,
             to_raft,
@@ -762,6 +795,9 @@ impl StateMachine {
             // concurrent load (issue 15: the leader's WAL grew to 206 MB and its Raft log
             // was never compacted), so they run while the entry is being replicated.
             // An interactive transaction does hold the writer's lock: they wait for it.
+            if let Err(e) = self.finish_checkpoint(false) {
+                tracing::warn!("checkpoint failed (will retry): {e}");
+            }
             if self.open_tx.is_none() {
                 if let Err(e) = self.maybe_checkpoint() {
                     tracing::warn!("checkpoint failed (will retry): {e}");
@@ -775,6 +811,9 @@ impl StateMachine {
         self.abort_in_flight(Error::Shutdown);
         for r in self.queue.drain(..) {
             r.fail(Error::Shutdown);
+        }
+        if let Err(e) = self.finish_checkpoint(true) {
+            tracing::warn!("checkpoint failed at shutdown: {e}");
         }
     }
 
@@ -1311,7 +1350,8 @@ impl StateMachine {
 
     /// Checkpoints every database into its file and advances C (invariant 4).
     fn maybe_checkpoint(&mut self) -> Result<()> {
-        if self.frames_since_checkpoint < self.settings.checkpoint_frames
+        if self.syncing.is_some()
+            || self.frames_since_checkpoint < self.settings.checkpoint_frames
             || Instant::now() < self.next_checkpoint
         {
             return Ok(());
@@ -1319,12 +1359,18 @@ impl StateMachine {
         self.checkpoint()
     }
 
-    /// Forces a checkpoint of every database.
-    pub fn checkpoint(&mut self) -> Result<()> {
+    /// Starts a checkpoint of every database: records its target, has SQLite copy the WAL
+    /// into each database file, and leaves the fsyncs of the files to a thread of their own
+    /// ([`StateMachine::finish_checkpoint`] records the checkpoint index once they are done).
+    /// The copy is a third of a checkpoint's time and the fsyncs more than half (at 64 etcd
+    /// clients: 15 and 23 ms of 42); writes and applies go on during the fsyncs. Nothing
+    /// else writes the database files meanwhile: the next checkpoint waits for this one.
+    fn checkpoint(&mut self) -> Result<()> {
         let applied = self.applied();
-        if applied <= self.meta.checkpoint_index {
+        if applied <= self.meta.checkpoint_index || self.syncing.is_some() {
             return Ok(());
         }
+        let started = Instant::now();
         // Record the target first: once SQLite starts copying, the files hold pages of
         // entries up to `applied`, and recovery must replay at least that far.
         if self.meta.checkpoint_target != applied {
@@ -1349,20 +1395,68 @@ impl StateMachine {
                 return Ok(());
             }
         }
-        for db in self.dbs.values() {
-            File::open(&db.handle.path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(&db.handle.path, e))?;
+        self.frames_since_checkpoint = 0;
+        let files: Vec<PathBuf> = self.dbs.values().map(|d| d.handle.path.clone()).collect();
+        let dir = self.gen_dir.clone();
+        let (tx, done) = mpsc::channel();
+        let sync = move || {
+            let r = sync_files(&files, &dir);
+            if r.is_ok() {
+                failpoint("checkpoint-before-meta");
+            }
+            let _ = tx.send(r);
+        };
+        let spawned = std::thread::Builder::new()
+            .name("raftsql-ckpt".into())
+            .spawn(sync);
+        if let Err(e) = spawned {
+            // No thread to be had: fsync here instead.
+            tracing::warn!("checkpoint fsyncs on the state machine thread: {e}");
+            let files: Vec<PathBuf> = self.dbs.values().map(|d| d.handle.path.clone()).collect();
+            let (tx, rx) = mpsc::channel();
+            let _ = tx.send(sync_files(&files, &self.gen_dir));
+            self.syncing = Some(Syncing::new(applied, self.applied_term, started, rx));
+            return self.finish_checkpoint(true);
         }
-        fsync_dir(&self.gen_dir)?;
-        failpoint("checkpoint-before-meta");
+        self.syncing = Some(Syncing::new(applied, self.applied_term, started, done));
+        Ok(())
+    }
+
+    /// Records the checkpoint index of a checkpoint whose fsyncs are done (`wait`: waits for
+    /// them), and lets the Raft log be compacted up to it. If they failed, the next
+    /// checkpoint starts at once and fsyncs everything again.
+    fn finish_checkpoint(&mut self, wait: bool) -> Result<()> {
+        let Some(s) = &self.syncing else {
+            return Ok(());
+        };
+        let r = if wait {
+            s.done.recv().map_err(|_| TryRecvError::Disconnected)
+        } else {
+            s.done.try_recv()
+        };
+        let r = match r {
+            Err(TryRecvError::Empty) => return Ok(()),
+            Err(TryRecvError::Disconnected) => Err(Error::Internal(
+                "the checkpoint's fsync thread ended without an answer".into(),
+            )),
+            Ok(r) => r,
+        };
+        let s = self.syncing.take().unwrap();
+        if let Err(e) = r {
+            self.frames_since_checkpoint = self.settings.checkpoint_frames;
+            return Err(e);
+        }
+        let applied = s.applied;
         self.meta.checkpoint_index = applied;
-        self.meta.checkpoint_term = self.applied_term;
+        self.meta.checkpoint_term = s.term;
         write_atomic(
             &self.gen_dir.join("meta.json"),
             &serde_json::to_vec(&self.meta).unwrap(),
         )?;
-        self.frames_since_checkpoint = 0;
+        self.settings
+            .metrics
+            .checkpoint
+            .observe(s.started.elapsed().as_secs_f64());
         self.progress.checkpoint.store(applied, Ordering::SeqCst);
         (self.to_raft)(ToRaft::Checkpointed(applied));
         tracing::debug!("checkpoint at index {applied}");
@@ -1398,6 +1492,11 @@ impl StateMachine {
 
     /// Replaces all databases with a received snapshot, atomically and durably.
     fn install_snapshot(&mut self, meta: &SnapshotMetadata, dir: &Path) -> Result<()> {
+        // A checkpoint still fsyncing the old generation's files finishes first: its
+        // meta.json write must not land after the new generation's.
+        if let Err(e) = self.finish_checkpoint(true) {
+            tracing::warn!("checkpoint failed before a snapshot install: {e}");
+        }
         self.abort_in_flight(Error::OutcomeUnknown);
         self.rollback_tx();
         let gen_name = format!("gen-{}-{}", meta.index, rand::random::<u32>());

@@ -351,6 +351,7 @@ fn the_http_endpoints_answer_and_readyz_fails_without_quorum() {
         "etcd_disk_wal_fsync_duration_seconds_bucket",
         "etcd_mvcc_db_total_size_in_bytes",
         "raftsql_apply_lag_entries",
+        "raftsql_checkpoint_seconds_count",
     ] {
         assert!(metrics.contains(name), "no {name} in\n{metrics}");
     }
