@@ -206,6 +206,7 @@ unsafe fn record(file: *mut ffi::sqlite3_file, buf: *const c_void, n: c_int, off
 /// Registers the `raftsql` VFS with SQLite (idempotent). It is not made the default VFS.
 pub fn register() -> Result<(), String> {
     REGISTERED
+        // SAFETY: called once (OnceLock), before any connection uses the VFS.
         .get_or_init(|| unsafe { register_inner() })
         .clone()
 }
@@ -495,6 +496,8 @@ pub fn restore_header(db_path: &str, saved: &SavedHeader) -> bool {
     let Some(p) = region0(db_path) else {
         return false;
     };
+    // SAFETY: region 0 is at least 32 KiB and stays mapped while any connection is open;
+    // the 96 bytes written are the two header copies, as SQLite writes them.
     unsafe {
         std::ptr::copy_nonoverlapping(saved.0.as_ptr().add(48), p.add(48), 48);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -517,6 +520,7 @@ pub fn invalidate_header(db_path: &str) -> bool {
     let Some(p) = region0(db_path) else {
         return false;
     };
+    // SAFETY: as in restore_header; zeroed header copies make SQLite rebuild the index.
     unsafe {
         std::ptr::write_bytes(p, 0, WAL_INDEX_HDR_BYTES);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
