@@ -459,10 +459,14 @@ async fn watch_bench(a: &BenchEtcdArgs, urls: &[String]) -> Result<(), String> {
         }
         streams.push((tx, stream));
     }
-    let writes_done = Arc::new(tokio::sync::Notify::new());
+    // A watch channel, not a Notify: `notify_waiters` wakes only the tasks waiting at that
+    // instant, and a watcher busy with an event then waited forever for one more (the
+    // benchmark hung, against etcd and raftsql alike). A watch receiver sees the change
+    // whenever it next looks.
+    let (writes_done, done_rx) = tokio::sync::watch::channel(false);
     let mut watch_tasks = Vec::new();
     for (tx, mut stream) in streams {
-        let done = writes_done.clone();
+        let mut done = done_rx.clone();
         watch_tasks.push(tokio::spawn(async move {
             let _keep_open = tx;
             let mut lat: Vec<u32> = Vec::new();
@@ -489,7 +493,7 @@ async fn watch_bench(a: &BenchEtcdArgs, urls: &[String]) -> Result<(), String> {
                         }
                         _ => break,
                     },
-                    _ = done.notified(), if grace.is_none() => {
+                    _ = done.changed(), if grace.is_none() => {
                         // Writers stopped: give in-flight events 2 s to arrive.
                         grace = Some(tokio::time::Instant::now() + Duration::from_secs(2));
                     }
@@ -548,7 +552,7 @@ async fn watch_bench(a: &BenchEtcdArgs, urls: &[String]) -> Result<(), String> {
         t.await.map_err(|e| e.to_string())?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    writes_done.notify_waiters();
+    let _ = writes_done.send(true);
     let mut all: Vec<u32> = Vec::new();
     let mut per_watcher = Vec::new();
     for t in watch_tasks {
