@@ -157,7 +157,7 @@ impl PageChange {
         let mut cost = 3; // kind + count
         for (start, end) in differing_runs(base, new) {
             cost += RANGE_OVERHEAD + (end - start);
-            if cost >= 1 + new.len() {
+            if cost > new.len() {
                 return image();
             }
             ranges.push(Range {

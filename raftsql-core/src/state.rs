@@ -2135,6 +2135,11 @@ fn read_file_page(file: &File, at: u64, size: usize) -> std::io::Result<Option<V
     Ok(Some(page))
 }
 
+/// What a speculative COMMIT appended: its pages (newest image of each), the wal-index
+/// header after it, and that header raw if the frames can later be published as they are
+/// (not if the COMMIT restarted the WAL).
+type Captured = (Vec<Page>, vfs::WalHeader, Option<vfs::SavedHeader>);
+
 /// After a speculative COMMIT: reads the frames it appended and rewinds the WAL to `saved`.
 ///
 /// Returns `None` if the transaction appended nothing. The rewind puts back the wal-index
@@ -2149,7 +2154,7 @@ fn capture_and_rewind(
     key: &str,
     saved: &vfs::SavedHeader,
     before: &vfs::WalHeader,
-) -> Result<Option<(Vec<Page>, vfs::WalHeader, Option<vfs::SavedHeader>)>> {
+) -> Result<Option<Captured>> {
     let after = vfs::read_header(key);
     let exposed = vfs::save_header(key);
     let restarted = after.is_none_or(|a| a.salt != before.salt);

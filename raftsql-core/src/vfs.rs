@@ -188,14 +188,14 @@ unsafe fn record(file: *mut ffi::sqlite3_file, buf: *const c_void, n: c_int, off
         let off = off as u64;
         let data = || std::slice::from_raw_parts(buf as *const u8, size).to_vec();
         if matches((*f).main_db_path) {
-            if off % size as u64 == 0 {
+            if off.is_multiple_of(size as u64) {
                 let pgno = (off / size as u64 + 1) as u32;
                 rec.file_pages.entry(pgno).or_insert_with(data);
             }
         } else if matches((*f).wal_db_path) {
             // A frame's page image: 32-byte WAL header, then frames of 24 + size bytes.
             let frame = 24 + size as u64;
-            if off >= 56 && (off - 56) % frame == 0 {
+            if off >= 56 && (off - 56).is_multiple_of(frame) {
                 let n = ((off - 56) / frame + 1) as u32;
                 rec.frames.entry(n).or_insert_with(data);
             }
