@@ -28,6 +28,8 @@ const MAX_PAGES: usize = 2048;
 #[derive(Default)]
 pub(crate) struct Committed {
     pages: HashMap<u32, Bytes>,
+    /// The database's size after the last applied entry (pages past it are never held).
+    db_pages: u32,
 }
 
 impl Committed {
@@ -39,7 +41,10 @@ impl Committed {
     /// Records the pages an applied entry wrote; `db_pages` is the database's size after it
     /// (pages past it no longer exist).
     pub(crate) fn applied(&mut self, pages: impl IntoIterator<Item = (u32, Bytes)>, db_pages: u32) {
-        self.pages.retain(|p, _| *p <= db_pages);
+        if db_pages < self.db_pages {
+            self.pages.retain(|p, _| *p <= db_pages);
+        }
+        self.db_pages = db_pages;
         for (pgno, data) in pages {
             self.pages.insert(pgno, data);
         }

@@ -993,18 +993,7 @@ impl RaftLog {
     /// survives the process being killed, though not a power loss.
     pub fn flush(&mut self) -> Result<(), LogError> {
         self.check_poisoned()?;
-        let (Some(w), Some(seg)) = (self.active.as_mut(), self.segments.last()) else {
-            return Ok(());
-        };
-        if let Err(source) = w.flush() {
-            let e = LogError::Io {
-                path: seg.path.clone(),
-                source,
-            };
-            self.poison(&e);
-            return Err(e);
-        }
-        Ok(())
+        self.write_out(false)
     }
 
     /// Makes every record written so far durable: flushes the write buffer and `fdatasync`s the
@@ -1012,7 +1001,7 @@ impl RaftLog {
     /// created, so there is no directory sync to do here.)
     pub fn sync(&mut self) -> Result<(), LogError> {
         self.check_poisoned()?;
-        self.sync_active()
+        self.write_out(true)
     }
 
     /// Installs a snapshot's position: drops all entries, moves the base to
@@ -1203,12 +1192,19 @@ impl RaftLog {
         }
     }
 
-    /// Flushes and `fdatasync`s the active segment.
-    fn sync_active(&mut self) -> Result<(), LogError> {
+    /// Flushes the active segment's write buffer and, if `sync`, `fdatasync`s it.
+    fn write_out(&mut self, sync: bool) -> Result<(), LogError> {
         let (Some(w), Some(seg)) = (self.active.as_mut(), self.segments.last()) else {
             return Ok(());
         };
-        if let Err(source) = w.flush().and_then(|_| w.get_ref().sync_data()) {
+        let done = w.flush().and_then(|_| {
+            if sync {
+                w.get_ref().sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(source) = done {
             let e = LogError::Io {
                 path: seg.path.clone(),
                 source,
@@ -1253,7 +1249,7 @@ impl RaftLog {
     /// segment. Invariant 2: the new segment is written under a temporary name, synced, renamed
     /// and the directory synced.
     fn create_segment(&mut self, with_entries: bool) -> Result<(), LogError> {
-        self.sync_active()?;
+        self.write_out(true)?;
         let result = self.try_create_segment(with_entries);
         if let Err(e) = &result {
             self.poison(e);

@@ -556,17 +556,6 @@ struct Syncing {
     done: Receiver<Result<()>>,
 }
 
-impl Syncing {
-    fn new(applied: u64, term: u64, started: Instant, done: Receiver<Result<()>>) -> Syncing {
-        Syncing {
-            applied,
-            term,
-            started,
-            done,
-        }
-    }
-}
-
 /// fsyncs each database file, then their directory.
 fn sync_files(files: &[PathBuf], dir: &Path) -> Result<()> {
     for f in files {
@@ -1058,7 +1047,7 @@ impl StateMachine {
                 .map(|b| &b[..])
                 .or(db.committed.get(1).map(|b| &b[..]));
             let counter = match held {
-                Some(b) => Ok(u32::from_be_bytes(b[24..28].try_into().unwrap())),
+                Some(b) => Ok(change_counter(b)),
                 None => page1_counter(&db.writer),
             };
             match counter {
@@ -1171,7 +1160,7 @@ impl StateMachine {
                 None => (None, None),
             };
             let exposed = match (kept, &images) {
-                (Some(k), Some(i)) => self.expose_kept(&frames, k, i.clone()),
+                (Some(k), Some(i)) => self.expose_kept(&frames, k, i),
                 _ => false,
             };
             if !exposed {
@@ -1202,7 +1191,7 @@ impl StateMachine {
     /// the rewound one. Readers see the entry at once, as after any SQLite commit; the next
     /// transaction of every connection sees the changed header and drops its page cache.
     /// Returns false (nothing done) otherwise; the caller then writes the pages.
-    fn expose_kept(&mut self, f: &Frames, kept: Kept, images: Vec<Page>) -> bool {
+    fn expose_kept(&mut self, f: &Frames, kept: Kept, images: &[Page]) -> bool {
         let Some(db) = self.dbs.get_mut(&f.db) else {
             return false;
         };
@@ -1225,7 +1214,7 @@ impl StateMachine {
             );
         }
         db.committed
-            .applied(images.into_iter().map(|p| (p.pgno, p.data)), f.db_pages);
+            .applied(images.iter().map(|p| (p.pgno, p.data.clone())), f.db_pages);
         self.frames_since_checkpoint += f.pages.len() as u64;
         true
     }
@@ -1406,19 +1395,22 @@ impl StateMachine {
             }
             let _ = tx.send(r);
         };
-        let spawned = std::thread::Builder::new()
+        if let Err(e) = std::thread::Builder::new()
             .name("raftsql-ckpt".into())
-            .spawn(sync);
-        if let Err(e) = spawned {
-            // No thread to be had: fsync here instead.
-            tracing::warn!("checkpoint fsyncs on the state machine thread: {e}");
-            let files: Vec<PathBuf> = self.dbs.values().map(|d| d.handle.path.clone()).collect();
-            let (tx, rx) = mpsc::channel();
-            let _ = tx.send(sync_files(&files, &self.gen_dir));
-            self.syncing = Some(Syncing::new(applied, self.applied_term, started, rx));
-            return self.finish_checkpoint(true);
+            .spawn(sync)
+        {
+            // No thread to be had: the next checkpoint starts at once and fsyncs it all.
+            self.frames_since_checkpoint = self.settings.checkpoint_frames;
+            return Err(Error::Internal(format!(
+                "no thread for the checkpoint's fsyncs: {e}"
+            )));
         }
-        self.syncing = Some(Syncing::new(applied, self.applied_term, started, done));
+        self.syncing = Some(Syncing {
+            applied,
+            term: self.applied_term,
+            started,
+            done,
+        });
         Ok(())
     }
 
@@ -1763,9 +1755,7 @@ fn write_pages(
             }
             let base = match c.change {
                 Change::Image(_) => None,
-                Change::Ranges(_) => {
-                    committed_base(w, &mut HashMap::new(), committed, Some(old_pages), c.pgno)?
-                }
+                Change::Ranges(_) => committed_base(w, None, committed, Some(old_pages), c.pgno)?,
             };
             let page = c
                 .apply_to(base.as_deref(), size)
@@ -1777,20 +1767,15 @@ fn write_pages(
         for (pgno, data) in rest.into_iter().chain(first.iter().copied()) {
             st.execute(rusqlite::params![pgno, &data[..]])?;
         }
-        let page1 = first.first().map(|(_, d)| d.clone());
         Ok((
             f.pages.last().map_or(old_pages, |p| p.pgno.max(old_pages)),
-            page1,
             pages,
         ))
     })?;
-    let (grown, page1, written) = grown;
-    if let Some(p1) = page1 {
+    let (grown, written) = grown;
+    if let Some((_, p1)) = written.iter().find(|(pgno, _)| *pgno == 1) {
         // Replicas must be byte-identical: check the one page SQLite rewrites on its own.
-        let now: Vec<u8> =
-            w.query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| {
-                r.get(0)
-            })?;
+        let now = read_page(w, 1)?.unwrap_or_default();
         if now[..] != p1[..] {
             let diff: Vec<usize> = (0..now.len())
                 .filter(|i| now[*i] != p1[*i])
@@ -1906,19 +1891,12 @@ fn run_request(
 
 /// Page 1's file change counter (offset 24) as committed; 0 for an empty database.
 fn page1_counter(w: &Connection) -> Result<u32> {
-    let r: Option<Vec<u8>> = w
-        .query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| {
-            r.get(0)
-        })
-        .map(Some)
-        .or_else(|e| {
-            if matches!(e, rusqlite::Error::QueryReturnedNoRows) {
-                Ok(None)
-            } else {
-                Err(e)
-            }
-        })?;
-    Ok(r.map_or(0, |d| u32::from_be_bytes(d[24..28].try_into().unwrap())))
+    Ok(read_page(w, 1)?.map_or(0, |d| change_counter(&d)))
+}
+
+/// The change counter page 1 holds (its bytes 24..28).
+fn change_counter(page1: &[u8]) -> u32 {
+    u32::from_be_bytes(page1[24..28].try_into().unwrap())
 }
 
 /// Page `pgno` as the connection's current transaction (or a new read) sees it; `None` past
@@ -1948,7 +1926,7 @@ fn diff_pages(
     pages
         .iter()
         .map(|p| {
-            let base = committed_base(w, &mut bases, committed, committed_pages, p.pgno)?;
+            let base = committed_base(w, Some(&mut bases), committed, committed_pages, p.pgno)?;
             Ok(PageChange::diff(p, base.as_deref()))
         })
         .collect()
@@ -1959,12 +1937,12 @@ fn diff_pages(
 /// read on `w` (which must see the committed state).
 fn committed_base(
     w: &Connection,
-    recorded: &mut HashMap<u32, Vec<u8>>,
+    recorded: Option<&mut HashMap<u32, Vec<u8>>>,
     committed: &Committed,
     committed_pages: Option<u32>,
     pgno: u32,
 ) -> Result<Option<Bytes>> {
-    let held = match recorded.remove(&pgno) {
+    let held = match recorded.and_then(|r| r.remove(&pgno)) {
         Some(b) => Some(Bytes::from(b)),
         None => committed.get(pgno).cloned(),
     };
