@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use raftsql_core::{Node, NodeConfig, Value};
+use raftsql_core::{Consistency, Node, NodeConfig, Value};
 
 struct Env {
     rt: tokio::runtime::Runtime,
@@ -133,7 +133,7 @@ impl Env {
         for n in &self.nodes {
             let rows = self
                 .rt
-                .block_on(n.query_local("main", "PRAGMA integrity_check", vec![]))
+                .block_on(n.query_with("main", "PRAGMA integrity_check", vec![], Consistency::Local))
                 .unwrap();
             assert_eq!(
                 rows.rows[0][0],
@@ -341,7 +341,7 @@ fuzz_target!(|data: &[u8]| {
                         let _ = if path % 4 == 0 {
                             node.query("main", s, vec![]).await
                         } else {
-                            node.query_local("main", s, vec![]).await
+                            node.query_with("main", s, vec![], Consistency::Local).await
                         };
                     }
                 }

@@ -341,14 +341,30 @@ struct SqlArgs {
     /// Print rows as JSON lines.
     #[arg(long)]
     json: bool,
-    /// Read from the contacted node's applied state instead of a linearizable read.
-    #[arg(long)]
+    /// Read from the contacted node's applied state, however old, instead of a linearizable
+    /// read (etcd's --consistency=s).
+    #[arg(long, conflicts_with = "max_staleness")]
     local: bool,
+    /// Accept reads up to this stale (e.g. 500ms, 2s): served without a round trip to the
+    /// leader when the node confirmed its state within that long, else linearizable.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_staleness: Option<std::time::Duration>,
     /// Cluster name.
     #[arg(long, default_value = "raftsql")]
     cluster: String,
     #[command(flatten)]
     tls: ClientTls,
+}
+
+impl SqlArgs {
+    /// The read consistency the flags ask for.
+    fn consistency(&self) -> raftsql_core::Consistency {
+        match (self.local, self.max_staleness) {
+            (true, _) => raftsql_core::Consistency::Local,
+            (false, Some(d)) => raftsql_core::Consistency::Bounded(d),
+            (false, None) => raftsql_core::Consistency::Linearizable,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -973,7 +989,7 @@ async fn run_one(client: &Client, a: &SqlArgs, sql: &str) -> Result<(), String> 
     // A statement that starts like a query may still write (`WITH ... INSERT`): a read
     // connection refuses it (SQLITE_READONLY) without doing anything, so run it as a write.
     let read = if is_query(sql) {
-        match client.query_with(&a.db, sql, vec![], a.local).await {
+        match client.query_with(&a.db, sql, vec![], a.consistency()).await {
             Err(raftsql_core::Error::Sql { code: 8, .. }) => None,
             r => Some(r.map_err(|e| e.to_string())?),
         }
@@ -1008,7 +1024,7 @@ async fn run_several(client: &Client, a: &SqlArgs, stmts: Vec<String>) -> Result
     if stmts.iter().all(|s| is_query(s)) {
         for s in &stmts {
             let rows = client
-                .query_with(&a.db, s, vec![], a.local)
+                .query_with(&a.db, s, vec![], a.consistency())
                 .await
                 .map_err(|e| e.to_string())?;
             print_rows(a, &rows);

@@ -36,6 +36,7 @@ use raft::eraftpb::{ConfState, SnapshotMetadata};
 use raftsql_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
+use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::log::RaftLog;
 use crate::members::{rewrite_registry_file, SYSTEM_DB};
@@ -212,7 +213,8 @@ pub async fn save_local(node: &Node, path: &Path) -> Result<(BackupHeader, u64)>
 /// After a linearizable barrier, a snapshot of this node at (at least) its applied index.
 async fn make_offer(node: &Node) -> Result<Offer> {
     // Everything acknowledged before this call is applied here once this returns.
-    node.read(SYSTEM_DB, false, |_| Ok(())).await?;
+    node.read(SYSTEM_DB, Consistency::Linearizable, |_| Ok(()))
+        .await?;
     let min = *node.subscribe_applied().borrow();
     let store = node.snapshots();
     let manifest = tokio::task::spawn_blocking(move || store.fresh(min, SNAPSHOT_TIMEOUT))

@@ -1,49 +1,118 @@
 //! A client for raftsql nodes in other processes.
 //!
+//! A [`Client`] is a cheap `Clone + Send + Sync` handle: every clone shares one multiplexed
+//! connection per node ([`MuxConn`]: many calls in flight on one socket, answered in any
+//! order), the reconnects, and which node leads. Share one client among all tasks, as with
+//! `tonic::transport::Channel`.
+//!
 //! It talks to any node, follows `NotLeader` hints to the leader, and retries only what is
 //! safe to retry: a request refused before it ran (not leader, no leader yet, connection
-//! refused). A write whose connection broke after it was sent is reported as
-//! [`Error::OutcomeUnknown`], never retried blindly.
+//! refused, a connection found closed before the request was sent). A write whose
+//! connection broke after it was sent is reported as [`Error::OutcomeUnknown`], never retried
+//! blindly.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raftsql_proto::v1 as pb;
-use tokio::sync::Mutex;
 
+use crate::consistency::Consistency;
 use crate::error::{Error, Result};
+use crate::mux::{CallError, MuxConn};
 use crate::tls::{Dialer, Peer};
 use crate::transport::RpcConn;
 use crate::value::{ExecResult, Rows, Statement, Value};
 
-/// Client of a raftsql cluster.
+/// How long a call keeps retrying (elections, reconnects) unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The pause before retrying after a refusal that names no leader, or a failed connect.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Client of a raftsql cluster: cheap to clone, every clone shares the connections.
+///
+/// ```no_run
+/// # async fn demo() -> raftsql_core::Result<()> {
+/// use raftsql_core::{Client, Value};
+///
+/// let client = Client::new(vec!["127.0.0.1:7001".parse().unwrap()], "raftsql");
+/// client.execute("main", "CREATE TABLE IF NOT EXISTS kv(k TEXT PRIMARY KEY, v TEXT)", vec![]).await?;
+/// let mut tasks = Vec::new();
+/// for i in 0..64 {
+///     let c = client.clone(); // same connections, calls multiplexed
+///     tasks.push(tokio::spawn(async move {
+///         c.execute("main", "INSERT OR REPLACE INTO kv VALUES (?1, 'x')", vec![Value::Integer(i)]).await
+///     }));
+/// }
+/// for t in tasks {
+///     t.await.unwrap()?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
 pub struct Client {
-    endpoints: Vec<SocketAddr>,
-    cluster: String,
-    conn: Mutex<Option<(SocketAddr, RpcConn)>>,
-    preferred: parking_lot::Mutex<Option<SocketAddr>>,
+    endpoints: Arc<[SocketAddr]>,
+    cluster: Arc<str>,
     dialer: Dialer,
-    /// How long a call keeps retrying (elections, reconnects) before giving up.
-    pub timeout: Duration,
+    timeout: Duration,
+    shared: Arc<Shared>,
+}
+
+/// What every clone of a client shares.
+#[derive(Default)]
+struct Shared {
+    /// One connection slot per node; the slot's lock is held while (re)connecting, so
+    /// callers that find the connection broken reconnect once between them.
+    conns: parking_lot::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<MuxConn>>>>>,
+    /// The node to try first: the leader, as last learned.
+    preferred: parking_lot::Mutex<Option<SocketAddr>>,
+    /// Where the next round over the endpoints starts.
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.endpoints)
+            .field("cluster", &self.cluster)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
-    /// A client of the cluster named `cluster` reachable at any of `endpoints`.
+    /// A client of the cluster named `cluster` reachable at any of `endpoints`. Nothing is
+    /// dialled until the first call.
     pub fn new(endpoints: Vec<SocketAddr>, cluster: &str) -> Client {
         Client {
-            endpoints,
-            cluster: cluster.to_string(),
-            conn: Mutex::new(None),
-            preferred: parking_lot::Mutex::new(None),
+            endpoints: endpoints.into(),
+            cluster: cluster.into(),
             dialer: Dialer::Plain,
-            timeout: Duration::from_secs(15),
+            timeout: DEFAULT_TIMEOUT,
+            shared: Arc::default(),
         }
     }
 
-    /// Connects with `dialer` (e.g. TLS, [`Dialer::client`]) instead of plain TCP.
+    /// Connects with `dialer` (e.g. TLS, [`Dialer::client`]) instead of plain TCP. The
+    /// returned client has connections of its own (clones made before do not share them).
     pub fn with_dialer(mut self, dialer: Dialer) -> Client {
         self.dialer = dialer;
+        self.shared = Arc::default();
         self
+    }
+
+    /// How long a call keeps retrying (elections, reconnects) before it fails; 15 s unless
+    /// set. A call never takes longer than this.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The nodes this client contacts.
+    pub fn endpoints(&self) -> &[SocketAddr] {
+        &self.endpoints
     }
 
     /// Sends one request to one node (no retries, no leader following), over plain TCP.
@@ -100,6 +169,28 @@ impl Client {
         }
     }
 
+    /// The shared connection to `addr`, opened (or reopened, if the node closed it) now.
+    async fn conn_to(&self, addr: SocketAddr) -> std::io::Result<MuxConn> {
+        let slot = self.shared.conns.lock().entry(addr).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        *slot = None;
+        let c =
+            MuxConn::connect(&self.dialer, Peer::Endpoint, addr, 0, &self.cluster, None).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets `addr` as the node to try first (it failed).
+    fn unprefer(&self, addr: SocketAddr) {
+        let mut p = self.shared.preferred.lock();
+        if *p == Some(addr) {
+            *p = None;
+        }
+    }
+
     async fn call(&self, body: pb::request::Body, is_write: bool) -> Result<pb::response::Body> {
         self.call_at(body, is_write).await.map(|(_, b)| b)
     }
@@ -110,88 +201,79 @@ impl Client {
         body: pb::request::Body,
         is_write: bool,
     ) -> Result<(SocketAddr, pb::response::Body)> {
+        if self.endpoints.is_empty() {
+            return Err(Error::Invalid("the client has no endpoints".into()));
+        }
         let deadline = Instant::now() + self.timeout;
-        let mut next = 0usize;
+        let mut next = self.shared.next.fetch_add(1, Ordering::Relaxed);
         let mut last_err = Error::Unavailable("no endpoint answered".into());
         while Instant::now() < deadline {
-            let target = self.preferred.lock().take().unwrap_or_else(|| {
-                let a = self.endpoints[next % self.endpoints.len()];
+            let preferred = *self.shared.preferred.lock();
+            let target = preferred.unwrap_or_else(|| {
                 next += 1;
-                a
+                self.endpoints[next % self.endpoints.len()]
             });
-            let mut guard = self.conn.lock().await;
-            // A connection the server already closed (it restarted, or lost leadership and
-            // was stopped) is replaced before sending, so the request is never lost in it.
-            if guard.as_mut().is_some_and(|(_, c)| c.is_closed()) {
-                *guard = None;
-            }
-            if guard.as_ref().map(|(a, _)| *a) != Some(target) {
-                *guard = match RpcConn::connect(
-                    &self.dialer,
-                    Peer::Endpoint,
-                    target,
-                    0,
-                    &self.cluster,
-                    None,
-                )
-                .await
-                {
-                    Ok(c) => Some((target, c)),
-                    // A certificate the node refuses (or that does not verify) will not
-                    // change by retrying.
-                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                        return Err(transport_error(target, &e));
-                    }
-                    Err(e) => {
-                        last_err = transport_error(target, &e);
-                        drop(guard);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-            }
-            let (_, conn) = guard.as_mut().unwrap();
-            let r = conn.call(body.clone()).await;
+            let conn = match self.conn_to(target).await {
+                Ok(c) => c,
+                // A certificate the node refuses (or that does not verify) will not
+                // change by retrying.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(transport_error(target, &e));
+                }
+                Err(e) => {
+                    self.unprefer(target);
+                    last_err = unreachable(target, &e);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            };
+            let r = match tokio::time::timeout_at(deadline.into(), conn.call(body.clone())).await {
+                Ok(r) => r,
+                Err(_) if is_write => return Err(Error::OutcomeUnknown),
+                Err(_) => return Err(Error::Timeout(self.timeout)),
+            };
             match r {
                 Err(e)
-                    if guard.as_ref().is_some_and(|(_, c)| c.answered() == 0)
+                    if conn.answered() == 0
                         && (e.kind() == std::io::ErrorKind::PermissionDenied
                             || (!is_write && e.kind() == std::io::ErrorKind::InvalidData)) =>
                 {
                     // Refused right after the hello, before any request ran (no client
                     // certificate, a revoked one), or a read that got TLS from a node
                     // (a plaintext client): retrying will not help.
-                    *guard = None;
-                    return Err(transport_error(target, &e));
+                    return Err(transport_error(target, e.io()));
                 }
-                Err(e) => {
-                    *guard = None;
+                Err(CallError::NotSent(e)) => {
+                    // The connection was found closed before the request left: the next
+                    // round reconnects (or tries another node).
+                    last_err = unreachable(target, &e);
+                }
+                Err(CallError::Lost(e)) => {
+                    self.unprefer(target);
                     if is_write {
                         tracing::debug!("write to {target} lost its connection: {e}");
                         return Err(Error::OutcomeUnknown);
                     }
-                    last_err = transport_error(target, &e);
+                    last_err = unreachable(target, &e);
                 }
                 Ok(pb::response::Body::Error(e)) => {
                     let err = from_pb(e);
                     match &err {
                         Error::NotLeader { leader_addr, .. } => {
-                            if let Some(a) = leader_addr.as_ref().and_then(|a| a.parse().ok()) {
-                                *self.preferred.lock() = Some(a);
-                            } else {
-                                drop(guard);
-                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            let hint = leader_addr.as_ref().and_then(|a| a.parse().ok());
+                            *self.shared.preferred.lock() = hint;
+                            if hint.is_none() {
+                                tokio::time::sleep(RETRY_PAUSE).await;
                             }
                             last_err = err;
                         }
                         Error::Unavailable(_) => {
-                            drop(guard);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            tokio::time::sleep(RETRY_PAUSE).await;
                             last_err = err;
                         }
                         _ => {
                             // Stick to this node next time.
-                            *self.preferred.lock() = Some(target);
+                            *self.shared.preferred.lock() = Some(target);
                             return Err(err);
                         }
                     }
@@ -204,7 +286,7 @@ impl Client {
                         }
                         _ => None,
                     };
-                    *self.preferred.lock() = Some(hint.unwrap_or(target));
+                    *self.shared.preferred.lock() = Some(hint.unwrap_or(target));
                     return Ok((target, body));
                 }
             }
@@ -212,7 +294,7 @@ impl Client {
         Err(last_err)
     }
 
-    /// Runs statements atomically on `db`.
+    /// Runs statements atomically on `db`: all take effect or none.
     pub async fn execute_batch(&self, db: &str, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
         let body = pb::request::Body::Execute(pb::ExecuteRequest {
             forwarded: false,
@@ -240,22 +322,27 @@ impl Client {
         Ok(r.pop().unwrap_or_default())
     }
 
-    /// Runs a query (linearizable unless `local`).
+    /// Runs a query as fresh as `consistency` asks, on whichever node the client talks to.
     pub async fn query_with(
         &self,
         db: &str,
         sql: &str,
         params: Vec<Value>,
-        local: bool,
+        consistency: Consistency,
     ) -> Result<Rows> {
+        let (level, max_staleness_ms) = match consistency {
+            Consistency::Linearizable => (pb::ReadConsistency::Linearizable, 0),
+            Consistency::Local => (pb::ReadConsistency::Local, 0),
+            Consistency::Bounded(d) => (
+                pb::ReadConsistency::Bounded,
+                d.as_millis().min(u64::MAX as u128) as u64,
+            ),
+        };
         let body = pb::request::Body::Query(pb::QueryRequest {
             db: db.to_string(),
             statement: Some(pb::Statement::from(&Statement::with_params(sql, params))),
-            consistency: if local {
-                pb::ReadConsistency::Local as i32
-            } else {
-                pb::ReadConsistency::Linearizable as i32
-            },
+            consistency: level as i32,
+            max_staleness_ms,
         });
         match self.call(body, false).await? {
             pb::response::Body::Query(q) => Ok(Rows {
@@ -270,9 +357,10 @@ impl Client {
         }
     }
 
-    /// Runs a linearizable query.
+    /// Runs a linearizable query: it sees every write acknowledged before it started.
     pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
-        self.query_with(db, sql, params, false).await
+        self.query_with(db, sql, params, Consistency::Linearizable)
+            .await
     }
 }
 
@@ -290,9 +378,12 @@ impl Client {
         let pb::response::Body::TxBegin(b) = body else {
             return Err(Error::Transport("unexpected response".into()));
         };
-        let conn = RpcConn::connect(&self.dialer, Peer::Endpoint, addr, 0, &self.cluster, None)
+        // The transaction lives on the node that began it: its statements go there, on the
+        // shared connection.
+        let conn = self
+            .conn_to(addr)
             .await
-            .map_err(|e| Error::Transport(format!("{addr}: {e}")))?;
+            .map_err(|e| transport_error(addr, &e))?;
         Ok(RemoteTransaction {
             conn: Some(conn),
             tx_id: b.tx_id,
@@ -300,9 +391,9 @@ impl Client {
     }
 
     /// A statement prepared for repeated use (the nodes cache its compiled form).
-    pub fn prepare<'a>(&'a self, db: &str, sql: &str) -> Prepared<'a> {
+    pub fn prepare(&self, db: &str, sql: &str) -> Prepared {
         Prepared {
-            client: self,
+            client: self.clone(),
             db: db.to_string(),
             sql: sql.to_string(),
         }
@@ -310,13 +401,14 @@ impl Client {
 }
 
 /// A statement bound to a client and database (see [`Client::prepare`]).
-pub struct Prepared<'a> {
-    client: &'a Client,
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    client: Client,
     db: String,
     sql: String,
 }
 
-impl Prepared<'_> {
+impl Prepared {
     /// Runs it as a write with `params`.
     pub async fn execute(&self, params: Vec<Value>) -> Result<ExecResult> {
         self.client.execute(&self.db, &self.sql, params).await
@@ -325,11 +417,17 @@ impl Prepared<'_> {
     pub async fn query(&self, params: Vec<Value>) -> Result<Rows> {
         self.client.query(&self.db, &self.sql, params).await
     }
+    /// Runs it as a query as fresh as `consistency` asks.
+    pub async fn query_with(&self, params: Vec<Value>, consistency: Consistency) -> Result<Rows> {
+        self.client
+            .query_with(&self.db, &self.sql, params, consistency)
+            .await
+    }
 }
 
 /// An interactive transaction held open on the leader (see [`Client::transaction`]).
 pub struct RemoteTransaction {
-    conn: Option<RpcConn>,
+    conn: Option<MuxConn>,
     tx_id: u64,
 }
 
@@ -337,7 +435,7 @@ impl RemoteTransaction {
     async fn call(&mut self, body: pb::request::Body) -> Result<pb::response::Body> {
         let conn = self
             .conn
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| Error::Invalid("the transaction is over".into()))?;
         match conn.call(body).await {
             Ok(pb::response::Body::Error(e)) => Err(from_pb(e)),
@@ -386,12 +484,18 @@ impl RemoteTransaction {
             tx_id: self.tx_id,
             commit: true,
         });
-        let r = self.call(body).await;
-        self.conn = None;
-        match r {
+        let conn = self
+            .conn
+            .take()
+            .ok_or_else(|| Error::Invalid("the transaction is over".into()))?;
+        match conn.call(body).await {
+            Ok(pb::response::Body::Error(e)) => Err(from_pb(e)),
             Ok(_) => Ok(()),
-            Err(Error::Transport(_)) => Err(Error::OutcomeUnknown),
-            Err(e) => Err(e),
+            // Never sent: the leader rolls it back when its idle timeout expires.
+            Err(CallError::NotSent(e)) => Err(Error::Transport(format!(
+                "transaction connection lost before the commit was sent ({e}): not committed"
+            ))),
+            Err(CallError::Lost(_)) => Err(Error::OutcomeUnknown),
         }
     }
 
@@ -411,7 +515,7 @@ impl Drop for RemoteTransaction {
     fn drop(&mut self) {
         // Dropped without commit or rollback: roll back in the background if possible; the
         // leader's idle timeout covers the rest.
-        if let Some(mut conn) = self.conn.take() {
+        if let Some(conn) = self.conn.take() {
             let tx_id = self.tx_id;
             if let Ok(h) = tokio::runtime::Handle::try_current() {
                 h.spawn(async move {
@@ -435,6 +539,12 @@ pub fn from_pb(e: pb::Error) -> Error {
             leader_id: (e.leader_id != 0).then_some(e.leader_id),
             leader_addr: (!e.leader_addr.is_empty()).then_some(e.leader_addr),
         },
+        Code::Sql if e.sqlite_code & 0xff == rusqlite::ffi::SQLITE_CONSTRAINT => {
+            Error::Constraint {
+                code: e.sqlite_code,
+                message: e.message,
+            }
+        }
         Code::Sql => Error::Sql {
             code: e.sqlite_code,
             message: e.message,
@@ -446,6 +556,12 @@ pub fn from_pb(e: pb::Error) -> Error {
         Code::Shutdown => Error::Shutdown,
         Code::Internal => Error::Internal(e.message),
     }
+}
+
+/// A node that could not be reached (or whose connection broke before an answer): the call
+/// goes on with another node, and the cluster counts as unavailable if none answers.
+fn unreachable(target: SocketAddr, e: &std::io::Error) -> Error {
+    Error::Unavailable(crate::tls::with_hint(format!("{target}: {e}")))
 }
 
 /// A transport error for `target`, with what to do about it when the cause is a TLS mistake.

@@ -13,12 +13,24 @@ pub enum Error {
         /// Leader's address, if known: send the request there.
         leader_addr: Option<String>,
     },
-    /// SQLite rejected the statement (constraint, syntax, ...); nothing was written.
+    /// SQLite rejected the statement (syntax, a missing table, a refused statement, ...);
+    /// nothing was written. A constraint failure is [`Error::Constraint`].
     #[error("SQL error (SQLite code {code}): {message}")]
     Sql {
-        /// SQLite's primary result code.
+        /// SQLite's primary result code (`SQLITE_ERROR` = 1, `SQLITE_AUTH` = 23, ...).
         code: i32,
         /// SQLite's message.
+        message: String,
+    },
+    /// A constraint failed (UNIQUE, PRIMARY KEY, NOT NULL, CHECK, FOREIGN KEY, or a trigger's
+    /// `RAISE`): the request was rolled back and nothing of it was written. Requests
+    /// group-committed with it are not affected.
+    #[error("constraint failed (SQLite code {code}): {message}")]
+    Constraint {
+        /// SQLite's extended result code, e.g. 2067 (`SQLITE_CONSTRAINT_UNIQUE`); see
+        /// [`Error::constraint`].
+        code: i32,
+        /// SQLite's message, e.g. "UNIQUE constraint failed: users.email".
         message: String,
     },
     /// The leader lost leadership after the write was proposed: the write may or may not
@@ -80,7 +92,69 @@ fn leader_hint(id: &Option<u64>, addr: &Option<String>) -> String {
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Which constraint failed (from SQLite's extended result code), see [`Error::constraint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConstraintKind {
+    /// `UNIQUE` (or a unique index).
+    Unique,
+    /// `PRIMARY KEY` (including a rowid that exists already).
+    PrimaryKey,
+    /// `NOT NULL`.
+    NotNull,
+    /// `CHECK`.
+    Check,
+    /// `FOREIGN KEY`.
+    ForeignKey,
+    /// A trigger's `RAISE(ABORT|FAIL|ROLLBACK, ...)`.
+    Trigger,
+    /// Any other constraint (or a server that sent only the primary code).
+    Other,
+}
+
 impl Error {
+    /// Which constraint failed, if this is an [`Error::Constraint`].
+    ///
+    /// ```
+    /// use raftsql_core::{ConstraintKind, Error};
+    /// let e = Error::Constraint { code: 2067, message: "UNIQUE constraint failed: t.k".into() };
+    /// assert_eq!(e.constraint(), Some(ConstraintKind::Unique));
+    /// assert_eq!(Error::OutcomeUnknown.constraint(), None);
+    /// ```
+    pub fn constraint(&self) -> Option<ConstraintKind> {
+        use rusqlite::ffi;
+        let Error::Constraint { code, .. } = self else {
+            return None;
+        };
+        Some(match *code {
+            ffi::SQLITE_CONSTRAINT_UNIQUE => ConstraintKind::Unique,
+            ffi::SQLITE_CONSTRAINT_PRIMARYKEY | ffi::SQLITE_CONSTRAINT_ROWID => {
+                ConstraintKind::PrimaryKey
+            }
+            ffi::SQLITE_CONSTRAINT_NOTNULL => ConstraintKind::NotNull,
+            ffi::SQLITE_CONSTRAINT_CHECK => ConstraintKind::Check,
+            ffi::SQLITE_CONSTRAINT_FOREIGNKEY => ConstraintKind::ForeignKey,
+            ffi::SQLITE_CONSTRAINT_TRIGGER => ConstraintKind::Trigger,
+            _ => ConstraintKind::Other,
+        })
+    }
+
+    /// SQLite's result code of an [`Error::Sql`] (primary) or [`Error::Constraint`]
+    /// (extended), if this is one of them.
+    pub fn sqlite_code(&self) -> Option<i32> {
+        match self {
+            Error::Sql { code, .. } | Error::Constraint { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// True when the request certainly did not take effect and sending it again (to the
+    /// leader, once there is one) is safe: [`Error::NotLeader`], [`Error::Unavailable`].
+    /// [`Error::OutcomeUnknown`] is not: read back first.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::NotLeader { .. } | Error::Unavailable(_))
+    }
+
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
@@ -93,6 +167,14 @@ impl Error {
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         match &e {
+            rusqlite::Error::SqliteFailure(f, msg)
+                if f.extended_code & 0xff == rusqlite::ffi::SQLITE_CONSTRAINT =>
+            {
+                Error::Constraint {
+                    code: f.extended_code,
+                    message: msg.clone().unwrap_or_else(|| f.to_string()),
+                }
+            }
             rusqlite::Error::SqliteFailure(f, msg) => Error::Sql {
                 code: f.extended_code & 0xff,
                 message: msg.clone().unwrap_or_else(|| f.to_string()),

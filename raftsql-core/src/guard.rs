@@ -188,7 +188,7 @@ impl Guard {
         r.map_err(|e| match (e, refused) {
             // Denied by the authorizer (SQLite says SQLITE_AUTH, or SQLITE_ERROR "not
             // authorized to use function"): the reason recorded is the better error.
-            (Error::Sql { .. }, Some(r)) => r.into_error(),
+            (Error::Sql { .. } | Error::Constraint { .. }, Some(r)) => r.into_error(),
             (Error::Sql { code, .. }, None)
                 if expired && code == rusqlite::ffi::SQLITE_INTERRUPT =>
             {
@@ -201,6 +201,10 @@ impl Guard {
                 }
             }
             (Error::Sql { code, message }, None) => Error::Sql {
+                code,
+                message: message.replace(CLIENT_MARK, ""),
+            },
+            (Error::Constraint { code, message }, None) => Error::Constraint {
                 code,
                 message: message.replace(CLIENT_MARK, ""),
             },

@@ -37,6 +37,7 @@ use raftsql_proto::v1 as pb;
 use rusqlite::OptionalExtension;
 use sha2::{Digest, Sha256};
 
+use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::history;
 use crate::node::{Node, ServiceHandler, WeakNode};
@@ -290,7 +291,15 @@ pub fn rewrite_registry_file(
 /// The registry as this node has applied it (`linearizable`: as of now, through the leader).
 pub async fn registry(node: &Node, linearizable: bool) -> Result<Vec<pb::Member>> {
     Ok(node
-        .read(SYSTEM_DB, !linearizable, read_registry)
+        .read(
+            SYSTEM_DB,
+            if linearizable {
+                Consistency::Linearizable
+            } else {
+                Consistency::Local
+            },
+            read_registry,
+        )
         .await?
         .unwrap_or_default())
 }
@@ -372,7 +381,7 @@ async fn sync_task(weak: WeakNode, mut applied: tokio::sync::watch::Receiver<u64
             let Some(node) = weak.upgrade() else { return };
             // One read of both tables per round.
             let both = node
-                .read(SYSTEM_DB, true, |c| {
+                .read(SYSTEM_DB, Consistency::Local, |c| {
                     Ok((read_registry(c)?, read_removed(c)?))
                 })
                 .await;
@@ -969,7 +978,7 @@ async fn cluster(node: &Node) -> Result<pb::ClusterResponse> {
     let commit = node.raft_status().commit;
     let health = node.shared_keeper().health.lock().clone();
     let mut history = node
-        .read(SYSTEM_DB, true, history::summary)
+        .read(SYSTEM_DB, Consistency::Local, history::summary)
         .await?
         .unwrap_or_default();
     let nodes: Vec<pb::MemberStatus> = members

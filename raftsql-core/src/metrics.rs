@@ -24,6 +24,10 @@ pub struct Metrics {
     pub backup_last_bytes: IntGauge,
     /// `raftsql_backup_failures_total`: scheduled backups that failed.
     pub backup_failures: IntCounter,
+    /// `raftsql_read_index_total`: read-index rounds this node asked for (linearizable
+    /// reads, and bounded reads without a recent enough round; concurrent ones share a
+    /// heartbeat round on the leader).
+    pub read_index: IntCounter,
     /// The leader's write path, stage by stage.
     pub write: WriteMetrics,
 }
@@ -86,6 +90,11 @@ impl Metrics {
             "Scheduled backups that failed.",
         )
         .expect("a valid counter");
+        let read_index = IntCounter::new(
+            "raftsql_read_index_total",
+            "Read-index rounds this node asked for.",
+        )
+        .expect("a valid counter");
         let write = WriteMetrics {
             batch_requests: Histogram::with_opts(
                 HistogramOpts::new(
@@ -123,6 +132,7 @@ impl Metrics {
             Box::new(backup_last_success.clone()),
             Box::new(backup_last_bytes.clone()),
             Box::new(backup_failures.clone()),
+            Box::new(read_index.clone()),
         ] {
             registry.register(c).expect("registered once");
         }
@@ -133,6 +143,7 @@ impl Metrics {
             backup_last_success,
             backup_last_bytes,
             backup_failures,
+            read_index,
             write,
         }
     }

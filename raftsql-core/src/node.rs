@@ -44,6 +44,7 @@ use raftsql_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
+use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::log::{LogStorage, RaftLog};
 use crate::members::Keeper;
@@ -107,6 +108,9 @@ pub struct NodeConfig {
     /// writer, which every other write waits for); a longer one is interrupted.
     pub statement_timeout: Duration,
 }
+
+/// How long a read waits for the leader to confirm a read index.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The default [`NodeConfig::statement_timeout`].
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,6 +245,8 @@ struct Shared {
     receiving_snapshot: AtomicBool,
     stopped: AtomicBool,
     forward_pool: Mutex<HashMap<SocketAddr, Vec<RpcConn>>>,
+    /// The newest completed read index and when its round started ([`Consistency::Bounded`]).
+    fresh: Mutex<Option<(Instant, u64)>>,
     /// Services by name, and whether clients (not only members) may call them.
     services: parking_lot::RwLock<HashMap<String, Service>>,
     /// This node's TLS files (a TLS cluster): the CA signs joiners' certificates.
@@ -555,6 +561,7 @@ impl Node {
             receiving_snapshot: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             forward_pool: Mutex::new(HashMap::new()),
+            fresh: Mutex::new(None),
             services: parking_lot::RwLock::new(HashMap::new()),
             tls: material,
             keeper: Keeper::default(),
@@ -668,18 +675,15 @@ impl Node {
             .map_err(|_| Error::Internal("write result of an unexpected type".into()))
     }
 
-    /// Runs `f` on a read transaction of `db` (linearizable unless `local`): it sees only
+    /// Runs `f` on a read transaction of `db`, as fresh as `consistency` asks: it sees only
     /// committed entries, as of one consistent point. `Ok(None)` if `db` does not exist yet.
-    pub async fn read<T, F>(&self, db: &str, local: bool, f: F) -> Result<Option<T>>
+    pub async fn read<T, F>(&self, db: &str, consistency: Consistency, f: F) -> Result<Option<T>>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> Result<T> + Send + 'static,
     {
         state::check_db_name(db)?;
-        if !local {
-            let idx = self.shared.read_index().await?;
-            self.shared.wait_applied(idx).await?;
-        }
+        self.shared.read_barrier(consistency).await?;
         let Some(handle) = self.shared.dbs.read().get(db).cloned() else {
             return Ok(None);
         };
@@ -721,17 +725,23 @@ impl Node {
         self.shared.applied_rx.clone()
     }
 
-    /// Runs a query with a linearizable read (ReadIndex).
+    /// Runs a query with a linearizable read (ReadIndex): it sees every write acknowledged
+    /// before it started, on any node.
     pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
-        self.shared
-            .query(db, Statement::with_params(sql, params), true)
+        self.query_with(db, sql, params, Consistency::Linearizable)
             .await
     }
 
-    /// Runs a query on what this node has applied (may be stale on a follower).
-    pub async fn query_local(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
+    /// Runs a query as fresh as `consistency` asks.
+    pub async fn query_with(
+        &self,
+        db: &str,
+        sql: &str,
+        params: Vec<Value>,
+        consistency: Consistency,
+    ) -> Result<Rows> {
         self.shared
-            .query(db, Statement::with_params(sql, params), false)
+            .query(db, Statement::with_params(sql, params), consistency)
             .await
     }
 
@@ -1242,19 +1252,30 @@ impl Shared {
         }
     }
 
+    /// A read index: every write committed before this call started is at or below it.
+    /// The newest one (by start) is kept for [`Consistency::Bounded`] reads.
     async fn read_index(&self) -> Result<u64> {
+        let started = Instant::now();
+        self.metrics.read_index.inc();
         let (tx, rx) = oneshot::channel();
         self.raft_tx
             .lock()
             .send(RaftMsg::ReadIndex(tx))
             .map_err(|_| Error::Shutdown)?;
-        match tokio::time::timeout(Duration::from_secs(3), rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::Shutdown),
-            Err(_) => Err(Error::Unavailable(
-                "no leader confirmed a read index within 3s (no quorum?)".into(),
-            )),
+        let index = match tokio::time::timeout(READ_INDEX_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) => return Err(Error::Shutdown),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "no leader confirmed a read index within {READ_INDEX_TIMEOUT:?} (no quorum?)"
+                )))
+            }
+        };
+        let mut fresh = self.fresh.lock();
+        if fresh.is_none_or(|(s, i)| s < started && i <= index) {
+            *fresh = Some((started, index));
         }
+        Ok(index)
     }
 
     /// After a forwarded write: waits (boundedly) until this node has applied what the leader
@@ -1279,12 +1300,25 @@ impl Shared {
         }
     }
 
-    async fn query(&self, db: &str, stmt: Statement, linearizable: bool) -> Result<Rows> {
+    /// Waits until this node's state is as fresh as `c` asks (see [`Consistency`]).
+    async fn read_barrier(&self, c: Consistency) -> Result<()> {
+        let index = match c {
+            Consistency::Local => return Ok(()),
+            Consistency::Linearizable => self.read_index().await?,
+            Consistency::Bounded(bound) => {
+                let fresh = *self.fresh.lock();
+                match fresh {
+                    Some((started, index)) if started.elapsed() <= bound => index,
+                    _ => self.read_index().await?,
+                }
+            }
+        };
+        self.wait_applied(index).await
+    }
+
+    async fn query(&self, db: &str, stmt: Statement, consistency: Consistency) -> Result<Rows> {
         state::check_db_name(db)?;
-        if linearizable {
-            let idx = self.read_index().await?;
-            self.wait_applied(idx).await?;
-        }
+        self.read_barrier(consistency).await?;
         let handle = self.dbs.read().get(db).cloned();
         let (max, budget) = (self.cfg.max_result_bytes, self.cfg.statement_timeout);
         // A database nobody has written yet reads as an empty one (SQLite's behaviour on a
@@ -1344,6 +1378,17 @@ impl Shared {
     }
 }
 
+/// The consistency a query asks for on the wire (an unknown level: linearizable).
+fn consistency_of(q: &pb::QueryRequest) -> Consistency {
+    match pb::ReadConsistency::try_from(q.consistency) {
+        Ok(pb::ReadConsistency::Local) => Consistency::Local,
+        Ok(pb::ReadConsistency::Bounded) => {
+            Consistency::Bounded(Duration::from_millis(q.max_staleness_ms))
+        }
+        _ => Consistency::Linearizable,
+    }
+}
+
 /// Maps an error to its wire form.
 pub fn error_response(id: u64, e: &Error) -> pb::Response {
     use pb::error::Code;
@@ -1361,7 +1406,7 @@ pub fn error_response(id: u64, e: &Error) -> pb::Response {
             err.leader_id = leader_id.unwrap_or(0);
             err.leader_addr = leader_addr.clone().unwrap_or_default();
         }
-        Error::Sql { code, message } => {
+        Error::Sql { code, message } | Error::Constraint { code, message } => {
             err.code = Code::Sql as i32;
             err.sqlite_code = *code;
             err.message = message.clone();
@@ -1486,12 +1531,12 @@ impl Handler for NodeHandler {
                     }
                 }
                 Some(pb::request::Body::Query(q)) => {
+                    let consistency = consistency_of(&q);
                     let stmt = q
                         .statement
                         .map(Statement::from)
                         .unwrap_or_else(|| Statement::new(""));
-                    let lin = q.consistency != pb::ReadConsistency::Local as i32;
-                    match shared.query(&q.db, stmt, lin).await {
+                    match shared.query(&q.db, stmt, consistency).await {
                         Ok(rows) => pb::Response {
                             id,
                             body: Some(pb::response::Body::Query(pb::QueryResponse {

@@ -1574,6 +1574,10 @@ fn clone_err(e: &Error) -> Error {
             code: *code,
             message: message.clone(),
         },
+        Error::Constraint { code, message } => Error::Constraint {
+            code: *code,
+            message: message.clone(),
+        },
         Error::Invalid(m) => Error::Invalid(m.clone()),
         Error::Unavailable(m) => Error::Unavailable(m.clone()),
         Error::Timeout(d) => Error::Timeout(*d),

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use raftsql_core::{Error, Node, NodeConfig, Statement, Value};
+use raftsql_core::{ConstraintKind, Consistency, Error, Node, NodeConfig, Statement, Value};
 
 fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -102,10 +102,13 @@ async fn typed_values_batches_and_transactions() {
         )
         .await
         .unwrap_err();
+    // A typed constraint error with SQLite's extended code (1555:
+    // SQLITE_CONSTRAINT_PRIMARYKEY), the same as a remote Client gets (tests/tests/client.rs).
     assert!(
-        matches!(e, Error::Sql { code: 19, .. }),
+        matches!(e, Error::Constraint { code: 1555, .. }),
         "constraint error expected, got {e:?}"
     );
+    assert_eq!(e.constraint(), Some(ConstraintKind::PrimaryKey));
     let n = l
         .query("main", "SELECT count(*) FROM v", vec![])
         .await
@@ -151,7 +154,12 @@ async fn typed_values_batches_and_transactions() {
     assert_eq!(rows.rows, vec![vec![Value::Text("tx".into())]]);
     // Not visible to others before commit.
     let n = l
-        .query_local("main", "SELECT count(*) FROM v WHERE id = 100", vec![])
+        .query_with(
+            "main",
+            "SELECT count(*) FROM v WHERE id = 100",
+            vec![],
+            Consistency::Local,
+        )
         .await
         .unwrap();
     assert_eq!(n.rows[0][0], Value::Integer(0));
@@ -296,14 +304,16 @@ async fn rust_closures_as_writes_and_reads() {
         .unwrap_err();
     assert!(matches!(e, Error::Invalid(_)));
     let n = l
-        .read("main", false, |c| {
+        .read("main", Consistency::Linearizable, |c| {
             Ok(c.query_row("SELECT n FROM c", [], |r| r.get::<_, i64>(0))?)
         })
         .await
         .unwrap();
     assert_eq!(n, Some(20));
     assert_eq!(
-        l.read("nothing-here", true, |_| Ok(())).await.unwrap(),
+        l.read("nothing-here", Consistency::Local, |_| Ok(()))
+            .await
+            .unwrap(),
         None
     );
     for n in &t.nodes {

@@ -22,6 +22,7 @@
 //! revision sees the gap and reads history (so a write applied while the hub woke up is
 //! never left unsent).
 
+use raftsql_core::Consistency;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -111,7 +112,7 @@ async fn run(node: raftsql_core::Node, hub: Arc<Hub>) {
             let with_prev = hub.want_prev.load(Ordering::SeqCst) > 0;
             let (iv, from) = (all.clone(), next);
             let read = node
-                .read(DB, true, move |c| {
+                .read(DB, Consistency::Local, move |c| {
                     let start = match from {
                         Some(n) => n,
                         None => match crate::store::current_rev_in(c)? {

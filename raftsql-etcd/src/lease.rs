@@ -9,6 +9,7 @@
 //! path: its keys are deleted in one write transaction, one revision, producing DELETE events
 //! for watchers, and its row goes.
 
+use raftsql_core::Consistency;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -47,7 +48,7 @@ pub struct LeaseClock {
 async fn lease_ttl(store: &EtcdStore, id: i64) -> R<Option<(i64, i64)>> {
     let r = store
         .node()
-        .read(DB, true, move |c| {
+        .read(DB, Consistency::Local, move |c| {
             let has = crate::store::has_table(c, "lease")?;
             if !has {
                 return Ok(None);
@@ -215,7 +216,7 @@ impl EtcdStore {
             .unwrap_or(granted);
         let keys = if req.keys {
             self.node()
-                .read(DB, true, move |c| {
+                .read(DB, Consistency::Local, move |c| {
                     Ok(
                         c.prepare("SELECT key FROM kv_live WHERE lease = ?1 ORDER BY key")?
                             .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
@@ -245,7 +246,7 @@ impl EtcdStore {
     pub async fn lease_leases(&self) -> R<LeaseLeasesResponse> {
         let ids = self
             .node()
-            .read(DB, false, |c| {
+            .read(DB, Consistency::Linearizable, |c| {
                 let has = crate::store::has_table(c, "lease")?;
                 if !has {
                     return Ok(Vec::new());
@@ -322,7 +323,7 @@ pub(crate) fn spawn_expiry(store: Weak<EtcdStore>) {
                 // Just became leader: every live lease starts afresh at its full TTL.
                 let leases = store
                     .node()
-                    .read(DB, false, |c| {
+                    .read(DB, Consistency::Linearizable, |c| {
                         let has = crate::store::has_table(c, "lease")?;
                         if !has {
                             return Ok(Vec::new());

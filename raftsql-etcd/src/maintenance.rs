@@ -1,5 +1,6 @@
 //! etcd's Maintenance Status and Cluster MemberList, from the raftsql node's state.
 
+use raftsql_core::Consistency;
 use rusqlite::OptionalExtension;
 use tokio::sync::{mpsc, oneshot};
 
@@ -41,7 +42,7 @@ impl EtcdStore {
     pub(crate) async fn db_sizes(&self) -> R<(i64, i64)> {
         Ok(self
             .node()
-            .read(DB, true, |c| {
+            .read(DB, Consistency::Local, |c| {
                 let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
                 let free: i64 = c
                     .query_row("PRAGMA freelist_count", [], |r| r.get(0))
@@ -109,7 +110,7 @@ impl EtcdStore {
     pub async fn hash_kv(&self, revision: i64) -> R<HashKvResponse> {
         let r = self
             .node()
-            .read(DB, true, move |c| {
+            .read(DB, Consistency::Local, move |c| {
                 let has = crate::store::has_table(c, "meta")?;
                 if !has {
                     return Ok((0u32, 0i64, 1i64));
@@ -147,7 +148,7 @@ impl EtcdStore {
     pub async fn hash(&self) -> R<HashResponse> {
         let hash = self
             .node()
-            .read(DB, true, |c| {
+            .read(DB, Consistency::Local, |c| {
                 let mut st = c.prepare("SELECT data FROM sqlite_dbpage ORDER BY pgno")?;
                 let mut rows = st.query([])?;
                 let mut h = crc32fast::Hasher::new();
@@ -186,7 +187,7 @@ impl EtcdStore {
         let errors = tx.clone();
         tokio::spawn(async move {
             let read = node
-                .read(DB, true, move |c| {
+                .read(DB, Consistency::Local, move |c| {
                     // `read` runs this in one read transaction: the page count and every
                     // page come from one state.
                     let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Weak;
 use std::time::Duration;
 
-use raftsql_core::{Error as CoreError, Statement, Value};
+use raftsql_core::{Consistency, Error as CoreError, Statement, Value};
 
 use crate::store::EtcdStore;
 
@@ -79,7 +79,7 @@ impl EtcdStore {
     /// Every member's recorded client URLs, as this node has applied them.
     pub(crate) async fn client_urls(&self) -> HashMap<u64, Vec<String>> {
         self.node()
-            .read(DB, true, |c| {
+            .read(DB, Consistency::Local, |c| {
                 if !crate::store::has_table(c, "client_urls")? {
                     return Ok(HashMap::new());
                 }

@@ -13,6 +13,7 @@
 //!   point-in-time gauges below, with etcd's names where the meaning matches and `raftsql_`
 //!   ones for the rest.
 
+use raftsql_core::Consistency;
 use std::time::Duration;
 
 use prometheus::{IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -73,7 +74,15 @@ impl EtcdStore {
 
     /// A read of the store's revision, linearizable or not, within [`CHECK_TIMEOUT`].
     async fn check_read(&self, linearizable: bool) -> Result<(), String> {
-        let read = self.node().read(DB, !linearizable, |_| Ok(()));
+        let read = self.node().read(
+            DB,
+            if linearizable {
+                Consistency::Linearizable
+            } else {
+                Consistency::Local
+            },
+            |_| Ok(()),
+        );
         match tokio::time::timeout(CHECK_TIMEOUT, read).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
-use raftsql_core::{Error as CoreError, Node};
+use raftsql_core::{Consistency, Error as CoreError, Node};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::pb::etcdserverpb::{
@@ -1141,7 +1141,7 @@ impl EtcdStore {
     /// The store's revision as this node has applied it (1 while the store is empty).
     pub async fn current_rev(&self) -> i64 {
         self.node
-            .read(DB, true, |c| {
+            .read(DB, Consistency::Local, |c| {
                 if !has_table(c, "meta")? {
                     return Ok(1);
                 }
@@ -1184,27 +1184,35 @@ impl EtcdStore {
         let local = req.serializable;
         let r = self
             .node
-            .read(DB, local, move |c| {
-                let has_schema: bool = crate::store::has_table(c, "meta")?;
-                if !has_schema {
-                    if req.revision > 1 {
-                        return Err(encode_err(EtcdError::FutureRev));
+            .read(
+                DB,
+                if local {
+                    Consistency::Local
+                } else {
+                    Consistency::Linearizable
+                },
+                move |c| {
+                    let has_schema: bool = crate::store::has_table(c, "meta")?;
+                    if !has_schema {
+                        if req.revision > 1 {
+                            return Err(encode_err(EtcdError::FutureRev));
+                        }
+                        return Ok(RangeResponse {
+                            header: None,
+                            kvs: Vec::new(),
+                            more: false,
+                            count: 0,
+                        });
                     }
-                    return Ok(RangeResponse {
-                        header: None,
-                        kvs: Vec::new(),
-                        more: false,
-                        count: 0,
+                    let current = meta(c, "rev", 1).map_err(encode_err)?;
+                    let mut resp = range(c, &req, current).map_err(encode_err)?;
+                    resp.header = Some(ResponseHeader {
+                        revision: current,
+                        ..Default::default()
                     });
-                }
-                let current = meta(c, "rev", 1).map_err(encode_err)?;
-                let mut resp = range(c, &req, current).map_err(encode_err)?;
-                resp.header = Some(ResponseHeader {
-                    revision: current,
-                    ..Default::default()
-                });
-                Ok(resp)
-            })
+                    Ok(resp)
+                },
+            )
             .await
             .map_err(decode_err)?;
         let mut resp = match r {

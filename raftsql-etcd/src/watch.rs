@@ -28,6 +28,7 @@
 //! every watch's `sent` has reached R (requests that arrive meanwhile are folded into one
 //! answer at the latest R, as etcd does), and the answer is queued behind those events.
 
+use raftsql_core::Consistency;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -384,7 +385,7 @@ async fn run_watch(
             let (k, pk) = (keys.clone(), c.prev_kv);
             let batch = store
                 .node()
-                .read(DB, true, move |conn| {
+                .read(DB, Consistency::Local, move |conn| {
                     Ok(read_events(conn, &k, next, pk, no_put, no_delete)?)
                 })
                 .await;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Cluster;
-use raftsql_core::{Error, Value};
+use raftsql_core::{ConstraintKind, Error, Value};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -108,7 +108,8 @@ fn interactive_transactions_over_the_wire() {
             .execute("INSERT INTO acct VALUES (1, 1)", vec![])
             .await
             .unwrap_err();
-        assert!(matches!(e, Error::Sql { code: 19, .. }), "{e:?}");
+        assert!(matches!(e, Error::Constraint { code: 1555, .. }), "{e:?}");
+        assert_eq!(e.constraint(), Some(ConstraintKind::PrimaryKey));
         tx.execute("INSERT INTO acct VALUES (4, 1)", vec![])
             .await
             .unwrap();

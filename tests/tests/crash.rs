@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Cluster;
-use raftsql_core::{Error, Statement, Value};
+use raftsql_core::{Consistency, Error, Statement, Value};
 
 const T: Duration = Duration::from_secs(40);
 
@@ -87,15 +87,18 @@ fn kill_leader_during_writes_loses_no_acknowledged_write() {
     );
     for id in 1..=3 {
         let q = |sql: &str| {
-            c.rt.block_on(c.client_of(id).query_with("main", sql, vec![], true))
-                .unwrap()
-                .rows
-                .into_iter()
-                .map(|r| match r[0] {
-                    Value::Integer(k) => k,
-                    _ => panic!(),
-                })
-                .collect::<BTreeSet<i64>>()
+            c.rt.block_on(
+                c.client_of(id)
+                    .query_with("main", sql, vec![], Consistency::Local),
+            )
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|r| match r[0] {
+                Value::Integer(k) => k,
+                _ => panic!(),
+            })
+            .collect::<BTreeSet<i64>>()
         };
         let a = q("SELECT k FROM a");
         let b = q("SELECT k FROM b");

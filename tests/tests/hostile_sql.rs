@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Cluster;
-use raftsql_core::{Error, Value};
+use raftsql_core::{Consistency, Error, Value};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -179,7 +179,16 @@ fn hostile_sql_cannot_desynchronise_replicas() {
                 let started = Instant::now();
                 let r = cl
                     .rt
-                    .block_on(c.query_with("main", sql, vec![], path == Path::Local))
+                    .block_on(c.query_with(
+                        "main",
+                        sql,
+                        vec![],
+                        if path == Path::Local {
+                            Consistency::Local
+                        } else {
+                            Consistency::Linearizable
+                        },
+                    ))
                     .map(|rows| format!("{} rows", rows.rows.len()));
                 let took = started.elapsed();
                 report.push(format!(

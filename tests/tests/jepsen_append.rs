@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::nemesis::{self, Kind, Rng, Settings};
 use common::Cluster;
-use raftsql_core::{Client, Statement, Value};
+use raftsql_core::{Client, Consistency, Statement, Value};
 use raftsql_tests::append::{check, Action, Op};
 
 const KEYS: u64 = 6;
@@ -114,7 +114,11 @@ fn appends_are_never_lost_duplicated_reordered_or_torn() {
                             "append",
                             "SELECT k, v FROM lists ORDER BY k",
                             vec![],
-                            local,
+                            if local {
+                                Consistency::Local
+                            } else {
+                                Consistency::Linearizable
+                            },
                         );
                         match tokio::time::timeout(OP_TIMEOUT, q).await {
                             Ok(Ok(rows)) => (Action::Read(lists(&rows)), !local, true),

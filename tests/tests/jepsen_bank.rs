@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::nemesis::{self, Kind, Rng, Settings};
 use common::Cluster;
-use raftsql_core::{Client, Statement, Value};
+use raftsql_core::{Client, Consistency, Statement, Value};
 use raftsql_tests::report::Plain;
 
 const ACCOUNTS: i64 = 5;
@@ -141,7 +141,11 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
                     "bank",
                     "SELECT count(*), sum(balance), min(balance) FROM accounts",
                     vec![],
-                    local,
+                    if local {
+                        Consistency::Local
+                    } else {
+                        Consistency::Linearizable
+                    },
                 );
                 let invoked = us();
                 let what = match tokio::time::timeout(OP_TIMEOUT, q).await {

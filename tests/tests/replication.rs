@@ -4,7 +4,7 @@ mod common;
 use std::time::Duration;
 
 use common::Cluster;
-use raftsql_core::{Client, Error, Statement, Value};
+use raftsql_core::{Client, Consistency, Error, Statement, Value};
 use raftsql_proto::v1 as pb;
 
 const T: Duration = Duration::from_secs(30);
@@ -59,7 +59,7 @@ fn replicates_to_every_node_byte_identical_even_with_nondeterministic_sql() {
                 "other",
                 "SELECT v FROM kv WHERE k='k'",
                 vec![],
-                true,
+                Consistency::Local,
             ))
             .unwrap();
         assert_eq!(rows.rows, vec![vec![Value::Blob(vec![0, 1, 2, 255])]]);
@@ -71,7 +71,7 @@ fn replicates_to_every_node_byte_identical_even_with_nondeterministic_sql() {
                 "main",
                 "SELECT r, ts, hex(b) FROM t WHERE id = 7",
                 vec![],
-                true,
+                Consistency::Local,
             ))
             .unwrap()
             .rows
@@ -190,9 +190,12 @@ fn uncommitted_write_is_never_visible_and_is_discarded() {
     let deadline = std::time::Instant::now() + Duration::from_millis(1500);
     let mut reads = 0;
     while std::time::Instant::now() < deadline {
-        if let Ok(r) =
-            c.rt.block_on(watcher.query_with("main", "SELECT count(*) FROM t", vec![], true))
-        {
+        if let Ok(r) = c.rt.block_on(watcher.query_with(
+            "main",
+            "SELECT count(*) FROM t",
+            vec![],
+            Consistency::Local,
+        )) {
             assert_eq!(
                 r.rows[0][0],
                 Value::Integer(0),

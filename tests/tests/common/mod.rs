@@ -38,7 +38,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use raftsql_core::{Client, Value};
+use raftsql_core::{Client, Consistency, Value};
 
 static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(1);
 
@@ -565,10 +565,12 @@ impl Cluster {
         for id in self.running() {
             let rows = self
                 .rt
-                .block_on(
-                    self.client_of(id)
-                        .query_with(db, "PRAGMA integrity_check", vec![], true),
-                )
+                .block_on(self.client_of(id).query_with(
+                    db,
+                    "PRAGMA integrity_check",
+                    vec![],
+                    Consistency::Local,
+                ))
                 .unwrap_or_else(|e| panic!("integrity check of {db} on node {id}: {e}"));
             let first = format!("{:?}", rows.rows.first().and_then(|r| r.first()));
             assert!(
@@ -641,7 +643,7 @@ impl Cluster {
         let c = self.client_of(id);
         let rows = self
             .rt
-            .block_on(c.query_with(db, sql, vec![], true))
+            .block_on(c.query_with(db, sql, vec![], Consistency::Local))
             .expect("local query");
         match rows.rows[0][0] {
             Value::Integer(i) => i,

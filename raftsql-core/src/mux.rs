@@ -1,0 +1,288 @@
+//! A multiplexed request/response connection to one node: many calls in flight at once on one
+//! socket, each answer matched to its call by the request id (the server answers in any
+//! order, up to [`crate::transport::MAX_IN_FLIGHT`] at a time per connection).
+//!
+//! ```text
+//!  call() ──► pending[id] = oneshot ──► out queue ──► writer task ──► socket
+//!  call() ◄── oneshot ◄── reader task (Response{id}) ◄──────────────── socket
+//! ```
+//!
+//! Invariants:
+//! - Every call is answered exactly once: by its response, by the connection's failure (the
+//!   reader or writer task ends, failing every pending call), or by being dropped (its entry
+//!   is removed). A call is registered only while the connection is open, under the same
+//!   lock that closing takes, so no call waits on a connection that has already failed.
+//! - A connection-level answer (response id 0: the server refuses the connection, e.g. a
+//!   request over the size limit) or a `Refused` frame answers every pending call and closes
+//!   the connection.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use raftsql_proto::v1 as pb;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::tls::{Dialer, Peer};
+use crate::transport::{encode_frame, FrameReader, Reader, Writer};
+
+/// Frames queued for the writer task before callers wait (backpressure).
+const OUT_QUEUE: usize = 1024;
+
+type Answer = io::Result<pb::response::Body>;
+
+/// Why a call got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The connection was closed before the request was sent: it did not reach the node.
+    #[error("{0}")]
+    NotSent(#[source] io::Error),
+    /// The connection failed after the request was queued: it may or may not have reached
+    /// the node (for a write: its outcome is unknown).
+    #[error("{0}")]
+    Lost(#[source] io::Error),
+}
+
+impl CallError {
+    /// The underlying I/O error.
+    pub fn io(&self) -> &io::Error {
+        match self {
+            CallError::NotSent(e) | CallError::Lost(e) => e,
+        }
+    }
+
+    /// The kind of the underlying I/O error.
+    pub fn kind(&self) -> io::ErrorKind {
+        self.io().kind()
+    }
+}
+
+/// A multiplexed connection to one node; cheap to clone (clones share the socket).
+#[derive(Clone)]
+pub struct MuxConn {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<bytes::Bytes>,
+}
+
+struct Shared {
+    addr: SocketAddr,
+    next_id: AtomicU64,
+    /// Responses received so far.
+    answered: AtomicU64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<u64, oneshot::Sender<Answer>>,
+    /// Set once, when the connection failed or was refused; no call is registered after.
+    closed: Option<(io::ErrorKind, String)>,
+    refusal: Option<pb::Refused>,
+}
+
+impl Shared {
+    /// Closes the connection (first reason wins) and fails every pending call with it.
+    fn close(&self, kind: io::ErrorKind, msg: String) {
+        let (pending, kind, msg) = {
+            let mut s = self.state.lock();
+            let (kind, msg) = s.closed.get_or_insert((kind, msg)).clone();
+            (std::mem::take(&mut s.pending), kind, msg)
+        };
+        for (_, tx) in pending {
+            let _ = tx.send(Err(io::Error::new(kind, msg.clone())));
+        }
+    }
+}
+
+/// Removes a call's entry if its future is dropped before the answer came.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.state.lock().pending.remove(&self.id);
+    }
+}
+
+impl MuxConn {
+    /// Connects with `dialer` to `to` at `addr` (source address `local` when given), says
+    /// hello as `from_id` (0 for clients), and starts the connection's reader and writer tasks.
+    pub async fn connect(
+        dialer: &Dialer,
+        to: Peer,
+        addr: SocketAddr,
+        from_id: u64,
+        cluster: &str,
+        local: Option<IpAddr>,
+    ) -> io::Result<MuxConn> {
+        let (r, mut w) = dialer.open(addr, local, to).await?;
+        let hello = pb::Frame {
+            kind: Some(pb::frame::Kind::Hello(pb::Hello {
+                from_id,
+                cluster: cluster.to_string(),
+            })),
+        };
+        w.write_all(&encode_frame(&hello)).await?;
+        w.flush().await?;
+        let shared = Arc::new(Shared {
+            addr,
+            next_id: AtomicU64::new(1),
+            answered: AtomicU64::new(0),
+            state: Mutex::new(State::default()),
+        });
+        let (out, rx) = mpsc::channel(OUT_QUEUE);
+        tokio::spawn(write_loop(shared.clone(), w, rx));
+        tokio::spawn(read_loop(shared.clone(), FrameReader::new(r)));
+        Ok(MuxConn { shared, out })
+    }
+
+    /// The node's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// True once the connection has failed or been refused: a call on it fails at once.
+    pub fn is_closed(&self) -> bool {
+        self.shared.state.lock().closed.is_some()
+    }
+
+    /// How many responses this connection has received.
+    pub fn answered(&self) -> u64 {
+        self.shared.answered.load(Ordering::Relaxed)
+    }
+
+    /// The server's refusal, if it refused this connection.
+    pub fn refusal(&self) -> Option<pb::Refused> {
+        self.shared.state.lock().refusal.clone()
+    }
+
+    /// Sends a request body and waits for its response. Other calls on this connection (and
+    /// its clones) proceed meanwhile. An error means the connection failed: the request may
+    /// or may not have reached the node.
+    pub async fn call(&self, body: pb::request::Body) -> Result<pb::response::Body, CallError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut s = self.shared.state.lock();
+            if let Some((kind, msg)) = &s.closed {
+                return Err(CallError::NotSent(io::Error::new(*kind, msg.clone())));
+            }
+            s.pending.insert(id, tx);
+        }
+        let _guard = PendingGuard {
+            shared: &self.shared,
+            id,
+        };
+        let f = pb::Frame {
+            kind: Some(pb::frame::Kind::Request(pb::Request {
+                id,
+                body: Some(body),
+            })),
+        };
+        if self.out.send(encode_frame(&f)).await.is_err() {
+            // The writer task ended (it closed the connection as it did): nothing was sent.
+            self.shared
+                .close(io::ErrorKind::BrokenPipe, "connection closed".into());
+            let (kind, msg) = self.shared.state.lock().closed.clone().unwrap();
+            return Err(CallError::NotSent(io::Error::new(kind, msg)));
+        }
+        match rx.await {
+            Ok(answer) => answer.map_err(CallError::Lost),
+            Err(_) => Err(CallError::Lost(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection closed",
+            ))),
+        }
+    }
+}
+
+async fn write_loop(shared: Arc<Shared>, mut w: Writer, mut rx: mpsc::Receiver<bytes::Bytes>) {
+    while let Some(b) = rx.recv().await {
+        let mut r = w.write_all(&b).await;
+        // Requests that queued meanwhile go out in the same flush.
+        while r.is_ok() {
+            match rx.try_recv() {
+                Ok(b) => r = w.write_all(&b).await,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = r.and(w.flush().await) {
+            shared.close(e.kind(), e.to_string());
+            return;
+        }
+        if shared.state.lock().closed.is_some() {
+            return;
+        }
+    }
+    // Every handle is gone: end the stream (a TLS close_notify, then FIN) so the node closes
+    // its side and the reader task ends too.
+    let _ = w.shutdown().await;
+}
+
+async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<Reader>) {
+    loop {
+        match reader.next().await {
+            Ok(Some(pb::Frame {
+                kind: Some(pb::frame::Kind::Response(r)),
+            })) => {
+                shared.answered.fetch_add(1, Ordering::Relaxed);
+                let body = r
+                    .body
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty response"));
+                if r.id == 0 {
+                    // A connection-level answer: it answers every call, and the server closes.
+                    let pending = {
+                        let mut s = shared.state.lock();
+                        s.closed = Some((io::ErrorKind::ConnectionAborted, refused_msg(&body)));
+                        std::mem::take(&mut s.pending)
+                    };
+                    for (_, tx) in pending {
+                        let _ = tx.send(clone_answer(&body));
+                    }
+                    return;
+                }
+                let tx = shared.state.lock().pending.remove(&r.id);
+                if let Some(tx) = tx {
+                    let _ = tx.send(body);
+                }
+            }
+            Ok(Some(pb::Frame {
+                kind: Some(pb::frame::Kind::Refused(r)),
+            })) => {
+                let reason = r.reason.clone();
+                shared.state.lock().refusal = Some(r);
+                shared.close(io::ErrorKind::PermissionDenied, reason);
+                return;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                shared.close(io::ErrorKind::UnexpectedEof, "connection closed".into());
+                return;
+            }
+            Err(e) => {
+                shared.close(e.kind(), e.to_string());
+                return;
+            }
+        }
+    }
+}
+
+fn clone_answer(a: &Answer) -> Answer {
+    match a {
+        Ok(b) => Ok(b.clone()),
+        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+    }
+}
+
+fn refused_msg(a: &Answer) -> String {
+    match a {
+        Ok(pb::response::Body::Error(e)) => e.message.clone(),
+        _ => "the node closed the connection".into(),
+    }
+}
