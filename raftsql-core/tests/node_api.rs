@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use raftsql_core::{ConstraintKind, Consistency, Error, Node, NodeConfig, Statement, Value};
+use raftsql_core::{Consistency, ConstraintKind, Error, Node, NodeConfig, Statement, Value};
 
 fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")

@@ -181,3 +181,103 @@ fn concurrent_writers_never_see_database_is_locked() {
         );
     }
 }
+
+/// The TCP connections this process holds to `addrs` (ESTABLISHED sockets among its own file
+/// descriptors whose remote end is one of them).
+fn connections_to(addrs: &[std::net::SocketAddr]) -> usize {
+    let hex = |a: &std::net::SocketAddr| {
+        let std::net::IpAddr::V4(ip) = a.ip() else {
+            panic!("IPv4 nodes expected")
+        };
+        format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), a.port())
+    };
+    let wanted: Vec<String> = addrs.iter().map(hex).collect();
+    let tcp = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+    let inodes: std::collections::HashSet<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (wanted.contains(&f[2].to_string()) && f[3] == "01").then(|| f[9].to_string())
+        })
+        .collect();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| {
+            let l = l.to_string_lossy();
+            l.strip_prefix("socket:[")
+                .and_then(|s| s.strip_suffix(']'))
+                .is_some_and(|i| inodes.contains(i))
+        })
+        .count()
+}
+
+/// 64 tasks share one `Client` (clones): at most one connection per node, and a slow call
+/// does not hold up the others (the client used to run one call at a time on its single
+/// connection, so a 3 s ReadIndex timeout or a long query stalled every caller).
+#[test]
+fn one_client_shared_by_64_tasks_multiplexes_one_connection_per_node() {
+    let c = Cluster::start(3, &[]);
+    c.wait_leader(T);
+    let client = c.client();
+    let addrs: Vec<_> = (1..=3).map(|id| c.addr(id)).collect();
+    c.rt.block_on(async {
+        client
+            .execute("main", "CREATE TABLE m(k TEXT PRIMARY KEY, v)", vec![])
+            .await
+            .unwrap();
+        // A query that runs until the statement timeout (10 s) interrupts it, on the node
+        // the client now prefers (the leader), where the writes below go too.
+        let slow = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .query(
+                        "main",
+                        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+                         WHERE i < 10000000000) SELECT count(*) FROM n",
+                        vec![],
+                    )
+                    .await
+            })
+        };
+        let mut tasks = Vec::new();
+        for w in 0..64 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..10 {
+                    client
+                        .execute(
+                            "main",
+                            "INSERT INTO m VALUES (?1, ?2)",
+                            vec![Value::Text(format!("{w}-{i}")), Value::Integer(i)],
+                        )
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(
+            !slow.is_finished(),
+            "640 writes on the shared client should finish while the slow query still runs: {:?}",
+            slow.await
+        );
+        let n = client
+            .query("main", "SELECT count(*) FROM m", vec![])
+            .await
+            .unwrap();
+        assert_eq!(n.rows, vec![vec![Value::Integer(640)]]);
+        let held = connections_to(&addrs);
+        assert!(
+            (1..=3).contains(&held),
+            "one connection per node at most, shared by 64 tasks: {held}"
+        );
+        // The slow query ends as the statement timeout says, with an error of its own.
+        let e = slow.await.unwrap().unwrap_err();
+        assert!(matches!(e, Error::Sql { .. }), "{e:?}");
+    });
+}

@@ -344,3 +344,84 @@ fn refusing_an_oversized_transaction_keeps_memory_bounded() {
         .block_on(c.execute("main", "INSERT INTO t(v) VALUES ('small')", vec![]))
         .expect("the next write");
 }
+
+/// Read consistency levels on a follower cut off from its cluster (iptables). A
+/// `Bounded(d)` read is served from the node's state, without a round trip, while a
+/// read-index round started within `d`; past that it fails rather than answer the value the
+/// node was cut off with (which a `Local` read answers, as documented). After the heal it
+/// sees the write made meanwhile.
+#[test]
+fn bounded_reads_are_never_staler_than_their_bound() {
+    if let Err(e) = common::net::Partition::available() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "iptables is required in CI: {e}"
+        );
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(T);
+    let f = (1..=3).find(|i| *i != leader).unwrap();
+    let others: Vec<_> = (1..=3)
+        .filter(|i| *i != f)
+        .map(|i| c.addr(i).ip())
+        .collect();
+    let at_leader = c.client_of(leader);
+    let at_f = c.client_of(f).with_timeout(Duration::from_secs(5));
+    let get = |cl: &Client, consistency| {
+        c.rt.block_on(cl.query_with("main", "SELECT v FROM r WHERE k = 1", vec![], consistency))
+            .map(|r| r.rows)
+    };
+    let one = |v: i64| vec![vec![Value::Integer(v)]];
+    c.rt.block_on(async {
+        at_leader
+            .execute("main", "CREATE TABLE r(k INTEGER PRIMARY KEY, v)", vec![])
+            .await
+            .unwrap();
+        at_leader
+            .execute("main", "INSERT INTO r VALUES (1, 1)", vec![])
+            .await
+            .unwrap();
+    });
+    // A linearizable read on the follower: a read-index round, which bounded reads reuse.
+    assert_eq!(get(&at_f, Consistency::Linearizable).unwrap(), one(1));
+    let round_done = std::time::Instant::now();
+
+    let cut = common::net::Partition::between(&[c.addr(f).ip()], &others).unwrap();
+    // No round can complete now: this one is served from the last round's index.
+    let long = Consistency::Bounded(Duration::from_secs(60));
+    assert_eq!(get(&at_f, long).unwrap(), one(1));
+    c.rt.block_on(at_leader.execute("main", "UPDATE r SET v = 2 WHERE k = 1", vec![]))
+        .unwrap();
+    let acked = std::time::Instant::now();
+
+    // Once the last round is older than the bound, the follower cannot tell what it missed.
+    let bound = Duration::from_millis(300);
+    while round_done.elapsed() <= bound || acked.elapsed() <= bound {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = get(&at_f, Consistency::Bounded(bound));
+    assert!(
+        r.is_err(),
+        "a read bounded to {bound:?} on a node cut off for longer answered {r:?}"
+    );
+    assert!(get(&at_f, Consistency::Linearizable).is_err());
+    // A local read answers what the node has: the value it was cut off with.
+    assert_eq!(get(&at_f, Consistency::Local).unwrap(), one(1));
+
+    drop(cut);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        match get(&at_f, Consistency::Bounded(bound)) {
+            Ok(rows) => {
+                assert_eq!(rows, one(2), "after the heal");
+                break;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+            }
+            Err(e) => panic!("no bounded read after the heal: {e}"),
+        }
+    }
+}
