@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use raftsql_core::entry::Frames;
+use raftsql_core::fuzzing::Frames;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(f) = Frames::decode(Bytes::copy_from_slice(data)) {

@@ -13,7 +13,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use raftsql_core::log::{segment_file_name, RaftLog, SEGMENT_MAGIC};
+use raftsql_core::fuzzing::{segment_file_name, RaftLog, SEGMENT_MAGIC};
 
 fn segment(with_magic: bool, body: &[u8]) -> Vec<u8> {
     let mut seg = Vec::with_capacity(SEGMENT_MAGIC.len() + body.len());

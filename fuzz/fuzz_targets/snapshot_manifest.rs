@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use raftsql_core::snapshot::Manifest;
+use raftsql_core::fuzzing::Manifest;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = Manifest::decode(data) {

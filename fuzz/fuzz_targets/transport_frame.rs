@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use protobuf::Message as _;
-use raftsql_core::transport::decode_frame;
+use raftsql_core::fuzzing::decode_frame;
 use raftsql_proto::v1 as pb;
 
 fuzz_target!(|data: &[u8]| {

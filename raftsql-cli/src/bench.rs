@@ -1,6 +1,7 @@
 //! `raftsql bench sql`: dqlite-benchmark's key/value workloads against a running cluster.
 //!
-//! Each worker has its own client (its own connection) and loops until the deadline:
+//! Each worker loops until the deadline, on its own client (its own connections) or, with
+//! `--clients N`, on one of N clients the workers share (calls multiplexed):
 //! `kvwrite` runs `INSERT OR REPLACE INTO model(key, value) VALUES (?, ?)` with random keys;
 //! `kvreadwrite` does the same for half of its operations and `SELECT value FROM model WHERE
 //! key = ?` (linearizable) for the other half. Progress is printed every second on stderr;
@@ -21,8 +22,10 @@ pub struct BenchConfig {
     pub cluster: String,
     /// Database.
     pub db: String,
-    /// Concurrent workers, each with its own client.
+    /// Concurrent workers.
     pub workers: usize,
+    /// Clients the workers share, round robin (1..=workers).
+    pub clients: usize,
     /// How long to run.
     pub duration: Duration,
     /// Key length in bytes (hex characters).
@@ -80,10 +83,12 @@ pub async fn run(cfg: BenchConfig) -> Result<serde_json::Value, String> {
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + cfg.duration;
+    let clients: Vec<Client> = (0..cfg.clients.max(1))
+        .map(|_| Client::new(cfg.endpoints.clone(), &cfg.cluster).with_dialer(cfg.dialer.clone()))
+        .collect();
     let mut tasks = Vec::new();
     for w in 0..cfg.workers {
-        let client =
-            Client::new(cfg.endpoints.clone(), &cfg.cluster).with_dialer(cfg.dialer.clone());
+        let client = clients[w % clients.len()].clone();
         let (ops, errors) = (ops.clone(), errors.clone());
         let (db, workload, key_size, value_size, keys) = (
             cfg.db.clone(),
@@ -186,6 +191,7 @@ pub async fn run(cfg: BenchConfig) -> Result<serde_json::Value, String> {
         "system": "raftsql",
         "workload": cfg.workload,
         "workers": cfg.workers,
+        "clients": cfg.clients,
         "duration_s": (elapsed * 10.0).round() / 10.0,
         "ops": all.len(),
         "ops_per_s": (n / elapsed).round(),

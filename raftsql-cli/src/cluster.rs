@@ -183,7 +183,7 @@ pub async fn join(a: JoinArgs) -> CliResult {
     if a.node.id.is_some() || a.node.bootstrap_peers.is_some() {
         return Err("--id and --bootstrap-peers are chosen by the cluster when joining".into());
     }
-    if let Ok(Some(id)) = raftsql_core::node::stored_id(&a.node.data_dir) {
+    if let Ok(Some(id)) = raftsql_core::stored_id(&a.node.data_dir) {
         return Err(format!(
             "{} already holds node {id}: start it with `raftsql node --data-dir {} --listen ...`",
             a.node.data_dir.display(),

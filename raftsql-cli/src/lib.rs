@@ -171,9 +171,14 @@ struct BenchSqlArgs {
     /// Nodes to contact: HOST:PORT[,HOST:PORT...].
     #[arg(long, default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003")]
     endpoints: String,
-    /// Concurrent workers, each with its own connection.
+    /// Concurrent workers.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Clients the workers share, round robin (each a multiplexed connection per node;
+    /// default: one per worker, as dqlite-benchmark does). `--clients 1`: every worker on one
+    /// shared client.
+    #[arg(long)]
+    clients: Option<usize>,
     /// Seconds to run.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -244,10 +249,10 @@ struct NodeArgs {
     #[arg(long, default_value_t = 64 << 20, help_heading = "Storage and Raft")]
     compact_log_bytes: u64,
     /// Largest request a SQL client may send, in bytes (larger ones close its connection).
-    #[arg(long, default_value_t = raftsql_core::transport::DEFAULT_MAX_CLIENT_FRAME, help_heading = "Limits")]
+    #[arg(long, default_value_t = raftsql_core::DEFAULT_MAX_CLIENT_FRAME, help_heading = "Limits")]
     max_request_bytes: usize,
     /// Largest query result answered, in bytes (a larger one is an error asking for LIMIT).
-    #[arg(long, default_value_t = raftsql_core::node::DEFAULT_MAX_RESULT_BYTES, help_heading = "Limits")]
+    #[arg(long, default_value_t = raftsql_core::DEFAULT_MAX_RESULT_BYTES, help_heading = "Limits")]
     max_result_bytes: usize,
     /// The longest a client's SQL statement may run (a query, or one write request's
     /// statements, which every other write waits for) before it is interrupted.
@@ -458,7 +463,7 @@ pub(crate) async fn run_node_with(
     if a.voters % 2 == 0 {
         return Err(format!("--voters {}: must be odd", a.voters));
     }
-    let stored_node = raftsql_core::node::stored_node(&a.data_dir).map_err(|e| e.to_string())?;
+    let stored_node = raftsql_core::stored_node(&a.data_dir).map_err(|e| e.to_string())?;
     if let Some(s) = &stored_node {
         // A node that left, or another node's id: refused by `Node::start` (before TLS).
         if let Some(c) = a.cluster.as_ref().filter(|c| **c != s.cluster) {
@@ -514,7 +519,7 @@ pub(crate) async fn run_node_with(
     }
     cfg.domain = a.domain.clone();
     cfg.weight = a.weight;
-    cfg.targets = raftsql_core::roles::Targets {
+    cfg.targets = raftsql_core::Targets {
         voters: a.voters,
         standbys: a.standbys,
     };
@@ -522,10 +527,10 @@ pub(crate) async fn run_node_with(
     cfg.tick = Duration::from_millis(a.tick_ms.max(1));
     cfg.checkpoint_frames = a.checkpoint_frames.max(1);
     cfg.compact_log_bytes = a.compact_log_bytes;
-    if a.max_request_bytes < 1024 || a.max_request_bytes > raftsql_core::transport::MAX_FRAME {
+    if a.max_request_bytes < 1024 || a.max_request_bytes > raftsql_core::MAX_FRAME {
         return Err(format!(
             "--max-request-bytes must be between 1024 and {}",
-            raftsql_core::transport::MAX_FRAME
+            raftsql_core::MAX_FRAME
         )
         .into());
     }
@@ -1118,7 +1123,7 @@ async fn run_sql(a: SqlArgs) -> CliResult {
         eprintln!("raftsql shell on database {:?}: end statements with ';', BEGIN ... COMMIT for a transaction, .quit to leave", a.db);
     }
     let mut failed = false;
-    let mut tx: Option<raftsql_core::client::RemoteTransaction> = None;
+    let mut tx: Option<raftsql_core::RemoteTransaction> = None;
     let stdin = std::io::stdin();
     let mut buf = String::new();
     let mut line = String::new();
@@ -1225,6 +1230,7 @@ async fn run_bench_sql(a: BenchSqlArgs) -> CliResult {
         cluster: a.cluster,
         db: a.db,
         workers: a.workers,
+        clients: a.clients.unwrap_or(a.workers).clamp(1, a.workers.max(1)),
         duration: Duration::from_secs(a.duration.max(1)),
         key_size: a.key_size.max(1),
         value_size: a.value_size,
@@ -1233,8 +1239,9 @@ async fn run_bench_sql(a: BenchSqlArgs) -> CliResult {
         dialer: a.tls.dialer()?,
     };
     eprintln!(
-        "raftsql bench sql: {} workers, {} s, {}",
+        "raftsql bench sql: {} workers on {} clients, {} s, {}",
         cfg.workers,
+        cfg.clients,
         cfg.duration.as_secs(),
         cfg.workload
     );

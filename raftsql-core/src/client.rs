@@ -33,22 +33,31 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Client of a raftsql cluster: cheap to clone, every clone shares the connections.
 ///
-/// ```no_run
-/// # async fn demo() -> raftsql_core::Result<()> {
+/// ```
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+/// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+/// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
 /// use raftsql_core::{Client, Value};
 ///
-/// let client = Client::new(vec!["127.0.0.1:7001".parse().unwrap()], "raftsql");
-/// client.execute("main", "CREATE TABLE IF NOT EXISTS kv(k TEXT PRIMARY KEY, v TEXT)", vec![]).await?;
+/// // Any members' addresses will do: the client finds the leader.
+/// let client = Client::new(vec![addr], "raftsql");
+/// client.execute("main", "CREATE TABLE kv(k INTEGER PRIMARY KEY, v TEXT)", vec![]).await?;
 /// let mut tasks = Vec::new();
 /// for i in 0..64 {
-///     let c = client.clone(); // same connections, calls multiplexed
+///     let c = client.clone(); // the same connections: calls are multiplexed
 ///     tasks.push(tokio::spawn(async move {
-///         c.execute("main", "INSERT OR REPLACE INTO kv VALUES (?1, 'x')", vec![Value::Integer(i)]).await
+///         c.execute("main", "INSERT INTO kv VALUES (?1, 'x')", vec![Value::Integer(i)]).await
 ///     }));
 /// }
 /// for t in tasks {
-///     t.await.unwrap()?;
+///     t.await??;
 /// }
+/// let n = client.query("main", "SELECT count(*) FROM kv", vec![]).await?;
+/// assert_eq!(n.rows, vec![vec![Value::Integer(64)]]);
+/// # node.shutdown().await;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -105,6 +114,21 @@ impl Client {
 
     /// How long a call keeps retrying (elections, reconnects) before it fails; 15 s unless
     /// set. A call never takes longer than this.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// # let client = raftsql_core::Client::new(vec![addr], "raftsql");
+    /// use std::time::Duration;
+    /// let impatient = client.clone().with_timeout(Duration::from_secs(1));
+    /// impatient.query("main", "SELECT 1", vec![]).await?;
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = timeout;
         self
@@ -295,6 +319,34 @@ impl Client {
     }
 
     /// Runs statements atomically on `db`: all take effect or none.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// # let client = raftsql_core::Client::new(vec![addr], "raftsql");
+    /// use raftsql_core::{Error, Statement, Value};
+    /// client.execute("main", "CREATE TABLE u(email TEXT UNIQUE)", vec![]).await?;
+    /// let r = client
+    ///     .execute_batch("main", &[
+    ///         Statement::with_params("INSERT INTO u VALUES (?1)", vec!["a@x".into()]),
+    ///         Statement::with_params("INSERT INTO u VALUES (?1)", vec!["b@x".into()]),
+    ///     ])
+    ///     .await?;
+    /// assert_eq!(r.len(), 2);
+    /// // A constraint failure is typed, with SQLite's extended code.
+    /// let e = client
+    ///     .execute("main", "INSERT INTO u VALUES ('a@x')", vec![])
+    ///     .await
+    ///     .unwrap_err();
+    /// assert_eq!(e.constraint(), Some(raftsql_core::ConstraintKind::Unique));
+    /// assert!(matches!(e, Error::Constraint { code: 2067, .. }));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn execute_batch(&self, db: &str, stmts: &[Statement]) -> Result<Vec<ExecResult>> {
         let body = pb::request::Body::Execute(pb::ExecuteRequest {
             forwarded: false,
@@ -323,6 +375,23 @@ impl Client {
     }
 
     /// Runs a query as fresh as `consistency` asks, on whichever node the client talks to.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// # let client = raftsql_core::Client::new(vec![addr], "raftsql");
+    /// use std::time::Duration;
+    /// use raftsql_core::{Consistency, Value};
+    /// let stale_ok = Consistency::Bounded(Duration::from_millis(500));
+    /// let rows = client.query_with("main", "SELECT 6 * 7", vec![], stale_ok).await?;
+    /// assert_eq!(rows.rows, vec![vec![Value::Integer(42)]]);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn query_with(
         &self,
         db: &str,
@@ -368,6 +437,28 @@ impl Client {
     /// Starts an interactive transaction on the leader. Statements run one round trip each;
     /// the leader rolls it back if it stays idle longer than `idle`, or if the transaction is
     /// dropped without `commit` (best effort, by an explicit rollback).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// # let client = raftsql_core::Client::new(vec![addr], "raftsql");
+    /// use std::time::Duration;
+    /// use raftsql_core::Value;
+    /// client.execute("main", "CREATE TABLE stock(item TEXT PRIMARY KEY, n INTEGER)", vec![]).await?;
+    /// client.execute("main", "INSERT INTO stock VALUES ('apple', 3)", vec![]).await?;
+    /// let mut tx = client.transaction("main", Duration::from_secs(5)).await?;
+    /// let (rows, _) = tx.execute("SELECT n FROM stock WHERE item = 'apple'", vec![]).await?;
+    /// if rows.rows[0][0] == Value::Integer(3) {
+    ///     tx.execute("UPDATE stock SET n = n - 1 WHERE item = 'apple'", vec![]).await?;
+    /// }
+    /// tx.commit().await?;
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn transaction(&self, db: &str, idle: Duration) -> Result<RemoteTransaction> {
         let body = pb::request::Body::TxBegin(pb::TxBeginRequest {
             db: db.to_string(),
@@ -391,6 +482,26 @@ impl Client {
     }
 
     /// A statement prepared for repeated use (the nodes cache its compiled form).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// # let client = raftsql_core::Client::new(vec![addr], "raftsql");
+    /// use raftsql_core::Value;
+    /// client.execute("main", "CREATE TABLE p(id INTEGER PRIMARY KEY, name TEXT)", vec![]).await?;
+    /// let insert = client.prepare("main", "INSERT INTO p VALUES (?1, ?2)");
+    /// for (id, name) in [(1, "ada"), (2, "grace")] {
+    ///     insert.execute(vec![Value::Integer(id), name.into()]).await?;
+    /// }
+    /// let by_id = client.prepare("main", "SELECT name FROM p WHERE id = ?1");
+    /// assert_eq!(by_id.query(vec![Value::Integer(2)]).await?.rows[0][0], "grace".into());
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub fn prepare(&self, db: &str, sql: &str) -> Prepared {
         Prepared {
             client: self.clone(),

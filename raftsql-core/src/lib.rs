@@ -1,51 +1,125 @@
-//! raftsql-core: SQLite databases replicated through Raft by their WAL frames.
+//! SQLite databases replicated through Raft by their pages, on disk.
 //!
-//! A write runs on the leader's single writer connection; the pages its COMMIT appends to
-//! the WAL become one Raft log entry ([`entry::Frames`]); every node applies the same pages,
-//! so replicas are byte-identical. See `docs/ARCHITECTURE.md` for the whole data path and
-//! the invariants, and each module for the part it owns:
+//! Embed a [`Node`] in your program (it is a member of the cluster: it stores a replica,
+//! votes, and serves reads from its own files), or talk to a cluster from outside with a
+//! [`Client`]. Either way you get SQLite's SQL, with writes acknowledged only once a quorum
+//! has them on disk, and reads as fresh as you ask ([`Consistency`]).
 //!
-//! - [`vfs`]: the SQLite VFS giving access to the wal-index header;
-//! - [`entry`]: the replicated entry format;
-//! - [`log`]: the durable Raft log (segments of checksummed records);
-//! - [`state`]: the state machine (databases, writer, apply, checkpoints);
-//! - `guard`: what SQL from a client may do (the checks on every connection it runs on);
-//! - [`snapshot`]: snapshots for lagging followers;
-//! - [`backup`]: backup files of a whole cluster, and restoring one into a new cluster;
-//!   [`backup_schedule`]: a node saving its own on a schedule, pruning old ones;
-//! - [`recover`]: disaster recovery when a quorum is lost for good;
-//! - [`roles`]: which configuration change brings voters and standbys to their targets;
-//! - [`members`]: the member registry, join tokens, and the leader's role keeper;
-//!   `history`: the leader and role changes it records (for `cluster show`);
-//! - [`transport`]: framed TCP between nodes and clients;
-//! - [`node`]: the Raft thread and the [`Node`] API; [`client`]: the remote [`Client`].
+//! ```
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use raftsql_core::{Client, Consistency, Node, NodeConfig, Value};
+//!
+//! // A cluster of one in a temporary directory. For three, give each node the same
+//! // `peers` (id -> address) and its own id, data directory and address.
+//! let dir = tempfile::tempdir()?;
+//! let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+//! let node = Node::start(NodeConfig::new(1, dir.path(), addr)).await?;
+//! node.wait_ready(Duration::from_secs(10)).await?;
+//!
+//! // Writes run on the leader, atomically, replicated.
+//! node.execute("main", "CREATE TABLE kv(k TEXT PRIMARY KEY, v TEXT)", vec![]).await?;
+//! node.execute("main", "INSERT INTO kv VALUES (?1, ?2)", vec!["hello".into(), "world".into()])
+//!     .await?;
+//!
+//! // Reads run on this node, as fresh as asked.
+//! let rows = node.query_with("main", "SELECT v FROM kv", vec![], Consistency::Local).await?;
+//! assert_eq!(rows.rows, vec![vec![Value::Text("world".into())]]);
+//!
+//! // From another process (or task): a client that finds the leader itself.
+//! let client = Client::new(vec![addr], "raftsql");
+//! let rows = client.query("main", "SELECT count(*) FROM kv", vec![]).await?;
+//! assert_eq!(rows.rows, vec![vec![Value::Integer(1)]]);
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! `examples/kv_http.rs` is a small key-value HTTP service embedding a node, started three
+//! times to form a cluster (see the README).
+//!
+//! # What you can rely on
+//!
+//! - **Writes** ([`Node::execute`], [`Node::execute_batch`], [`Node::write`],
+//!   [`Node::transaction`], and the same on [`Client`]) run on the leader, each request in
+//!   its own savepoint of a group-commit transaction, and are answered once a quorum has the
+//!   pages on disk and this node applied them. A [`Node`] that does not lead answers
+//!   [`Error::NotLeader`] with the leader's address; a [`Client`] follows it there, and a
+//!   write that reached a follower over the network is forwarded to the leader.
+//! - **Reads** take a [`Consistency`]: `Linearizable` (the default: sees every write
+//!   acknowledged before it started, on any node), `Bounded(d)` (at most `d` stale, usually
+//!   without a round trip), `Local` (whatever this node has, never waits for the network).
+//! - **Errors** are an [`Error`] to match on: [`Error::NotLeader`] and
+//!   [`Error::Unavailable`] mean nothing happened and retrying is safe
+//!   ([`Error::is_retryable`]); [`Error::OutcomeUnknown`] means a write may or may not have
+//!   committed (read back before retrying); [`Error::Constraint`] carries SQLite's extended
+//!   code ([`Error::constraint`]); [`Error::Sql`] is any other SQL error. A [`Node`] and a
+//!   [`Client`] return the same variants for the same cause.
+//! - **A [`Client`] is cheap to clone**: clones share one multiplexed connection per node
+//!   and the knowledge of who leads; share one among all your tasks.
+//!
+//! # Layout
+//!
+//! The layers, from the caller down (`docs/ARCHITECTURE.md` has the data path of a write
+//! and every invariant with the test that checks it):
+//!
+//! | layer | modules | owns |
+//! |---|---|---|
+//! | API | `node`, `client`, `consistency`, `error`, `value` | [`Node`], [`Client`], [`Consistency`], [`Error`], [`Value`] / [`Statement`] / [`Rows`] |
+//! | operations | [`members`], [`roles`](Targets), [`backup`], [`backup_schedule`], [`recover`], [`tls`] | membership and join tokens, the role keeper, backups, disaster recovery, certificates |
+//! | replication | `node` (the Raft thread), `snapshot`, `log` | the RawNode loop, snapshots for lagging nodes, the durable Raft log |
+//! | state machine | `state`, `committed`, `guard`, `entry` | databases and the writer, apply, checkpoints; what client SQL may do; the replicated entry format |
+//! | storage | `vfs` | the SQLite VFS that exposes the wal-index header |
+//! | network | `transport`, `mux` | framed TCP/TLS between nodes and clients; multiplexed client connections |
+//!
+//! Threads: the Raft thread (ready → persist → send → apply → advance), the state machine
+//! thread (one writer connection per database), the checkpoint fsync thread, and tokio tasks
+//! for the network and the API.
 #![warn(missing_docs)]
 
 pub mod backup;
 pub mod backup_schedule;
-pub mod client;
+mod client;
 mod committed;
 mod consistency;
-pub mod entry;
-pub mod error;
+mod entry;
+mod error;
 mod guard;
 mod history;
-pub mod log;
+mod log;
 pub mod members;
-pub mod metrics;
-pub mod mux;
-pub mod node;
+mod metrics;
+mod mux;
+mod node;
 pub mod recover;
-pub mod roles;
-pub mod snapshot;
-pub mod state;
+mod roles;
+mod snapshot;
+mod state;
 pub mod tls;
-pub mod transport;
-pub mod value;
-pub mod vfs;
+mod transport;
+mod value;
+mod vfs;
 
-pub use client::Client;
+pub use client::{Client, Prepared, RemoteTransaction, DEFAULT_TIMEOUT};
 pub use consistency::Consistency;
 pub use error::{ConstraintKind, Error, Result};
-pub use node::{parse_peers, Node, NodeConfig, ServiceHandler, Status, Transaction};
+pub use log::LogError;
+pub use metrics::{Metrics, WriteMetrics};
+pub use node::{
+    parse_peers, stored_id, stored_node, Node, NodeConfig, RaftStatus, ServiceHandler, Status,
+    StoredNode, Transaction, DEFAULT_MAX_RESULT_BYTES, DEFAULT_STATEMENT_TIMEOUT, MAX_TX_IDLE,
+};
+pub use roles::{Role, Targets};
+pub use transport::{DEFAULT_MAX_CLIENT_FRAME, MAX_FRAME};
 pub use value::{split_sql, ExecResult, Rows, Statement, Value};
+
+/// Internals the fuzz targets and the process tests reach into: decoders of everything that
+/// arrives from disk or the network, and the raw connection. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::client::from_pb;
+    pub use crate::entry::Frames;
+    pub use crate::log::{segment_file_name, RaftLog, SEGMENT_MAGIC};
+    pub use crate::snapshot::Manifest;
+    pub use crate::transport::{decode_frame, RpcConn};
+}

@@ -17,7 +17,7 @@
 //! joining an impostor.
 //!
 //! **Keeping roles.** While a node leads, its keeper probes every member every
-//! [`PROBE_EVERY`] and applies at most one change planned by [`crate::roles::plan`] per round,
+//! [`PROBE_EVERY`] and applies at most one change planned by `roles::plan` per round,
 //! waiting until it is applied.
 //!
 //! The services: [`MEMBERS_SERVICE`] answers on every node (clients send membership requests
@@ -52,7 +52,7 @@ pub const SYSTEM_DB: &str = "_raftsql";
 pub const MEMBERS_SERVICE: &str = "raftsql.members";
 /// The same requests, run on the leader.
 const LEADER_SERVICE: &str = "raftsql.members.leader";
-/// Members only: the leader tells a node it removed (see [`Notice`]).
+/// Members only: the leader tells a node it removed (see `Notice`).
 pub const NOTICE_SERVICE: &str = "raftsql.members.notice";
 /// How often the leader probes the members.
 pub const PROBE_EVERY: Duration = Duration::from_millis(300);

@@ -69,7 +69,6 @@ pub struct MuxConn {
 }
 
 struct Shared {
-    addr: SocketAddr,
     next_id: AtomicU64,
     /// Responses received so far.
     answered: AtomicU64,
@@ -81,7 +80,6 @@ struct State {
     pending: HashMap<u64, oneshot::Sender<Answer>>,
     /// Set once, when the connection failed or was refused; no call is registered after.
     closed: Option<(io::ErrorKind, String)>,
-    refusal: Option<pb::Refused>,
 }
 
 impl Shared {
@@ -131,7 +129,6 @@ impl MuxConn {
         w.write_all(&encode_frame(&hello)).await?;
         w.flush().await?;
         let shared = Arc::new(Shared {
-            addr,
             next_id: AtomicU64::new(1),
             answered: AtomicU64::new(0),
             state: Mutex::new(State::default()),
@@ -142,11 +139,6 @@ impl MuxConn {
         Ok(MuxConn { shared, out })
     }
 
-    /// The node's address.
-    pub fn addr(&self) -> SocketAddr {
-        self.shared.addr
-    }
-
     /// True once the connection has failed or been refused: a call on it fails at once.
     pub fn is_closed(&self) -> bool {
         self.shared.state.lock().closed.is_some()
@@ -155,11 +147,6 @@ impl MuxConn {
     /// How many responses this connection has received.
     pub fn answered(&self) -> u64 {
         self.shared.answered.load(Ordering::Relaxed)
-    }
-
-    /// The server's refusal, if it refused this connection.
-    pub fn refusal(&self) -> Option<pb::Refused> {
-        self.shared.state.lock().refusal.clone()
     }
 
     /// Sends a request body and waits for its response. Other calls on this connection (and
@@ -255,9 +242,7 @@ async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<Reader>) {
             Ok(Some(pb::Frame {
                 kind: Some(pb::frame::Kind::Refused(r)),
             })) => {
-                let reason = r.reason.clone();
-                shared.state.lock().refusal = Some(r);
-                shared.close(io::ErrorKind::PermissionDenied, reason);
+                shared.close(io::ErrorKind::PermissionDenied, r.reason);
                 return;
             }
             Ok(Some(_)) => continue,

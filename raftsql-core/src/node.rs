@@ -398,6 +398,24 @@ fn load_or_create_node_file(cfg: &NodeConfig, stored: Option<NodeFile>) -> Resul
 impl Node {
     /// Starts a node: recovers its state from `data_dir` (or bootstraps a new cluster from
     /// `peers`), binds `listen`, and joins the cluster. Must run inside a tokio runtime.
+    ///
+    /// A cluster of one in a temporary directory (`NodeConfig::peers` names every member
+    /// of a larger one: start each with its own id, the same peers):
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use raftsql_core::{Node, NodeConfig};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// let node = Node::start(NodeConfig::new(1, dir.path(), addr)).await?;
+    /// node.wait_ready(Duration::from_secs(10)).await?;
+    /// node.execute("main", "CREATE TABLE t(x)", vec![]).await?;
+    /// node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn start(mut cfg: NodeConfig) -> Result<Node> {
         if cfg.id == 0 {
             return Err(Error::Invalid("node id must be non-zero".into()));
@@ -640,11 +658,42 @@ impl Node {
     }
 
     /// Current status.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// let s = node.status();
+    /// assert_eq!(s.raft.leader_id, node.id());
+    /// assert!(s.applied >= s.raft.commit.min(s.applied));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub fn status(&self) -> Status {
         self.shared.status()
     }
 
     /// Runs one write statement (atomically, replicated) and says what it changed.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// use raftsql_core::Value;
+    /// node.execute("main", "CREATE TABLE kv(k TEXT PRIMARY KEY, v)", vec![]).await?;
+    /// let r = node
+    ///     .execute("main", "INSERT INTO kv VALUES (?1, ?2)", vec!["a".into(), Value::Integer(1)])
+    ///     .await?;
+    /// assert_eq!(r.rows_affected, 1);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn execute(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<ExecResult> {
         let mut r = self
             .execute_batch(db, vec![Statement::with_params(sql, params)])
@@ -653,6 +702,27 @@ impl Node {
     }
 
     /// Runs statements atomically as one transaction: all take effect or none.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// use raftsql_core::{Error, Statement};
+    /// node.execute("main", "CREATE TABLE kv(k TEXT PRIMARY KEY, v)", vec![]).await?;
+    /// let batch = vec![
+    ///     Statement::new("INSERT INTO kv VALUES ('a', 1)"),
+    ///     Statement::new("INSERT INTO kv VALUES ('a', 2)"), // fails: the batch is rolled back
+    /// ];
+    /// let e = node.execute_batch("main", batch).await.unwrap_err();
+    /// assert!(matches!(e, Error::Constraint { .. }));
+    /// let n = node.query("main", "SELECT count(*) FROM kv", vec![]).await?;
+    /// assert_eq!(n.rows[0][0], raftsql_core::Value::Integer(0));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn execute_batch(&self, db: &str, stmts: Vec<Statement>) -> Result<Vec<ExecResult>> {
         self.shared.execute_batch(db, stmts).await
     }
@@ -662,6 +732,27 @@ impl Node {
     /// Returns `f`'s result once the transaction is committed by a quorum and applied here.
     /// `f` must be deterministic only in what it returns: replicas get its pages, not a re-run.
     /// On a follower: [`Error::NotLeader`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// // A read-modify-write in Rust, atomic on the leader.
+    /// node.execute("main", "CREATE TABLE c(id INTEGER PRIMARY KEY, n INTEGER)", vec![]).await?;
+    /// let n: i64 = node
+    ///     .write("main", |c| {
+    ///         c.execute("INSERT OR IGNORE INTO c VALUES (1, 0)", [])?;
+    ///         c.execute("UPDATE c SET n = n + 1 WHERE id = 1", [])?;
+    ///         Ok(c.query_row("SELECT n FROM c WHERE id = 1", [], |r| r.get(0))?)
+    ///     })
+    ///     .await?;
+    /// assert_eq!(n, 1);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn write<T, F>(&self, db: &str, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -677,6 +768,27 @@ impl Node {
 
     /// Runs `f` on a read transaction of `db`, as fresh as `consistency` asks: it sees only
     /// committed entries, as of one consistent point. `Ok(None)` if `db` does not exist yet.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// use raftsql_core::Consistency;
+    /// node.execute("main", "CREATE TABLE t(x)", vec![]).await?;
+    /// let n: Option<i64> = node
+    ///     .read("main", Consistency::Linearizable, |c| {
+    ///         Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?)
+    ///     })
+    ///     .await?;
+    /// assert_eq!(n, Some(0));
+    /// // A database nobody has written is `None`.
+    /// assert!(node.read("nothing", Consistency::Local, |_| Ok(())).await?.is_none());
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn read<T, F>(&self, db: &str, consistency: Consistency, f: F) -> Result<Option<T>>
     where
         T: Send + 'static,
@@ -727,12 +839,48 @@ impl Node {
 
     /// Runs a query with a linearizable read (ReadIndex): it sees every write acknowledged
     /// before it started, on any node.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// let rows = node.query("main", "SELECT 1 + ?1", vec![raftsql_core::Value::Integer(41)]).await?;
+    /// assert_eq!(rows.rows, vec![vec![raftsql_core::Value::Integer(42)]]);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
         self.query_with(db, sql, params, Consistency::Linearizable)
             .await
     }
 
     /// Runs a query as fresh as `consistency` asks.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// use std::time::Duration;
+    /// use raftsql_core::Consistency;
+    /// node.execute("main", "CREATE TABLE t(x)", vec![]).await?;
+    /// node.execute("main", "INSERT INTO t VALUES (1)", vec![]).await?;
+    /// // At most 1 s stale: served without a round trip if this node confirmed its state
+    /// // within the last second.
+    /// let bounded = Consistency::Bounded(Duration::from_secs(1));
+    /// let rows = node.query_with("main", "SELECT x FROM t", vec![], bounded).await?;
+    /// assert_eq!(rows.rows, vec![vec![raftsql_core::Value::Integer(1)]]);
+    /// // Whatever this node has applied (here: the leader, so everything).
+    /// let rows = node.query_with("main", "SELECT x FROM t", vec![], Consistency::Local).await?;
+    /// assert_eq!(rows.columns, vec!["x"]);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn query_with(
         &self,
         db: &str,
@@ -747,6 +895,28 @@ impl Node {
 
     /// Starts an interactive transaction on `db` (leader only). It holds the writer, so other
     /// writes wait; it is rolled back after `idle` without a statement, or when dropped.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// use std::time::Duration;
+    /// node.execute("main", "CREATE TABLE acct(id INTEGER PRIMARY KEY, balance INTEGER)", vec![]).await?;
+    /// node.execute("main", "INSERT INTO acct VALUES (1, 100), (2, 0)", vec![]).await?;
+    /// let mut tx = node.transaction("main", Duration::from_secs(5)).await?;
+    /// let (rows, _) = tx.execute("SELECT balance FROM acct WHERE id = 1", vec![]).await?;
+    /// assert_eq!(rows.rows[0][0], raftsql_core::Value::Integer(100));
+    /// tx.execute("UPDATE acct SET balance = balance - 30 WHERE id = 1", vec![]).await?;
+    /// tx.execute("UPDATE acct SET balance = balance + 30 WHERE id = 2", vec![]).await?;
+    /// tx.commit().await?; // returns once a quorum has it
+    /// let sum = node.query("main", "SELECT sum(balance) FROM acct", vec![]).await?;
+    /// assert_eq!(sum.rows[0][0], raftsql_core::Value::Integer(100));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn transaction(&self, db: &str, idle: Duration) -> Result<Transaction> {
         let id = self.shared.tx_begin(db, idle).await?;
         Ok(Transaction {
@@ -784,6 +954,48 @@ impl Node {
         &self.shared.keeper
     }
 
+    /// Waits until the cluster can serve this node: a leader is known and has committed an
+    /// entry of its term, and this node has applied it (so a linearizable read here, or a
+    /// write on the leader, no longer fails for want of a leader). A freshly started
+    /// cluster needs an election first (about one election timeout).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use raftsql_core::{Node, NodeConfig};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// let node = Node::start(NodeConfig::new(1, dir.path(), addr)).await?;
+    /// node.wait_ready(Duration::from_secs(10)).await?;
+    /// assert!(node.is_leader()); // a cluster of one
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.shared.raft_status.lock().clone();
+            if status.leader_id != 0 && (status.heard_leader || status.role == "leader") {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let index = tokio::time::timeout(left, self.shared.read_index()).await;
+                if let Ok(Ok(index)) = index {
+                    return self.shared.wait_applied(index).await;
+                }
+            }
+            if self.shared.stopped.load(Ordering::SeqCst) {
+                return Err(Error::Shutdown);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "no leader confirmed within {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Whether this node leads the cluster right now.
     pub fn is_leader(&self) -> bool {
         self.shared.raft_status.lock().role == "leader"
@@ -795,7 +1007,7 @@ impl Node {
         (cs.voters.clone(), cs.learners.clone())
     }
 
-    /// The node's metrics (for a `/metrics` endpoint; see [`crate::metrics`]).
+    /// The node's metrics (for a `/metrics` endpoint; see [`crate::Metrics`]).
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.shared.metrics
     }

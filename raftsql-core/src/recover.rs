@@ -5,7 +5,7 @@
 //! voter of its cluster, keeping exactly the state it knows to be committed:
 //!
 //! 1. the database files are brought up to the node's commit index (the same replay a restart
-//!    does, [`crate::state::recover_files`]);
+//!    does, `state::recover_files`);
 //! 2. the Raft log is reset to that point ([`RaftLog::reset_for_recovery`]): entries after
 //!    the commit index are dropped, because this node cannot know whether they committed
 //!    (etcd's `--force-new-cluster` drops them too), and the configuration becomes

@@ -9,7 +9,7 @@
 //!   a load balancer's rotation. Both answer `ok`, or 503 with `[-]check failed: reason`
 //!   lines; `?verbose` lists every check (`[+]name ok`), as etcd does.
 //! - `/version`: `{"etcdserver":..,"etcdcluster":..}`.
-//! - `/metrics`: Prometheus text: the node's own metrics ([`raftsql_core::metrics`]) and the
+//! - `/metrics`: Prometheus text: the node's own metrics ([`raftsql_core::Metrics`]) and the
 //!   point-in-time gauges below, with etcd's names where the meaning matches and `raftsql_`
 //!   ones for the rest.
 

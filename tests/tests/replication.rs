@@ -125,7 +125,7 @@ fn follower_forwards_writes_and_serves_linearizable_reads() {
             .await
             .unwrap()
         {
-            pb::response::Body::Error(e) => match raftsql_core::client::from_pb(e) {
+            pb::response::Body::Error(e) => match raftsql_core::fuzzing::from_pb(e) {
                 Error::NotLeader {
                     leader_id,
                     leader_addr,

@@ -625,8 +625,8 @@ impl Cluster {
 
     /// A connection to node `to` whose hello says it comes from node `from` (what a member
     /// sends; without TLS nothing proves it), with the harness's client TLS.
-    pub async fn connect_as(&self, from: u64, to: u64) -> raftsql_core::transport::RpcConn {
-        raftsql_core::transport::RpcConn::connect(
+    pub async fn connect_as(&self, from: u64, to: u64) -> raftsql_core::fuzzing::RpcConn {
+        raftsql_core::fuzzing::RpcConn::connect(
             &self.client_tls,
             raftsql_core::tls::Peer::Endpoint,
             self.addr(to),
