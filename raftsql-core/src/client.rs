@@ -662,7 +662,7 @@ pub fn from_pb(e: pb::Error) -> Error {
         },
         Code::OutcomeUnknown => Error::OutcomeUnknown,
         Code::Unavailable => Error::Unavailable(e.message),
-        Code::Timeout => Error::Timeout(Duration::ZERO),
+        Code::Timeout => Error::Timeout(Duration::from_millis(e.timeout_ms)),
         Code::Invalid => Error::Invalid(e.message),
         Code::Shutdown => Error::Shutdown,
         Code::Internal => Error::Internal(e.message),

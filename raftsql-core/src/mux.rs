@@ -271,3 +271,158 @@ fn refused_msg(a: &Answer) -> String {
         _ => "the node closed the connection".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn query(db: &str) -> pb::request::Body {
+        pb::request::Body::Query(pb::QueryRequest {
+            db: db.into(),
+            ..Default::default()
+        })
+    }
+
+    type ServerReader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
+
+    /// A node's side of one connection, past the hello.
+    async fn accept(l: &TcpListener) -> (ServerReader, tokio::net::tcp::OwnedWriteHalf) {
+        let (s, _) = l.accept().await.unwrap();
+        let (r, w) = s.into_split();
+        let mut r = FrameReader::new(r);
+        let hello = r.next().await.unwrap().unwrap();
+        assert!(matches!(hello.kind, Some(pb::frame::Kind::Hello(_))));
+        (r, w)
+    }
+
+    async fn next_request(r: &mut ServerReader) -> pb::Request {
+        match r.next().await.unwrap().unwrap().kind {
+            Some(pb::frame::Kind::Request(q)) => q,
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    fn answer(id: u64, columns: Vec<String>) -> bytes::Bytes {
+        encode_frame(&pb::Frame {
+            kind: Some(pb::frame::Kind::Response(pb::Response {
+                id,
+                body: Some(pb::response::Body::Query(pb::QueryResponse {
+                    columns,
+                    rows: vec![],
+                })),
+            })),
+        })
+    }
+
+    fn columns(b: pb::response::Body) -> Vec<String> {
+        match b {
+            pb::response::Body::Query(q) => q.columns,
+            other => panic!("not a query answer: {other:?}"),
+        }
+    }
+
+    /// Answers in reverse order reach their own calls; a connection that closes with a call
+    /// pending fails it as Lost, and a call on the closed connection is NotSent.
+    #[tokio::test]
+    async fn answers_out_of_order_reach_their_calls_and_failures_say_whether_sent() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut r, mut s) = accept(&l).await;
+            let mut reqs = Vec::new();
+            for _ in 0..3 {
+                reqs.push(next_request(&mut r).await);
+            }
+            for q in reqs.iter().rev() {
+                let Some(pb::request::Body::Query(x)) = &q.body else {
+                    panic!()
+                };
+                s.write_all(&answer(q.id, vec![x.db.clone()]))
+                    .await
+                    .unwrap();
+            }
+            // One more request, never answered: the connection closes under it.
+            next_request(&mut r).await;
+        });
+        let c = MuxConn::connect(&Dialer::Plain, Peer::Endpoint, addr, 0, "c", None)
+            .await
+            .unwrap();
+        let calls: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|db| {
+                let c = c.clone();
+                tokio::spawn(async move { (db, c.call(query(db)).await) })
+            })
+            .collect();
+        for t in calls {
+            let (db, r) = t.await.unwrap();
+            assert_eq!(columns(r.unwrap()), vec![db.to_string()]);
+        }
+        assert_eq!(c.answered(), 3);
+        let lost = c.call(query("d")).await.unwrap_err();
+        assert!(matches!(lost, CallError::Lost(_)), "{lost:?}");
+        server.await.unwrap();
+        assert!(c.is_closed());
+        let not_sent = c.call(query("e")).await.unwrap_err();
+        assert!(matches!(not_sent, CallError::NotSent(_)), "{not_sent:?}");
+    }
+
+    /// A connection-level answer (id 0) answers every pending call and closes the connection.
+    #[tokio::test]
+    async fn a_connection_level_answer_answers_every_pending_call() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut r, mut s) = accept(&l).await;
+            next_request(&mut r).await;
+            next_request(&mut r).await;
+            s.write_all(&answer(0, vec!["refused".into()]))
+                .await
+                .unwrap();
+            (r, s)
+        });
+        let c = MuxConn::connect(&Dialer::Plain, Peer::Endpoint, addr, 0, "c", None)
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(c.call(query("a")), c.call(query("b")));
+        assert_eq!(columns(a.unwrap()), vec!["refused".to_string()]);
+        assert_eq!(columns(b.unwrap()), vec!["refused".to_string()]);
+        assert!(c.is_closed());
+        drop(server.await.unwrap());
+    }
+
+    /// A call dropped before its answer leaves nothing behind, and the late answer is ignored.
+    #[tokio::test]
+    async fn a_dropped_call_leaves_no_pending_entry() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (mut r, mut s) = accept(&l).await;
+            let first = next_request(&mut r).await;
+            rx.await.unwrap();
+            let second = next_request(&mut r).await;
+            s.write_all(&answer(first.id, vec!["late".into()]))
+                .await
+                .unwrap();
+            s.write_all(&answer(second.id, vec!["b".into()]))
+                .await
+                .unwrap();
+            (r, s)
+        });
+        let c = MuxConn::connect(&Dialer::Plain, Peer::Endpoint, addr, 0, "c", None)
+            .await
+            .unwrap();
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(100), c.call(query("a"))).await;
+        assert!(gave_up.is_err());
+        assert!(c.shared.state.lock().pending.is_empty());
+        tx.send(()).unwrap();
+        assert_eq!(
+            columns(c.call(query("b")).await.unwrap()),
+            vec!["b".to_string()]
+        );
+        drop(server.await.unwrap());
+    }
+}

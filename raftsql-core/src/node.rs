@@ -1629,7 +1629,10 @@ pub fn error_response(id: u64, e: &Error) -> pb::Response {
             err.code = Code::Unavailable as i32;
             err.message = m.clone();
         }
-        Error::Timeout(_) => err.code = Code::Timeout as i32,
+        Error::Timeout(d) => {
+            err.code = Code::Timeout as i32;
+            err.timeout_ms = d.as_millis().min(u64::MAX as u128) as u64;
+        }
         Error::Invalid(m) => {
             err.code = Code::Invalid as i32;
             err.message = m.clone();
