@@ -40,10 +40,10 @@ use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::log::RaftLog;
 use crate::members::{rewrite_registry_file, SYSTEM_DB};
+use crate::net::conn::RpcConn;
 use crate::node::{Node, NodeFile, ServiceHandler, WeakNode};
 use crate::snapshot::{FileInfo, Manifest, SnapshotStore};
 use crate::state::{self, Meta};
-use crate::transport::RpcConn;
 
 /// The service a saver calls on any member.
 pub const BACKUP_SERVICE: &str = "raftsql.backup";
@@ -123,7 +123,7 @@ pub struct SaveReport {
 /// `progress(done, total)` is called as database bytes arrive. Writes `path` only once the
 /// copy is complete and checked (through a temporary file renamed into place).
 pub async fn save(
-    dialer: &crate::tls::Dialer,
+    dialer: &crate::net::Dialer,
     endpoints: &[SocketAddr],
     cluster: &str,
     path: &Path,
@@ -134,7 +134,7 @@ pub async fn save(
     for _attempt in 0..3 {
         for ep in endpoints {
             let mut conn =
-                match RpcConn::connect(dialer, crate::tls::Peer::Endpoint, *ep, 0, cluster, None)
+                match RpcConn::connect(dialer, crate::net::Peer::Endpoint, *ep, 0, cluster, None)
                     .await
                 {
                     Ok(c) => c,

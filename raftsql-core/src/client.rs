@@ -21,9 +21,9 @@ use raftsql_proto::v1 as pb;
 
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
-use crate::mux::{CallError, MuxConn};
-use crate::tls::{Dialer, Peer};
-use crate::transport::RpcConn;
+use crate::net::conn::RpcConn;
+use crate::net::mux::{CallError, MuxConn};
+use crate::net::{Dialer, Peer};
 use crate::value::{ExecResult, Rows, Statement, Value};
 
 /// How long a call keeps retrying (elections, reconnects) unless told otherwise.
@@ -672,10 +672,10 @@ pub fn from_pb(e: pb::Error) -> Error {
 /// A node that could not be reached (or whose connection broke before an answer): the call
 /// goes on with another node, and the cluster counts as unavailable if none answers.
 fn unreachable(target: SocketAddr, e: &std::io::Error) -> Error {
-    Error::Unavailable(crate::tls::with_hint(format!("{target}: {e}")))
+    Error::Unavailable(crate::net::dial::with_hint(format!("{target}: {e}")))
 }
 
 /// A transport error for `target`, with what to do about it when the cause is a TLS mistake.
 fn transport_error(target: impl std::fmt::Display, e: &std::io::Error) -> Error {
-    Error::Transport(crate::tls::with_hint(format!("{target}: {e}")))
+    Error::Transport(crate::net::dial::with_hint(format!("{target}: {e}")))
 }

@@ -89,14 +89,12 @@ mod history;
 mod log;
 pub mod members;
 mod metrics;
-mod mux;
+mod net;
 mod node;
 pub mod recover;
 mod roles;
 mod snapshot;
 mod state;
-pub mod tls;
-mod transport;
 mod value;
 mod vfs;
 
@@ -105,12 +103,13 @@ pub use consistency::Consistency;
 pub use error::{ConstraintKind, Error, Result};
 pub use log::LogError;
 pub use metrics::{Metrics, WriteMetrics};
+pub use net::tls;
+pub use net::{Dialer, Peer, DEFAULT_MAX_CLIENT_FRAME, MAX_FRAME};
 pub use node::{
     parse_peers, stored_id, stored_node, Node, NodeConfig, RaftStatus, ServiceHandler, Status,
     StoredNode, Transaction, DEFAULT_MAX_RESULT_BYTES, DEFAULT_STATEMENT_TIMEOUT, MAX_TX_IDLE,
 };
 pub use roles::{Role, Targets};
-pub use transport::{DEFAULT_MAX_CLIENT_FRAME, MAX_FRAME};
 pub use value::{split_sql, ExecResult, Rows, Statement, Value};
 
 /// Internals the fuzz targets and the process tests reach into: decoders of everything that
@@ -120,6 +119,7 @@ pub mod fuzzing {
     pub use crate::client::from_pb;
     pub use crate::entry::Frames;
     pub use crate::log::{segment_file_name, RaftLog, SEGMENT_MAGIC};
+    pub use crate::net::conn::RpcConn;
+    pub use crate::net::frame::decode_frame;
     pub use crate::snapshot::Manifest;
-    pub use crate::transport::{decode_frame, RpcConn};
 }

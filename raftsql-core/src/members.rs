@@ -40,11 +40,11 @@ use sha2::{Digest, Sha256};
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::history;
+use crate::net::conn::RpcConn;
+pub use crate::net::server::JOIN_SERVICE;
+use crate::net::{Dialer, Peer};
 use crate::node::{Node, ServiceHandler, WeakNode};
 use crate::roles::{plan, Change, MemberView, Reason, Role};
-use crate::tls::{Dialer, Peer};
-use crate::transport::RpcConn;
-pub use crate::transport::JOIN_SERVICE;
 
 /// The replicated database holding the registry and the join tokens.
 pub const SYSTEM_DB: &str = "_raftsql";
@@ -116,7 +116,7 @@ pub struct JoinTicket {
     /// Every member's address, this node included.
     pub peers: BTreeMap<u64, SocketAddr>,
     /// A TLS cluster's files for this node (its certificate, the CA).
-    pub tls: Option<crate::tls::Material>,
+    pub tls: Option<crate::net::tls::Material>,
 }
 
 fn now_ms() -> i64 {
@@ -1246,7 +1246,7 @@ pub async fn join(
     let nonce: [u8; 16] = rand::random();
     let (dialer, node_key, csr) = match fingerprint {
         Some(fp) => {
-            let (k, csr) = crate::tls::node_request()?;
+            let (k, csr) = crate::net::tls::node_request()?;
             (Dialer::pinned(fp), Some(k), csr)
         }
         None => (Dialer::Plain, None, Vec::new()),
@@ -1318,7 +1318,7 @@ pub async fn join(
                     "the cluster answered without a certificate (it runs without TLS?)".into(),
                 ));
             }
-            let ca = crate::tls::ClusterCa::from_pem(
+            let ca = crate::net::tls::ClusterCa::from_pem(
                 text(&j.ca_cert, "CA")?,
                 text(&j.ca_key, "CA key")?,
             )?;
@@ -1327,7 +1327,7 @@ pub async fn join(
                     "the cluster's CA does not match the join string's fingerprint".into(),
                 ));
             }
-            let m = crate::tls::Material {
+            let m = crate::net::tls::Material {
                 ca,
                 node_cert_pem: text(&j.cert, "certificate")?,
                 node_key_pem: node_key,
@@ -1406,7 +1406,9 @@ async fn request_once(
                 }
             }
             Ok(Ok(_)) => last = Error::Transport("unexpected answer".into()),
-            Ok(Err(e)) => last = Error::Unavailable(crate::tls::with_hint(format!("{ep}: {e}"))),
+            Ok(Err(e)) => {
+                last = Error::Unavailable(crate::net::dial::with_hint(format!("{ep}: {e}")))
+            }
             Err(_) => last = Error::Timeout(Duration::from_secs(15)),
         }
     }

@@ -48,13 +48,15 @@ use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::log::{LogStorage, RaftLog};
 use crate::members::Keeper;
+use crate::net::conn::RpcConn;
+use crate::net::server::{Handler, ResponseFuture};
+use crate::net::transport::Transport;
+use crate::net::{Dialer, Peer};
 use crate::roles::{Change, Role, Targets};
 use crate::snapshot::{Manifest, SnapshotStore};
 use crate::state::{
     self, DbMap, Progress, SmMsg, SmSettings, StateMachine, ToRaft, TxOp, WriteReq,
 };
-use crate::tls::{Dialer, Peer};
-use crate::transport::{Handler, ResponseFuture, RpcConn, Transport};
 use crate::value::{ExecResult, Rows, Statement, Value};
 
 /// How to run a node.
@@ -96,14 +98,14 @@ pub struct NodeConfig {
     /// This node's weight: lower is preferred for promotion.
     pub weight: u32,
     /// Largest request a client may send (one frame of the client protocol); larger ones
-    /// close the connection. Peers may send up to [`crate::transport::MAX_FRAME`].
+    /// close the connection. Peers may send up to [`crate::MAX_FRAME`].
     pub max_request_bytes: usize,
     /// Largest query result (the sum of its values' sizes) answered; a larger one fails with
     /// [`Error::Invalid`] asking for a narrower query.
     pub max_result_bytes: usize,
     /// TLS between nodes and for clients (off unless set; a data directory that has `tls/`
     /// always runs TLS).
-    pub tls: crate::tls::TlsSettings,
+    pub tls: crate::net::tls::TlsSettings,
     /// The longest a client's statement may run (a query, or one request's statements on the
     /// writer, which every other write waits for); a longer one is interrupted.
     pub statement_timeout: Duration,
@@ -142,7 +144,7 @@ impl NodeConfig {
             offline_after: Duration::from_secs(3),
             domain: String::new(),
             weight: 0,
-            max_request_bytes: crate::transport::DEFAULT_MAX_CLIENT_FRAME,
+            max_request_bytes: crate::DEFAULT_MAX_CLIENT_FRAME,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             tls: Default::default(),
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
@@ -250,7 +252,7 @@ struct Shared {
     /// Services by name, and whether clients (not only members) may call them.
     services: parking_lot::RwLock<HashMap<String, Service>>,
     /// This node's TLS files (a TLS cluster): the CA signs joiners' certificates.
-    tls: Option<crate::tls::Material>,
+    tls: Option<crate::net::tls::Material>,
     /// The member registry's view on this node and, while it leads, the role keeper's.
     pub(crate) keeper: Keeper,
     /// Set once this node has left the cluster or was removed from it (with why).
@@ -435,9 +437,9 @@ impl Node {
         if let Some(nf) = &stored {
             refuse_stored(&cfg, nf)?;
         }
-        let material = crate::tls::setup(&cfg, fresh)?;
+        let material = crate::net::tls::setup(&cfg, fresh)?;
         let peer_tls = match &material {
-            Some(m) => Some(Arc::new(crate::tls::PeerTls::new(m, &cfg.tls.client)?)),
+            Some(m) => Some(Arc::new(crate::net::tls::PeerTls::new(m, &cfg.tls.client)?)),
             None => None,
         };
         let nf = load_or_create_node_file(&cfg, stored)?;
@@ -595,7 +597,7 @@ impl Node {
             Some(h) => h.read(crate::members::read_removed)?,
             None => Default::default(),
         };
-        let options = crate::transport::TransportOptions {
+        let options = crate::net::transport::TransportOptions {
             max_client_frame: cfg.max_request_bytes,
             tls: peer_tls,
             revoked,
@@ -822,7 +824,7 @@ impl Node {
     }
 
     /// This node's TLS files, if the cluster runs TLS.
-    pub(crate) fn tls_material(&self) -> Option<&crate::tls::Material> {
+    pub(crate) fn tls_material(&self) -> Option<&crate::net::tls::Material> {
         self.shared.tls.as_ref()
     }
 

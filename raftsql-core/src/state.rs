@@ -266,7 +266,7 @@ pub fn check_db_name(name: &str) -> Result<()> {
 }
 
 /// The most page bytes one write batch may change: its entry must fit in one transport
-/// frame ([`crate::transport::MAX_FRAME`], 64 MiB) with room for the message around it.
+/// frame ([`crate::MAX_FRAME`], 64 MiB) with room for the message around it.
 pub const MAX_ENTRY_PAGE_BYTES: usize = 48 << 20;
 
 /// What `meta.json` records about a generation.

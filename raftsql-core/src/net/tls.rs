@@ -22,32 +22,27 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer,
     DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
 };
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 
+use super::dial::node_name;
+pub use super::dial::{Dialer, Peer};
 use crate::error::{Error, Result};
-
-/// The DNS name a node's certificate carries: `node-<id>.raftsql`.
-pub fn node_name(id: u64) -> String {
-    format!("node-{id}.raftsql")
-}
 
 fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("{what}: {e}"))
@@ -532,7 +527,7 @@ impl PeerTls {
                 }
                 for id in revoked {
                     if verify_name(&parsed, *id).is_ok() {
-                        return Err((crate::transport::removed_reason(*id, true), true));
+                        return Err((removed_reason(*id, true), true));
                     }
                 }
                 Ok(())
@@ -573,155 +568,6 @@ fn verify_name(parsed: &ParsedCertificate<'_>, id: u64) -> std::result::Result<(
     let name =
         ServerName::try_from(node_name(id)).map_err(|e| rustls::Error::General(e.to_string()))?;
     rustls::client::verify_server_name(parsed, &name)
-}
-
-/// Who a connection is meant to reach: which name the server's certificate must carry.
-#[derive(Clone, Copy, Debug)]
-pub enum Peer {
-    /// Node `id` (its certificate must name `node-<id>.raftsql`).
-    Node(u64),
-    /// Whatever node listens at the address (a client's endpoint: the certificate must
-    /// name the address's IP).
-    Endpoint,
-}
-
-/// How connections are opened.
-#[derive(Clone, Default)]
-pub enum Dialer {
-    /// Plain TCP.
-    #[default]
-    Plain,
-    /// TLS against the given roots (with a client certificate if configured).
-    Tls(Arc<ClientConfig>),
-    /// TLS to any member of the cluster whose CA has this fingerprint (a joiner).
-    Join(Arc<ClientConfig>),
-}
-
-impl std::fmt::Debug for Dialer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Dialer::Plain => "Dialer::Plain",
-            Dialer::Tls(_) => "Dialer::Tls",
-            Dialer::Join(_) => "Dialer::Join",
-        })
-    }
-}
-
-/// How long a TLS handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Dialer {
-    /// A client's dialer: trust the CA certificates in `cacert` (e.g. a node's
-    /// `tls/ca.crt`), and present `cert`/`key` if given (etcdctl's `--cacert/--cert/--key`).
-    pub fn client(cacert: &Path, cert_key: Option<(&Path, &Path)>) -> Result<Dialer> {
-        let p = Arc::new(provider());
-        let mut roots = RootCertStore::empty();
-        for c in load_certs(cacert, "--cacert")? {
-            roots.add(c).map_err(|e| tls_err("--cacert", e))?;
-        }
-        let b = ClientConfig::builder_with_provider(p)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| tls_err("TLS versions", e))?
-            .with_root_certificates(roots);
-        let cfg = match cert_key {
-            Some((c, k)) => b
-                .with_client_auth_cert(load_certs(c, "--cert")?, load_key(k, "--key")?)
-                .map_err(|e| tls_err("--cert and --key", e))?,
-            None => b.with_no_client_auth(),
-        };
-        Ok(Dialer::Tls(Arc::new(cfg)))
-    }
-
-    /// A joiner's dialer: the server must present a chain whose CA has SHA-256 `fp`.
-    pub fn pinned(fp: [u8; 32]) -> Dialer {
-        let p = Arc::new(provider());
-        let cfg = ClientConfig::builder_with_provider(p.clone())
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default versions")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCa { fp, provider: p }))
-            .with_no_client_auth();
-        Dialer::Join(Arc::new(cfg))
-    }
-
-    /// True unless plain TCP.
-    pub fn is_tls(&self) -> bool {
-        !matches!(self, Dialer::Plain)
-    }
-
-    /// Opens a connection to `addr` (source address `local` when given) meant for `to`.
-    pub(crate) async fn open(
-        &self,
-        addr: SocketAddr,
-        local: Option<IpAddr>,
-        to: Peer,
-    ) -> std::io::Result<crate::transport::Halves> {
-        let tcp = crate::transport::dial(addr, local).await?;
-        let (cfg, name) = match (self, to) {
-            (Dialer::Plain, _) => {
-                let (r, w) = tcp.into_split();
-                return Ok((Box::new(r), Box::new(w)));
-            }
-            (Dialer::Tls(c), Peer::Node(id)) => (c, ServerName::try_from(node_name(id)).unwrap()),
-            (Dialer::Tls(c), Peer::Endpoint) => (c, ServerName::from(addr.ip())),
-            (Dialer::Join(c), _) => (c, ServerName::try_from("join.raftsql").unwrap()),
-        };
-        let s = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                with_hint(format!("TLS handshake with {addr}: {e}")),
-            )
-        })?;
-        let (r, w) = tokio::io::split(s);
-        Ok((Box::new(r), Box::new(w)))
-    }
-}
-
-/// What to do about a TLS failure, from its message (rustls' error names), for the errors
-/// a person meets when a flag is wrong; `None` if there is nothing better to say.
-pub fn explain(msg: &str) -> Option<&'static str> {
-    let has = |s: &str| msg.contains(s);
-    if has("BadSignature") || has("UnknownIssuer") {
-        Some(
-            "the node's certificate is not signed by the CA given to --cacert: give the \
-             cluster's CA (ca.crt of `raftsql ca init`, or a node's <data-dir>/tls/ca.crt)",
-        )
-    } else if has("NotValidForName") {
-        Some("the node's certificate does not name this address: connect to the address it was started with")
-    } else if has("Expired") {
-        Some("a certificate expired: check the clocks, or issue a new one")
-    } else if [
-        "CertificateUnknown",
-        "BadCertificate",
-        "UnknownCA",
-        "DecryptError",
-    ]
-    .iter()
-    .any(|a| has(&format!("alert: {a}")))
-    {
-        // (DecryptError: rustls' answer to a client certificate whose signature does not
-        // verify, e.g. one of another CA with the same name.)
-        Some(
-            "the node refused this client's certificate: give --cert/--key issued by the \
-             cluster's CA (`raftsql ca client-cert --ca-dir <node data-dir>/tls --name NAME --out FILE`)",
-        )
-    } else {
-        None
-    }
-}
-
-/// `msg` with [`explain`]'s hint after it, if it has one and does not carry it yet.
-pub fn with_hint(msg: String) -> String {
-    match explain(&msg).filter(|h| !msg.contains(h)) {
-        Some(h) => format!("{msg} ({h})"),
-        None => msg,
-    }
 }
 
 /// The joiner's server check: the CA in the server's chain must have the pinned
@@ -1026,5 +872,49 @@ mod tests {
         fs::set_permissions(tls.join("ca.key"), fs::Permissions::from_mode(0o644)).unwrap();
         let e = ClusterCa::load(&tls).unwrap_err();
         assert!(e.to_string().contains("readable by other users"), "{e}");
+    }
+}
+
+/// Why removed node `id` is refused (with TLS: its certificate is what is refused).
+pub(crate) fn removed_reason(id: u64, tls: bool) -> String {
+    if tls {
+        format!("node {id} was removed from the cluster; its certificate is revoked")
+    } else {
+        format!("node {id} was removed from the cluster")
+    }
+}
+
+impl Dialer {
+    /// A client's dialer: trust the CA certificates in `cacert` (e.g. a node's
+    /// `tls/ca.crt`), and present `cert`/`key` if given (etcdctl's `--cacert/--cert/--key`).
+    pub fn client(cacert: &Path, cert_key: Option<(&Path, &Path)>) -> Result<Dialer> {
+        let p = Arc::new(provider());
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(cacert, "--cacert")? {
+            roots.add(c).map_err(|e| tls_err("--cacert", e))?;
+        }
+        let b = ClientConfig::builder_with_provider(p)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_err("TLS versions", e))?
+            .with_root_certificates(roots);
+        let cfg = match cert_key {
+            Some((c, k)) => b
+                .with_client_auth_cert(load_certs(c, "--cert")?, load_key(k, "--key")?)
+                .map_err(|e| tls_err("--cert and --key", e))?,
+            None => b.with_no_client_auth(),
+        };
+        Ok(Dialer::Tls(Arc::new(cfg)))
+    }
+
+    /// A joiner's dialer: the server must present a chain whose CA has SHA-256 `fp`.
+    pub fn pinned(fp: [u8; 32]) -> Dialer {
+        let p = Arc::new(provider());
+        let cfg = ClientConfig::builder_with_provider(p.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCa { fp, provider: p }))
+            .with_no_client_auth();
+        Dialer::Join(Arc::new(cfg))
     }
 }

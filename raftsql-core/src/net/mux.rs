@@ -1,6 +1,6 @@
 //! A multiplexed request/response connection to one node: many calls in flight at once on one
 //! socket, each answer matched to its call by the request id (the server answers in any
-//! order, up to [`crate::transport::MAX_IN_FLIGHT`] at a time per connection).
+//! order, up to [`super::server::MAX_IN_FLIGHT`] at a time per connection).
 //!
 //! ```text
 //!  call() ──► pending[id] = oneshot ──► out queue ──► writer task ──► socket
@@ -27,8 +27,8 @@ use raftsql_proto::v1 as pb;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::tls::{Dialer, Peer};
-use crate::transport::{encode_frame, FrameReader, Reader, Writer};
+use super::dial::{Dialer, Peer};
+use super::frame::{encode_frame, FrameReader, Reader, Writer};
 
 /// Frames queued for the writer task before callers wait (backpressure).
 const OUT_QUEUE: usize = 1024;
