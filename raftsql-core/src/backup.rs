@@ -627,8 +627,8 @@ fn build(
         learners: Vec::new(),
         checkpoint_target: 0,
     };
-    state::write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&meta).unwrap())?;
-    state::write_atomic(&dir.join("state").join("CURRENT"), b"gen-0")?;
+    crate::fsutil::write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&meta).unwrap())?;
+    crate::fsutil::write_atomic(&dir.join("state").join("CURRENT"), b"gen-0")?;
     let mut log = RaftLog::open(&dir.join("raft"))?;
     let mut md = SnapshotMetadata::default();
     md.index = header.index;

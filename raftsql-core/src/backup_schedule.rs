@@ -175,7 +175,7 @@ async fn once(
             }
         };
         fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))?;
-        crate::state::fsync_dir(&dir)?;
+        crate::fsutil::fsync_dir(&dir)?;
         let pruned = prune(&dir, &prefix, keep)?;
         Ok((path, header, bytes, pruned))
     })
@@ -200,7 +200,7 @@ fn prune(dir: &Path, prefix: &str, keep: usize) -> Result<usize> {
         fs::remove_file(p).map_err(|e| Error::io(p, e))?;
     }
     if old > 0 {
-        crate::state::fsync_dir(dir)?;
+        crate::fsutil::fsync_dir(dir)?;
     }
     Ok(old)
 }

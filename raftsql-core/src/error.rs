@@ -192,3 +192,31 @@ impl From<raft::Error> for Error {
         Error::Raft(e.to_string())
     }
 }
+
+/// A copy of `e` for each of several waiters (the variants callers match on are kept;
+/// others become [`Error::Internal`] with their message).
+pub(crate) fn clone_err(e: &Error) -> Error {
+    match e {
+        Error::OutcomeUnknown => Error::OutcomeUnknown,
+        Error::Shutdown => Error::Shutdown,
+        Error::NotLeader {
+            leader_id,
+            leader_addr,
+        } => Error::NotLeader {
+            leader_id: *leader_id,
+            leader_addr: leader_addr.clone(),
+        },
+        Error::Sql { code, message } => Error::Sql {
+            code: *code,
+            message: message.clone(),
+        },
+        Error::Constraint { code, message } => Error::Constraint {
+            code: *code,
+            message: message.clone(),
+        },
+        Error::Invalid(m) => Error::Invalid(m.clone()),
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::Timeout(d) => Error::Timeout(*d),
+        other => Error::Internal(other.to_string()),
+    }
+}

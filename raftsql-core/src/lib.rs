@@ -84,6 +84,7 @@ mod committed;
 mod consistency;
 mod entry;
 mod error;
+mod fsutil;
 mod guard;
 mod history;
 mod log;

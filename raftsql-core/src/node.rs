@@ -176,7 +176,7 @@ impl NodeFile {
 
     /// Writes `<data_dir>/node.json` atomically and durably.
     pub(crate) fn store(&self, data_dir: &Path) -> Result<()> {
-        state::write_atomic(
+        crate::fsutil::write_atomic(
             &data_dir.join("node.json"),
             &serde_json::to_vec_pretty(self).unwrap(),
         )

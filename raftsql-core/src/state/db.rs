@@ -1,0 +1,378 @@
+//! One database: its file, its read gate, its readers, and the page-level reads the
+//! writer and the apply path share.
+
+use std::collections::HashMap;
+use std::fs::{self};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use rusqlite::{Connection, OpenFlags};
+
+use crate::committed::Committed;
+use crate::error::{Error, Result};
+use crate::guard::{self, Guard, Role};
+use crate::value::{Rows, Statement, Value};
+use crate::vfs;
+
+/// Page size of every raftsql database.
+pub const PAGE_SIZE: u32 = 4096;
+
+/// Closes the door on new read snapshots while a leader batch's frames are uncommitted.
+///
+/// Readers call [`Gate::enter`] / [`Gate::leave`] only around pinning their snapshot (a few
+/// microseconds), not around the whole query.
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    pinning: usize,
+    closed: bool,
+}
+
+impl Gate {
+    /// Waits until the gate is open and registers a reader pinning its snapshot.
+    pub fn enter(&self) {
+        let mut g = self.state.lock();
+        while g.closed {
+            self.cv.wait(&mut g);
+        }
+        g.pinning += 1;
+    }
+    /// The reader has pinned its snapshot.
+    pub fn leave(&self) {
+        let mut g = self.state.lock();
+        g.pinning -= 1;
+        if g.pinning == 0 {
+            self.cv.notify_all();
+        }
+    }
+    /// Closes the gate and waits for readers that are pinning to finish.
+    pub(super) fn close(&self) {
+        let mut g = self.state.lock();
+        g.closed = true;
+        while g.pinning > 0 {
+            self.cv.wait(&mut g);
+        }
+    }
+    /// Reopens the gate.
+    pub(super) fn open(&self) {
+        let mut g = self.state.lock();
+        g.closed = false;
+        self.cv.notify_all();
+    }
+}
+
+/// The read side of one database, shared by every thread that queries it.
+pub struct DbHandle {
+    /// Database name.
+    pub name: String,
+    /// Path of the database file.
+    pub path: PathBuf,
+    pub(super) key: String,
+    pub(super) gate: Gate,
+    pool: Mutex<Vec<(Connection, Guard)>>,
+}
+
+impl DbHandle {
+    pub(super) fn new(name: &str, path: PathBuf) -> Self {
+        let key = path.to_string_lossy().into_owned();
+        DbHandle {
+            name: name.to_string(),
+            path,
+            key,
+            gate: Gate::default(),
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(super) fn reader(&self) -> Result<(Connection, Guard)> {
+        if let Some(c) = self.pool.lock().pop() {
+            return Ok(c);
+        }
+        // Read-only at the file level: whatever a statement on it says, it cannot write.
+        let mut c = Connection::open_with_flags_and_vfs(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+            vfs::VFS_NAME,
+        )?;
+        c.execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")?;
+        let g = Guard::install(&mut c, Role::Reader)?;
+        Ok((c, g))
+    }
+
+    /// Runs `f` inside a read transaction whose snapshot holds only committed entries.
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.read_guarded(|c, _| f(c))
+    }
+
+    fn read_guarded<T>(&self, f: impl FnOnce(&Connection, &Guard) -> Result<T>) -> Result<T> {
+        let (conn, guard) = self.reader()?;
+        self.gate.enter();
+        let pinned = conn
+            .execute_batch("BEGIN")
+            .and_then(|_| conn.query_row("PRAGMA schema_version", [], |_| Ok(())));
+        self.gate.leave();
+        let out = pinned.map_err(Error::from).and_then(|_| f(&conn, &guard));
+        let _ = conn.execute_batch("COMMIT");
+        if conn.is_autocommit() {
+            self.pool.lock().push((conn, guard));
+        }
+        out
+    }
+
+    /// Runs one client statement (checked by the reader's [`Guard`], and interrupted after
+    /// `budget`) and returns its rows (at most `max_bytes` of values).
+    pub fn query(&self, stmt: &Statement, max_bytes: usize, budget: Duration) -> Result<Rows> {
+        self.read_guarded(|c, g| g.client(budget, || query_rows(c, g, stmt, max_bytes)))
+    }
+
+    /// crc32 of every page in page order, with the page count: equal digests mean
+    /// byte-identical databases.
+    pub fn digest(&self) -> Result<String> {
+        self.read(|c| {
+            let mut h = crc32fast::Hasher::new();
+            let mut n = 0u64;
+            let mut st = c.prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let pgno: u32 = r.get(0)?;
+                h.update(&pgno.to_le_bytes());
+                h.update(
+                    r.get_ref(1)?
+                        .as_blob()
+                        .map_err(|e| Error::Internal(e.to_string()))?,
+                );
+                n += 1;
+            }
+            Ok(format!("{n}:{:08x}", h.finalize()))
+        })
+    }
+}
+
+/// Runs one client statement on an empty database: what a read of a database that nobody
+/// has written yet sees, as SQLite itself answers on a file that does not exist (`SELECT 1`
+/// answers 1; a table it names does not exist). Guarded and bounded like [`DbHandle::query`].
+pub fn query_empty(stmt: &Statement, max_bytes: usize, budget: Duration) -> Result<Rows> {
+    let mut c = Connection::open_in_memory_with_flags(
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    c.execute_batch("PRAGMA query_only=1;")?;
+    let g = Guard::install(&mut c, Role::Reader)?;
+    g.client(budget, || query_rows(&c, &g, stmt, max_bytes))
+}
+
+/// Runs a client statement on `c` (guarded by `g`; call inside [`Guard::client`]) and
+/// collects its rows; fails once the values collected exceed `max_bytes` (counting 8 bytes
+/// per number or NULL and the length of texts and blobs), so that a query cannot make a
+/// node hold, or try to send, an unbounded answer.
+pub(super) fn query_rows(
+    c: &Connection,
+    g: &Guard,
+    stmt: &Statement,
+    max_bytes: usize,
+) -> Result<Rows> {
+    let mut st = c.prepare_cached(&guard::client_key(&stmt.sql))?;
+    guard::check_statement(g, &st)?;
+    let columns: Vec<String> = st.column_names().into_iter().map(String::from).collect();
+    let n = columns.len();
+    let mut rows = st.query(rusqlite::params_from_iter(stmt.params.iter()))?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(r) = rows.next()? {
+        let mut row = Vec::with_capacity(n);
+        for i in 0..n {
+            let v = r.get_ref(i)?;
+            bytes += match v {
+                rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b.len(),
+                _ => 8,
+            };
+            row.push(Value::from(v));
+        }
+        out.push(row);
+        if bytes > max_bytes {
+            return Err(Error::Invalid(format!(
+                "the query's result exceeds the {max_bytes}-byte limit after {} rows \
+                 (--max-result-bytes): select fewer rows or columns (LIMIT/OFFSET)",
+                out.len()
+            )));
+        }
+    }
+    Ok(Rows { columns, rows: out })
+}
+
+/// Databases by name, as the readers see them.
+pub type DbMap = Arc<RwLock<HashMap<String, Arc<DbHandle>>>>;
+
+/// Checks a database name: 1-64 of `[A-Za-z0-9_-]`.
+pub fn check_db_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Error::Invalid(format!(
+            "bad database name {name:?}: use 1 to 64 letters, digits, '_' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn remove_wal_files(db: &Path) {
+    for suffix in ["-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(p));
+    }
+}
+
+pub(super) fn open_writer(path: &Path) -> Result<Connection> {
+    let c = Connection::open_with_flags_and_vfs(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        vfs::VFS_NAME,
+    )?;
+    // The frames of an uncommitted batch must never reach the database file, so SQLite may
+    // not checkpoint on its own, not even on close.
+    c.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
+    c.execute_batch(&format!(
+        "PRAGMA page_size={PAGE_SIZE}; PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; \
+         PRAGMA wal_autocheckpoint=0; PRAGMA busy_timeout=0; PRAGMA cache_size=-16384;"
+    ))?;
+    // Map the wal-index now, so its header can be read before the first write.
+    c.query_row("PRAGMA schema_version", [], |_| Ok(()))?;
+    Ok(c)
+}
+
+pub(super) fn in_transaction<T>(
+    w: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T>,
+) -> Result<T> {
+    begin_immediate(w)?;
+    let r = f(w);
+    match &r {
+        Ok(_) => w.execute_batch("COMMIT")?,
+        Err(_) => {
+            let _ = w.execute_batch("ROLLBACK");
+        }
+    }
+    reset_cache(w)?;
+    r
+}
+
+/// `BEGIN IMMEDIATE` on the writer, waiting out a transient SQLITE_BUSY (up to 10 s).
+///
+/// The state machine is the only writer, so the lock can only be held for a moment by a
+/// reader that is rebuilding the wal-index (after a restart, or after the rewind that
+/// empties the WAL). The writer keeps `busy_timeout=0` so that checkpoints never wait for
+/// readers; an apply, which must not fail (it would stop the node), retries here instead.
+/// (Found by the long Jepsen profile: a node restarted during local reads stopped with
+/// "database is locked".)
+fn begin_immediate(w: &Connection) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match w.execute_batch("BEGIN IMMEDIATE") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            r => return r.map_err(Error::from),
+        }
+    }
+}
+
+/// Purges the page cache of `w` (outside a transaction).
+///
+/// Two reasons. sqlite_dbpage copies bytes into cached pages but leaves the b-tree's parsed
+/// view of them stale. And in WAL mode SQLite stamps page 1's change counter as "the
+/// counter it last *read* from disk, plus one": a warm cache would make the leader repeat a
+/// stale value while followers count on, and replicas would differ in those bytes. With the
+/// cache purged before every leader batch and after every apply, every node writes
+/// "previous counter + 1" and the pages stay byte-identical.
+pub(super) fn reset_cache(w: &Connection) -> Result<()> {
+    // SAFETY: a valid open connection; this file control takes no argument.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            w.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_RESET_CACHE,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        return Err(Error::Internal(format!(
+            "resetting the page cache failed: {rc}"
+        )));
+    }
+    Ok(())
+}
+
+/// Page 1's file change counter (offset 24) as committed; 0 for an empty database.
+pub(super) fn page1_counter(w: &Connection) -> Result<u32> {
+    Ok(read_page(w, 1)?.map_or(0, |d| change_counter(&d)))
+}
+
+/// The change counter page 1 holds (its bytes 24..28).
+pub(super) fn change_counter(page1: &[u8]) -> u32 {
+    u32::from_be_bytes(page1[24..28].try_into().unwrap())
+}
+
+/// Page `pgno` as the connection's current transaction (or a new read) sees it; `None` past
+/// the end of the database.
+pub(super) fn read_page(w: &Connection, pgno: u32) -> Result<Option<Vec<u8>>> {
+    let mut st = w.prepare_cached("SELECT data FROM sqlite_dbpage WHERE pgno = ?1")?;
+    let mut rows = st.query([pgno])?;
+    Ok(match rows.next()? {
+        Some(r) => Some(r.get(0)?),
+        None => None,
+    })
+}
+
+/// The committed image of page `pgno`: one the batch read (`recorded`, taken out), else the
+/// one `committed` holds, else `None` past the committed size if it is known, else the page
+/// read on `w` (which must see the committed state).
+pub(super) fn committed_base(
+    w: &Connection,
+    recorded: Option<&mut HashMap<u32, Vec<u8>>>,
+    committed: &Committed,
+    committed_pages: Option<u32>,
+    pgno: u32,
+) -> Result<Option<Bytes>> {
+    let held = match recorded.and_then(|r| r.remove(&pgno)) {
+        Some(b) => Some(Bytes::from(b)),
+        None => committed.get(pgno).cloned(),
+    };
+    match held {
+        Some(b) => {
+            // The test builds check every recorded or cached base against SQLite's own.
+            #[cfg(debug_assertions)]
+            {
+                let read = read_page(w, pgno)?;
+                assert!(
+                    read.as_deref() == Some(&b[..]),
+                    "the held base of page {pgno} differs from the committed page"
+                );
+            }
+            Ok(Some(b))
+        }
+        None if committed_pages.is_some_and(|n| pgno > n) => Ok(None),
+        None => Ok(read_page(w, pgno)?.map(Bytes::from)),
+    }
+}
