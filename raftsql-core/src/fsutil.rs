@@ -1,4 +1,5 @@
-//! File-system helpers shared by every layer that writes files atomically.
+//! File-system helpers shared by every layer that writes files: atomic writes, directory
+//! fsyncs, and the rule for database names (each becomes a file name).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -22,4 +23,19 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         .map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     fsync_dir(path.parent().unwrap())
+}
+
+/// Checks a database name: 1-64 of `[A-Za-z0-9_-]`.
+pub fn check_db_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Error::Invalid(format!(
+            "bad database name {name:?}: use 1 to 64 letters, digits, '_' or '-'"
+        )));
+    }
+    Ok(())
 }

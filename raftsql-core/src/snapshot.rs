@@ -15,7 +15,6 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,7 +24,6 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::state::SmMsg;
 
 /// Size of one chunk pulled by a follower.
 pub const CHUNK: usize = 1 << 20;
@@ -76,12 +74,15 @@ impl Manifest {
                 )));
             }
             let stem = f.name.strip_suffix(".db").unwrap_or("");
-            crate::state::check_db_name(stem)
+            crate::fsutil::check_db_name(stem)
                 .map_err(|_| Error::Corrupt(format!("snapshot file name {:?}", f.name)))?;
         }
         Ok(m)
     }
 }
+
+/// Asks for a snapshot to be built.
+type Builder = Box<dyn Fn() -> bool + Send + Sync>;
 
 /// Builds, serves and receives snapshots.
 pub struct SnapshotStore {
@@ -94,7 +95,8 @@ pub struct SnapshotStore {
     /// First index still in the Raft log (kept current by the Raft thread): a snapshot older
     /// than it cannot be followed by log entries, so it is rebuilt.
     pub log_first_index: AtomicU64,
-    sm: Mutex<Option<Sender<SmMsg>>>,
+    /// Asks the state machine to build a snapshot at its checkpoint (false: it is gone).
+    builder: Mutex<Option<Builder>>,
     /// Failed builds so far, and the reason of the last one.
     failures: Mutex<(u64, String)>,
 }
@@ -127,14 +129,15 @@ impl SnapshotStore {
             building: AtomicBool::new(false),
             conf_state: Mutex::new(ConfState::default()),
             log_first_index: AtomicU64::new(1),
-            sm: Mutex::new(None),
+            builder: Mutex::new(None),
             failures: Mutex::new((0, String::new())),
         })
     }
 
-    /// Connects the store to the state machine, which it asks for new snapshots.
-    pub fn set_state_machine(&self, tx: Sender<SmMsg>) {
-        *self.sm.lock() = Some(tx);
+    /// Connects the store to what builds snapshots (the state machine, which it asks for a
+    /// new one when a follower needs it).
+    pub fn set_builder(&self, ask: impl Fn() -> bool + Send + Sync + 'static) {
+        *self.builder.lock() = Some(Box::new(ask));
     }
 
     fn out_dir(&self, index: u64, term: u64) -> PathBuf {
@@ -245,11 +248,9 @@ impl SnapshotStore {
                 }
             }
             if !self.building.swap(true, Ordering::SeqCst) {
-                match self.sm.lock().as_ref() {
-                    Some(tx) => {
-                        let _ = tx.send(SmMsg::MakeSnapshot);
-                    }
-                    None => {
+                match self.builder.lock().as_ref() {
+                    Some(ask) if ask() => {}
+                    _ => {
                         self.building.store(false, Ordering::SeqCst);
                         return Err(Error::Shutdown);
                     }
@@ -381,8 +382,8 @@ impl crate::log::SnapshotProvider for SnapshotStore {
             }
         }
         if !self.building.swap(true, Ordering::SeqCst) {
-            if let Some(tx) = self.sm.lock().as_ref() {
-                let _ = tx.send(SmMsg::MakeSnapshot);
+            if let Some(ask) = self.builder.lock().as_ref() {
+                ask();
             }
         }
         Err(raft::Error::Store(

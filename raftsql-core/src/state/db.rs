@@ -212,21 +212,6 @@ pub(super) fn query_rows(
 /// Databases by name, as the readers see them.
 pub type DbMap = Arc<RwLock<HashMap<String, Arc<DbHandle>>>>;
 
-/// Checks a database name: 1-64 of `[A-Za-z0-9_-]`.
-pub fn check_db_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(Error::Invalid(format!(
-            "bad database name {name:?}: use 1 to 64 letters, digits, '_' or '-'"
-        )));
-    }
-    Ok(())
-}
-
 pub(super) fn remove_wal_files(db: &Path) {
     for suffix in ["-wal", "-shm"] {
         let mut p = db.as_os_str().to_owned();

@@ -78,8 +78,9 @@ use checkpoint::{read_meta, Syncing};
 use db::{open_writer, remove_wal_files};
 use msg::Waiter;
 
+pub use crate::fsutil::check_db_name;
 pub use checkpoint::Meta;
-pub use db::{check_db_name, query_empty, DbHandle, DbMap};
+pub use db::{query_empty, DbHandle, DbMap};
 pub use msg::{SmMsg, ToRaft, TxOp, Work, WriteFn, WriteReq};
 pub use recovery::{current_generation, recover_files, rewrite_checkpoint_conf};
 

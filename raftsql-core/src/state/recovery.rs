@@ -12,9 +12,10 @@ use bytes::Bytes;
 use raft::eraftpb::EntryType;
 
 use super::checkpoint::{read_meta, Meta};
-use super::db::{check_db_name, remove_wal_files};
+use super::db::remove_wal_files;
 use crate::entry::{Change, Frames};
 use crate::error::{Error, Result};
+use crate::fsutil::check_db_name;
 use crate::fsutil::{fsync_dir, write_atomic};
 
 /// The directory of the current generation of databases under `root`, if there is one.
