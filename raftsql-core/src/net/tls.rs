@@ -41,8 +41,9 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use sha2::{Digest, Sha256};
 
 use super::dial::node_name;
-pub use super::dial::{Dialer, Peer};
 use crate::error::{Error, Result};
+
+pub use super::dial::{Dialer, Peer};
 
 fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("{what}: {e}"))

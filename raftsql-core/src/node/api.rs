@@ -16,7 +16,6 @@ use super::config::NodeConfig;
 use super::{Node, RaftMsg, RaftStatus, ServiceHandler, Shared, Status, WeakNode};
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
-use crate::members::Keeper;
 use crate::net::Dialer;
 use crate::roles::{Change, Role};
 use crate::snapshot::SnapshotStore;
@@ -328,10 +327,6 @@ impl Node {
 
     pub(crate) fn snapshots(&self) -> Arc<SnapshotStore> {
         self.shared.snapshots.clone()
-    }
-
-    pub(crate) fn shared_keeper(&self) -> &Keeper {
-        &self.shared.keeper
     }
 
     /// Waits until the cluster can serve this node: a leader is known and has committed an

@@ -19,33 +19,25 @@ use super::raft_loop::RaftDriver;
 use super::{Node, RaftMsg, RaftStatus, Shared};
 use crate::error::{Error, Result};
 use crate::log::{LogStorage, RaftLog};
-use crate::members::Keeper;
 use crate::net::transport::Transport;
 use crate::snapshot::SnapshotStore;
 use crate::state::{self, DbMap, Progress, SmMsg, SmSettings, StateMachine, ToRaft};
 
+/// Where a node finds the members removed from its cluster at boot.
+pub(crate) struct Removed {
+    /// The database holding them.
+    pub(crate) db: &'static str,
+    /// Reads their ids from it.
+    pub(crate) read: fn(&rusqlite::Connection) -> Result<std::collections::HashSet<u64>>,
+}
+
 impl Node {
-    /// Starts a node: recovers its state from `data_dir` (or bootstraps a new cluster from
-    /// `peers`), binds `listen`, and joins the cluster. Must run inside a tokio runtime.
-    ///
-    /// A cluster of one in a temporary directory (`NodeConfig::peers` names every member
-    /// of a larger one: start each with its own id, the same peers):
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use std::time::Duration;
-    /// use raftsql_core::{Node, NodeConfig};
-    ///
-    /// let dir = tempfile::tempdir()?;
-    /// let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    /// let node = Node::start(NodeConfig::new(1, dir.path(), addr)).await?;
-    /// node.wait_ready(Duration::from_secs(10)).await?;
-    /// node.execute("main", "CREATE TABLE t(x)", vec![]).await?;
-    /// node.shutdown().await;
-    /// # Ok(()) }
-    /// ```
-    pub async fn start(mut cfg: NodeConfig) -> Result<Node> {
+    /// Starts the core of a node: recovers its state from `data_dir` (or bootstraps a new
+    /// cluster from `peers`), binds `listen`, and starts the state machine and Raft threads.
+    /// The services above the core (membership, backups) are the caller's to attach
+    /// ([`Node::start`] does). `removed` reads the removed members from their database, so
+    /// the transport refuses them from its first connection on.
+    pub(crate) async fn boot(mut cfg: NodeConfig, removed: Removed) -> Result<Node> {
         if cfg.id == 0 {
             return Err(Error::Invalid("node id must be non-zero".into()));
         }
@@ -212,15 +204,14 @@ impl Node {
             fresh: Mutex::new(None),
             services: parking_lot::RwLock::new(HashMap::new()),
             tls: material,
-            keeper: Keeper::default(),
             departed: watch::channel(None).0,
         });
         let handler = Arc::new(NodeHandler::new(Arc::downgrade(&shared)));
         // Removed members are refused from the first connection on, not only once the
         // registry is read again.
-        let system = shared.dbs.read().get(crate::members::SYSTEM_DB).cloned();
+        let system = shared.dbs.read().get(removed.db).cloned();
         let revoked = match system {
-            Some(h) => h.read(crate::members::read_removed)?,
+            Some(h) => h.read(removed.read)?,
             None => Default::default(),
         };
         let options = crate::net::transport::TransportOptions {
@@ -265,8 +256,6 @@ impl Node {
             threads: Arc::new(Mutex::new(threads)),
             _lock: Arc::new(lock),
         };
-        crate::members::start(&node);
-        crate::backup::start(&node);
         Ok(node)
     }
 }

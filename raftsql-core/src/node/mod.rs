@@ -42,13 +42,6 @@ mod handler;
 mod raft_loop;
 mod snapshot_pull;
 
-pub use api::Transaction;
-pub(crate) use config::{lock_data_dir, NodeFile};
-pub use config::{
-    parse_peers, stored_id, stored_node, NodeConfig, StoredNode, DEFAULT_MAX_RESULT_BYTES,
-    DEFAULT_STATEMENT_TIMEOUT, MAX_TX_IDLE,
-};
-
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::net::SocketAddr;
@@ -64,11 +57,18 @@ use raft::eraftpb::{ConfChange, Message};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::Result;
-use crate::members::Keeper;
 use crate::net::conn::RpcConn;
 use crate::net::transport::Transport;
 use crate::snapshot::SnapshotStore;
 use crate::state::{DbMap, Progress, SmMsg, ToRaft};
+
+pub use api::Transaction;
+pub(crate) use boot::Removed;
+pub(crate) use config::{lock_data_dir, NodeFile};
+pub use config::{
+    parse_peers, stored_id, stored_node, NodeConfig, StoredNode, DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_STATEMENT_TIMEOUT, MAX_TX_IDLE,
+};
 
 /// Raft-side facts, refreshed after every Ready.
 #[derive(Clone, Debug, Default)]
@@ -140,8 +140,6 @@ pub(super) struct Shared {
     services: parking_lot::RwLock<HashMap<String, Service>>,
     /// This node's TLS files (a TLS cluster): the CA signs joiners' certificates.
     tls: Option<crate::net::tls::Material>,
-    /// The member registry's view on this node and, while it leads, the role keeper's.
-    pub(crate) keeper: Keeper,
     /// Set once this node has left the cluster or was removed from it (with why).
     departed: watch::Sender<Option<String>>,
     /// What the node measures over time (fsyncs, leader changes).

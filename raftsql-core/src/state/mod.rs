@@ -66,6 +66,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use checkpoint::{read_meta, Syncing};
+use db::{open_writer, remove_wal_files};
+use msg::Waiter;
 use rusqlite::Connection;
 
 use crate::committed::Committed;
@@ -74,9 +77,6 @@ use crate::error::{Error, Result};
 use crate::fsutil::{fsync_dir, write_atomic};
 use crate::guard::{Guard, Role};
 use crate::vfs;
-use checkpoint::{read_meta, Syncing};
-use db::{open_writer, remove_wal_files};
-use msg::Waiter;
 
 pub use crate::fsutil::check_db_name;
 pub use checkpoint::Meta;

@@ -1,13 +1,13 @@
 //! Replicas applying the same entries end byte-identical (invariant 3).
 
-use super::apply::apply_pages;
-use super::batch::stamp_change_counter;
-use super::db::{open_writer, page1_counter, remove_wal_files, reset_cache, PAGE_SIZE};
-use super::*;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use super::apply::apply_pages;
+use super::batch::stamp_change_counter;
+use super::db::{open_writer, page1_counter, remove_wal_files, reset_cache, PAGE_SIZE};
+use super::*;
 use crate::entry::{Frames, PageChange};
 
 fn pages_of(c: &Connection) -> BTreeMap<u32, Vec<u8>> {

@@ -9,19 +9,18 @@
 //!
 //! Times are the recording leader's wall clock. The table keeps the newest [`KEEP`] events.
 
+use raftsql_proto::v1 as pb;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use raftsql_proto::v1 as pb;
-
+use super::SYSTEM_DB;
 use crate::error::{Error, Result};
-use crate::members::SYSTEM_DB;
 use crate::node::Node;
 use crate::roles::{Change, MemberView, Reason, Role};
 
 /// Events kept (older ones are deleted as new ones arrive).
 pub const KEEP: i64 = 1000;
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS events(
+pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS events(
     seq INTEGER PRIMARY KEY,
     at_ms INTEGER NOT NULL,
     node INTEGER NOT NULL,
@@ -31,7 +30,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS events(
     to_role TEXT NOT NULL,
     reason TEXT NOT NULL)";
 
-fn sql(e: rusqlite::Error) -> Error {
+pub(super) fn sql(e: rusqlite::Error) -> Error {
     Error::Internal(format!("system database: {e}"))
 }
 
