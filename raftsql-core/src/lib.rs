@@ -78,7 +78,6 @@
 #![warn(missing_docs)]
 
 pub mod backup;
-pub mod backup_schedule;
 mod client;
 mod committed;
 mod consistency;
@@ -99,6 +98,7 @@ mod state;
 mod value;
 mod vfs;
 
+pub use backup::schedule as backup_schedule;
 pub use client::{Client, Prepared, RemoteTransaction, DEFAULT_TIMEOUT};
 pub use consistency::Consistency;
 pub use error::{ConstraintKind, Error, Result};

@@ -24,6 +24,8 @@
 //! exact length, every file's crc, the whole-file crc), and it builds the new data directory
 //! beside the target and renames it into place, so a failed restore leaves no directory.
 
+pub mod schedule;
+
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::SocketAddr;
@@ -191,7 +193,7 @@ async fn call(conn: &mut RpcConn, ep: SocketAddr) -> Result<Offer> {
 /// Saves a backup of what this node holds to `path`, without the network: it first passes a
 /// linearizable barrier (so the copy holds every write acknowledged before the call, on a
 /// follower too), then copies the Raft snapshot at its applied index, as [`save`] does through
-/// a member. Used by scheduled backups ([`crate::backup_schedule`]).
+/// a member. Used by scheduled backups ([`schedule`]).
 pub async fn save_local(node: &Node, path: &Path) -> Result<(BackupHeader, u64)> {
     let mut last = Error::Unavailable("no attempt".into());
     // A member keeps only its newest snapshot: if Raft replaces it while we copy, start over.

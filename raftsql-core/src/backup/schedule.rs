@@ -22,7 +22,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::backup::{self, BackupHeader};
+use super::{self as backup, BackupHeader};
 use crate::error::{Error, Result};
 use crate::node::{Node, WeakNode};
 
