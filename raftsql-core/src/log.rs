@@ -47,23 +47,23 @@
 //!   A Base record that is *not* the first of its segment is a compaction record: `i` must lie in
 //!   `[base, last_index]` with term `t`; entries up to `i` are dropped.
 //!
-//! # Invariants
+//! # Invariants of the log (L1-L5; the cluster's are I1-I16 in docs/ARCHITECTURE.md)
 //!
-//! 1. Replaying all segments reproduces the in-memory state (entries, base, hard state, conf
+//! **L1.** Replaying all segments reproduces the in-memory state (entries, base, hard state, conf
 //!    state) exactly. Every mutating method writes its record(s) *before* changing memory, in the
 //!    same order, and mutates memory with the same code replay uses.
-//! 2. Every segment starts with a header `Base` + `HardState` describing the state at its creation;
+//! **L2.** Every segment starts with a header `Base` + `HardState` describing the state at its creation;
 //!    segments are written to `*.seg.tmp`, synced, renamed into place and the directory is synced,
 //!    so a segment never appears half-created (see the recovery rules for what happens anyway).
-//! 3. Every segment except the last is completely durable: before a new segment is created the
+//! **L3.** Every segment except the last is completely durable: before a new segment is created the
 //!    current one is flushed and `fdatasync`ed. Hence torn data can only ever be in the last
 //!    segment, and a bad record anywhere else is corruption.
-//! 4. The oldest segment on disk replays correctly on its own. Old segments are only deleted
+//! **L4.** The oldest segment on disk replays correctly on its own. Old segments are only deleted
 //!    right after a *self-contained* segment (reset Base + HardState + every live entry) has been
 //!    made durable, and they are deleted newest first, so a crash in the middle of the deletion
 //!    leaves an oldest-prefix of segments followed by the self-contained one, which still replays
 //!    to the right state.
-//! 5. After an I/O error while writing, the log is *poisoned*: the on-disk tail may hold a
+//! **L5.** After an I/O error while writing, the log is *poisoned*: the on-disk tail may hold a
 //!    partial record that later appends would bury (turning a torn tail into corruption), so every
 //!    later mutation fails with [`LogError::Poisoned`]. Reads keep working.
 
@@ -219,7 +219,7 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 // ---------------------------------------------------------------------------------------------
 
 /// The logical content of the log. Live operations and replay mutate it through the same
-/// methods, which is what makes replay exact (invariant 1).
+/// methods, which is what makes replay exact (L1).
 #[derive(Clone, Debug, Default, PartialEq)]
 struct LogState {
     /// Index of the last compacted entry (or snapshot index); entries start at `base_index + 1`.
@@ -457,7 +457,7 @@ fn push_base_record(
 }
 
 /// Magic + `Base` + `HardState` (+ every live entry when `with_entries`): the header of a new
-/// segment describing `state` (invariant 2).
+/// segment describing `state` (L2).
 fn encode_segment_header(state: &LogState, with_entries: bool) -> Result<Vec<u8>, LogError> {
     let mut out = SEGMENT_MAGIC.to_vec();
     push_base_record(
@@ -627,7 +627,7 @@ fn find_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
 
 /// Splits a segment into records and decides how a damaged spot is handled.
 ///
-/// Recovery rules (invariant 3 makes them sound: only the last segment can hold unsynced,
+/// Recovery rules (L3 makes them sound: only the last segment can hold unsynced,
 /// hence possibly torn, data):
 ///
 /// * A segment must start with [`SEGMENT_MAGIC`]. If it does not, it is corrupt, unless it is the
@@ -790,7 +790,7 @@ impl RaftLog {
                 continue;
             };
             if name.ends_with(TMP_SUFFIX) {
-                // A segment whose creation did not finish (invariant 2): never part of the log.
+                // A segment whose creation did not finish (L2): never part of the log.
                 tracing::warn!(path = %path.display(), "removing unfinished raft log segment");
                 fs::remove_file(&path).map_err(io_err(&path))?;
             } else if let Some((base, seq)) = parse_segment_name(&name) {
@@ -1061,7 +1061,7 @@ impl RaftLog {
     /// Only compact applied (hence committed) entries.
     ///
     /// Reclaiming disk space: segments cannot simply be deleted from the front, because the
-    /// first remaining segment must replay on its own (invariant 4) while entries it needs may
+    /// first remaining segment must replay on its own (L4) while entries it needs may
     /// sit in the segments before it. So if the live entries (those from `index` on) take at
     /// most half of the log's bytes, the log rolls over to a new self-contained segment holding
     /// the base, the hard state and a copy of the live entries, syncs it and deletes every older
@@ -1245,8 +1245,8 @@ impl RaftLog {
     /// Creates a new active segment whose header describes the current state (with every live
     /// entry if `with_entries`).
     ///
-    /// Invariant 3: the current active segment is synced first, because it stops being the last
-    /// segment. Invariant 2: the new segment is written under a temporary name, synced, renamed
+    /// L3: the current active segment is synced first, because it stops being the last
+    /// segment. L2: the new segment is written under a temporary name, synced, renamed
     /// and the directory synced.
     fn create_segment(&mut self, with_entries: bool) -> Result<(), LogError> {
         self.write_out(true)?;
@@ -1295,7 +1295,7 @@ impl RaftLog {
     }
 
     /// Writes a self-contained segment holding the whole current state, then deletes every older
-    /// segment (invariant 4). Durable when it returns.
+    /// segment (L4). Durable when it returns.
     fn rewrite(&mut self) -> Result<(), LogError> {
         self.create_segment(true)?;
         // Newest first: a crash part way leaves the oldest segments, which replay on their own,

@@ -90,11 +90,11 @@ pub struct SnapshotStore {
     me: u64,
     latest: Mutex<Option<Manifest>>,
     building: AtomicBool,
-    /// Configuration to put in snapshot metadata (kept current by the Raft thread).
-    pub conf_state: Mutex<ConfState>,
-    /// First index still in the Raft log (kept current by the Raft thread): a snapshot older
-    /// than it cannot be followed by log entries, so it is rebuilt.
-    pub log_first_index: AtomicU64,
+    /// Configuration to put in snapshot metadata (the Raft thread tells it: `log_changed`).
+    conf_state: Mutex<ConfState>,
+    /// First index still in the Raft log (the Raft thread tells it: `log_changed`): a
+    /// snapshot older than it cannot be followed by log entries, so it is rebuilt.
+    log_first_index: AtomicU64,
     /// Asks the state machine to build a snapshot at its checkpoint (false: it is gone).
     builder: Mutex<Option<Builder>>,
     /// Failed builds so far, and the reason of the last one.
@@ -132,6 +132,22 @@ impl SnapshotStore {
             builder: Mutex::new(None),
             failures: Mutex::new((0, String::new())),
         })
+    }
+
+    /// The Raft thread's news: the log now starts at `first_index` (if it moved) and the
+    /// applied configuration is `conf` (if it changed).
+    pub fn log_changed(&self, first_index: Option<u64>, conf: Option<ConfState>) {
+        if let Some(i) = first_index {
+            self.log_first_index.store(i, Ordering::SeqCst);
+        }
+        if let Some(cs) = conf {
+            *self.conf_state.lock() = cs;
+        }
+    }
+
+    /// The applied configuration, as the Raft thread last told.
+    pub fn conf_state(&self) -> ConfState {
+        self.conf_state.lock().clone()
     }
 
     /// Connects the store to what builds snapshots (the state machine, which it asks for a

@@ -10,5 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod append;
+#[cfg(test)]
+mod docs;
 pub mod linearizability;
 pub mod report;

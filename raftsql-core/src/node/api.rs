@@ -13,13 +13,13 @@ use raftsql_proto::v1 as pb;
 use tokio::sync::{oneshot, watch};
 
 use super::config::NodeConfig;
-use super::{Node, RaftMsg, RaftStatus, ServiceHandler, Shared, Status, WeakNode};
+use super::{Node, RaftStatus, ServiceHandler, Shared, Status, WeakNode};
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::net::Dialer;
 use crate::roles::{Change, Role};
 use crate::snapshot::SnapshotStore;
-use crate::state::{self, SmMsg, TxOp, WriteReq};
+use crate::state::{self, ToStateMachine, TxOp, WriteReq};
 use crate::value::{ExecResult, Rows, Statement, Value};
 
 /// How long a read waits for the leader to confirm a read index.
@@ -137,12 +137,9 @@ impl Node {
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> Result<T> + Send + 'static,
     {
-        let f: state::WriteFn =
-            Box::new(move |c| f(c).map(|t| Box::new(t) as Box<dyn std::any::Any + Send>));
-        let out = self.shared.write_fn(db, f).await?;
-        out.downcast::<T>()
-            .map(|b| *b)
-            .map_err(|_| Error::Internal("write result of an unexpected type".into()))
+        let (reply, rx) = oneshot::channel();
+        let work = state::Work::Func(Box::new(state::TypedWrite { f, reply }));
+        self.shared.submit_write(db, work, rx).await
     }
 
     /// Runs `f` on a read transaction of `db`, as fresh as `consistency` asks: it sees only
@@ -352,7 +349,7 @@ impl Node {
         let deadline = Instant::now() + timeout;
         loop {
             let status = self.shared.raft_status.lock().clone();
-            if status.leader_id != 0 && (status.heard_leader || status.role == "leader") {
+            if status.leader_id != 0 && (status.heard_leader || self.shared.leads()) {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let index = tokio::time::timeout(left, self.shared.read_index()).await;
                 if let Ok(Ok(index)) = index {
@@ -373,12 +370,12 @@ impl Node {
 
     /// Whether this node leads the cluster right now.
     pub fn is_leader(&self) -> bool {
-        self.shared.raft_status.lock().role == "leader"
+        self.shared.leads()
     }
 
     /// The applied Raft configuration: (voters, standbys).
     pub fn conf_roles(&self) -> (Vec<u64>, Vec<u64>) {
-        let cs = self.shared.snapshots.conf_state.lock();
+        let cs = self.shared.snapshots.conf_state();
         (cs.voters.clone(), cs.learners.clone())
     }
 
@@ -395,12 +392,7 @@ impl Node {
     /// Hands leadership to the most up-to-date other voter and waits (up to 3 s) until that
     /// node leads; answers its id.
     pub async fn transfer_leadership(&self) -> Result<u64> {
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .raft_tx
-            .lock()
-            .send(RaftMsg::TransferLeader(tx))
-            .map_err(|_| Error::Shutdown)?;
+        let rx = self.shared.raft.transfer_leader()?;
         let to = rx.await.map_err(|_| Error::Shutdown)??;
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
@@ -426,12 +418,7 @@ impl Node {
             Role::Standby => ConfChangeType::AddLearnerNode,
             Role::Spare => ConfChangeType::RemoveNode,
         });
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .raft_tx
-            .lock()
-            .send(RaftMsg::ConfChange(cc, tx))
-            .map_err(|_| Error::Shutdown)?;
+        let rx = self.shared.raft.conf_change(cc)?;
         rx.await.map_err(|_| Error::Shutdown)??;
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -515,8 +502,8 @@ impl Node {
         if let Some(t) = self.shared.transport.lock().take() {
             t.close();
         }
-        let _ = self.shared.raft_tx.lock().send(RaftMsg::Shutdown);
-        let _ = self.shared.sm_tx.lock().send(SmMsg::Shutdown);
+        self.shared.raft.shutdown();
+        let _ = self.shared.sm_tx.send(ToStateMachine::Shutdown);
         let threads: Vec<_> = self.threads.lock().drain(..).collect();
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -554,7 +541,7 @@ impl Transaction {
         self.done = true;
         let _ = self
             .shared
-            .send_sm(SmMsg::Tx(TxOp::Rollback { id: self.id }));
+            .send_sm(ToStateMachine::Tx(TxOp::Rollback { id: self.id }));
     }
 }
 
@@ -563,14 +550,14 @@ impl Drop for Transaction {
         if !self.done {
             let _ = self
                 .shared
-                .send_sm(SmMsg::Tx(TxOp::Rollback { id: self.id }));
+                .send_sm(ToStateMachine::Tx(TxOp::Rollback { id: self.id }));
         }
     }
 }
 
 impl Shared {
-    fn send_sm(&self, m: SmMsg) -> Result<()> {
-        self.sm_tx.lock().send(m).map_err(|_| Error::Shutdown)
+    fn send_sm(&self, m: ToStateMachine) -> Result<()> {
+        self.sm_tx.send(m).map_err(|_| Error::Shutdown)
     }
 
     pub(super) fn status(&self) -> Status {
@@ -613,12 +600,6 @@ impl Shared {
             .await
     }
 
-    async fn write_fn(&self, db: &str, f: state::WriteFn) -> Result<Box<dyn std::any::Any + Send>> {
-        let (tx, rx) = oneshot::channel();
-        self.submit_write(db, state::Work::Func { f, reply: tx }, rx)
-            .await
-    }
-
     /// Queues a write for the state machine and waits for its answer.
     async fn submit_write<T>(
         &self,
@@ -627,14 +608,14 @@ impl Shared {
         rx: oneshot::Receiver<Result<T>>,
     ) -> Result<T> {
         state::check_db_name(db)?;
-        if self.raft_status.lock().role != "leader" {
+        if !self.leads() {
             return Err(self.with_leader_hint(Error::NotLeader {
                 leader_id: None,
                 leader_addr: None,
             }));
         }
         let timeout = self.cfg.write_timeout;
-        self.send_sm(SmMsg::Write(WriteReq {
+        self.send_sm(ToStateMachine::Write(WriteReq {
             db: db.to_string(),
             work,
             deadline: Instant::now() + timeout,
@@ -655,7 +636,7 @@ impl Shared {
         let deadline = Instant::now() + self.cfg.write_timeout;
         loop {
             let (tx, rx) = oneshot::channel();
-            self.send_sm(SmMsg::Tx(TxOp::Begin {
+            self.send_sm(ToStateMachine::Tx(TxOp::Begin {
                 db: db.to_string(),
                 idle,
                 reply: tx,
@@ -672,7 +653,7 @@ impl Shared {
 
     pub(super) async fn tx_exec(&self, id: u64, stmt: Statement) -> Result<(Rows, ExecResult)> {
         let (tx, rx) = oneshot::channel();
-        self.send_sm(SmMsg::Tx(TxOp::Exec {
+        self.send_sm(ToStateMachine::Tx(TxOp::Exec {
             id,
             stmt,
             reply: tx,
@@ -683,10 +664,10 @@ impl Shared {
     /// Commits (answers once committed by a quorum) or rolls back.
     pub(super) async fn tx_end(&self, id: u64, commit: bool) -> Result<()> {
         if !commit {
-            return self.send_sm(SmMsg::Tx(TxOp::Rollback { id }));
+            return self.send_sm(ToStateMachine::Tx(TxOp::Rollback { id }));
         }
         let (tx, rx) = oneshot::channel();
-        self.send_sm(SmMsg::Tx(TxOp::Commit { id, reply: tx }))?;
+        self.send_sm(ToStateMachine::Tx(TxOp::Commit { id, reply: tx }))?;
         match tokio::time::timeout(self.cfg.write_timeout, rx).await {
             Ok(r) => r
                 .map_err(|_| Error::Shutdown)?
@@ -695,16 +676,17 @@ impl Shared {
         }
     }
 
+    /// Whether this node leads, as the Raft thread last published.
+    pub(super) fn leads(&self) -> bool {
+        self.leadership.borrow().leads()
+    }
+
     /// A read index: every write committed before this call started is at or below it.
     /// The newest one (by start) is kept for [`Consistency::Bounded`] reads.
     pub(super) async fn read_index(&self) -> Result<u64> {
         let started = Instant::now();
         self.metrics.read_index.inc();
-        let (tx, rx) = oneshot::channel();
-        self.raft_tx
-            .lock()
-            .send(RaftMsg::ReadIndex(tx))
-            .map_err(|_| Error::Shutdown)?;
+        let rx = self.raft.read_index()?;
         let index = match tokio::time::timeout(READ_INDEX_TIMEOUT, rx).await {
             Ok(Ok(r)) => r?,
             Ok(Err(_)) => return Err(Error::Shutdown),

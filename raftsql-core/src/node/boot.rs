@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self};
 use std::sync::Arc;
 
@@ -14,14 +14,15 @@ use raft::RawNode;
 use tokio::sync::watch;
 
 use super::config::{load_or_create_node_file, lock_data_dir, refuse_stored, NodeConfig, NodeFile};
+use super::handle::{Leadership, RaftHandle};
 use super::handler::NodeHandler;
 use super::raft_loop::RaftDriver;
-use super::{Node, RaftMsg, RaftStatus, Shared};
+use super::{Node, RaftStatus, Shared, ToRaftThread};
 use crate::error::{Error, Result};
 use crate::log::{LogStorage, RaftLog};
 use crate::net::transport::Transport;
 use crate::snapshot::SnapshotStore;
-use crate::state::{self, DbMap, Progress, SmMsg, SmSettings, StateMachine, ToRaft};
+use crate::state::{self, DbMap, Progress, SmSettings, StateMachine, ToStateMachine};
 
 /// Where a node finds the members removed from its cluster at boot.
 pub(crate) struct Removed {
@@ -104,17 +105,13 @@ impl Node {
             &cfg.data_dir.join("snapshots"),
             cfg.id,
         )?);
-        let (raft_tx, raft_rx) = mpsc::channel::<RaftMsg>();
-        let (sm_tx, sm_rx) = mpsc::channel::<SmMsg>();
+        let (raft_tx, raft_rx) = mpsc::channel::<ToRaftThread>();
+        let (sm_tx, sm_rx) = mpsc::channel::<ToStateMachine>();
         let dbs: DbMap = Default::default();
         let progress = Arc::new(Progress::default());
         let (applied_tx, applied_rx) = watch::channel(0u64);
-        let to_raft = {
-            let tx = Mutex::new(raft_tx.clone());
-            Box::new(move |m: ToRaft| {
-                let _ = tx.lock().send(RaftMsg::Sm(m));
-            }) as Box<dyn Fn(ToRaft) + Send>
-        };
+        let raft_handle = RaftHandle::new(raft_tx);
+        let (leadership_tx, leadership) = watch::channel(Leadership::default());
         let metrics = crate::metrics::Metrics::new();
         let sm = StateMachine::open(
             cfg.id,
@@ -125,7 +122,7 @@ impl Node {
                 statement_timeout: cfg.statement_timeout,
                 metrics: metrics.write.clone(),
             },
-            to_raft,
+            Box::new(raft_handle.clone()),
             dbs.clone(),
             progress.clone(),
             snapshots.clone(),
@@ -163,12 +160,9 @@ impl Node {
                 meta.checkpoint_index
             )));
         }
-        *snapshots.conf_state.lock() = log.conf_state().clone();
-        snapshots
-            .log_first_index
-            .store(log.first_index(), Ordering::SeqCst);
+        snapshots.log_changed(Some(log.first_index()), Some(log.conf_state().clone()));
         let to_sm = sm_tx.clone();
-        snapshots.set_builder(move || to_sm.send(SmMsg::MakeSnapshot).is_ok());
+        snapshots.set_builder(move || to_sm.send(ToStateMachine::MakeSnapshot).is_ok());
         let storage = LogStorage::new(log, snapshots.clone());
 
         let raft_cfg = raft::Config {
@@ -188,8 +182,9 @@ impl Node {
 
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
-            raft_tx: Mutex::new(raft_tx.clone()),
-            sm_tx: Mutex::new(sm_tx.clone()),
+            raft: raft_handle,
+            sm_tx: sm_tx.clone(),
+            leadership,
             raft_status: Mutex::new(RaftStatus::default()),
             metrics,
             dbs,
@@ -242,6 +237,7 @@ impl Node {
             transport,
             shared.clone(),
             cfg.compact_log_bytes,
+            leadership_tx,
         );
         let tick = cfg.tick;
         threads.push(

@@ -57,7 +57,7 @@ impl Shared {
     }
 
     pub(super) async fn call_leader(&self, service: &str, payload: Bytes) -> Result<Bytes> {
-        if self.raft_status.lock().role == "leader" {
+        if self.leads() {
             let h = self.services.read().get(service).map(|(h, _)| h.clone());
             let h =
                 h.ok_or_else(|| Error::Invalid(format!("no service {service:?} on this node")))?;

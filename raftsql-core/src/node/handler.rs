@@ -10,7 +10,7 @@ use raftsql_proto::v1 as pb;
 
 use super::config::{NodeFile, MAX_TX_IDLE};
 use super::snapshot_pull::receive_snapshot;
-use super::{RaftMsg, Shared};
+use super::Shared;
 use crate::consistency::Consistency;
 use crate::error::Error;
 use crate::net::server::{Handler, ResponseFuture};
@@ -162,7 +162,7 @@ impl Handler for NodeHandler {
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 receive_snapshot(shared.clone(), m);
             } else {
-                let _ = shared.raft_tx.lock().send(RaftMsg::Step(m));
+                let _ = shared.raft.step(m);
             }
         }
     }
@@ -183,9 +183,7 @@ impl Handler for NodeHandler {
                 }
             }
             let mut resp = match body {
-                Some(pb::request::Body::Execute(x))
-                    if !x.forwarded && shared.raft_status.lock().role != "leader" =>
-                {
+                Some(pb::request::Body::Execute(x)) if !x.forwarded && !shared.leads() => {
                     shared.forward_execute(x).await
                 }
                 Some(pb::request::Body::Execute(x)) => {

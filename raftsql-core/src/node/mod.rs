@@ -38,6 +38,7 @@ mod api;
 mod boot;
 mod config;
 mod forward;
+mod handle;
 mod handler;
 mod raft_loop;
 mod snapshot_pull;
@@ -53,14 +54,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use raft::eraftpb::{ConfChange, Message};
-use tokio::sync::{oneshot, watch};
+
+use tokio::sync::watch;
 
 use crate::error::Result;
 use crate::net::conn::RpcConn;
 use crate::net::transport::Transport;
 use crate::snapshot::SnapshotStore;
-use crate::state::{DbMap, Progress, SmMsg, ToRaft};
+use crate::state::{DbMap, Progress, ToStateMachine};
 
 pub use api::Transaction;
 pub(crate) use boot::Removed;
@@ -69,6 +70,7 @@ pub use config::{
     parse_peers, stored_id, stored_node, NodeConfig, StoredNode, DEFAULT_MAX_RESULT_BYTES,
     DEFAULT_STATEMENT_TIMEOUT, MAX_TX_IDLE,
 };
+use handle::{Leadership, RaftHandle, ToRaftThread};
 
 /// Raft-side facts, refreshed after every Ready.
 #[derive(Clone, Debug, Default)]
@@ -106,24 +108,15 @@ pub struct Status {
     pub checkpoint: u64,
 }
 
-pub(super) enum RaftMsg {
-    Step(Message),
-    Sm(ToRaft),
-    ReadIndex(oneshot::Sender<Result<u64>>),
-    /// Propose a configuration change (this node must lead).
-    ConfChange(ConfChange, oneshot::Sender<Result<()>>),
-    /// Hand leadership to the most up-to-date other voter; answers its id.
-    TransferLeader(oneshot::Sender<Result<u64>>),
-    Shutdown,
-}
-
 /// A registered service, and whether clients (not only members) may call it.
 type Service = (Arc<dyn ServiceHandler>, bool);
 
 pub(super) struct Shared {
     cfg: NodeConfig,
-    raft_tx: Mutex<Sender<RaftMsg>>,
-    sm_tx: Mutex<Sender<SmMsg>>,
+    raft: RaftHandle,
+    sm_tx: Sender<ToStateMachine>,
+    /// Who leads, as the Raft thread last published it.
+    leadership: watch::Receiver<Leadership>,
     raft_status: Mutex<RaftStatus>,
     dbs: DbMap,
     progress: Arc<Progress>,
@@ -194,8 +187,8 @@ impl Drop for Node {
         if Arc::strong_count(&self.threads) == 1
             && !self.shared.stopped.swap(true, Ordering::SeqCst)
         {
-            let _ = self.shared.raft_tx.lock().send(RaftMsg::Shutdown);
-            let _ = self.shared.sm_tx.lock().send(SmMsg::Shutdown);
+            self.shared.raft.shutdown();
+            let _ = self.shared.sm_tx.send(ToStateMachine::Shutdown);
             for t in self.threads.lock().drain(..) {
                 let _ = t.join();
             }

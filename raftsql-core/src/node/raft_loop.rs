@@ -2,7 +2,6 @@
 //! apply -> advance), read-index rounds, and the status it publishes.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,14 +10,15 @@ use bytes::Bytes;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message};
 use raft::{RawNode, StateRole};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
-use super::{RaftMsg, Shared};
+use super::handle::{Leadership, RaftRole};
+use super::{Shared, ToRaftThread};
 use crate::error::{Error, Result};
 use crate::log::LogStorage;
 use crate::net::transport::Transport;
 use crate::snapshot::Manifest;
-use crate::state::{SmMsg, ToRaft};
+use crate::state::{SmToRaft, ToStateMachine};
 
 /// One read-index round and the reads it serves.
 struct ReadRound {
@@ -34,7 +34,7 @@ enum ReadWaiter {
     /// A write batch that changed nothing (a failed CAS, a read-only Txn or interactive
     /// transaction), executed on the leader's state at `base`: it is answered only once a
     /// quorum confirms this node still leads and no data entry committed after `base`
-    /// (invariant 5a in docs/ARCHITECTURE.md; a deposed leader that does not know it yet
+    /// (I7 in docs/ARCHITECTURE.md; a deposed leader that does not know it yet
     /// would otherwise answer from its old state).
     Confirm {
         base: u64,
@@ -59,8 +59,8 @@ impl ReadWaiter {
 pub(super) struct RaftDriver {
     raw: RawNode<LogStorage>,
     storage: LogStorage,
-    rx: Receiver<RaftMsg>,
-    sm_tx: Sender<SmMsg>,
+    rx: Receiver<ToRaftThread>,
+    sm_tx: Sender<ToStateMachine>,
     transport: Arc<Transport>,
     shared: Arc<Shared>,
     /// Read-index rounds in flight: id -> (waiters, started, last issued).
@@ -71,7 +71,8 @@ pub(super) struct RaftDriver {
     /// Drawn at start: read contexts of this run of this node (see [`read_ctx`]).
     read_nonce: u64,
     compact_log_bytes: u64,
-    last_leader: (bool, u64),
+    /// Publishes who leads (read through `Shared::leadership`).
+    leadership: watch::Sender<Leadership>,
 }
 
 /// The context of read-index round `round`: this node's id, the nonce of this run and the
@@ -101,11 +102,12 @@ impl RaftDriver {
     pub(super) fn new(
         raw: RawNode<LogStorage>,
         storage: LogStorage,
-        rx: Receiver<RaftMsg>,
-        sm_tx: Sender<SmMsg>,
+        rx: Receiver<ToRaftThread>,
+        sm_tx: Sender<ToStateMachine>,
         transport: Arc<Transport>,
         shared: Arc<Shared>,
         compact_log_bytes: u64,
+        leadership: watch::Sender<Leadership>,
     ) -> RaftDriver {
         RaftDriver {
             raw,
@@ -119,7 +121,7 @@ impl RaftDriver {
             next_read: 1,
             read_nonce: rand::random(),
             compact_log_bytes,
-            last_leader: (false, 0),
+            leadership,
         }
     }
 
@@ -168,12 +170,12 @@ impl RaftDriver {
         let _ = self.storage.write().sync();
     }
 
-    fn handle(&mut self, m: RaftMsg) -> bool {
+    fn handle(&mut self, m: ToRaftThread) -> bool {
         match m {
-            RaftMsg::Step(msg) => {
+            ToRaftThread::Step(msg) => {
                 let _ = self.raw.step(msg);
             }
-            RaftMsg::Sm(ToRaft::Propose { data, seq, base }) => {
+            ToRaftThread::Sm(SmToRaft::Propose { data, seq, base }) => {
                 // Only a leader proposes: raft-rs on a follower would forward the entry to
                 // the new leader, which would append a batch executed on an old state after
                 // its own batches (found by the Jepsen watch test: a leader handover left
@@ -181,38 +183,37 @@ impl RaftDriver {
                 // they were computed on: also refuse a batch if the log already holds a data
                 // entry after that state.
                 if self.raw.raft.state != StateRole::Leader {
-                    let _ = self.sm_tx.send(SmMsg::ProposalFailed(seq));
+                    let _ = self.sm_tx.send(ToStateMachine::ProposalFailed(seq));
                 } else if let Some(index) = self.data_entry_after(base) {
                     tracing::error!(
                         "refused to propose batch {seq}: it was executed on the state at index \
                          {base}, but the log holds data entry {index} after it (last index {})",
                         self.raw.raft.raft_log.last_index()
                     );
-                    let _ = self.sm_tx.send(SmMsg::ProposalFailed(seq));
+                    let _ = self.sm_tx.send(ToStateMachine::ProposalFailed(seq));
                 } else if self.raw.propose(Vec::new(), data.to_vec()).is_err() {
-                    let _ = self.sm_tx.send(SmMsg::ProposalFailed(seq));
+                    let _ = self.sm_tx.send(ToStateMachine::ProposalFailed(seq));
                 }
             }
-            RaftMsg::Sm(ToRaft::Checkpointed(c)) => {
+            ToRaftThread::Sm(SmToRaft::Checkpointed(c)) => {
                 let mut log = self.storage.write();
                 if log.disk_bytes() > self.compact_log_bytes && c + 1 > log.first_index() {
                     match log.compact(c + 1) {
                         Ok(()) => {
                             self.shared
                                 .snapshots
-                                .log_first_index
-                                .store(log.first_index(), Ordering::SeqCst);
+                                .log_changed(Some(log.first_index()), None);
                             tracing::info!("compacted the raft log up to index {c}");
                         }
                         Err(e) => tracing::warn!("log compaction failed: {e}"),
                     }
                 }
             }
-            RaftMsg::ReadIndex(reply) => self.waiting_reads.push(ReadWaiter::Index(reply)),
-            RaftMsg::Sm(ToRaft::Confirm { base, done }) => {
+            ToRaftThread::ReadIndex(reply) => self.waiting_reads.push(ReadWaiter::Index(reply)),
+            ToRaftThread::Sm(SmToRaft::Confirm { base, done }) => {
                 self.waiting_reads.push(ReadWaiter::Confirm { base, done })
             }
-            RaftMsg::ConfChange(cc, reply) => {
+            ToRaftThread::ConfChange(cc, reply) => {
                 let r = if self.raw.raft.state != StateRole::Leader {
                     Err(Error::NotLeader {
                         leader_id: Some(self.raw.raft.leader_id).filter(|l| *l != 0),
@@ -229,7 +230,7 @@ impl RaftDriver {
                 };
                 let _ = reply.send(r);
             }
-            RaftMsg::TransferLeader(reply) => {
+            ToRaftThread::TransferLeader(reply) => {
                 let me = self.raw.raft.id;
                 let r = if self.raw.raft.state != StateRole::Leader {
                     Err(Error::NotLeader {
@@ -256,7 +257,7 @@ impl RaftDriver {
                 };
                 let _ = reply.send(r);
             }
-            RaftMsg::Shutdown => return false,
+            ToRaftThread::Shutdown => return false,
         }
         true
     }
@@ -347,10 +348,10 @@ impl RaftDriver {
                 log.set_conf_state(&cs)?;
                 log.sync()?;
                 drop(log);
-                *self.shared.snapshots.conf_state.lock() = cs;
+                self.shared.snapshots.log_changed(None, Some(cs));
             }
         }
-        let _ = self.sm_tx.send(SmMsg::Apply(entries));
+        let _ = self.sm_tx.send(ToStateMachine::Apply(entries));
         Ok(())
     }
 
@@ -383,12 +384,21 @@ impl RaftDriver {
         }
         let mut ready = self.raw.ready();
         self.send(ready.take_messages());
-        if ready.ss().is_some() {
-            let is_leader = self.raw.raft.state == StateRole::Leader;
-            let term = self.raw.raft.term;
-            if (is_leader, term) != self.last_leader {
-                self.last_leader = (is_leader, term);
-                let _ = self.sm_tx.send(SmMsg::Role { is_leader, term });
+        if ready.ss().is_some() || ready.hs().is_some() {
+            let now = Leadership {
+                role: self.raw.raft.state.into(),
+                term: self.raw.raft.term,
+                leader_id: self.raw.raft.leader_id,
+            };
+            let before = *self.leadership.borrow();
+            if now != before {
+                self.leadership.send_replace(now);
+                if (now.leads(), now.term) != (before.leads(), before.term) {
+                    let _ = self.sm_tx.send(ToStateMachine::Role {
+                        is_leader: now.leads(),
+                        term: now.term,
+                    });
+                }
             }
         }
         if !ready.snapshot().is_empty() {
@@ -396,7 +406,7 @@ impl RaftDriver {
             let manifest = Manifest::decode(&snap.data)?;
             let dir = self.shared.snapshots.incoming_dir(&manifest);
             let (done_tx, done_rx) = mpsc::channel();
-            let _ = self.sm_tx.send(SmMsg::InstallSnapshot {
+            let _ = self.sm_tx.send(ToStateMachine::InstallSnapshot {
                 meta: snap.get_metadata().clone(),
                 dir,
                 done: done_tx,
@@ -404,11 +414,10 @@ impl RaftDriver {
             done_rx.recv().map_err(|_| Error::Shutdown)??;
             let mut log = self.storage.write();
             log.apply_snapshot(snap.get_metadata())?;
-            self.shared
-                .snapshots
-                .log_first_index
-                .store(log.first_index(), Ordering::SeqCst);
-            *self.shared.snapshots.conf_state.lock() = snap.get_metadata().get_conf_state().clone();
+            self.shared.snapshots.log_changed(
+                Some(log.first_index()),
+                Some(snap.get_metadata().get_conf_state().clone()),
+            );
         }
         let committed = ready.take_committed_entries();
         self.apply_committed(committed)?;
@@ -487,13 +496,7 @@ impl RaftDriver {
         s.leader_id = r.leader_id;
         s.term = r.term;
         s.commit = r.raft_log.committed;
-        s.role = match r.state {
-            StateRole::Leader => "leader",
-            StateRole::Follower => "follower",
-            StateRole::Candidate => "candidate",
-            StateRole::PreCandidate => "pre-candidate",
-        }
-        .into();
+        s.role = RaftRole::from(r.state).as_str().into();
         s.log_first = log.first_index();
         s.log_last = log.last_index();
         s.heard_leader = r.state == StateRole::Leader

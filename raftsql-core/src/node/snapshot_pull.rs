@@ -8,7 +8,7 @@ use std::time::Instant;
 use raft::eraftpb::Message;
 use raftsql_proto::v1 as pb;
 
-use super::{RaftMsg, Shared};
+use super::Shared;
 use crate::error::Error;
 use crate::net::conn::RpcConn;
 use crate::net::Peer;
@@ -72,7 +72,7 @@ pub(super) fn receive_snapshot(shared: Arc<Shared>, m: Message) {
         .await;
         match r {
             Ok(()) => {
-                let _ = shared.raft_tx.lock().send(RaftMsg::Step(m));
+                let _ = shared.raft.step(m);
             }
             Err(e) => tracing::warn!("receiving snapshot failed: {e}"),
         }

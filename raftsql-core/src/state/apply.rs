@@ -110,7 +110,7 @@ impl StateMachine {
         true
     }
 
-    /// Writes an entry's page images through SQLite (invariant 3).
+    /// Writes an entry's page images through SQLite (I3).
     fn apply_frames(&mut self, f: &Frames, images: Option<&[Page]>) -> Result<()> {
         if f.page_size != PAGE_SIZE {
             return Err(Error::Corrupt(format!(

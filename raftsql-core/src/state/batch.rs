@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rusqlite::Connection;
 
 use super::db::{change_counter, committed_base, page1_counter, reset_cache, PAGE_SIZE};
-use super::msg::{ToRaft, Waiter, Work, WriteFn, WriteReq};
+use super::msg::{Fail, SmToRaft, Waiter, Work, WriteFn, WriteReq};
 use super::{Db, InFlight, Kept, StateMachine};
 use crate::committed::Committed;
 use crate::entry::{Frames, Page, PageChange};
@@ -29,7 +29,7 @@ const MAX_BATCH: usize = 512;
 pub const MAX_ENTRY_PAGE_BYTES: usize = 48 << 20;
 
 impl StateMachine {
-    /// Ready to execute a leader batch (invariant 5).
+    /// Ready to execute a leader batch (I4).
     pub(super) fn can_write(&self) -> bool {
         self.is_leader
             && self.applied_term == self.term
@@ -163,7 +163,7 @@ impl StateMachine {
                     return Ok(());
                 }
                 let base = self.applied();
-                (self.to_raft)(ToRaft::Confirm {
+                self.raft.send(SmToRaft::Confirm {
                     base,
                     done: Box::new(move |r: Result<()>| {
                         for w in waiters {
@@ -225,7 +225,7 @@ impl StateMachine {
                 }
             }
         }
-        // Each page travels as the bytes that differ from the committed page (invariant 3:
+        // Each page travels as the bytes that differ from the committed page (I3:
         // every node applies the entry to that same page), or whole if that is smaller.
         let committed_pages = (before.max_frame > 0).then_some(before.n_page);
         let changes = match diff_pages(&db.writer, &pages, bases, &db.committed, committed_pages) {
@@ -263,7 +263,7 @@ impl StateMachine {
             kept,
         });
         let base = self.applied();
-        (self.to_raft)(ToRaft::Propose {
+        self.raft.send(SmToRaft::Propose {
             data: frames.encode(),
             seq,
             base,
@@ -289,10 +289,20 @@ impl StateMachine {
 }
 
 /// Runs `f` inside a SAVEPOINT on `w`, rolling back to it if `f` fails.
-fn in_savepoint(w: &Connection, f: WriteFn) -> Result<Box<dyn std::any::Any + Send>> {
-    w.execute_batch(&format!("SAVEPOINT {}", guard::INTERNAL_SAVEPOINT))?;
-    let r = f(w);
-    end_savepoint(w, r)
+fn in_savepoint(w: &Connection, f: Box<dyn WriteFn>) -> std::result::Result<Waiter, (Error, Fail)> {
+    if let Err(e) = w.execute_batch(&format!("SAVEPOINT {}", guard::INTERNAL_SAVEPOINT)) {
+        return Err((e.into(), Box::new(move |e| f.fail(e))));
+    }
+    match f.run(w) {
+        Ok(waiter) => match end_savepoint(w, Ok(())) {
+            Ok(()) => Ok(waiter),
+            Err(e) => Err((e, Box::new(move |e| waiter(Err(e))))),
+        },
+        Err((e, fail)) => match end_savepoint(w, Err::<(), _>(e)) {
+            Err(e) => Err((e, fail)),
+            Ok(()) => unreachable!("end_savepoint keeps an error"),
+        },
+    }
 }
 
 /// Releases the request's savepoint, first rolling back to it if `r` failed.
@@ -368,12 +378,16 @@ fn execute_batch(w: &Connection, g: &Guard, budget: Duration, batch: Vec<WriteRe
     let mut pending: Vec<Box<dyn FnOnce(Result<()>) + Send>> = Vec::new();
     let mut funcs = VecDeque::from(funcs);
     while let Some(req) = funcs.pop_front() {
-        let Work::Func { f, reply } = req.work else {
+        let Work::Func(f) = req.work else {
             unreachable!("partitioned")
         };
         let r = in_savepoint(w, f);
         if w.is_autocommit() {
-            let _ = reply.send(Err(ended_transaction(r.err())));
+            let (e, fail): (Option<Error>, Fail) = match r {
+                Ok(waiter) => (None, Box::new(move |e| waiter(Err(e)))),
+                Err((e, fail)) => (Some(e), fail),
+            };
+            fail(ended_transaction(e));
             for p in pending {
                 p(Err(Error::Unavailable(
                     "another write in the same batch made SQLite roll the batch back; retry".into(),
@@ -382,12 +396,8 @@ fn execute_batch(w: &Connection, g: &Guard, budget: Duration, batch: Vec<WriteRe
             return Executed::Requeue(sql.into_iter().chain(funcs).collect());
         }
         match r {
-            Ok(out) => pending.push(Box::new(move |c: Result<()>| {
-                let _ = reply.send(c.map(|_| out));
-            })),
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
+            Ok(waiter) => pending.push(waiter),
+            Err((e, fail)) => fail(e),
         }
     }
     let mut waiters: Vec<Waiter> = sql

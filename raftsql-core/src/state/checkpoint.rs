@@ -1,5 +1,5 @@
 //! Checkpoints: the WAL copied into the database files, the files fsynced on a thread of
-//! their own, and only then the checkpoint index C recorded in `meta.json` (invariant 4).
+//! their own, and only then the checkpoint index C recorded in `meta.json` (I9).
 
 use std::fs::File;
 use std::io::Read;
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::msg::ToRaft;
+use super::msg::SmToRaft;
 use super::StateMachine;
 use crate::error::{Error, Result};
 use crate::fsutil::{fsync_dir, write_atomic};
@@ -61,7 +61,7 @@ fn sync_files(files: &[PathBuf], dir: &Path) -> Result<()> {
 }
 
 impl StateMachine {
-    /// Checkpoints every database into its file and advances C (invariant 4).
+    /// Checkpoints every database into its file and advances C (I9).
     pub(super) fn maybe_checkpoint(&mut self) -> Result<()> {
         if self.syncing.is_some()
             || self.frames_since_checkpoint < self.settings.checkpoint_frames
@@ -174,7 +174,7 @@ impl StateMachine {
             .checkpoint
             .observe(s.started.elapsed().as_secs_f64());
         self.progress.checkpoint.store(applied, Ordering::SeqCst);
-        (self.to_raft)(ToRaft::Checkpointed(applied));
+        self.raft.send(SmToRaft::Checkpointed(applied));
         tracing::debug!("checkpoint at index {applied}");
         Ok(())
     }

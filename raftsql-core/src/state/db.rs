@@ -361,3 +361,43 @@ pub(super) fn committed_base(
         None => Ok(read_page(w, pgno)?.map(Bytes::from)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// I5: the writer's `BEGIN IMMEDIATE` (an apply's) waits out another connection's write
+    /// lock instead of failing with SQLITE_BUSY (the writer keeps `busy_timeout=0`).
+    #[test]
+    fn begin_immediate_waits_out_a_held_lock() {
+        vfs::register().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let w = open_writer(&path).unwrap();
+        w.execute_batch("CREATE TABLE t(x)").unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // Without waiting, the writer is refused at once.
+        let e = w.execute_batch("BEGIN IMMEDIATE").unwrap_err();
+        assert_eq!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy)
+        );
+        let (locked, release) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            release.recv().unwrap();
+            other.execute_batch("COMMIT").unwrap();
+        });
+        let waiter = std::thread::spawn(move || {
+            let r = begin_immediate(&w);
+            (r, w)
+        });
+        // The lock is released while begin_immediate is retrying.
+        std::thread::sleep(Duration::from_millis(100));
+        locked.send(()).unwrap();
+        holder.join().unwrap();
+        let (r, w) = waiter.join().unwrap();
+        r.unwrap();
+        w.execute_batch("INSERT INTO t VALUES (1); COMMIT").unwrap();
+    }
+}

@@ -10,35 +10,26 @@
 //! exactly the effects of the Raft entries up to C. A new generation is made only by a
 //! snapshot install; checkpoints advance C inside the current one.
 //!
-//! # Invariants (each is checked by a test named in docs/ARCHITECTURE.md)
-//! 1. *Committed-only visibility.* A reader sees the effects of entry i only after entry i is
-//!    committed by Raft. On the leader a batch's frames are written to the WAL by COMMIT
-//!    before its entry commits, so the read gate ([`Gate`]) is closed from just before COMMIT
-//!    until the entry applies or is abandoned; readers pin their snapshot only with the gate
-//!    open. Readers that pinned earlier keep their older snapshot (SQLite MVCC).
-//! 2. *Abandoned frames vanish.* If leadership is lost with a batch in flight, the wal-index
-//!    header saved before the batch is put back (or, if the batch restarted the WAL, the
-//!    WAL is emptied and the index rebuilt), so the frames are unreachable before the gate
-//!    reopens. If the entry does commit later, it is applied like any other node's entry.
-//! 3. *Same pages everywhere.* Followers (and a leader applying another node's entry) write
-//!    the entry's page images through `sqlite_dbpage` in one transaction and truncate to the
-//!    entry's database size; SQL is never re-executed, so `random()` or `now()` cannot make
-//!    replicas diverge.
-//! 4. *Checkpoints never outrun durability.* C advances only after a TRUNCATE checkpoint of
-//!    every database has completed AND each database file has been fsynced; the node never
-//!    compacts the Raft log past C, and on restart deletes `-wal`/`-shm` and replays entries
-//!    after C. A crash mid-checkpoint is therefore harmless: the replay rewrites every page
-//!    the checkpoint may have torn.
-//! 5. *Leader writes start from the committed state.* A batch executes only when this node
-//!    leads and has applied an entry of its own term (so every earlier entry is applied),
-//!    and only one batch is in flight, so frames are always computed against exactly the
-//!    state that precedes them in the log.
+//! # Invariants
+//! Stated once, with their tests, in docs/ARCHITECTURE.md; this thread keeps:
+//! - **I2** (uncommitted frames are never visible): the read gate ([`Gate`]) is closed from
+//!   just before a batch's speculative COMMIT until its frames are rewound; readers pin their
+//!   snapshot only with the gate open. If the entry commits later, it is applied like any
+//!   other node's.
+//! - **I3** (replicas byte-identical): entries carry pages, never SQL; every page is rebuilt
+//!   on its committed image and checked against the leader's crc32 (`apply.rs`).
+//! - **I4** (a batch runs on the state of every entry before it): a batch executes only when
+//!   this node leads, has applied an entry of its own term and has nothing in flight
+//!   (`batch.rs`).
+//! - **I9** (checkpoints never outrun durability): C advances only after every database file
+//!   is checkpointed and fsynced (`checkpoint.rs`); on restart the entries after C are
+//!   replayed into the files before SQLite opens them (`recovery.rs`).
 //!
 //! # Files
 //! | file | owns |
 //! |---|---|
 //! | `mod.rs` | the [`StateMachine`]: its databases, its thread's loop, the messages' dispatch |
-//! | `msg.rs` | [`SmMsg`] (to this thread), [`ToRaft`] (from it), write requests |
+//! | `msg.rs` | [`ToStateMachine`] (to this thread), [`SmToRaft`] (from it), write requests |
 //! | `db.rs` | one database: file, read gate, readers, page reads |
 //! | `batch.rs` | leader batches: execute, speculative COMMIT, capture, diff, propose |
 //! | `apply.rs` | applying committed entries (publish own frames, or write pages) |
@@ -81,7 +72,8 @@ use crate::vfs;
 pub use crate::fsutil::check_db_name;
 pub use checkpoint::Meta;
 pub use db::{query_empty, DbHandle, DbMap};
-pub use msg::{SmMsg, ToRaft, TxOp, Work, WriteFn, WriteReq};
+pub(crate) use msg::TypedWrite;
+pub use msg::{RaftSink, SmToRaft, ToStateMachine, TxOp, Work, WriteFn, WriteReq};
 pub use recovery::{current_generation, recover_files, rewrite_checkpoint_conf};
 
 /// Progress published by the state machine.
@@ -169,7 +161,7 @@ pub struct StateMachine {
     /// A checkpoint whose files are being fsynced off this thread.
     syncing: Option<Syncing>,
     settings: SmSettings,
-    to_raft: Box<dyn Fn(ToRaft) + Send>,
+    raft: Box<dyn RaftSink>,
     snapshots: Arc<crate::snapshot::SnapshotStore>,
     snapshot_wanted: bool,
     applied_tx: tokio::sync::watch::Sender<u64>,
@@ -186,7 +178,7 @@ impl StateMachine {
         me: u64,
         root: &Path,
         settings: SmSettings,
-        to_raft: Box<dyn Fn(ToRaft) + Send>,
+        raft: Box<dyn RaftSink>,
         shared: DbMap,
         progress: Arc<Progress>,
         snapshots: Arc<crate::snapshot::SnapshotStore>,
@@ -239,7 +231,7 @@ impl StateMachine {
             syncing: None,
             batch_started: Instant::now(),
             settings,
-            to_raft,
+            raft,
             snapshots,
             snapshot_wanted: false,
             applied_tx,
@@ -317,7 +309,7 @@ impl StateMachine {
     }
 
     /// The thread body: handles messages until Shutdown or the channel closes.
-    pub fn run(mut self, rx: Receiver<SmMsg>) {
+    pub fn run(mut self, rx: Receiver<ToStateMachine>) {
         loop {
             let msg = match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(m) => Some(m),
@@ -325,7 +317,7 @@ impl StateMachine {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             if let Some(msg) = msg {
-                if matches!(msg, SmMsg::Shutdown) {
+                if matches!(msg, ToStateMachine::Shutdown) {
                     break;
                 }
                 if let Err(e) = self.handle(msg) {
@@ -366,14 +358,14 @@ impl StateMachine {
         }
     }
 
-    pub(super) fn handle(&mut self, msg: SmMsg) -> Result<()> {
+    pub(super) fn handle(&mut self, msg: ToStateMachine) -> Result<()> {
         match msg {
-            SmMsg::Apply(entries) => {
+            ToStateMachine::Apply(entries) => {
                 for e in entries {
                     self.apply_entry(e)?;
                 }
             }
-            SmMsg::Role { is_leader, term } => {
+            ToStateMachine::Role { is_leader, term } => {
                 let changed = is_leader != self.is_leader || term != self.term;
                 tracing::debug!(
                     "role: leader {is_leader} term {term} (applied {} of term {})",
@@ -395,7 +387,7 @@ impl StateMachine {
                     }
                 }
             }
-            SmMsg::ProposalFailed(seq) => {
+            ToStateMachine::ProposalFailed(seq) => {
                 if self.in_flight.as_ref().map(|f| f.seq) == Some(seq) {
                     self.abort_in_flight(Error::NotLeader {
                         leader_id: None,
@@ -403,7 +395,7 @@ impl StateMachine {
                     });
                 }
             }
-            SmMsg::Write(req) => {
+            ToStateMachine::Write(req) => {
                 if !self.is_leader {
                     req.fail(Error::NotLeader {
                         leader_id: None,
@@ -413,8 +405,8 @@ impl StateMachine {
                     self.queue.push_back(req);
                 }
             }
-            SmMsg::Tx(op) => self.handle_tx(op),
-            SmMsg::InstallSnapshot { meta, dir, done } => {
+            ToStateMachine::Tx(op) => self.handle_tx(op),
+            ToStateMachine::InstallSnapshot { meta, dir, done } => {
                 let r = self.install_snapshot(&meta, &dir);
                 let failed = r.as_ref().err().map(|e| e.to_string());
                 let _ = done.send(r);
@@ -422,8 +414,8 @@ impl StateMachine {
                     return Err(Error::Internal(format!("snapshot install failed: {e}")));
                 }
             }
-            SmMsg::MakeSnapshot => self.snapshot_wanted = true,
-            SmMsg::Shutdown => {}
+            ToStateMachine::MakeSnapshot => self.snapshot_wanted = true,
+            ToStateMachine::Shutdown => {}
         }
         Ok(())
     }

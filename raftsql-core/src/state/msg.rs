@@ -1,5 +1,5 @@
 //! The messages that reach the state machine thread and the ones it sends to the Raft
-//! thread: one enum per hop ([`SmMsg`] in, [`ToRaft`] out), and the write requests they carry.
+//! thread: one enum per hop ([`ToStateMachine`] in, [`SmToRaft`] out), and the write requests they carry.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,13 +12,57 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::value::{ExecResult, Rows, Statement};
 
-/// A write written in Rust: runs on the leader's writer connection inside the batch
-/// transaction, in its own SAVEPOINT (an error rolls back only its own changes). What it
-/// returns reaches the caller once the batch's entry is committed and applied.
-pub type WriteFn = Box<dyn FnOnce(&Connection) -> Result<Box<dyn std::any::Any + Send>> + Send>;
-
 /// Called with the outcome of the batch a request was part of.
-pub(super) type Waiter = Box<dyn FnOnce(Result<()>) + Send>;
+pub(crate) type Waiter = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Answers a caller with an error.
+pub(crate) type Fail = Box<dyn FnOnce(Error) + Send>;
+
+/// A write written in Rust, its result type erased for the queue: it runs on the leader's
+/// writer connection inside the batch transaction, in its own SAVEPOINT (an error rolls back
+/// only its own changes), and answers its own caller through the typed channel it holds
+/// ([`TypedWrite`]), once the batch's entry is settled.
+pub trait WriteFn: Send {
+    /// Runs the write. `Ok`: what answers the caller once the batch settles (it holds the
+    /// result). `Err`: the write's error, and what answers the caller with the error the
+    /// batch decides on.
+    fn run(self: Box<Self>, c: &Connection) -> std::result::Result<Waiter, (Error, Fail)>;
+    /// Answers the caller with `e` without running.
+    fn fail(self: Box<Self>, e: Error);
+}
+
+/// A Rust write returning `T` to the caller waiting on `reply`.
+pub(crate) struct TypedWrite<T, F> {
+    /// The write.
+    pub(crate) f: F,
+    /// Where its result goes.
+    pub(crate) reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> WriteFn for TypedWrite<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T> + Send,
+{
+    fn run(self: Box<Self>, c: &Connection) -> std::result::Result<Waiter, (Error, Fail)> {
+        let TypedWrite { f, reply } = *self;
+        match f(c) {
+            Ok(t) => Ok(Box::new(move |settled: Result<()>| {
+                let _ = reply.send(settled.map(|_| t));
+            })),
+            Err(e) => Err((
+                e,
+                Box::new(move |e| {
+                    let _ = reply.send(Err(e));
+                }),
+            )),
+        }
+    }
+
+    fn fail(self: Box<Self>, e: Error) {
+        let _ = self.reply.send(Err(e));
+    }
+}
 
 /// What a write request does.
 pub enum Work {
@@ -29,13 +73,8 @@ pub enum Work {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<Vec<ExecResult>>>,
     },
-    /// Rust code run atomically (see [`WriteFn`]).
-    Func {
-        /// The code.
-        f: WriteFn,
-        /// Where its result goes.
-        reply: oneshot::Sender<Result<Box<dyn std::any::Any + Send>>>,
-    },
+    /// Rust code run atomically (see [`WriteFn`]); it answers its caller itself.
+    Func(Box<dyn WriteFn>),
 }
 
 /// One write request waiting for the writer.
@@ -55,9 +94,7 @@ impl WriteReq {
             Work::Statements { reply, .. } => {
                 let _ = reply.send(Err(e));
             }
-            Work::Func { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
+            Work::Func(f) => f.fail(e),
         }
     }
 
@@ -118,7 +155,7 @@ pub enum TxOp {
 }
 
 /// Messages to the state machine thread.
-pub enum SmMsg {
+pub enum ToStateMachine {
     /// Committed entries, in log order.
     Apply(Vec<Entry>),
     /// Leadership changed: `leader` is this node's view of who leads in `term`.
@@ -149,8 +186,14 @@ pub enum SmMsg {
     Shutdown,
 }
 
+/// Where the state machine sends what the Raft thread must do (the node's Raft handle).
+pub trait RaftSink: Send {
+    /// Sends one message (lost if the Raft thread has stopped).
+    fn send(&self, m: SmToRaft);
+}
+
 /// Messages from the state machine to the Raft thread.
-pub enum ToRaft {
+pub enum SmToRaft {
     /// Propose an entry.
     Propose {
         /// Encoded [`Frames`].
@@ -158,7 +201,7 @@ pub enum ToRaft {
         /// Proposer sequence, echoed in ProposalFailed.
         seq: u64,
         /// The applied index of the state the batch was executed on: its pages are right
-        /// only if no entry after it changes data (invariant 5, checked before proposing).
+        /// only if no entry after it changes data (I4, checked before proposing).
         base: u64,
     },
     /// Databases are durable up to this index: the log may be compacted to it.

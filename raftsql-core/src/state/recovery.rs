@@ -1,5 +1,5 @@
 //! Start-up recovery of the database files: the committed entries after the checkpoint index
-//! are written straight into the files before SQLite opens them (invariant 4), and the
+//! are written straight into the files before SQLite opens them (I9), and the
 //! generation and checkpoint metadata are found or rewritten.
 
 use std::collections::HashMap;
@@ -43,7 +43,7 @@ pub fn rewrite_checkpoint_conf(root: &Path, voters: Vec<u64>, learners: Vec<u64>
 
 /// Brings the database files of the current generation up to the last committed entry the
 /// log holds, by writing the entries' pages straight into the files, before SQLite opens
-/// them (invariant 4).
+/// them (I9).
 ///
 /// After a crash in the middle of a checkpoint the files mix pages of several states; SQLite
 /// must not read them until they are whole again, so this replay does not go through it.

@@ -1,4 +1,4 @@
-//! Replicas applying the same entries end byte-identical (invariant 3).
+//! Replicas applying the same entries end byte-identical (I3).
 
 use std::collections::BTreeMap;
 
