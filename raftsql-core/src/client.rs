@@ -665,6 +665,10 @@ pub fn from_pb(e: pb::Error) -> Error {
         Code::Timeout => Error::Timeout(Duration::from_millis(e.timeout_ms)),
         Code::Invalid => Error::Invalid(e.message),
         Code::Shutdown => Error::Shutdown,
+        Code::Application => Error::Application {
+            code: e.app_code,
+            message: e.message,
+        },
         Code::Internal => Error::Internal(e.message),
     }
 }

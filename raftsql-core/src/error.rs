@@ -76,6 +76,17 @@ pub enum Error {
     /// A network or protocol error talking to another node.
     #[error("transport: {0}")]
     Transport(String),
+    /// The embedding application's own error: returned by its closure in
+    /// [`crate::Node::write`] or [`crate::Node::read`], or by one of its services, and carried
+    /// with its code intact to the caller, across nodes too (a forwarded service call).
+    /// raftsql-etcd carries etcd's errors this way.
+    #[error("{message}")]
+    Application {
+        /// The application's code for it.
+        code: u32,
+        /// What to tell the caller.
+        message: String,
+    },
     /// Anything else (a bug, or an unexpected SQLite failure).
     #[error("internal error: {0}")]
     Internal(String),
@@ -215,6 +226,10 @@ pub(crate) fn clone_err(e: &Error) -> Error {
             message: message.clone(),
         },
         Error::Invalid(m) => Error::Invalid(m.clone()),
+        Error::Application { code, message } => Error::Application {
+            code: *code,
+            message: message.clone(),
+        },
         Error::Unavailable(m) => Error::Unavailable(m.clone()),
         Error::Timeout(d) => Error::Timeout(*d),
         other => Error::Internal(other.to_string()),

@@ -122,5 +122,6 @@ pub mod fuzzing {
     pub use crate::log::{segment_file_name, RaftLog, SEGMENT_MAGIC};
     pub use crate::net::conn::RpcConn;
     pub use crate::net::frame::decode_frame;
+    pub use crate::node::error_response;
     pub use crate::snapshot::Manifest;
 }

@@ -166,23 +166,44 @@ impl From<EtcdError> for tonic::Status {
     }
 }
 
-/// Carries an etcd error through [`raftsql_core::Node::write`] (which speaks core errors).
-fn core(e: EtcdError) -> CoreError {
-    let code = match e {
-        EtcdError::Compacted => 0u8,
-        EtcdError::FutureRev => 1,
-        EtcdError::KeyNotFound => 2,
-        EtcdError::EmptyKey => 3,
-        EtcdError::LeaseNotFound => 4,
-        EtcdError::DuplicateKey => 5,
-        EtcdError::TooManyOps => 6,
-        EtcdError::LeaseExist => 7,
-        EtcdError::RequestTooLarge => 9,
+impl EtcdError {
+    /// The code this error travels under as a core application error
+    /// ([`CoreError::Application`]): through [`raftsql_core::Node::write`] and reads, and in a
+    /// forwarded call's answer. `None` for errors that map to core's own variants.
+    fn app_code(&self) -> Option<u32> {
+        Some(match self {
+            EtcdError::Compacted => 1,
+            EtcdError::FutureRev => 2,
+            EtcdError::KeyNotFound => 3,
+            EtcdError::EmptyKey => 4,
+            EtcdError::LeaseNotFound => 5,
+            EtcdError::DuplicateKey => 6,
+            EtcdError::TooManyOps => 7,
+            EtcdError::LeaseExist => 8,
+            EtcdError::LeaseTtlTooLarge => 9,
+            EtcdError::RequestTooLarge => 10,
+            EtcdError::TxnTooDeep => 11,
+            EtcdError::NoLeader | EtcdError::Timeout | EtcdError::Internal(_) => return None,
+        })
+    }
 
-        EtcdError::LeaseTtlTooLarge => 8,
-        other => return CoreError::Internal(other.to_string()),
-    };
-    CoreError::Invalid(format!("\u{1}etcd:{}", code as char))
+    /// The error an application code names (see [`EtcdError::app_code`]).
+    fn from_app_code(code: u32) -> Option<EtcdError> {
+        Some(match code {
+            1 => EtcdError::Compacted,
+            2 => EtcdError::FutureRev,
+            3 => EtcdError::KeyNotFound,
+            4 => EtcdError::EmptyKey,
+            5 => EtcdError::LeaseNotFound,
+            6 => EtcdError::DuplicateKey,
+            7 => EtcdError::TooManyOps,
+            8 => EtcdError::LeaseExist,
+            9 => EtcdError::LeaseTtlTooLarge,
+            10 => EtcdError::RequestTooLarge,
+            11 => EtcdError::TxnTooDeep,
+            _ => return None,
+        })
+    }
 }
 
 pub(crate) type R<T> = Result<T, EtcdError>;
@@ -1040,35 +1061,26 @@ pub(crate) fn has_table(c: &Connection, name: &str) -> rusqlite::Result<bool> {
     )
 }
 
+/// An etcd error back from core's (see [`EtcdError::app_code`]).
 pub(crate) fn decode_err(e: CoreError) -> EtcdError {
-    if let CoreError::Invalid(m) = &e {
-        // The marker may come wrapped (a forwarded call's error text).
-        if let Some(code) = m.find("\u{1}etcd:").map(|i| &m[i + "\u{1}etcd:".len()..]) {
-            return match code.chars().next().map(|c| c as u8) {
-                Some(0) => EtcdError::Compacted,
-                Some(1) => EtcdError::FutureRev,
-                Some(2) => EtcdError::KeyNotFound,
-                Some(3) => EtcdError::EmptyKey,
-                Some(4) => EtcdError::LeaseNotFound,
-                Some(5) => EtcdError::DuplicateKey,
-                Some(6) => EtcdError::TooManyOps,
-                Some(7) => EtcdError::LeaseExist,
-                Some(9) => EtcdError::RequestTooLarge,
-
-                Some(8) => EtcdError::LeaseTtlTooLarge,
-                _ => EtcdError::Internal(m.clone()),
-            };
+    match e {
+        CoreError::Application { code, message } => {
+            EtcdError::from_app_code(code).unwrap_or(EtcdError::Internal(message))
         }
+        e => e.into(),
     }
-    e.into()
 }
 
+/// An etcd error as core's: etcd's own as [`CoreError::Application`] with its code.
 pub(crate) fn encode_err(e: EtcdError) -> CoreError {
-    match e {
-        EtcdError::Internal(m) => CoreError::Internal(m),
-        EtcdError::NoLeader => CoreError::Unavailable("no leader".into()),
-        EtcdError::Timeout => CoreError::Timeout(std::time::Duration::ZERO),
-        e => core(e),
+    match (e.app_code(), e) {
+        (Some(code), e) => CoreError::Application {
+            code,
+            message: e.to_string(),
+        },
+        (None, EtcdError::Internal(m)) => CoreError::Internal(m),
+        (None, EtcdError::NoLeader) => CoreError::Unavailable("no leader".into()),
+        (None, _) => CoreError::Timeout(std::time::Duration::ZERO),
     }
 }
 
@@ -1505,6 +1517,40 @@ impl crate::server::Backend for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every etcd error crosses core (a write's closure, a forwarded call, the wire between
+    /// nodes) and comes back as itself, with etcd's message.
+    #[test]
+    fn etcd_errors_survive_the_trip_through_core_and_the_wire() {
+        let all = [
+            EtcdError::Compacted,
+            EtcdError::FutureRev,
+            EtcdError::KeyNotFound,
+            EtcdError::EmptyKey,
+            EtcdError::LeaseNotFound,
+            EtcdError::DuplicateKey,
+            EtcdError::TooManyOps,
+            EtcdError::LeaseExist,
+            EtcdError::LeaseTtlTooLarge,
+            EtcdError::RequestTooLarge,
+            EtcdError::TxnTooDeep,
+            EtcdError::NoLeader,
+            EtcdError::Timeout,
+            EtcdError::Internal("disk on fire".into()),
+        ];
+        for e in all {
+            let want = e.to_string();
+            let core = encode_err(e);
+            let wire = raftsql_core::fuzzing::error_response(7, &core);
+            let Some(raftsql_proto::v1::response::Body::Error(pe)) = wire.body else {
+                panic!("not an error response")
+            };
+            let over_the_wire = decode_err(raftsql_core::fuzzing::from_pb(pe)).to_string();
+            let local = decode_err(core).to_string();
+            assert_eq!(over_the_wire, local);
+            assert!(local.ends_with(&want), "{local:?} is not {want:?}");
+        }
+    }
 
     fn db() -> Connection {
         let c = Connection::open_in_memory().unwrap();

@@ -105,6 +105,13 @@ pub fn error_response(id: u64, e: &Error) -> pb::Response {
             err.message = m.clone();
         }
         Error::Shutdown => err.code = Code::Shutdown as i32,
+        // The message travels without the variant's prefix, which `from_pb` restores.
+        Error::Internal(m) => err.message = m.clone(),
+        Error::Application { code, message } => {
+            err.code = Code::Application as i32;
+            err.app_code = *code;
+            err.message = message.clone();
+        }
         _ => {}
     }
     pb::Response {

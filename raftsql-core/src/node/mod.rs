@@ -71,6 +71,7 @@ pub use config::{
     DEFAULT_STATEMENT_TIMEOUT, MAX_TX_IDLE,
 };
 use handle::{Leadership, RaftHandle, ToRaftThread};
+pub use handler::error_response;
 
 /// Raft-side facts, refreshed after every Ready.
 #[derive(Clone, Debug, Default)]
