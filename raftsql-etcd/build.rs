@@ -8,12 +8,16 @@ const FILES: [&str; 3] = [
     "mvccpb/kv.proto",
     "authpb/auth.proto",
 ];
+/// raftsql's own messages between the etcd facades of two nodes (forwarded writes).
+const OWN: &str = "forward.proto";
 
 fn main() {
     for file in FILES {
         println!("cargo:rerun-if-changed={ROOT}/{file}");
     }
-    let fds = protox::compile(FILES, [ROOT]).expect("compile the etcd protos with protox");
+    println!("cargo:rerun-if-changed=proto/{OWN}");
+    let fds = protox::compile(FILES.iter().copied().chain([OWN]), [ROOT, "proto"])
+        .expect("compile the etcd protos with protox");
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

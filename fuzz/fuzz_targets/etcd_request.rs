@@ -2,8 +2,9 @@
 //! with the etcd store (started once per fuzzing process, its data in /dev/shm when there).
 //!
 //! The first byte chooses the path:
-//! - even: the bytes as a peer forwards a write to the leader's store (`[kind][protobuf]`,
-//!   the "etcd" node service), decoded and run exactly as a follower's forward would be;
+//! - even: the bytes as a peer forwards a write to the leader's store (a `Forwarded`
+//!   protobuf, `raftsql-etcd/proto/forward.proto`, through the "etcd" node service), decoded
+//!   and run exactly as a follower's forward would be;
 //! - odd: the rest decoded as a client's Range, Put, DeleteRange, Txn or Compaction
 //!   request (chosen by the second byte) and run through the store's public methods, as the
 //!   gRPC server does after tonic has decoded it.

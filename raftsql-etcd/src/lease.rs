@@ -19,6 +19,7 @@ use rusqlite::{params, OptionalExtension};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::forward::{expect_reply, Reply, Request};
 use crate::pb::etcdserverpb::{
     DeleteRangeRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
     LeaseKeepAliveResponse, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
@@ -27,10 +28,6 @@ use crate::pb::etcdserverpb::{
 use crate::store::{decode_err, delete_range, EtcdError, EtcdStore, DB, R};
 
 /// Forwarded-call kinds (see `store.rs`'s `Forwarded`).
-pub(crate) const FWD_GRANT: u8 = 5;
-pub(crate) const FWD_REVOKE: u8 = 6;
-pub(crate) const FWD_KEEPALIVE: u8 = 7;
-pub(crate) const FWD_TTL: u8 = 8;
 
 /// etcd's minimum TTL with its default timing (1.5 election timeouts, rounded up to seconds).
 pub const MIN_TTL: i64 = 2;
@@ -69,7 +66,10 @@ impl EtcdStore {
     /// LeaseGrant (on the leader).
     pub async fn lease_grant(&self, req: LeaseGrantRequest) -> R<LeaseGrantResponse> {
         if !self.leads() {
-            return self.forward(FWD_GRANT, &req).await;
+            return expect_reply!(
+                self.forward(Request::LeaseGrant(req)).await?,
+                Reply::LeaseGrant
+            );
         }
         if req.ttl > MAX_TTL {
             return Err(EtcdError::LeaseTtlTooLarge);
@@ -121,7 +121,10 @@ impl EtcdStore {
     /// LeaseRevoke (on the leader): deletes the lease's keys at one revision.
     pub async fn lease_revoke(&self, req: LeaseRevokeRequest) -> R<LeaseRevokeResponse> {
         if !self.leads() {
-            return self.forward(FWD_REVOKE, &req).await;
+            return expect_reply!(
+                self.forward(Request::LeaseRevoke(req)).await?,
+                Reply::LeaseRevoke
+            );
         }
         let rev = self.revoke_local(req.id).await?;
         Ok(LeaseRevokeResponse {
@@ -163,11 +166,10 @@ impl EtcdStore {
     }
 
     /// One keep-alive (on the leader): the lease's TTL, or 0 if it does not exist.
-    async fn keep_alive_one(&self, id: i64) -> R<LeaseKeepAliveResponse> {
+    pub(crate) async fn keep_alive_one(&self, id: i64) -> R<LeaseKeepAliveResponse> {
         if !self.leads() {
-            return self
-                .forward(FWD_KEEPALIVE, &LeaseKeepAliveRequest { id })
-                .await;
+            let req = Request::LeaseKeepAlive(LeaseKeepAliveRequest { id });
+            return expect_reply!(self.forward(req).await?, Reply::LeaseKeepAlive);
         }
         let ttl = match lease_ttl(self, id).await? {
             Some((ttl, _)) => {
@@ -194,7 +196,10 @@ impl EtcdStore {
         req: LeaseTimeToLiveRequest,
     ) -> R<LeaseTimeToLiveResponse> {
         if !self.leads() {
-            return self.forward(FWD_TTL, &req).await;
+            return expect_reply!(
+                self.forward(Request::LeaseTimeToLive(req)).await?,
+                Reply::LeaseTimeToLive
+            );
         }
         let id = req.id;
         let Some((_, granted)) = lease_ttl(self, id).await? else {
@@ -262,32 +267,6 @@ impl EtcdStore {
         Ok(LeaseLeasesResponse {
             header: Some(self.header_now(rev)),
             leases: ids.into_iter().map(|id| LeaseStatus { id }).collect(),
-        })
-    }
-
-    /// Runs a lease call forwarded from a follower.
-    pub(crate) async fn lease_local(&self, kind: u8, body: &[u8]) -> R<Vec<u8>> {
-        use prost::Message;
-        let bad =
-            |e: prost::DecodeError| EtcdError::Internal(format!("undecodable lease request: {e}"));
-        Ok(match kind {
-            FWD_GRANT => self
-                .lease_grant(LeaseGrantRequest::decode(body).map_err(bad)?)
-                .await?
-                .encode_to_vec(),
-            FWD_REVOKE => self
-                .lease_revoke(LeaseRevokeRequest::decode(body).map_err(bad)?)
-                .await?
-                .encode_to_vec(),
-            FWD_KEEPALIVE => self
-                .keep_alive_one(LeaseKeepAliveRequest::decode(body).map_err(bad)?.id)
-                .await?
-                .encode_to_vec(),
-            FWD_TTL => self
-                .lease_time_to_live(LeaseTimeToLiveRequest::decode(body).map_err(bad)?)
-                .await?
-                .encode_to_vec(),
-            _ => return Err(EtcdError::Internal(format!("unknown lease call {kind}"))),
         })
     }
 }

@@ -7,6 +7,7 @@
 //! - `range_stream`: KV.RangeStream (etcd 3.7), a range answered in chunks.
 //! - [`http`]: etcd's HTTP endpoints on the same port (`/health`, `/livez`, `/readyz`,
 //!   `/version`, `/metrics`) and the gRPC call counters.
+mod forward;
 pub mod http;
 mod hub;
 pub mod lease;

@@ -4,7 +4,7 @@
 //! A raftsql node knows its peers' Raft addresses but not where their etcd facades listen, so
 //! each member records its own URLs in the replicated database [`DB`] (`client_urls(id, urls)`,
 //! one row per member, URLs newline-separated) when its store starts, through the leader
-//! (a forwarded call, [`FWD_CLIENT_URLS`]); MemberList reads the table locally. A row outlives
+//! (a forwarded `ClientUrls` request, `forward.rs`); MemberList reads the table locally. A row outlives
 //! its member's removal harmlessly: MemberList lists the current peers only.
 
 use std::collections::HashMap;
@@ -13,15 +13,13 @@ use std::time::Duration;
 
 use raftsql_core::{Consistency, Error as CoreError, Statement, Value};
 
+use crate::forward::Request;
+use crate::pb::raftsql::etcd::ClientUrls;
 use crate::store::EtcdStore;
 
 /// The database holding the table (apart from `etcd`, so the etcd data and its hashes are
 /// untouched).
 pub(crate) const DB: &str = "etcd_members";
-
-/// The forwarded call recording a member's URLs: the member id (8 bytes, little-endian),
-/// then its URLs separated by `\n`.
-pub(crate) const FWD_CLIENT_URLS: u8 = 16;
 
 /// Until it succeeds: records `urls` as this member's, unless the table already says so.
 pub(crate) fn spawn_record(store: Weak<EtcdStore>, urls: Vec<String>) {
@@ -29,17 +27,17 @@ pub(crate) fn spawn_record(store: Weak<EtcdStore>, urls: Vec<String>) {
         return;
     }
     tokio::spawn(async move {
-        let joined = urls.join("\n");
         loop {
             let Some(s) = store.upgrade() else { return };
             let id = s.node().id();
             if s.client_urls().await.get(&id) == Some(&urls) {
                 return;
             }
-            let mut payload = vec![FWD_CLIENT_URLS];
-            payload.extend_from_slice(&id.to_le_bytes());
-            payload.extend_from_slice(joined.as_bytes());
-            match s.node().call_leader("etcd", payload.into()).await {
+            let req = Request::ClientUrls(ClientUrls {
+                member_id: id,
+                urls: urls.clone(),
+            });
+            match s.forward(req).await {
                 Ok(_) => return,
                 Err(e) => tracing::debug!("recording this member's client URLs: {e}; retrying"),
             }
@@ -49,14 +47,13 @@ pub(crate) fn spawn_record(store: Weak<EtcdStore>, urls: Vec<String>) {
     });
 }
 
-/// On the leader: writes the row a [`FWD_CLIENT_URLS`] call carries.
-pub(crate) async fn record_local(store: &EtcdStore, body: &[u8]) -> Result<Vec<u8>, CoreError> {
-    if body.len() < 8 {
-        return Err(CoreError::Invalid("short client URLs call".into()));
-    }
-    let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
-    let urls = std::str::from_utf8(&body[8..])
-        .map_err(|e| CoreError::Invalid(format!("client URLs not UTF-8: {e}")))?;
+/// On the leader: records member `id`'s client URLs (a forwarded `ClientUrls` request).
+pub(crate) async fn record_local(
+    store: &EtcdStore,
+    id: u64,
+    urls: &[String],
+) -> Result<(), CoreError> {
+    let urls = urls.join("\n");
     store
         .node()
         .execute_batch(
@@ -72,7 +69,7 @@ pub(crate) async fn record_local(store: &EtcdStore, body: &[u8]) -> Result<Vec<u
             ],
         )
         .await?;
-    Ok(Vec::new())
+    Ok(())
 }
 
 impl EtcdStore {

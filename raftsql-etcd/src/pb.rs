@@ -29,3 +29,12 @@ pub mod authpb {
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
 }
+
+/// raftsql's own messages between the etcd facades of two nodes (`proto/forward.proto`):
+/// a write that reached a follower, run on the leader.
+pub mod raftsql {
+    /// `raftsql.etcd`: [`etcd::Forwarded`] and [`etcd::ForwardedReply`].
+    pub mod etcd {
+        include!(concat!(env!("OUT_DIR"), "/raftsql.etcd.rs"));
+    }
+}

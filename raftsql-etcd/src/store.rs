@@ -33,6 +33,7 @@ use bytes::Bytes;
 use raftsql_core::{Consistency, Error as CoreError, Node};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::forward::{expect_reply, Reply, Request};
 use crate::pb::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionRequest, Compare,
     DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
@@ -975,63 +976,6 @@ impl Default for EtcdOptions {
         }
     }
 }
-/// Writes that reach a follower run on the leader: this node service (registered as
-/// `etcd`) receives them there. Payload: one byte naming the request, then the request's
-/// protobuf; reply: the response's protobuf.
-struct Forwarded(std::sync::Weak<EtcdStore>);
-
-const FWD_PUT: u8 = 1;
-const FWD_DELETE: u8 = 2;
-const FWD_TXN: u8 = 3;
-const FWD_COMPACT: u8 = 4;
-
-impl raftsql_core::ServiceHandler for Forwarded {
-    fn call(
-        &self,
-        payload: Bytes,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, CoreError>> + Send>> {
-        let store = self.0.upgrade();
-        Box::pin(async move {
-            use prost::Message;
-            let store = store.ok_or(CoreError::Shutdown)?;
-            let (&kind, body) = payload
-                .split_first()
-                .ok_or_else(|| CoreError::Invalid("empty etcd call".into()))?;
-            let bad = |e: prost::DecodeError| {
-                CoreError::Invalid(format!("undecodable etcd request: {e}"))
-            };
-            let out = match kind {
-                FWD_PUT => store
-                    .put_local(PutRequest::decode(body).map_err(bad)?)
-                    .await
-                    .map(|r| r.encode_to_vec()),
-                FWD_DELETE => store
-                    .delete_local(DeleteRangeRequest::decode(body).map_err(bad)?)
-                    .await
-                    .map(|r| r.encode_to_vec()),
-                FWD_TXN => store
-                    .txn_local(TxnRequest::decode(body).map_err(bad)?)
-                    .await
-                    .map(|r| r.encode_to_vec()),
-                FWD_COMPACT => store
-                    .compact_local(CompactionRequest::decode(body).map_err(bad)?)
-                    .await
-                    .map(|r| r.to_le_bytes().to_vec()),
-                crate::lease::FWD_GRANT..=crate::lease::FWD_TTL => {
-                    store.lease_local(kind, body).await
-                }
-                crate::members::FWD_CLIENT_URLS => {
-                    return crate::members::record_local(&store, body)
-                        .await
-                        .map(Bytes::from)
-                }
-                k => return Err(CoreError::Invalid(format!("unknown etcd call {k}"))),
-            };
-            out.map(Bytes::from).map_err(encode_err)
-        })
-    }
-}
-
 /// The header etcd puts on every response.
 pub fn header(cluster_id: u64, node: &Node, revision: i64) -> ResponseHeader {
     let st = node.status();
@@ -1105,8 +1049,8 @@ impl EtcdStore {
             hub: Default::default(),
         });
         store.node.register_service(
-            "etcd",
-            std::sync::Arc::new(Forwarded(std::sync::Arc::downgrade(&store))),
+            crate::forward::SERVICE,
+            std::sync::Arc::new(crate::forward::Service(std::sync::Arc::downgrade(&store))),
         );
         crate::lease::spawn_expiry(std::sync::Arc::downgrade(&store));
         crate::members::spawn_record(
@@ -1124,25 +1068,6 @@ impl EtcdStore {
 
     pub(crate) fn leads(&self) -> bool {
         self.node.is_leader()
-    }
-
-    /// Sends a write to the leader's store and decodes its answer.
-    pub(crate) async fn forward<T: prost::Message + Default>(
-        &self,
-        kind: u8,
-        req: &impl prost::Message,
-    ) -> R<T> {
-        let mut payload = Vec::with_capacity(1 + req.encoded_len());
-        payload.push(kind);
-        req.encode(&mut payload)
-            .map_err(|e| EtcdError::Internal(e.to_string()))?;
-        let reply = self
-            .node
-            .call_leader("etcd", Bytes::from(payload))
-            .await
-            .map_err(decode_err)?;
-        T::decode(reply)
-            .map_err(|e| EtcdError::Internal(format!("undecodable reply from the leader: {e}")))
     }
 
     /// The node under the store.
@@ -1245,12 +1170,12 @@ impl EtcdStore {
     pub async fn put(&self, req: PutRequest) -> R<PutResponse> {
         check_size(&req)?;
         if !self.leads() {
-            return self.forward(FWD_PUT, &req).await;
+            return expect_reply!(self.forward(Request::Put(req)).await?, Reply::Put);
         }
         self.put_local(req).await
     }
 
-    async fn put_local(&self, req: PutRequest) -> R<PutResponse> {
+    pub(crate) async fn put_local(&self, req: PutRequest) -> R<PutResponse> {
         let (mut resp, rev) = self.write(move |c, t| put(c, t, &req)).await?;
         resp.header = Some(self.header(rev));
         Ok(resp)
@@ -1259,12 +1184,15 @@ impl EtcdStore {
     /// DeleteRange (forwarded to the leader from a follower).
     pub async fn delete_range(&self, req: DeleteRangeRequest) -> R<DeleteRangeResponse> {
         if !self.leads() {
-            return self.forward(FWD_DELETE, &req).await;
+            return expect_reply!(
+                self.forward(Request::DeleteRange(req)).await?,
+                Reply::DeleteRange
+            );
         }
         self.delete_local(req).await
     }
 
-    async fn delete_local(&self, req: DeleteRangeRequest) -> R<DeleteRangeResponse> {
+    pub(crate) async fn delete_local(&self, req: DeleteRangeRequest) -> R<DeleteRangeResponse> {
         let (mut resp, rev) = self.write(move |c, t| delete_range(c, t, &req)).await?;
         resp.header = Some(self.header(rev));
         Ok(resp)
@@ -1275,12 +1203,12 @@ impl EtcdStore {
         check_size(&req)?;
         if !self.leads() {
             check_txn(&req)?;
-            return self.forward(FWD_TXN, &req).await;
+            return expect_reply!(self.forward(Request::Txn(req)).await?, Reply::Txn);
         }
         self.txn_local(req).await
     }
 
-    async fn txn_local(&self, req: TxnRequest) -> R<TxnResponse> {
+    pub(crate) async fn txn_local(&self, req: TxnRequest) -> R<TxnResponse> {
         check_txn(&req)?;
         let (mut resp, rev) = self.write(move |c, t| txn(c, t, &req)).await?;
         set_headers(&mut resp, &self.header(rev));
@@ -1291,23 +1219,12 @@ impl EtcdStore {
     /// removes the history it makes unreachable, in small batches so writes keep flowing.
     pub async fn compact(&self, req: CompactionRequest) -> R<i64> {
         if !self.leads() {
-            let mut payload = vec![FWD_COMPACT];
-            prost::Message::encode(&req, &mut payload)
-                .map_err(|e| EtcdError::Internal(e.to_string()))?;
-            let reply = self
-                .node
-                .call_leader("etcd", Bytes::from(payload))
-                .await
-                .map_err(decode_err)?;
-            let rev: [u8; 8] = reply[..]
-                .try_into()
-                .map_err(|_| EtcdError::Internal("bad compact reply".into()))?;
-            return Ok(i64::from_le_bytes(rev));
+            return expect_reply!(self.forward(Request::Compact(req)).await?, Reply::Compacted);
         }
         self.compact_local(req).await
     }
 
-    async fn compact_local(&self, req: CompactionRequest) -> R<i64> {
+    pub(crate) async fn compact_local(&self, req: CompactionRequest) -> R<i64> {
         let target = req.revision;
         let (done, rev) = self
             .write(move |c, _t| {
