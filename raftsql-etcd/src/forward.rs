@@ -11,9 +11,11 @@ use bytes::Bytes;
 use prost::Message;
 use raftsql_core::Error as CoreError;
 
+use crate::error::{decode_err, encode_err, EtcdError, R};
 use crate::pb::raftsql::etcd::{forwarded, forwarded_reply, ClientUrls};
+use crate::store::EtcdStore;
+
 pub(crate) use crate::pb::raftsql::etcd::{Forwarded, ForwardedReply};
-use crate::store::{decode_err, encode_err, EtcdError, EtcdStore, R};
 
 /// The node service the leader runs them under.
 pub(crate) const SERVICE: &str = "etcd";
@@ -42,7 +44,7 @@ macro_rules! expect_reply {
     ($reply:expr, $variant:path) => {
         match $reply {
             $variant(r) => Ok(r),
-            other => Err($crate::store::EtcdError::Internal(format!(
+            other => Err($crate::error::EtcdError::Internal(format!(
                 "the leader answered a forwarded {} with {other:?}",
                 stringify!($variant)
             ))),

@@ -28,8 +28,9 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
+use crate::mvcc::Interval;
 use crate::pb::mvccpb::Event;
-use crate::store::{Interval, DB};
+use crate::store::DB;
 use crate::watch::{read_events, Batch};
 
 /// Chunks kept for watches that are slow to take them; one further behind reads history.
@@ -115,7 +116,7 @@ async fn run(node: raftsql_core::Node, hub: Arc<Hub>) {
                 .read(DB, Consistency::Local, move |c| {
                     let start = match from {
                         Some(n) => n,
-                        None => match crate::store::current_rev_in(c)? {
+                        None => match crate::mvcc::current_rev_in(c)? {
                             Some(rev) => rev + 1,
                             None => return Ok(None),
                         },

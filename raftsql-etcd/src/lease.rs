@@ -19,15 +19,15 @@ use rusqlite::{params, OptionalExtension};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::error::{decode_err, EtcdError, R};
 use crate::forward::{expect_reply, Reply, Request};
+use crate::mvcc::delete_range;
 use crate::pb::etcdserverpb::{
     DeleteRangeRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
     LeaseKeepAliveResponse, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
     LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
-use crate::store::{decode_err, delete_range, EtcdError, EtcdStore, DB, R};
-
-/// Forwarded-call kinds (see `store.rs`'s `Forwarded`).
+use crate::store::{EtcdStore, DB};
 
 /// etcd's minimum TTL with its default timing (1.5 election timeouts, rounded up to seconds).
 pub const MIN_TTL: i64 = 2;
@@ -46,7 +46,7 @@ async fn lease_ttl(store: &EtcdStore, id: i64) -> R<Option<(i64, i64)>> {
     let r = store
         .node()
         .read(DB, Consistency::Local, move |c| {
-            let has = crate::store::has_table(c, "lease")?;
+            let has = crate::mvcc::has_table(c, "lease")?;
             if !has {
                 return Ok(None);
             }
@@ -252,7 +252,7 @@ impl EtcdStore {
         let ids = self
             .node()
             .read(DB, Consistency::Linearizable, |c| {
-                let has = crate::store::has_table(c, "lease")?;
+                let has = crate::mvcc::has_table(c, "lease")?;
                 if !has {
                     return Ok(Vec::new());
                 }
@@ -303,7 +303,7 @@ pub(crate) fn spawn_expiry(store: Weak<EtcdStore>) {
                 let leases = store
                     .node()
                     .read(DB, Consistency::Linearizable, |c| {
-                        let has = crate::store::has_table(c, "lease")?;
+                        let has = crate::mvcc::has_table(c, "lease")?;
                         if !has {
                             return Ok(Vec::new());
                         }

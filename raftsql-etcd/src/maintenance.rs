@@ -4,11 +4,12 @@ use raftsql_core::Consistency;
 use rusqlite::OptionalExtension;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::error::{decode_err, R};
 use crate::pb::etcdserverpb::{
     AlarmResponse, DefragmentResponse, HashKvResponse, HashResponse, Member, MemberListResponse,
     StatusResponse,
 };
-use crate::store::{decode_err, EtcdStore, DB, R};
+use crate::store::{EtcdStore, DB};
 
 /// The etcd version this facade reports (the API level it implements). kube-apiserver
 /// enables RequestWatchProgress (and with it ConsistentListFromCache and WatchList) only
@@ -111,7 +112,7 @@ impl EtcdStore {
         let r = self
             .node()
             .read(DB, Consistency::Local, move |c| {
-                let has = crate::store::has_table(c, "meta")?;
+                let has = crate::mvcc::has_table(c, "meta")?;
                 if !has {
                     return Ok((0u32, 0i64, 1i64));
                 }

@@ -77,7 +77,7 @@ impl EtcdStore {
     pub(crate) async fn client_urls(&self) -> HashMap<u64, Vec<String>> {
         self.node()
             .read(DB, Consistency::Local, |c| {
-                if !crate::store::has_table(c, "client_urls")? {
+                if !crate::mvcc::has_table(c, "client_urls")? {
                     return Ok(HashMap::new());
                 }
                 let mut st = c.prepare("SELECT id, urls FROM client_urls")?;

@@ -14,9 +14,10 @@
 
 use tokio::sync::mpsc;
 
+use crate::error::EtcdError;
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse, RangeStreamResponse};
-use crate::store::{EtcdError, EtcdStore};
+use crate::store::EtcdStore;
 
 /// Keys per chunk.
 pub const CHUNK_KEYS: i64 = 500;

@@ -38,12 +38,13 @@ use rusqlite::{params, OptionalExtension};
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 
+use crate::mvcc::Interval;
 use crate::pb::etcdserverpb::{
     watch_create_request::FilterType, watch_request, WatchCreateRequest, WatchRequest,
     WatchResponse,
 };
 use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
-use crate::store::{EtcdStore, Interval, DB};
+use crate::store::{EtcdStore, DB};
 
 /// Most events read (and sent) at once, unless one revision alone has more.
 pub(crate) const BATCH: i64 = 1000;
@@ -80,7 +81,7 @@ pub(crate) fn read_events(
             .unwrap_or(d),
         )
     };
-    let has_schema = crate::store::has_table(c, "meta")?;
+    let has_schema = crate::mvcc::has_table(c, "meta")?;
     if !has_schema {
         return Ok(Batch::Events {
             events: Vec::new(),

@@ -561,7 +561,7 @@ fn a_deeply_nested_txn_is_refused_in_milliseconds() {
             })
         };
         let mut kv = common::etcd::connect(addr).await;
-        let deepest = raftsql_etcd::store::MAX_TXN_DEPTH;
+        let deepest = raftsql_etcd::MAX_TXN_DEPTH;
         let r = kv
             .txn(nested_txn(deepest))
             .await
