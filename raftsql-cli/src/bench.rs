@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use raftsql_core::{Client, Value};
 
+use crate::{parse_endpoints, BenchSqlArgs, CliResult};
+
 /// What to run.
 pub struct BenchConfig {
     /// Nodes to contact.
@@ -212,4 +214,30 @@ pub async fn run(cfg: BenchConfig) -> Result<serde_json::Value, String> {
         out["first_error"] = e.into();
     }
     Ok(out)
+}
+
+pub(crate) async fn run_bench_sql(a: BenchSqlArgs) -> CliResult {
+    let cfg = BenchConfig {
+        endpoints: parse_endpoints(&a.endpoints)?,
+        cluster: a.cluster,
+        db: a.db,
+        workers: a.workers,
+        clients: a.clients.unwrap_or(a.workers).clamp(1, a.workers.max(1)),
+        duration: Duration::from_secs(a.duration.max(1)),
+        key_size: a.key_size.max(1),
+        value_size: a.value_size,
+        workload: a.workload,
+        keys: a.keys.max(1),
+        dialer: a.tls.dialer()?,
+    };
+    eprintln!(
+        "raftsql bench sql: {} workers on {} clients, {} s, {}",
+        cfg.workers,
+        cfg.clients,
+        cfg.duration.as_secs(),
+        cfg.workload
+    );
+    let out = run(cfg).await?;
+    println!("{out}");
+    Ok(())
 }

@@ -20,7 +20,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -29,6 +28,7 @@ use raftsql_core::Client;
 use raftsql_proto::v1 as pb;
 
 use crate::bench::percentile;
+use crate::launch::LocalCluster;
 use crate::CliResult;
 
 /// `raftsql bench failover`.
@@ -54,83 +54,51 @@ pub struct BenchFailoverArgs {
     tick_ms: u64,
 }
 
-/// The processes of a bench's own cluster (also `bench soak`'s); killed when dropped.
+/// A bench's own cluster (also `bench soak`'s): its processes, their addresses and
+/// directory; every node is killed when dropped.
 pub(crate) struct Procs {
     dir: PathBuf,
     addrs: Vec<SocketAddr>,
-    args: Vec<Vec<String>>,
-    children: Vec<Option<Child>>,
-    /// The `raftsql` binary the nodes run (this one unless [`Procs::with_exe`] says otherwise).
-    exe: Option<PathBuf>,
+    nodes: LocalCluster,
 }
 
 impl Procs {
-    /// Node `i` runs `raftsql` with `args[i]`; its log goes to `dir/node<i+1>.log`.
-    pub(crate) fn new(dir: PathBuf, addrs: Vec<SocketAddr>, args: Vec<Vec<String>>) -> Procs {
-        let children = args.iter().map(|_| None).collect();
-        Procs {
+    /// Node `i` runs `raftsql` (`exe`, else this binary) with `args[i]`; its log goes to
+    /// `dir/node<i+1>.log`.
+    pub(crate) fn new(
+        dir: PathBuf,
+        addrs: Vec<SocketAddr>,
+        args: Vec<Vec<String>>,
+        exe: Option<PathBuf>,
+    ) -> Result<Procs, String> {
+        let exe = match exe {
+            Some(e) => e,
+            None => LocalCluster::this_exe()?,
+        };
+        Ok(Procs {
+            nodes: LocalCluster::new(dir.clone(), exe, args),
             dir,
             addrs,
-            args,
-            children,
-            exe: None,
-        }
-    }
-
-    /// The nodes run `exe` (another build, to compare against) instead of this binary.
-    pub(crate) fn with_exe(mut self, exe: Option<PathBuf>) -> Procs {
-        self.exe = exe;
-        self
+        })
     }
 
     /// The process id of node `i`, if it runs.
     pub(crate) fn pid(&self, i: usize) -> Option<u32> {
-        self.children[i].as_ref().map(Child::id)
+        self.nodes.pid(i)
     }
 
     pub(crate) fn start(&mut self, i: usize) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("node{}.log", i + 1)))
-            .map_err(|e| e.to_string())?;
-        let exe = match &self.exe {
-            Some(e) => e.clone(),
-            None => std::env::current_exe().map_err(|e| e.to_string())?,
-        };
-        let child = Command::new(exe)
-            .args(&self.args[i])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("starting node {}: {e}", i + 1))?;
-        self.children[i] = Some(child);
-        Ok(())
+        self.nodes.start(i)
     }
 
     fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.nodes.kill(i);
     }
 
-    /// SIGTERM: the node stops cleanly (a leader hands leadership over first). The process
-    /// is reaped in the background; the node counts as gone at once.
+    /// SIGTERM: the node stops cleanly (a leader hands leadership over first); it counts as
+    /// gone at once.
     fn terminate(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            std::thread::spawn(move || c.wait());
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for i in 0..self.children.len() {
-            self.kill(i);
-        }
+        self.nodes.terminate(i);
     }
 }
 
@@ -147,7 +115,7 @@ async fn look(p: &Procs, cluster: &str) -> View {
     let mut leader = None;
     let mut alive = Vec::new();
     for (i, a) in p.addrs.iter().enumerate() {
-        if p.children[i].is_none() {
+        if p.pid(i).is_none() {
             continue;
         }
         alive.push(*a);
@@ -268,7 +236,7 @@ pub async fn main(a: BenchFailoverArgs) -> CliResult {
             ]
         })
         .collect();
-    let mut p = Procs::new(dir.clone(), addrs, args);
+    let mut p = Procs::new(dir.clone(), addrs, args, None)?;
     for i in 0..a.nodes as usize {
         p.start(i)?;
     }

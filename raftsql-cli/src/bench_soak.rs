@@ -183,7 +183,7 @@ pub async fn main(a: BenchSoakArgs) -> CliResult {
             v
         })
         .collect();
-    let mut p = Procs::new(dir.clone(), addrs.clone(), args).with_exe(a.node_bin.clone());
+    let mut p = Procs::new(dir.clone(), addrs.clone(), args, a.node_bin.clone())?;
     for i in 0..3 {
         p.start(i)?;
     }
