@@ -6,11 +6,13 @@
 //!
 //! - [`linearizability`]: a WGL/Porcupine-style checker for key/value register histories;
 //! - [`append`]: the list-append checker (lost, duplicated, reordered, torn or stale);
-//! - [`report`]: a run's report directory (history, faults, verdict, SVG pictures).
+//! - [`report`]: a run's report directory (history, faults, verdict, SVG pictures);
+//! - [`harness`]: clusters of real processes, partitions, faults, a real etcd, etcdctl.
 #![warn(missing_docs)]
 
 pub mod append;
 #[cfg(test)]
 mod docs;
+pub mod harness;
 pub mod linearizability;
 pub mod report;

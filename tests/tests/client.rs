@@ -1,12 +1,11 @@
 //! The remote client against real node processes: transactions over several round trips,
 //! prepared statements, concurrent writers without "database is locked".
-mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Cluster;
 use raftsql_core::{ConstraintKind, Error, Value};
+use raftsql_tests::harness::Cluster;
 
 const T: Duration = Duration::from_secs(30);
 

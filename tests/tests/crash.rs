@@ -1,12 +1,11 @@
 //! Crashes at any instant: kill -9 during writes, restarts, checkpoints, corruption.
-mod common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Cluster;
 use raftsql_core::{Consistency, Error, Statement, Value};
+use raftsql_tests::harness::Cluster;
 
 const T: Duration = Duration::from_secs(40);
 

@@ -5,20 +5,20 @@
 //!
 //! Debian's etcd 3.4.23 predates the progress fix (etcd issue 15220, in 3.4.31/3.5.13), so
 //! these tests assert the fixed semantics directly instead of comparing with it.
-mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::net::Partition;
-use common::Cluster;
 use raftsql_etcd::pb::etcdserverpb::{
     cluster_client::ClusterClient, kv_client::KvClient, watch_client::WatchClient, watch_request,
     MemberListRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchProgressRequest,
     WatchRequest, WatchResponse,
 };
+use raftsql_tests::harness;
+use raftsql_tests::harness::net::Partition;
+use raftsql_tests::harness::Cluster;
 use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(30);
@@ -94,7 +94,7 @@ fn a_progress_request_never_overtakes_a_watchs_events() {
     let c = Cluster::start_with_etcd(1, &[]);
     c.wait_leader(T);
     c.rt.block_on(async {
-        let kv = common::etcd::connect(c.etcd_addr(1)).await;
+        let kv = harness::etcd::connect(c.etcd_addr(1)).await;
         const N: usize = 3000;
         let mut writers = Vec::new();
         for w in 0..16 {
@@ -195,7 +195,7 @@ fn a_require_leader_watch_is_canceled_on_a_node_cut_off() {
         .map(|i| c.addr(i).ip())
         .collect();
     c.rt.block_on(async {
-        let mut kv = common::etcd::connect(c.etcd_addr(f)).await;
+        let mut kv = harness::etcd::connect(c.etcd_addr(f)).await;
         let (tx, call) = open(c.etcd_addr(f), true).await;
         tx.send(create("/r/", 0)).await.unwrap();
         let (tx_plain, call_plain) = open(c.etcd_addr(f), false).await;
@@ -304,7 +304,7 @@ fn the_http_endpoints_answer_and_readyz_fails_without_quorum() {
     let leader = c.wait_leader(T);
     let f = (1..=3).find(|i| *i != leader).unwrap();
     c.rt.block_on(async {
-        let mut kv = common::etcd::connect(c.etcd_addr(f)).await;
+        let mut kv = harness::etcd::connect(c.etcd_addr(f)).await;
         put(&mut kv, "/h".into(), b"v".to_vec()).await;
         // A server stream that ends: counted with the code of its trailers.
         let mut s = kv
@@ -468,7 +468,7 @@ fn a_range_stream_of_10k_keys_equals_the_range() {
     c.wait_leader(T);
     const N: usize = 10_000;
     let past = c.rt.block_on(async {
-        let mut kv = common::etcd::connect(c.etcd_addr(1)).await;
+        let mut kv = harness::etcd::connect(c.etcd_addr(1)).await;
         let mut writers = Vec::new();
         for w in 0..16 {
             let mut kv = kv.clone();
@@ -525,7 +525,7 @@ fn a_range_stream_of_10k_keys_equals_the_range() {
                 req.revision = past;
             }
             for node in [1u64, 2] {
-                let mut kv = common::etcd::connect(c.etcd_addr(node)).await;
+                let mut kv = harness::etcd::connect(c.etcd_addr(node)).await;
                 let mut req = req.clone();
                 req.serializable = node == 2;
                 let want = kv.range(req.clone()).await.unwrap().into_inner();

@@ -3,18 +3,18 @@
 //! revisions, key-values (create/mod revision, version, lease), counts, `more`, and errors
 //! (gRPC code and message). Headers are compared by revision only (cluster and member ids and
 //! raft terms differ by nature).
-mod common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::etcd::{connect, normalize, strip_headers, RealEtcd};
-use common::Cluster;
+use harness::etcd::{connect, normalize, strip_headers, RealEtcd};
 use proptest::prelude::*;
 use raftsql_etcd::pb::etcdserverpb::{
     compare, kv_client::KvClient, range_request, request_op, CompactionRequest, Compare,
     DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 use tonic::transport::Channel;
 
 const T: Duration = Duration::from_secs(30);

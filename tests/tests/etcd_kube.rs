@@ -23,20 +23,20 @@
 //! And what 1.31-1.34 add (k8s.io/apiserver v0.34): the current-revision probe of a
 //! consistent list from cache, the cacher's watch with prev_kv and progress notify, a
 //! progress request on it, the `etcd-readiness` check (`kube_1_3x_call_shapes_match_real_etcd`).
-mod common;
 
 use std::fmt::Debug;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::etcd::{connect, strip_headers, RealEtcd};
-use common::Cluster;
+use harness::etcd::{connect, strip_headers, RealEtcd};
 use raftsql_etcd::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, response_op, CompactionRequest, CompactionResponse,
     Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest,
     TxnResponse,
 };
 use raftsql_etcd::pb::mvccpb::KeyValue;
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -46,7 +46,7 @@ const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted"
 const FUTURE: &str = "etcdserver: mvcc: required revision is a future revision";
 
 // ---------------------------------------------------------------------------------------------
-// A real etcd: tests/common/etcd.rs.
+// A real etcd: tests/src/harness/etcd.rs.
 
 /// An answer with what may legitimately differ removed.
 fn show<M: Debug>(r: &Result<M, Status>) -> String {

@@ -2,17 +2,17 @@
 //! time-to-live with keys, the lease list, keep-alive, revoke (keys deleted at one revision),
 //! unknown leases, and expiry (keys deleted by the leader). Remaining TTLs depend on timing
 //! and are compared within a second; everything else exactly.
-mod common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::etcd::{connect, strip_headers, RealEtcd};
-use common::Cluster;
+use harness::etcd::{connect, strip_headers, RealEtcd};
 use raftsql_etcd::pb::etcdserverpb::{
     kv_client::KvClient, lease_client::LeaseClient, LeaseGrantRequest, LeaseKeepAliveRequest,
     LeaseLeasesRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest,
 };
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 use tonic::transport::Channel;
 
 const T: Duration = Duration::from_secs(30);

@@ -4,22 +4,22 @@
 //! covered too); a client without a certificate, with one from a foreign CA, or speaking
 //! plaintext is refused; a client that does not trust the server's CA refuses the server; a
 //! bad certificate path stops the node at start-up with a message naming the flag and file.
-mod common;
 
 use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use common::etcdctl;
-use common::tls::Ca;
-use common::Cluster;
+use raftsql_tests::harness;
+use raftsql_tests::harness::etcdctl;
+use raftsql_tests::harness::tls::Ca;
+use raftsql_tests::harness::Cluster;
 use rcgen::ExtendedKeyUsagePurpose;
 
 const T: Duration = Duration::from_secs(30);
 
 #[test]
 fn etcd_api_over_tls_with_client_certificates() {
-    if Command::new("etcdctl").arg("version").output().is_err() {
+    if !harness::etcdctl_available() {
         assert!(
             std::env::var("CI").is_err(),
             "etcdctl (Debian etcd-client) is required in CI"
@@ -184,7 +184,7 @@ fn etcd_api_over_tls_with_client_certificates() {
 
     // A bad path is reported at start-up, naming the flag and the file.
     let missing = certs.path().join("missing.pem");
-    let out = Command::new(common::bin())
+    let out = Command::new(harness::bin())
         .args(["node", "--id", "1", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(certs.path().join("bad-node"))

@@ -1,18 +1,18 @@
 //! Watch, differentially: the same watches and writes against a real etcd and a 3-node
 //! raftsql cluster give the same responses (created, events with kv and prev_kv, cancel,
 //! compaction, progress), compared with headers reduced to their revision.
-mod common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::etcd::{connect, strip_headers, RealEtcd};
-use common::Cluster;
+use harness::etcd::{connect, strip_headers, RealEtcd};
 use raftsql_etcd::pb::etcdserverpb::{
     kv_client::KvClient, watch_client::WatchClient, watch_create_request::FilterType,
     watch_request, CompactionRequest, DeleteRangeRequest, PutRequest, WatchCancelRequest,
     WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 

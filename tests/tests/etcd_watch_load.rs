@@ -3,15 +3,15 @@
 //! a watcher streams from revision 1 and, whenever its node dies, reconnects to another node
 //! with start_revision = last seen + 1. In the end every acknowledged put is seen exactly
 //! once, at its revision, with its value, and revisions never go backwards.
-mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::Cluster;
 use raftsql_etcd::pb::etcdserverpb::{kv_client::KvClient, PutRequest};
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 
 const T: Duration = Duration::from_secs(40);
 
@@ -85,7 +85,7 @@ fn watch_is_ordered_unique_reliable_and_resumable_across_a_leader_kill() {
             let mut reconnects = 0;
             loop {
                 let done = stop.load(std::sync::atomic::Ordering::SeqCst);
-                let Some((tx, mut stream)) = common::etcd::watch_from(
+                let Some((tx, mut stream)) = harness::etcd::watch_from(
                     &eps[node % 3],
                     b"/w/",
                     b"/w0",

@@ -1,39 +1,25 @@
 //! etcdctl (Debian's etcd-client, the real client) end to end against a 3-node raftsql
 //! cluster, through a follower's endpoint (writes are forwarded to the leader).
-mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::Cluster;
+use raftsql_tests::harness::{self, Cluster, Etcdctl};
 
 const T: Duration = Duration::from_secs(30);
 
+/// etcdctl through the harness's wrapper: (succeeded, stdout, stderr).
 fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    use std::io::Write;
-    let mut cmd = Command::new("etcdctl");
-    cmd.env("ETCDCTL_API", "3")
-        .args(["--endpoints", endpoint, "--command-timeout=10s"])
-        .args(args);
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("etcdctl");
+    let mut e = Etcdctl::new(endpoint).args(args);
     if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        e = e.stdin(s);
     }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = e.run();
+    (out.ok, out.stdout, out.stderr)
 }
 
 #[test]
 fn etcdctl_through_a_follower() {
-    if Command::new("etcdctl").arg("version").output().is_err() {
+    if !harness::etcdctl_available() {
         assert!(
             std::env::var("CI").is_err(),
             "etcdctl (Debian etcd-client) is required in CI"
@@ -145,7 +131,7 @@ fn etcdctl_through_a_follower() {
 fn a_large_snapshot_streams_in_bounded_memory() {
     use bytes::Bytes;
     use raftsql_etcd::pb::etcdserverpb::{kv_client::KvClient, PutRequest};
-    if Command::new("etcdctl").arg("version").output().is_err() {
+    if !harness::etcdctl_available() {
         assert!(std::env::var("CI").is_err(), "etcdctl is required in CI");
         eprintln!("SKIPPED: etcdctl is not installed");
         return;

@@ -1,6 +1,5 @@
 //! Hostile input: garbage on a node's ports while a normal client keeps working, the hard
 //! limits and their errors, and secrets kept out of logs and `cluster show`.
-mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,8 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::nemesis::Rng;
-use common::Cluster;
 use prost::Message;
 use raftsql_core::{Client, Statement, Value};
 use raftsql_etcd::pb::etcdserverpb::{
@@ -17,6 +14,9 @@ use raftsql_etcd::pb::etcdserverpb::{
     RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
 };
 use raftsql_proto::v1 as pb;
+use raftsql_tests::harness;
+use raftsql_tests::harness::nemesis::Rng;
+use raftsql_tests::harness::Cluster;
 use tokio::io::AsyncWriteExt;
 
 const T: Duration = Duration::from_secs(30);
@@ -340,7 +340,7 @@ fn limits_answer_with_clear_errors() {
     // etcd: more than 128 operations in a Txn (etcd's --max-txn-ops default), compared with
     // the real etcd when it is installed; watches per stream.
     let ours = cl.etcd_addr(1);
-    let real = common::etcd::RealEtcd::start();
+    let real = harness::etcd::RealEtcd::start();
     cl.rt.block_on(async {
         let txn = |n: usize| TxnRequest {
             success: (0..n)
@@ -359,7 +359,7 @@ fn limits_answer_with_clear_errors() {
             targets.push(("etcd", r.addr));
         }
         for (name, a) in targets {
-            let mut kv = common::etcd::connect(a).await;
+            let mut kv = harness::etcd::connect(a).await;
             let e = kv.txn(txn(129)).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{name}: {e:?}");
             assert_eq!(
@@ -547,7 +547,7 @@ fn a_deeply_nested_txn_is_refused_in_milliseconds() {
         let writer = {
             let (stop, done) = (stop.clone(), done.clone());
             tokio::spawn(async move {
-                let mut kv = common::etcd::connect(addr).await;
+                let mut kv = harness::etcd::connect(addr).await;
                 while !stop.load(Ordering::Relaxed) {
                     kv.put(PutRequest {
                         key: Bytes::from_static(b"/other"),
@@ -560,7 +560,7 @@ fn a_deeply_nested_txn_is_refused_in_milliseconds() {
                 }
             })
         };
-        let mut kv = common::etcd::connect(addr).await;
+        let mut kv = harness::etcd::connect(addr).await;
         let deepest = raftsql_etcd::MAX_TXN_DEPTH;
         let r = kv
             .txn(nested_txn(deepest))

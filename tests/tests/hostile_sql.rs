@@ -6,12 +6,11 @@
 //! The class of bug: a statement that a path lets through and that writes (or changes the
 //! connection) where Raft does not see it. Found by review: `PRAGMA query_only(0)` then a
 //! CTE-wrapped DELETE sent as a query deleted a row on one replica only.
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Cluster;
 use raftsql_core::{Consistency, Error, Value};
+use raftsql_tests::harness::Cluster;
 
 const T: Duration = Duration::from_secs(30);
 

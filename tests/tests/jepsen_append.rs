@@ -1,21 +1,21 @@
 //! Jepsen-style list-append test (short profile): clients append unique values to six
 //! lists in SQL (one `UPDATE ... SET v = v || value`, an atomic batch or an interactive
 //! transaction appending one value to two lists), and read all lists in one query, through
-//! the leader (linearizable) or locally on one node, while the nemesis (`common::nemesis`,
+//! the leader (linearizable) or locally on one node, while the nemesis (`harness::nemesis`,
 //! every kind of fault) works on a 3-node cluster. The checker (`raftsql_tests::append`)
 //! finds lost, duplicated, reordered, torn and stale appends against the final lists. The
 //! run's report goes to `target/tmp/jepsen/append3-*` (or `$RAFTSQL_REPORT_DIR`).
-mod common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nemesis::{self, Kind, Rng, Settings};
-use common::Cluster;
+use harness::nemesis::{self, Kind, Rng, Settings};
 use raftsql_core::{Client, Consistency, Statement, Value};
 use raftsql_tests::append::{check, Action, Op};
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 
 const KEYS: u64 = 6;
 const OP_TIMEOUT: Duration = Duration::from_secs(2);

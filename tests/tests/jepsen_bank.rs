@@ -2,18 +2,18 @@
 //! random amounts between random accounts in interactive transactions (read the balance,
 //! then two UPDATEs, then COMMIT, over several round trips), while readers sum the balances,
 //! linearizably through the leader and locally on every node, and the nemesis
-//! (`common::nemesis`, every kind of fault) works on the cluster. Invariants: every read sees all 5 accounts, no negative balance, and
+//! (`harness::nemesis`, every kind of fault) works on the cluster. Invariants: every read sees all 5 accounts, no negative balance, and
 //! a total of exactly 500; after the faults all replicas are byte-identical with a total of
 //! 500.
-mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nemesis::{self, Kind, Rng, Settings};
-use common::Cluster;
+use harness::nemesis::{self, Kind, Rng, Settings};
 use raftsql_core::{Client, Consistency, Statement, Value};
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 use raftsql_tests::report::Plain;
 
 const ACCOUNTS: i64 = 5;

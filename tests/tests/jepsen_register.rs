@@ -1,6 +1,6 @@
 //! Jepsen-style register test (short profile): clients read, write and compare-and-set three
 //! keys through the etcd API of a 3-node and of a 5-node cluster, on every node (followers
-//! forward), while the nemesis (`common::nemesis`: kills, pauses, partitions of every shape,
+//! forward), while the nemesis (`harness::nemesis`: kills, pauses, partitions of every shape,
 //! restarts of all nodes, leader handovers, nodes leaving and joining again) works on the
 //! cluster. Every operation's
 //! invocation, completion and outcome is recorded (a write or CAS without an answer within
@@ -17,20 +17,20 @@
 //!
 //! The CAS is a Txn comparing the key's value (values are unique per write, so comparing the
 //! value is as strong as comparing its mod_revision).
-mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::nemesis::{self, Kind, Rng, Settings};
-use common::Cluster;
+use harness::nemesis::{self, Kind, Rng, Settings};
 use raftsql_core::{Client, Value};
 use raftsql_etcd::pb::etcdserverpb::{
     compare, kv_client::KvClient, request_op, Compare, PutRequest, RangeRequest, RequestOp,
     TxnRequest,
 };
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 use raftsql_tests::linearizability::{check, Action, Op, Outcome};
 use tonic::transport::Channel;
 

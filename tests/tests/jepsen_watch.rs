@@ -1,6 +1,6 @@
 //! Jepsen-style watch test (short profile): writers put unique values under `/w/` through
 //! every node's etcd API while six watchers (two starting on each node) stream `/w/` from
-//! revision 1, and the nemesis (`common::nemesis`, every kind of fault) works on a 3-node
+//! revision 1, and the nemesis (`harness::nemesis`, every kind of fault) works on a 3-node
 //! cluster. A watcher whose stream breaks or stalls for 3 s resumes on the next node with
 //! `start_revision` = the last revision it saw + 1. Three more watchers are bound to one node
 //! each: they keep their stream open through a pause of that node (up to 20 s of silence) and
@@ -11,7 +11,6 @@
 //! 1, as in etcd) to the final one is a put under `/w/`. Checked: every watcher sees every revision exactly once and in order (no gap
 //! across its reconnects), all watchers agree on each revision's key and value, and every
 //! acknowledged put is there at the revision its answer named, with its value.
-mod common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -19,9 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::nemesis::{self, Kind, Settings};
-use common::Cluster;
+use harness::nemesis::{self, Kind, Settings};
 use raftsql_etcd::pb::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 use raftsql_tests::report::Plain;
 
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -61,7 +61,7 @@ async fn watcher(eps: Vec<String>, first: usize, until: Arc<AtomicI64>, bound: b
         assert!(Instant::now() < give_up, "watcher never caught up");
         let ep = eps[node % eps.len()].clone();
         let Some((_tx, mut stream)) =
-            common::etcd::watch_from(&ep, b"/w/", b"/w0", next, stall).await
+            harness::etcd::watch_from(&ep, b"/w/", b"/w0", next, stall).await
         else {
             node += step;
             out.resumes += 1;

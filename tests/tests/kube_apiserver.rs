@@ -11,16 +11,15 @@
 //!                                                       # consistent lists from cache, WatchList)
 //! (`KUBE_BIN` defaults to /work/kube/bin). It is ignored by default because the binaries
 //! take a 2.4 GB build that CI does not do.
-mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::etcd::free_port;
-use common::etcdctl;
-use common::Cluster;
+use raftsql_tests::harness::etcd::free_port;
+use raftsql_tests::harness::etcdctl;
+use raftsql_tests::harness::Cluster;
 
 const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "e2e-token-not-a-secret";
@@ -576,19 +575,15 @@ fn kube_apiserver_on_raftsql() {
 
     // The objects are raftsql's keys, readable through etcdctl on a survivor.
     let survivor = (1..=3).find(|&id| id != leader).unwrap();
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &cl.etcd_addr(survivor).to_string(),
+    let (_, keys) = etcdctl(
+        &cl.etcd_addr(survivor).to_string(),
+        &[
             "get",
             "--prefix",
             "--keys-only",
             "/registry/configmaps/e2e/",
-        ])
-        .output()
-        .unwrap();
-    let keys = String::from_utf8_lossy(&out.stdout);
+        ],
+    );
     assert!(
         keys.contains("/registry/configmaps/e2e/after-failover"),
         "{keys}"

@@ -5,11 +5,10 @@
 //! promoted to standby; remove-node refuses a running node and removes a stopped one;
 //! `leave` hands over and stops the node for good; `remove-node --force` cuts a running
 //! node off; data written before the joins is on the joiners.
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Cluster;
+use raftsql_tests::harness::{self, Cluster};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
@@ -50,16 +49,18 @@ fn count(v: &Value, role: &str) -> usize {
 fn wait_show(eps: &str, what: &str, cond: impl Fn(&Value) -> bool) -> (Value, Duration) {
     let started = Instant::now();
     let mut last = None;
-    while started.elapsed() < T {
-        if let Some(v) = show(eps) {
-            if cond(&v) {
-                return (v, started.elapsed());
-            }
-            last = Some(v);
+    let reached = harness::try_wait_for(T, || {
+        let v = show(eps)?;
+        if cond(&v) {
+            return Some(v);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        last = Some(v);
+        None
+    });
+    match reached {
+        Some(v) => (v, started.elapsed()),
+        None => panic!("{what}: not reached in {T:?}; last: {last:?}"),
     }
-    panic!("{what}: not reached in {T:?}; last: {last:?}");
 }
 
 #[test]

@@ -1,7 +1,6 @@
 //! What an operator does on day 1 and day 2 (issue 18), on real processes: the first query
 //! on a fresh cluster, and scheduled backups (kept, pruned, checked, restored) under
 //! continuous writes and across a leader change.
-mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -9,9 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{bin, Cluster};
 use parking_lot::Mutex;
 use raftsql_core::{backup_schedule, Client, Value};
+use raftsql_tests::harness::{bin, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 

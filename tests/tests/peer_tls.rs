@@ -6,16 +6,16 @@
 //! nothing and spends nothing), expired and reused tokens are refused, and a removed node
 //! cannot come back, with its old certificate neither as a node nor as a client. With
 //! `--cert-file`, SQL clients get that certificate while peers keep their node certificates.
-mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{etcdctl, Cluster};
 use raftsql_core::tls::Dialer;
 use raftsql_core::{Client, Value};
 use raftsql_proto::v1 as pb;
+use raftsql_tests::harness;
+use raftsql_tests::harness::{etcdctl, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -44,18 +44,8 @@ fn try_join(cl: &Cluster, id: u64, join: &str) -> (bool, String, String) {
 
 /// Waits until `cond` holds for node `id`'s log.
 fn wait_log(cl: &Cluster, id: u64, what: &str) -> String {
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let log = cl.log_text(id);
-        if log.contains(what) {
-            return log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node {id}'s log never said {what:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    harness::try_wait_for(T, || Some(cl.log_text(id)).filter(|log| log.contains(what)))
+        .unwrap_or_else(|| panic!("node {id}'s log never said {what:?}:\n{}", cl.log_text(id)))
 }
 
 #[test]
@@ -175,7 +165,7 @@ fn tls_cluster_serves_members_and_refuses_everyone_else() {
         parts.join(".")
     });
     let impostor_log = cl.dir.path().join("impostor.log");
-    let mut impostor = std::process::Command::new(common::bin())
+    let mut impostor = std::process::Command::new(harness::bin())
         .args([
             "node",
             "--id",
@@ -390,7 +380,7 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
 #[test]
 fn sql_clients_get_the_client_facing_certificate() {
     let mut cl = Cluster::prepare_tls(3, &[], false);
-    let public = common::tls::Ca::new(cl.dir.path(), "public-ca");
+    let public = harness::tls::Ca::new(cl.dir.path(), "public-ca");
     for id in 1..=3 {
         let (cert, key) = public.issue(
             &format!("server{id}"),

@@ -8,12 +8,11 @@
 //!   creates nothing; a good file restores into a new one-node cluster that serves the data
 //!   and that another node joins.
 //! - A node that joined and then sat idle keeps its Raft configuration across kill -9.
-mod common;
 
 use std::time::Duration;
 
-use common::Cluster;
 use raftsql_core::Value;
+use raftsql_tests::harness::Cluster;
 
 const T: Duration = Duration::from_secs(30);
 

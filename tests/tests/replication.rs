@@ -1,11 +1,11 @@
 //! Replication across real processes: every node applies the same pages.
-mod common;
 
 use std::time::Duration;
 
-use common::Cluster;
 use raftsql_core::{Client, Consistency, Error, Statement, Value};
 use raftsql_proto::v1 as pb;
+use raftsql_tests::harness;
+use raftsql_tests::harness::Cluster;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -243,7 +243,7 @@ fn uncommitted_write_is_never_visible_and_is_discarded() {
 fn second_process_on_same_data_dir_is_refused() {
     let c = Cluster::start(1, &[]);
     c.wait_leader(T);
-    let out = std::process::Command::new(common::bin())
+    let out = std::process::Command::new(harness::bin())
         .args([
             "node",
             "--id",
@@ -352,7 +352,7 @@ fn refusing_an_oversized_transaction_keeps_memory_bounded() {
 /// sees the write made meanwhile.
 #[test]
 fn bounded_reads_are_never_staler_than_their_bound() {
-    if let Err(e) = common::net::Partition::available() {
+    if let Err(e) = harness::net::Partition::available() {
         assert!(
             std::env::var("CI").is_err(),
             "iptables is required in CI: {e}"
@@ -388,7 +388,7 @@ fn bounded_reads_are_never_staler_than_their_bound() {
     assert_eq!(get(&at_f, Consistency::Linearizable).unwrap(), one(1));
     let round_done = std::time::Instant::now();
 
-    let cut = common::net::Partition::between(&[c.addr(f).ip()], &others).unwrap();
+    let cut = harness::net::Partition::between(&[c.addr(f).ip()], &others).unwrap();
     // No round can complete now: this one is served from the last round's index.
     let long = Consistency::Bounded(Duration::from_secs(60));
     assert_eq!(get(&at_f, long).unwrap(), one(1));

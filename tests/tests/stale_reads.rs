@@ -8,18 +8,18 @@
 //! compare fails, or one with only reads), and a read-only SQL interactive transaction. Each
 //! must fail or see the newer value. (A batch that changed no page used to be answered at
 //! once from the leader's state: a deposed leader answered a failed CAS with the old value.)
-mod common;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::net::Partition;
-use common::Cluster;
 use raftsql_core::Value;
 use raftsql_etcd::pb::etcdserverpb::{
     compare, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
+use raftsql_tests::harness;
+use raftsql_tests::harness::net::Partition;
+use raftsql_tests::harness::Cluster;
 
 const T: Duration = Duration::from_secs(30);
 /// Requests of each kind queued at the stopped leader.
@@ -42,7 +42,7 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
     let sql = cl.client_of(old);
     let sqls: Vec<_> = (0..COPIES).map(|_| cl.client_of(old)).collect();
     let (mut kv_old, mut kv_new) = cl.rt.block_on(async {
-        let mut kv = common::etcd::connect(cl.etcd_addr(old)).await;
+        let mut kv = harness::etcd::connect(cl.etcd_addr(old)).await;
         kv.put(PutRequest {
             key: Bytes::from_static(b"/k"),
             value: Bytes::from_static(b"v1"),
@@ -64,7 +64,7 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
             // Connected now: the requests below then wait in the stopped node's buffers.
             c.query("main", "SELECT 1", vec![]).await.unwrap();
         }
-        let other = common::etcd::connect(cl.etcd_addr(others[0])).await;
+        let other = harness::etcd::connect(cl.etcd_addr(others[0])).await;
         (kv, other)
     });
     cl.wait_converged(T);

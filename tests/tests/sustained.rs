@@ -7,14 +7,13 @@
 //! advancing while the writers run (a checkpoint that waits for a gap between batches never
 //! comes under concurrent load), and its WAL stays within twice `--checkpoint-frames` plus
 //! one batch. The samples are printed as a table, so the figures are in the log.
-mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Cluster;
 use raftsql_core::Value;
+use raftsql_tests::harness::Cluster;
 
 const WRITERS: usize = 16;
 const KEYS: i64 = 100_000;

@@ -1,55 +1,36 @@
-//! Test harness: clusters of real `raftsql` processes on loopback.
+//! Clusters of real `raftsql` processes on loopback, each node its own address.
 //!
 //! Each cluster gets its own 127.x.y.0/24 addresses (x from the process id, y from a
 //! per-process counter), so tests can run in parallel and every node has its own address.
-#![allow(dead_code)]
-
-pub mod etcd;
-pub mod nemesis;
-pub mod net;
-pub mod tls;
-
-/// Runs etcdctl (API v3) with `args` against `endpoint`; (succeeded, stdout + stderr).
-pub fn etcdctl(endpoint: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            endpoint,
-            "--command-timeout=5s",
-            "--dial-timeout=3s",
-        ])
-        .args(args)
-        .output()
-        .expect("etcdctl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use raftsql_cli::launch::NodeProcess;
 use raftsql_core::{Client, Consistency, Value};
+
+use super::poll::try_wait_for;
 
 static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(1);
 
 /// The binary under test: the real CLI code, built as this package's binary, or the copy
 /// `RAFTSQL_TEST_BIN` names (`tests/jepsen-long` freezes one, since any later `cargo test`
 /// build replaces the binary in target/).
+/// (Next to the test executables: `target/<profile>/raftsql-under-test`, beside `deps/`.)
 pub fn bin() -> &'static str {
     static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
-        std::env::var("RAFTSQL_TEST_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_raftsql-under-test").to_string())
+        std::env::var("RAFTSQL_TEST_BIN").unwrap_or_else(|_| {
+            let test = std::env::current_exe().expect("the test executable's path");
+            let dir = test
+                .parent()
+                .and_then(|d| d.parent())
+                .expect("target/<profile>/deps");
+            dir.join("raftsql-under-test").display().to_string()
+        })
     })
 }
 
@@ -58,7 +39,7 @@ pub struct NodeProc {
     pub addr: SocketAddr,
     pub data: PathBuf,
     pub log: PathBuf,
-    child: Option<Child>,
+    proc: Option<NodeProcess>,
     /// The node joined with a token (after [`Cluster::rejoin`]): it restarts from what its
     /// data directory stores, not from the bootstrap peers.
     joined: bool,
@@ -116,7 +97,7 @@ impl Cluster {
                 addr: format!("127.{x}.{c}.{id}:7000").parse().unwrap(),
                 data: dir.path().join(format!("node{id}")),
                 log: dir.path().join(format!("node{id}.log")),
-                child: None,
+                proc: None,
                 joined: false,
             })
             .collect();
@@ -287,32 +268,8 @@ impl Cluster {
     /// bootstrap peers), logging to its log file.
     pub fn spawn_args(&mut self, id: u64, args: &[String]) {
         let n = &mut self.nodes[(id - 1) as usize];
-        assert!(n.child.is_none(), "node {id} already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .unwrap();
-        let mut cmd = Command::new(bin());
-        cmd.args(args)
-            .env(
-                "RAFTSQL_LOG",
-                std::env::var("RAFTSQL_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // If the test process dies without dropping the cluster (killed), its nodes die too:
-        // an orphaned node would keep running and hold its address.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap();
-        n.child = Some(child);
+        assert!(n.proc.is_none(), "node {id} already running");
+        n.proc = Some(NodeProcess::spawn(Path::new(bin()), args, &n.log).unwrap());
     }
 
     /// Runs `raftsql ARGS` to completion: (succeeded, stdout, stderr).
@@ -387,28 +344,23 @@ impl Cluster {
     /// kill -9.
     pub fn kill(&mut self, id: u64) {
         let n = &mut self.nodes[(id - 1) as usize];
-        if let Some(mut c) = n.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(p) = n.proc.take() {
+            p.kill();
         }
     }
 
     /// SIGTERM and wait: a clean shutdown.
     pub fn stop(&mut self, id: u64) -> std::process::ExitStatus {
         let n = &mut self.nodes[(id - 1) as usize];
-        let mut c = n.child.take().expect("node not running");
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap()
+        n.proc.take().expect("node not running").stop().unwrap()
     }
 
     pub fn pause(&self, id: u64) {
-        let c = self.node(id).child.as_ref().unwrap();
-        unsafe { libc::kill(c.id() as i32, libc::SIGSTOP) };
+        self.node(id).proc.as_ref().expect("node running").pause();
     }
 
     pub fn resume(&self, id: u64) {
-        let c = self.node(id).child.as_ref().unwrap();
-        unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        self.node(id).proc.as_ref().expect("node running").resume();
     }
 
     pub fn restart(&mut self, id: u64) {
@@ -419,28 +371,24 @@ impl Cluster {
     pub fn running(&self) -> Vec<u64> {
         self.nodes
             .iter()
-            .filter(|n| n.child.is_some())
+            .filter(|n| n.proc.is_some())
             .map(|n| n.id)
             .collect()
     }
 
     /// Waits for a node process to exit on its own; returns its status.
     pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
         let n = &mut self.nodes[(id - 1) as usize];
-        while Instant::now() < deadline {
-            if let Some(st) = n.child.as_mut().unwrap().try_wait().unwrap() {
-                n.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let st = n.proc.as_mut().expect("node running").wait_exit(timeout);
+        if st.is_some() {
+            n.proc = None;
         }
-        None
+        st
     }
 
     /// The process id of running node `id`.
     pub fn pid(&self, id: u64) -> u32 {
-        self.node(id).child.as_ref().expect("node running").id()
+        self.node(id).proc.as_ref().expect("node running").pid()
     }
 
     /// The peak resident memory (VmHWM, KiB) of node `id`'s process.
@@ -454,7 +402,7 @@ impl Cluster {
     }
 
     fn proc_status_kib(&self, id: u64, field: &str) -> u64 {
-        let pid = self.node(id).child.as_ref().expect("node running").id();
+        let pid = self.node(id).proc.as_ref().expect("node running").pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
             .lines()
@@ -510,26 +458,19 @@ impl Cluster {
 
     /// Waits until a running node reports itself leader; returns its id.
     pub fn wait_leader(&self, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            for id in self.running() {
-                if let Some(s) = self.status(id, false) {
-                    if s.role == "leader" {
-                        return id;
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("no leader within {timeout:?}\n{}", self.logs());
+        try_wait_for(timeout, || {
+            self.running()
+                .into_iter()
+                .find(|id| self.status(*id, false).is_some_and(|s| s.role == "leader"))
+        })
+        .unwrap_or_else(|| panic!("no leader within {timeout:?}\n{}", self.logs()))
     }
 
     /// Waits until every running node has applied the same index and (if `digests`) has
     /// byte-identical databases; returns the digests.
     pub fn wait_converged(&self, timeout: Duration) -> std::collections::HashMap<String, String> {
-        let deadline = Instant::now() + timeout;
         let mut last = String::new();
-        while Instant::now() < deadline {
+        let converged = try_wait_for(timeout, || {
             let st: Vec<_> = self
                 .running()
                 .into_iter()
@@ -542,7 +483,7 @@ impl Cluster {
                 });
                 let digests_same = st.iter().all(|s| s.db_digests == st[0].db_digests);
                 if applied_same && digests_same {
-                    return st[0].db_digests.clone();
+                    return Some(st[0].db_digests.clone());
                 }
                 last = format!(
                     "{:?}",
@@ -551,12 +492,14 @@ impl Cluster {
                         .collect::<Vec<_>>()
                 );
             }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "nodes did not converge within {timeout:?}: {last}\n{}",
-            self.logs()
-        );
+            None
+        });
+        converged.unwrap_or_else(|| {
+            panic!(
+                "nodes did not converge within {timeout:?}: {last}\n{}",
+                self.logs()
+            )
+        })
     }
 
     /// Runs `PRAGMA integrity_check` on database `db` of every running node (on what it has
@@ -655,10 +598,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
-                unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
-                let _ = c.kill();
-                let _ = c.wait();
+            if let Some(p) = n.proc.take() {
+                // A paused node is killed too (SIGKILL ends a stopped process).
+                p.kill();
             }
         }
         if std::thread::panicking() || std::env::var_os("RAFTSQL_KEEP_TEST_DATA").is_some() {

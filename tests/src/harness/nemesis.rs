@@ -14,10 +14,10 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use raftsql_tests::report::{self, Record, Window};
+use crate::report::{self, Record, Window};
 
+use super::cluster::Cluster;
 use super::net::Partition;
-use super::Cluster;
 
 /// A fault that happened, with its window in microseconds since the run's start.
 #[derive(Clone, Debug)]
@@ -342,8 +342,18 @@ pub fn report<R: Record>(
         .collect();
     let root = std::env::var_os("RAFTSQL_REPORT_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("jepsen"));
+        .unwrap_or_else(|| target_tmp().join("jepsen"));
     let dir = report::write(&root, name, history, &windows, verdict).expect("write the report");
     eprintln!("report: {}", dir.display());
     dir
+}
+
+/// `target/tmp` (Cargo's CARGO_TARGET_TMPDIR for integration tests): the test executable
+/// runs from `target/<profile>/deps/`.
+fn target_tmp() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    exe.ancestors()
+        .nth(3)
+        .expect("target/<profile>/deps/<test>")
+        .join("tmp")
 }
