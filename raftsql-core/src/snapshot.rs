@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// How often a wait for a snapshot being built looks.
+const BUILD_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Size of one chunk pulled by a follower.
 pub const CHUNK: usize = 1 << 20;
 /// Most database files a snapshot may list (one per database).
@@ -275,7 +278,7 @@ impl SnapshotStore {
             if std::time::Instant::now() >= deadline {
                 return Err(Error::Timeout(timeout));
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(BUILD_POLL);
         }
     }
 

@@ -211,6 +211,11 @@ pub fn register() -> Result<(), String> {
         .clone()
 }
 
+/// Builds the VFS from the unix VFS (its methods, with `xOpen` ours) and registers it.
+///
+/// # Safety
+/// Called once (see [`register`]), before any connection uses the VFS: it writes
+/// `UNIX_VFS`, which the callbacks read afterwards.
 unsafe fn register_inner() -> Result<(), String> {
     let unix = ffi::sqlite3_vfs_find(c"unix".as_ptr());
     if unix.is_null() {
@@ -230,6 +235,12 @@ unsafe fn register_inner() -> Result<(), String> {
     Ok(())
 }
 
+/// SQLite's `xOpen`: opens the file with the unix VFS inside our [`File`], which remembers
+/// the database (and WAL) paths the other callbacks need.
+///
+/// # Safety
+/// Called by SQLite with `file` pointing at `szOsFile` bytes for us to initialize, and
+/// `name` null or a filename SQLite owns, per SQLite's VFS contract.
 unsafe extern "C" fn x_open(
     _vfs: *mut ffi::sqlite3_vfs,
     name: ffi::sqlite3_filename,
@@ -288,6 +299,11 @@ fn io_methods(version: c_int) -> ffi::sqlite3_io_methods {
     }
 }
 
+/// The unix VFS's file inside ours, and its methods.
+///
+/// # Safety
+/// `file` is a file this VFS's `x_open` initialized; the returned methods live as long
+/// as the unix VFS (the whole process).
 unsafe fn real(
     file: *mut ffi::sqlite3_file,
 ) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {
@@ -295,6 +311,11 @@ unsafe fn real(
     (real, &*(*real).pMethods)
 }
 
+/// SQLite's `xClose` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
     let f = file as *mut File;
     let (r, m) = real(file);
@@ -309,6 +330,11 @@ unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
     }
     rc
 }
+/// SQLite's `xRead` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_read(
     file: *mut ffi::sqlite3_file,
     buf: *mut c_void,
@@ -322,6 +348,11 @@ unsafe extern "C" fn x_read(
     }
     rc
 }
+/// SQLite's `xWrite` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_write(
     file: *mut ffi::sqlite3_file,
     buf: *const c_void,
@@ -332,6 +363,11 @@ unsafe extern "C" fn x_write(
     let (r, m) = real(file);
     m.xWrite.unwrap()(r, buf, n, off)
 }
+/// SQLite's `xTruncate` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
     count_wal_write(file);
     let (r, m) = real(file);
@@ -339,32 +375,65 @@ unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_in
 }
 /// Counts a write to a WAL file (before it is made, so that no reader of the count can miss
 /// one that has begun).
+///
+/// # Safety
+/// `file` is a file this VFS's `x_open` initialized.
 unsafe fn count_wal_write(file: *mut ffi::sqlite3_file) {
     // SAFETY: SQLite passes back the file object x_open initialized as our File.
     if !(*(file as *mut File)).wal_db_path.is_null() {
         WAL_WRITES.fetch_add(1, Ordering::SeqCst);
     }
 }
+/// SQLite's `xSync` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     let (r, m) = real(file);
     m.xSync.unwrap()(r, flags)
 }
+/// SQLite's `xFileSize` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_file_size(file: *mut ffi::sqlite3_file, out: *mut i64) -> c_int {
     let (r, m) = real(file);
     m.xFileSize.unwrap()(r, out)
 }
+/// SQLite's `xLock` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_lock(file: *mut ffi::sqlite3_file, lock: c_int) -> c_int {
     let (r, m) = real(file);
     m.xLock.unwrap()(r, lock)
 }
+/// SQLite's `xUnlock` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_unlock(file: *mut ffi::sqlite3_file, lock: c_int) -> c_int {
     let (r, m) = real(file);
     m.xUnlock.unwrap()(r, lock)
 }
+/// SQLite's `xCheckReservedLock` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_check_reserved_lock(file: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
     let (r, m) = real(file);
     m.xCheckReservedLock.unwrap()(r, out)
 }
+/// SQLite's `xFileControl` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_file_control(
     file: *mut ffi::sqlite3_file,
     op: c_int,
@@ -379,14 +448,29 @@ unsafe extern "C" fn x_file_control(
     }
     m.xFileControl.unwrap()(r, op, arg)
 }
+/// SQLite's `xSectorSize` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_sector_size(file: *mut ffi::sqlite3_file) -> c_int {
     let (r, m) = real(file);
     m.xSectorSize.unwrap()(r)
 }
+/// SQLite's `xDeviceCharacteristics` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_device_characteristics(file: *mut ffi::sqlite3_file) -> c_int {
     let (r, m) = real(file);
     m.xDeviceCharacteristics.unwrap()(r)
 }
+/// SQLite's `xShmMap` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_shm_map(
     file: *mut ffi::sqlite3_file,
     region: c_int,
@@ -411,6 +495,11 @@ unsafe extern "C" fn x_shm_map(
     }
     rc
 }
+/// SQLite's `xShmLock` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_shm_lock(
     file: *mut ffi::sqlite3_file,
     off: c_int,
@@ -420,10 +509,20 @@ unsafe extern "C" fn x_shm_lock(
     let (r, m) = real(file);
     m.xShmLock.unwrap()(r, off, n, flags)
 }
+/// SQLite's `xShmBarrier` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_shm_barrier(file: *mut ffi::sqlite3_file) {
     let (r, m) = real(file);
     m.xShmBarrier.unwrap()(r)
 }
+/// SQLite's `xShmUnmap` for this VFS's files: the unix VFS's, plus what this VFS records.
+///
+/// # Safety
+/// Called by SQLite with a file this VFS's `x_open` initialized (a [`File`] around the
+/// unix VFS's file) and arguments valid by SQLite's VFS contract.
 unsafe extern "C" fn x_shm_unmap(file: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
     let (r, m) = real(file);
     m.xShmUnmap.unwrap()(r, delete)

@@ -47,6 +47,9 @@ use crate::node::{Node, NodeFile, ServiceHandler, WeakNode};
 use crate::snapshot::{FileInfo, Manifest, SnapshotStore};
 use crate::state::{self, Meta};
 
+/// Past the snapshot's own timeout, how long a backup offer's answer may take.
+const OFFER_GRACE: Duration = Duration::from_secs(10);
+
 /// The service a saver calls on any member.
 pub const BACKUP_SERVICE: &str = "raftsql.backup";
 const MAGIC: &[u8; 8] = b"RSQLBAK1";
@@ -179,7 +182,7 @@ async fn call(conn: &mut RpcConn, ep: SocketAddr) -> Result<Offer> {
         service: BACKUP_SERVICE.into(),
         payload: Bytes::new(),
     });
-    let timeout = SNAPSHOT_TIMEOUT + Duration::from_secs(10);
+    let timeout = SNAPSHOT_TIMEOUT + OFFER_GRACE;
     match tokio::time::timeout(timeout, conn.call(body)).await {
         Ok(Ok(pb::response::Body::Service(r))) => serde_json::from_slice(&r.payload)
             .map_err(|e| Error::Transport(format!("{ep}: malformed backup offer: {e}"))),

@@ -26,6 +26,9 @@ use super::{self as backup, BackupHeader};
 use crate::error::{Error, Result};
 use crate::node::{Node, WeakNode};
 
+/// The shortest schedule accepted.
+const MIN_EVERY: Duration = Duration::from_secs(1);
+
 /// Extension of backup files.
 pub const EXTENSION: &str = "rsqlbak";
 /// After a failed attempt (no leader during an election, a full disk), the next try comes
@@ -47,9 +50,9 @@ impl BackupSchedule {
     /// Refuses a schedule that cannot work (checked by [`spawn`]; call it before starting a
     /// node to fail early).
     pub fn check(&self) -> Result<()> {
-        if self.every < Duration::from_secs(1) {
+        if self.every < MIN_EVERY {
             return Err(Error::Invalid(format!(
-                "--backup-every {:?} is too short: give at least 1s",
+                "--backup-every {:?} is too short: give at least {MIN_EVERY:?}",
                 self.every
             )));
         }

@@ -16,6 +16,13 @@ use crate::net::{Dialer, Peer};
 
 pub use crate::net::server::JOIN_SERVICE;
 
+/// How long a membership request is retried while no member knows a leader.
+const REQUEST_RETRY_FOR: Duration = Duration::from_secs(10);
+/// The pause between those retries.
+const REQUEST_RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// How long one membership request may take (a join includes a snapshot's start).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What a joiner needs to start: its id, the cluster's name and its members.
 #[derive(Clone, Debug)]
 pub struct JoinTicket {
@@ -158,14 +165,14 @@ pub async fn request(
         .into();
     // During an election (or right after a join) no member may know a leader for a moment:
     // retry what is safe to retry for a few seconds.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + REQUEST_RETRY_FOR;
     loop {
         match request_once(dialer, endpoints, cluster, &payload).await {
             Err(e @ (Error::Unavailable(_) | Error::NotLeader { .. }))
                 if Instant::now() < deadline =>
             {
                 tracing::debug!("membership request: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(REQUEST_RETRY_PAUSE).await;
             }
             r => return r,
         }
@@ -191,7 +198,7 @@ async fn request_once(
             service: MEMBERS_SERVICE.into(),
             payload: payload.clone(),
         });
-        match tokio::time::timeout(Duration::from_secs(15), conn.call(body)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, conn.call(body)).await {
             Ok(Ok(pb::response::Body::Service(r))) => {
                 return match pb::MembershipResponse::decode(r.payload) {
                     Ok(pb::MembershipResponse { resp: Some(resp) }) => Ok(resp),
@@ -209,7 +216,7 @@ async fn request_once(
             Ok(Err(e)) => {
                 last = Error::Unavailable(crate::net::dial::with_hint(format!("{ep}: {e}")))
             }
-            Err(_) => last = Error::Timeout(Duration::from_secs(15)),
+            Err(_) => last = Error::Timeout(REQUEST_TIMEOUT),
         }
     }
     Err(last)

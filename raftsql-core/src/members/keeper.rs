@@ -19,6 +19,15 @@ use crate::net::Peer;
 use crate::node::{Node, WeakNode};
 use crate::roles::{plan, MemberView, Role};
 
+/// How long a peer asked at check-in may take to answer.
+const CHECK_IN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a node that knows no leader checks in with its peers.
+const CHECK_IN_EVERY: Duration = Duration::from_secs(2);
+/// Bursts of applied entries within this are one registry read.
+const SYNC_COALESCE: Duration = Duration::from_millis(50);
+/// How long a member's answer to the keeper's probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
+
 /// How often the leader probes the members.
 pub const PROBE_EVERY: Duration = Duration::from_millis(300);
 
@@ -77,7 +86,7 @@ pub(super) async fn check_in(weak: WeakNode) {
             if id == me {
                 continue;
             }
-            let r = tokio::time::timeout(Duration::from_secs(2), async {
+            let r = tokio::time::timeout(CHECK_IN_TIMEOUT, async {
                 let local = Some(cfg.listen.ip());
                 let mut conn =
                     RpcConn::connect(&dialer, Peer::Node(id), addr, me, &cfg.cluster, local)
@@ -99,7 +108,7 @@ pub(super) async fn check_in(weak: WeakNode) {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(CHECK_IN_EVERY).await;
         let Some(node) = weak.upgrade() else { return };
         if node.raft_status().leader_id != 0 {
             return;
@@ -144,7 +153,7 @@ pub(super) async fn sync_task(weak: WeakNode, mut applied: tokio::sync::watch::R
             return;
         }
         // Coalesce bursts of applied entries.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(SYNC_COALESCE).await;
     }
 }
 
@@ -241,7 +250,7 @@ async fn probe(
         let pooled = conns.remove(&m.id).filter(|(a, _)| *a == addr);
         let (id, cluster, dialer) = (m.id, cluster.clone(), dialer.clone());
         tasks.push(tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_millis(400), async move {
+            let r = tokio::time::timeout(PROBE_TIMEOUT, async move {
                 // A pooled connection the peer has not closed, else a new one.
                 let mut conn = match pooled.map(|(_, mut c)| (c.is_closed(), c)) {
                     Some((false, c)) => c,

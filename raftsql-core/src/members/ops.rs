@@ -21,6 +21,13 @@ use crate::net::Peer;
 use crate::node::Node;
 use crate::roles::{Change, Reason, Role};
 
+/// How long a member asked about a removal may take to answer.
+const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a removal notice to the removed node may take.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The pause before a leaving node asks the leader again (elections, a handover).
+const LEAVE_RETRY: Duration = Duration::from_millis(150);
+
 /// Leader: checks a join and registers the joiner as a spare.
 pub(super) async fn admit(node: &Node, r: pb::JoinRequest) -> Result<pb::JoinResponse> {
     let addr: SocketAddr = r
@@ -308,7 +315,7 @@ pub(super) async fn removal_confirmed(node: &Node) -> bool {
         if id == me {
             continue;
         }
-        let answer = tokio::time::timeout(Duration::from_secs(2), async {
+        let answer = tokio::time::timeout(PEER_CALL_TIMEOUT, async {
             let mut conn = RpcConn::connect(
                 &node.dialer(),
                 Peer::Node(id),
@@ -350,7 +357,7 @@ async fn notify_removed(node: &Node, id: u64, addr: SocketAddr) {
         })),
     }
     .encode_to_vec();
-    let r = tokio::time::timeout(Duration::from_secs(1), async {
+    let r = tokio::time::timeout(NOTICE_TIMEOUT, async {
         let mut conn = RpcConn::connect(
             &node.dialer(),
             Peer::Node(id),
@@ -426,7 +433,7 @@ pub(super) async fn leave(node: &Node, force: bool) -> Result<String> {
             }
             Err(e @ (Error::NotLeader { .. } | Error::Unavailable(_))) => {
                 last = e;
-                tokio::time::sleep(Duration::from_millis(150)).await;
+                tokio::time::sleep(LEAVE_RETRY).await;
             }
             Err(e) => return Err(e),
         }

@@ -12,6 +12,9 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::frame::Halves;
 
+/// How long a TCP connect may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Dials `addr`, binding the source address to `local` when given (port chosen by the OS).
 pub async fn dial(addr: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpStream> {
     let sock = if addr.is_ipv4() {
@@ -24,7 +27,7 @@ pub async fn dial(addr: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpStre
             sock.bind(SocketAddr::new(ip, 0))?;
         }
     }
-    let s = tokio::time::timeout(Duration::from_secs(2), sock.connect(addr))
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;

@@ -27,6 +27,11 @@ use super::frame::{
 };
 use super::tls::{removed_reason, PeerTls};
 
+/// The pause after a failed accept (e.g. out of file descriptors).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// How long a refused client's rest of a too-large request is read, so it reads the reason.
+const REFUSED_DRAIN: Duration = Duration::from_secs(2);
+
 /// A connection must say hello within this long.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -99,7 +104,7 @@ pub(super) fn spawn_accept(
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                 }
             }
         }
@@ -356,7 +361,7 @@ async fn serve_conn(
                         })),
                     };
                     let _ = tx.send(encode_frame(&f)).await;
-                    reader.discard(len, Duration::from_secs(2)).await;
+                    reader.discard(len, REFUSED_DRAIN).await;
                 }
                 return;
             }

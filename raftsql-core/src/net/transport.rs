@@ -28,6 +28,11 @@ use super::frame::{
 use super::server::{spawn_accept, Handler, Listening};
 use super::tls::PeerTls;
 
+/// A lost peer connection is redialled after this, doubling up to [`REDIAL_MAX`].
+const REDIAL_MIN: Duration = Duration::from_millis(50);
+/// The longest pause between redials of a peer.
+const REDIAL_MAX: Duration = Duration::from_secs(2);
+
 const PEER_QUEUE: usize = 8192;
 
 const BATCH_BYTES: usize = 4 << 20;
@@ -181,7 +186,7 @@ async fn peer_sender(
     mut rx: mpsc::Receiver<Bytes>,
     handler: Arc<dyn Handler>,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = REDIAL_MIN;
     let mut failures = 0u64;
     loop {
         let (r, mut stream) = match dialer.open(addr, Some(local_ip), Peer::Node(to)).await {
@@ -197,11 +202,11 @@ async fn peer_sender(
                     return;
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(REDIAL_MAX);
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        backoff = REDIAL_MIN;
         let hello = pb::Frame {
             kind: Some(pb::frame::Kind::Hello(pb::Hello {
                 from_id: me,

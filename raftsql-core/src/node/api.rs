@@ -22,6 +22,21 @@ use crate::snapshot::SnapshotStore;
 use crate::state::{self, ToStateMachine, TxOp, WriteReq};
 use crate::value::{ExecResult, Rows, Statement, Value};
 
+/// How often `wait_ready` looks for a leader.
+const READY_POLL: Duration = Duration::from_millis(10);
+/// How often a wait on the Raft thread's published state looks again.
+const STATE_POLL: Duration = Duration::from_millis(20);
+/// How long a leadership handover may take (`transfer_leadership`, a leader's shutdown).
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+/// How long a role change may take to be applied here.
+const CONF_CHANGE_WAIT: Duration = Duration::from_secs(5);
+/// Past the write timeout, how long a caller waits for the state machine's own answer.
+const REPLY_GRACE: Duration = Duration::from_secs(1);
+/// The pause before asking again for a writer held by an interactive transaction.
+const WRITER_BUSY_RETRY: Duration = Duration::from_millis(2);
+/// How long a read waits for this node to apply up to its read index.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a read waits for the leader to confirm a read index.
 const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -364,7 +379,7 @@ impl Node {
                     "no leader confirmed within {timeout:?}"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(READY_POLL).await;
         }
     }
 
@@ -394,16 +409,16 @@ impl Node {
     pub async fn transfer_leadership(&self) -> Result<u64> {
         let rx = self.shared.raft.transfer_leader()?;
         let to = rx.await.map_err(|_| Error::Shutdown)??;
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + HANDOVER_WAIT;
         while Instant::now() < deadline {
             let leader = self.shared.raft_status.lock().leader_id;
             if leader == to {
                 return Ok(to);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(STATE_POLL).await;
         }
         Err(Error::Unavailable(format!(
-            "node {to} did not take leadership within 3 s"
+            "node {to} did not take leadership within {HANDOVER_WAIT:?}"
         )))
     }
 
@@ -420,15 +435,15 @@ impl Node {
         });
         let rx = self.shared.raft.conf_change(cc)?;
         rx.await.map_err(|_| Error::Shutdown)??;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + CONF_CHANGE_WAIT;
         while Instant::now() < deadline {
             let (voters, learners) = self.conf_roles();
             if Role::of(c.id, &voters, &learners) == c.to {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(STATE_POLL).await;
         }
-        Err(Error::Timeout(Duration::from_secs(5)))
+        Err(Error::Timeout(CONF_CHANGE_WAIT))
     }
 
     /// Changes once this node has left the cluster or been removed from it: `Some(why)`.
@@ -490,7 +505,7 @@ impl Node {
         }
         // A leader hands over first, so that the cluster has no election gap.
         if self.is_leader() && self.conf_roles().0.len() > 1 {
-            match tokio::time::timeout(Duration::from_secs(3), self.transfer_leadership()).await {
+            match tokio::time::timeout(HANDOVER_WAIT, self.transfer_leadership()).await {
                 Ok(Ok(to)) => tracing::info!("handed leadership to node {to} before stopping"),
                 Ok(Err(e)) => tracing::warn!("could not hand leadership over: {e}"),
                 Err(_) => tracing::warn!("leadership transfer timed out"),
@@ -620,7 +635,7 @@ impl Shared {
             work,
             deadline: Instant::now() + timeout,
         }))?;
-        match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {
+        match tokio::time::timeout(timeout + REPLY_GRACE, rx).await {
             Ok(Ok(r)) => r.map_err(|e| match e {
                 Error::Timeout(_) => Error::Timeout(timeout),
                 e => self.with_leader_hint(e),
@@ -644,7 +659,7 @@ impl Shared {
             match rx.await.map_err(|_| Error::Shutdown)? {
                 Ok(id) => return Ok(id),
                 Err(Error::Unavailable(_)) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(WRITER_BUSY_RETRY).await;
                 }
                 Err(e) => return Err(self.with_leader_hint(e)),
             }
@@ -705,14 +720,14 @@ impl Shared {
 
     async fn wait_applied(&self, index: u64) -> Result<()> {
         let mut rx = self.applied_rx.clone();
-        let r = tokio::time::timeout(Duration::from_secs(10), async {
+        let r = tokio::time::timeout(APPLY_WAIT, async {
             rx.wait_for(|a| *a >= index).await.map(|_| ())
         })
         .await;
         match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Error::Shutdown),
-            Err(_) => Err(Error::Timeout(Duration::from_secs(10))),
+            Err(_) => Err(Error::Timeout(APPLY_WAIT)),
         }
     }
 

@@ -13,6 +13,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::roles::Targets;
 
+/// The default [`NodeConfig::tick`].
+pub const DEFAULT_TICK: Duration = Duration::from_millis(50);
+/// The default [`NodeConfig::write_timeout`].
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default [`NodeConfig::offline_after`].
+pub const DEFAULT_OFFLINE_AFTER: Duration = Duration::from_secs(3);
+
 /// How to run a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -84,15 +91,15 @@ impl NodeConfig {
             listen,
             peers: BTreeMap::from([(id, listen)]),
             cluster: "raftsql".into(),
-            tick: Duration::from_millis(50),
+            tick: DEFAULT_TICK,
             election_ticks: 10,
             heartbeat_ticks: 2,
             checkpoint_frames: 4000,
             compact_log_bytes: 64 << 20,
-            write_timeout: Duration::from_secs(10),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             join: false,
             targets: Targets::default(),
-            offline_after: Duration::from_secs(3),
+            offline_after: DEFAULT_OFFLINE_AFTER,
             domain: String::new(),
             weight: 0,
             max_request_bytes: crate::DEFAULT_MAX_CLIENT_FRAME,

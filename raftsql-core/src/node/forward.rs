@@ -14,6 +14,10 @@ use crate::error::{Error, Result};
 use crate::net::conn::RpcConn;
 use crate::net::{Dialer, Peer};
 
+/// How long a follower waits to apply what the leader had applied when it answered a
+/// forwarded request, before answering anyway.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
 impl Shared {
     /// How this node dials its peers.
     pub(super) fn dialer(&self) -> Dialer {
@@ -169,6 +173,6 @@ impl Shared {
     /// after the wait and only local reads may lag.
     async fn catch_up_to(&self, index: u64) {
         let mut rx = self.applied_rx.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|a| *a >= index)).await;
+        let _ = tokio::time::timeout(CATCH_UP_WAIT, rx.wait_for(|a| *a >= index)).await;
     }
 }

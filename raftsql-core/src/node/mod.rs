@@ -68,7 +68,8 @@ pub(crate) use boot::Removed;
 pub(crate) use config::{lock_data_dir, NodeFile};
 pub use config::{
     parse_peers, stored_id, stored_node, NodeConfig, StoredNode, DEFAULT_MAX_RESULT_BYTES,
-    DEFAULT_STATEMENT_TIMEOUT, MAX_TX_IDLE,
+    DEFAULT_OFFLINE_AFTER, DEFAULT_STATEMENT_TIMEOUT, DEFAULT_TICK, DEFAULT_WRITE_TIMEOUT,
+    MAX_TX_IDLE,
 };
 use handle::{Leadership, RaftHandle, ToRaftThread};
 pub use handler::error_response;

@@ -20,6 +20,11 @@ use crate::net::transport::Transport;
 use crate::snapshot::Manifest;
 use crate::state::{SmToRaft, ToStateMachine};
 
+/// A read-index round no quorum has confirmed by then fails its readers (Unavailable).
+const READ_ROUND_GIVE_UP: Duration = Duration::from_secs(5);
+/// A read-index round not answered by then is issued again (its messages may be lost).
+const READ_ROUND_REISSUE: Duration = Duration::from_millis(200);
+
 /// One read-index round and the reads it serves.
 struct ReadRound {
     waiters: Vec<ReadWaiter>,
@@ -292,19 +297,19 @@ impl RaftDriver {
         let mut expired = Vec::new();
         self.reads.retain(|_, r| {
             r.waiters.retain(|w| !w.gone());
-            let keep = !r.waiters.is_empty() && r.started.elapsed() < Duration::from_secs(5);
+            let keep = !r.waiters.is_empty() && r.started.elapsed() < READ_ROUND_GIVE_UP;
             if !keep {
                 expired.append(&mut r.waiters);
             }
             keep
         });
         for w in expired {
-            w.fail(Error::Unavailable(
-                "no quorum confirmed this node's leadership within 5 s".into(),
-            ));
+            w.fail(Error::Unavailable(format!(
+                "no quorum confirmed this node's leadership within {READ_ROUND_GIVE_UP:?}"
+            )));
         }
         for (id, r) in self.reads.iter_mut() {
-            if r.issued.elapsed() >= Duration::from_millis(200) {
+            if r.issued.elapsed() >= READ_ROUND_REISSUE {
                 r.issued = Instant::now();
                 self.raw
                     .read_index(read_ctx(self.raw.raft.id, self.read_nonce, *id));

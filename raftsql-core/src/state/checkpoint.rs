@@ -15,6 +15,9 @@ use super::StateMachine;
 use crate::error::{Error, Result};
 use crate::fsutil::{fsync_dir, write_atomic};
 
+/// When a reader still needs older frames, the checkpoint is tried again after this.
+const CHECKPOINT_RETRY: Duration = Duration::from_millis(100);
+
 /// What `meta.json` records about a generation.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Meta {
@@ -104,7 +107,7 @@ impl StateMachine {
             let _ = busy;
             if log > 0 && done < log {
                 // A reader still needs older frames; try again later.
-                self.next_checkpoint = Instant::now() + Duration::from_millis(100);
+                self.next_checkpoint = Instant::now() + CHECKPOINT_RETRY;
                 return Ok(());
             }
         }

@@ -259,7 +259,15 @@ pub(super) fn in_transaction<T>(
     r
 }
 
-/// `BEGIN IMMEDIATE` on the writer, waiting out a transient SQLITE_BUSY (up to 10 s).
+/// How long an apply waits out another connection's lock before failing (which stops the
+/// node).
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+/// The first pause between tries, doubling up to [`BUSY_PAUSE_MAX`].
+const BUSY_PAUSE_MIN: Duration = Duration::from_millis(1);
+/// The longest pause between tries.
+const BUSY_PAUSE_MAX: Duration = Duration::from_millis(50);
+
+/// `BEGIN IMMEDIATE` on the writer, waiting out a transient SQLITE_BUSY (up to [`BUSY_WAIT`]).
 ///
 /// The state machine is the only writer, so the lock can only be held for a moment by a
 /// reader that is rebuilding the wal-index (after a restart, or after the rewind that
@@ -268,15 +276,15 @@ pub(super) fn in_transaction<T>(
 /// (Found by the long Jepsen profile: a node restarted during local reads stopped with
 /// "database is locked".)
 fn begin_immediate(w: &Connection) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut pause = Duration::from_millis(1);
+    let deadline = Instant::now() + BUSY_WAIT;
+    let mut pause = BUSY_PAUSE_MIN;
     loop {
         match w.execute_batch("BEGIN IMMEDIATE") {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
             {
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(50));
+                pause = (pause * 2).min(BUSY_PAUSE_MAX);
             }
             r => return r.map_err(Error::from),
         }

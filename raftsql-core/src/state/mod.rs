@@ -76,6 +76,10 @@ pub(crate) use msg::TypedWrite;
 pub use msg::{RaftSink, SmToRaft, ToStateMachine, TxOp, Work, WriteFn, WriteReq};
 pub use recovery::{current_generation, recover_files, rewrite_checkpoint_conf};
 
+/// With no message, the thread still wakes this often (deadlines, checkpoints, idle
+/// transactions).
+const IDLE_TICK: Duration = Duration::from_millis(20);
+
 /// Progress published by the state machine.
 #[derive(Default)]
 pub struct Progress {
@@ -311,7 +315,7 @@ impl StateMachine {
     /// The thread body: handles messages until Shutdown or the channel closes.
     pub fn run(mut self, rx: Receiver<ToStateMachine>) {
         loop {
-            let msg = match rx.recv_timeout(Duration::from_millis(20)) {
+            let msg = match rx.recv_timeout(IDLE_TICK) {
                 Ok(m) => Some(m),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
