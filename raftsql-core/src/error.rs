@@ -1,9 +1,12 @@
 //! The errors of raftsql-core. Each says what happened and, where there is one, what to do.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-/// Errors returned by [`crate::Node`], [`crate::Client`] and the storage layers.
-#[derive(Debug, thiserror::Error)]
+/// Errors returned by [`crate::Node`], [`crate::Client`] and the storage layers. Cheap to
+/// clone (the causes that are not `Clone` are shared), so one error can answer every caller
+/// of a batch.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// Writes (and linearizable reads when no leader is known) go to the leader.
     #[error("this node is not the leader{}", leader_hint(.leader_id, .leader_addr))]
@@ -62,17 +65,17 @@ pub enum Error {
         path: PathBuf,
         /// The OS error.
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
     /// The Raft log on disk is damaged or inconsistent.
     #[error(transparent)]
-    Log(#[from] crate::log::LogError),
+    Log(Arc<crate::log::LogError>),
     /// Stored state is damaged (a checksum or format check failed).
     #[error("corrupt data: {0}")]
     Corrupt(String),
     /// An error inside raft-rs.
     #[error("raft: {0}")]
-    Raft(String),
+    Raft(#[source] Arc<raft::Error>),
     /// A network or protocol error talking to another node.
     #[error("transport: {0}")]
     Transport(String),
@@ -170,7 +173,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            source: Arc::new(source),
         }
     }
 }
@@ -198,40 +201,14 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
-impl From<raft::Error> for Error {
-    fn from(e: raft::Error) -> Self {
-        Error::Raft(e.to_string())
+impl From<crate::log::LogError> for Error {
+    fn from(e: crate::log::LogError) -> Self {
+        Error::Log(Arc::new(e))
     }
 }
 
-/// A copy of `e` for each of several waiters (the variants callers match on are kept;
-/// others become [`Error::Internal`] with their message).
-pub(crate) fn clone_err(e: &Error) -> Error {
-    match e {
-        Error::OutcomeUnknown => Error::OutcomeUnknown,
-        Error::Shutdown => Error::Shutdown,
-        Error::NotLeader {
-            leader_id,
-            leader_addr,
-        } => Error::NotLeader {
-            leader_id: *leader_id,
-            leader_addr: leader_addr.clone(),
-        },
-        Error::Sql { code, message } => Error::Sql {
-            code: *code,
-            message: message.clone(),
-        },
-        Error::Constraint { code, message } => Error::Constraint {
-            code: *code,
-            message: message.clone(),
-        },
-        Error::Invalid(m) => Error::Invalid(m.clone()),
-        Error::Application { code, message } => Error::Application {
-            code: *code,
-            message: message.clone(),
-        },
-        Error::Unavailable(m) => Error::Unavailable(m.clone()),
-        Error::Timeout(d) => Error::Timeout(*d),
-        other => Error::Internal(other.to_string()),
+impl From<raft::Error> for Error {
+    fn from(e: raft::Error) -> Self {
+        Error::Raft(Arc::new(e))
     }
 }

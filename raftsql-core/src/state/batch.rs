@@ -16,7 +16,7 @@ use super::msg::{Fail, SmToRaft, Waiter, Work, WriteFn, WriteReq};
 use super::{Db, InFlight, Kept, StateMachine};
 use crate::committed::Committed;
 use crate::entry::{Frames, Page, PageChange};
-use crate::error::{clone_err, Error, Result};
+use crate::error::{Error, Result};
 use crate::guard::{self, Guard};
 use crate::value::{ExecResult, Statement};
 use crate::vfs;
@@ -129,7 +129,7 @@ impl StateMachine {
         let fail = |waiters: Vec<Waiter>, e: Error| {
             tracing::error!("write batch on {db_name} failed: {e}");
             for w in waiters {
-                w(Err(clone_err(&e)));
+                w(Err(e.clone()));
             }
         };
         let (Some(saved), Some(before)) = (vfs::save_header(&key), vfs::read_header(&key)) else {
@@ -167,7 +167,7 @@ impl StateMachine {
                     base,
                     done: Box::new(move |r: Result<()>| {
                         for w in waiters {
-                            w(r.as_ref().map(|_| ()).map_err(clone_err));
+                            w(r.as_ref().map(|_| ()).map_err(Error::clone));
                         }
                     }),
                 });
@@ -283,7 +283,7 @@ impl StateMachine {
             f.db
         );
         for w in f.waiters {
-            w(Err(clone_err(&why)));
+            w(Err(why.clone()));
         }
     }
 }
