@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use raftsql_proto::v1 as pb;
 
 use super::dial::{Dialer, Peer};
-use super::frame::{encode_frame, write_frame, FrameReader, Reader, Writer};
+use super::frame::{encode_frame, hello, write_frame, FrameReader, Reader, Writer};
 
 /// A request/response connection to one node (one call at a time).
 pub struct RpcConn {
@@ -34,13 +34,7 @@ impl RpcConn {
         local: Option<IpAddr>,
     ) -> io::Result<RpcConn> {
         let (r, mut w) = dialer.open(addr, local, to).await?;
-        let hello = pb::Frame {
-            kind: Some(pb::frame::Kind::Hello(pb::Hello {
-                from_id,
-                cluster: cluster.to_string(),
-            })),
-        };
-        write_frame(&mut w, &encode_frame(&hello)).await?;
+        write_frame(&mut w, &hello(from_id, cluster)).await?;
         Ok(RpcConn {
             reader: FrameReader::new(r),
             writer: w,

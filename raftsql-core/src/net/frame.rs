@@ -71,6 +71,17 @@ pub fn encode_frame(f: &pb::Frame) -> Bytes {
     b.freeze()
 }
 
+/// The encoded `Hello` that opens every connection: the sender's id (0 for a client) and
+/// its cluster's name.
+pub fn hello(from_id: u64, cluster: &str) -> Bytes {
+    encode_frame(&pb::Frame {
+        kind: Some(pb::frame::Kind::Hello(pb::Hello {
+            from_id,
+            cluster: cluster.to_string(),
+        })),
+    })
+}
+
 /// Decodes one frame from the front of `buf`: `Ok(None)` if more bytes are needed, else the
 /// frame and how many bytes it used. Frames up to [`MAX_FRAME`].
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(pb::Frame, usize)>, FrameError> {

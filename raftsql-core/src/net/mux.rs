@@ -28,7 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::dial::{Dialer, Peer};
-use super::frame::{encode_frame, FrameReader, Reader, Writer};
+use super::frame::{encode_frame, hello, FrameReader, Reader, Writer};
 
 /// Frames queued for the writer task before callers wait (backpressure).
 const OUT_QUEUE: usize = 1024;
@@ -120,13 +120,7 @@ impl MuxConn {
         local: Option<IpAddr>,
     ) -> io::Result<MuxConn> {
         let (r, mut w) = dialer.open(addr, local, to).await?;
-        let hello = pb::Frame {
-            kind: Some(pb::frame::Kind::Hello(pb::Hello {
-                from_id,
-                cluster: cluster.to_string(),
-            })),
-        };
-        w.write_all(&encode_frame(&hello)).await?;
+        w.write_all(&hello(from_id, cluster)).await?;
         w.flush().await?;
         let shared = Arc::new(Shared {
             next_id: AtomicU64::new(1),

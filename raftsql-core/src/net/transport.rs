@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::dial::{Dialer, Peer};
 use super::frame::{
-    encode_frame, write_frame, FrameReader, DEFAULT_MAX_CLIENT_FRAME, MAX_HELLO_FRAME,
+    encode_frame, hello, write_frame, FrameReader, DEFAULT_MAX_CLIENT_FRAME, MAX_HELLO_FRAME,
 };
 use super::server::{spawn_accept, Handler, Listening};
 use super::tls::PeerTls;
@@ -207,13 +207,7 @@ async fn peer_sender(
             }
         };
         backoff = REDIAL_MIN;
-        let hello = pb::Frame {
-            kind: Some(pb::frame::Kind::Hello(pb::Hello {
-                from_id: me,
-                cluster: cluster.clone(),
-            })),
-        };
-        if write_frame(&mut stream, &encode_frame(&hello))
+        if write_frame(&mut stream, &hello(me, &cluster))
             .await
             .is_err()
         {

@@ -11,7 +11,7 @@ use raftsql_proto::v1 as pb;
 use super::handler::error_response;
 use super::Shared;
 use crate::error::{Error, Result};
-use crate::net::conn::RpcConn;
+use crate::net::mux::{CallError, MuxConn};
 use crate::net::{Dialer, Peer};
 
 /// How long a follower waits to apply what the leader had applied when it answered a
@@ -28,26 +28,21 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    /// A pooled connection to the leader, with its address.
-    async fn leader_conn(&self) -> Result<(SocketAddr, RpcConn)> {
+    /// The connection to the leader (shared by every forwarded request: calls are
+    /// multiplexed), with its address; opened now if there is none or the leader closed it.
+    async fn leader_conn(&self) -> Result<(SocketAddr, MuxConn)> {
         let leader = self.raft_status.lock().leader_id;
         let addr = self.peers.lock().get(&leader).copied();
-        let Some(addr) = addr.filter(|_| leader != 0) else {
+        let Some(addr) = addr.filter(|_| leader != 0 && leader != self.cfg.id) else {
             return Err(Error::Unavailable(
                 "no leader is known right now (an election may be in progress)".into(),
             ));
         };
-        let pooled = self
-            .forward_pool
-            .lock()
-            .get_mut(&addr)
-            .and_then(|v| v.pop());
-        if let Some(mut c) = pooled {
-            if !c.is_closed() {
-                return Ok((addr, c));
-            }
+        let open = self.leader_conns.lock().get(&addr).cloned();
+        if let Some(c) = open.filter(|c| !c.is_closed()) {
+            return Ok((addr, c));
         }
-        let c = RpcConn::connect(
+        let c = MuxConn::connect(
             &self.dialer(),
             Peer::Node(leader),
             addr,
@@ -57,7 +52,27 @@ impl Shared {
         )
         .await
         .map_err(|e| Error::Unavailable(format!("cannot reach the leader at {addr}: {e}")))?;
+        let mut conns = self.leader_conns.lock();
+        conns.retain(|_, c| !c.is_closed());
+        conns.insert(addr, c.clone());
         Ok((addr, c))
+    }
+
+    /// Sends `body` to the leader: a request the connection lost before sending it is
+    /// Unavailable (retry), one lost after is OutcomeUnknown.
+    async fn call_on_leader(
+        &self,
+        body: pb::request::Body,
+    ) -> Result<(SocketAddr, pb::response::Body)> {
+        let (addr, conn) = self.leader_conn().await?;
+        match conn.call(body).await {
+            Ok(b) => Ok((addr, b)),
+            Err(CallError::NotSent(e)) => Err(Error::Unavailable(format!(
+                "the connection to the leader at {addr} closed: {e}"
+            ))),
+            // Sent, but no answer: the leader may or may not have run it.
+            Err(CallError::Lost(_)) => Err(Error::OutcomeUnknown),
+        }
     }
 
     pub(super) async fn call_leader(&self, service: &str, payload: Bytes) -> Result<Bytes> {
@@ -67,88 +82,25 @@ impl Shared {
                 h.ok_or_else(|| Error::Invalid(format!("no service {service:?} on this node")))?;
             return h.call(payload).await;
         }
-        let (addr, mut conn) = self.leader_conn().await?;
         let body = pb::request::Body::Service(pb::ServiceCall {
             service: service.to_string(),
             payload,
         });
-        match conn.call(body).await {
-            Ok(pb::response::Body::Service(r)) => {
-                self.forward_pool.lock().entry(addr).or_default().push(conn);
+        match self.call_on_leader(body).await? {
+            (_, pb::response::Body::Service(r)) => {
                 self.catch_up_to(r.applied).await;
                 Ok(r.payload)
             }
-            Ok(pb::response::Body::Error(e)) => {
-                self.forward_pool.lock().entry(addr).or_default().push(conn);
-                Err(crate::client::from_pb(e))
-            }
-            Ok(_) => Err(Error::Transport("unexpected response".into())),
-            Err(_) => Err(Error::OutcomeUnknown),
+            (_, pb::response::Body::Error(e)) => Err(crate::client::from_pb(e)),
+            _ => Err(Error::Transport("unexpected response".into())),
         }
     }
 
     /// Sends a write that reached this follower to the leader and relays the answer.
     pub(super) async fn forward_execute(&self, mut req: pb::ExecuteRequest) -> pb::Response {
-        let leader = self.raft_status.lock().leader_id;
-        let addr = self.peers.lock().get(&leader).copied();
-        let Some(addr) = addr.filter(|_| leader != 0 && leader != self.cfg.id) else {
-            return error_response(
-                0,
-                &Error::Unavailable(
-                    "no leader is known right now (an election may be in progress)".into(),
-                ),
-            );
-        };
         req.forwarded = true;
-        let pooled = self
-            .forward_pool
-            .lock()
-            .get_mut(&addr)
-            .and_then(|v| v.pop());
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => match RpcConn::connect(
-                &self.dialer(),
-                Peer::Node(leader),
-                addr,
-                self.cfg.id,
-                &self.cfg.cluster,
-                Some(self.cfg.listen.ip()),
-            )
-            .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    return error_response(
-                        0,
-                        &Error::Unavailable(format!("cannot reach the leader at {addr}: {e}")),
-                    )
-                }
-            },
-        };
-        if conn.is_closed() {
-            match RpcConn::connect(
-                &self.dialer(),
-                Peer::Node(leader),
-                addr,
-                self.cfg.id,
-                &self.cfg.cluster,
-                Some(self.cfg.listen.ip()),
-            )
-            .await
-            {
-                Ok(c) => conn = c,
-                Err(e) => {
-                    return error_response(
-                        0,
-                        &Error::Unavailable(format!("cannot reach the leader at {addr}: {e}")),
-                    )
-                }
-            }
-        }
-        match conn.call(pb::request::Body::Execute(req)).await {
-            Ok(body) => {
-                self.forward_pool.lock().entry(addr).or_default().push(conn);
+        match self.call_on_leader(pb::request::Body::Execute(req)).await {
+            Ok((addr, body)) => {
                 let body = match body {
                     pb::response::Body::Execute(mut r) => {
                         r.leader_addr = addr.to_string();
@@ -162,8 +114,7 @@ impl Shared {
                     body: Some(body),
                 }
             }
-            // Sent, but no answer: the leader may or may not have run it.
-            Err(_) => error_response(0, &Error::OutcomeUnknown),
+            Err(e) => error_response(0, &e),
         }
     }
 

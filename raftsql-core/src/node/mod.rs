@@ -58,7 +58,6 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::error::Result;
-use crate::net::conn::RpcConn;
 use crate::net::transport::Transport;
 use crate::snapshot::SnapshotStore;
 use crate::state::{DbMap, Progress, ToStateMachine};
@@ -128,7 +127,8 @@ pub(super) struct Shared {
     peers: Mutex<BTreeMap<u64, SocketAddr>>,
     receiving_snapshot: AtomicBool,
     stopped: AtomicBool,
-    forward_pool: Mutex<HashMap<SocketAddr, Vec<RpcConn>>>,
+    /// The connection to the leader that forwarded requests share (by its address).
+    leader_conns: Mutex<HashMap<SocketAddr, crate::net::mux::MuxConn>>,
     /// The newest completed read index and when its round started ([`Consistency::Bounded`]).
     fresh: Mutex<Option<(Instant, u64)>>,
     /// Services by name, and whether clients (not only members) may call them.
