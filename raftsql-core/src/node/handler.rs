@@ -57,6 +57,15 @@ impl Shared {
     }
 }
 
+/// Rows in their wire form.
+fn rows_pb(rows: &[Vec<crate::value::Value>]) -> Vec<pb::Row> {
+    rows.iter()
+        .map(|r| pb::Row {
+            values: r.iter().map(pb::Value::from).collect(),
+        })
+        .collect()
+}
+
 /// The consistency a query asks for on the wire (an unknown level: linearizable).
 fn consistency_of(q: &pb::QueryRequest) -> Consistency {
     match pb::ReadConsistency::try_from(q.consistency) {
@@ -224,13 +233,7 @@ impl Handler for NodeHandler {
                             id,
                             body: Some(pb::response::Body::Query(pb::QueryResponse {
                                 columns: rows.columns,
-                                rows: rows
-                                    .rows
-                                    .iter()
-                                    .map(|r| pb::Row {
-                                        values: r.iter().map(pb::Value::from).collect(),
-                                    })
-                                    .collect(),
+                                rows: rows_pb(&rows.rows),
                             })),
                         },
                         Err(e) => error_response(id, &e),
@@ -274,13 +277,7 @@ impl Handler for NodeHandler {
                             id,
                             body: Some(pb::response::Body::TxExec(pb::TxExecResponse {
                                 columns: rows.columns,
-                                rows: rows
-                                    .rows
-                                    .iter()
-                                    .map(|r| pb::Row {
-                                        values: r.iter().map(pb::Value::from).collect(),
-                                    })
-                                    .collect(),
+                                rows: rows_pb(&rows.rows),
                                 result: Some(pb::ExecResult {
                                     rows_affected: r.rows_affected,
                                     last_insert_rowid: r.last_insert_rowid,
