@@ -473,7 +473,7 @@ pub async fn main(a: BenchSoakArgs) -> CliResult {
         }
         let compact_rev = sql
             .query(
-                raftsql_etcd::store::DB,
+                raftsql_etcd::DB,
                 "SELECT value FROM meta WHERE name = 'compact_rev'",
                 vec![],
             )

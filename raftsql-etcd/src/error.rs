@@ -35,7 +35,7 @@ pub enum EtcdError {
     /// Two writes to one key in one txn branch.
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,
-    /// More than [`MAX_TXN_OPS`] operations in a branch, or [`MAX_TXN_TOTAL_OPS`] in all.
+    /// More than [`crate::MAX_TXN_OPS`] operations in a branch, or [`crate::MAX_TXN_TOTAL_OPS`] in all.
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps,
     /// Txns nested more than [`MAX_TXN_DEPTH`] deep.

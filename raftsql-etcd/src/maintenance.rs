@@ -176,7 +176,7 @@ impl EtcdStore {
     /// snapshot restore` (issue 5) is what restores it.
     ///
     /// Streamed: a blocking task reads the pages into 1 MiB chunks and hands them over a
-    /// channel of [`SNAPSHOT_CHUNKS_IN_FLIGHT`], so a snapshot of any size costs a few MiB
+    /// channel of `SNAPSHOT_CHUNKS_IN_FLIGHT`, so a snapshot of any size costs a few MiB
     /// of memory (the whole database was built in memory before: issue 15), and a client
     /// that reads slowly slows the reader instead of growing a buffer. Returns the stream's
     /// total size (database plus digest, for `remaining_bytes`) and the chunks; a read

@@ -201,7 +201,7 @@ pub trait Backend: Send + Sync + 'static {
         Duration::from_secs(1)
     }
 
-    /// An HTTP GET of one of [`crate::http::PATHS`] on the client port, with its query string;
+    /// An HTTP GET of one of etcd's paths (`/health`, `/readyz`, `/version`, `/metrics`, ...) on the client port, with its query string;
     /// `None` answers 404.
     async fn http_get(&self, path: &str, query: &str) -> Option<HttpAnswer> {
         let _ = (path, query);

@@ -16,7 +16,7 @@ use raftsql_etcd::pb::etcdserverpb::{
     StatusRequest,
 };
 use raftsql_etcd::pb::mvccpb::KeyValue;
-use raftsql_etcd::server::{serve_listener, Backend, MAX_REQUEST_BYTES, NOT_IMPLEMENTED};
+use raftsql_etcd::{serve_listener, Backend, MAX_REQUEST_BYTES, NOT_IMPLEMENTED};
 use tokio::sync::oneshot;
 use tonic::{Code, Status};
 

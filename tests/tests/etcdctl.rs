@@ -82,7 +82,7 @@ fn etcdctl_through_a_follower() {
         serde_json::from_str(&run(&["endpoint", "status", "-w", "json"])).unwrap();
     let st = &j[0]["Status"];
     // 3.6.0: the level whose watch progress semantics raftsql implements (etcd_current.rs).
-    assert_eq!(st["version"], raftsql_etcd::maintenance::ETCD_VERSION);
+    assert_eq!(st["version"], raftsql_etcd::ETCD_VERSION);
     assert_eq!(st["version"], "3.6.0");
     assert_eq!(st["leader"], leader);
     assert!(st["dbSize"].as_i64().unwrap() > 0, "{st}");

@@ -381,7 +381,7 @@ fn limits_answer_with_clear_errors() {
             .await
             .unwrap()
             .into_inner();
-        let limit = raftsql_etcd::watch::MAX_WATCHES_PER_STREAM;
+        let limit = raftsql_etcd::MAX_WATCHES_PER_STREAM;
         let send = tx.clone();
         tokio::spawn(async move {
             for i in 0..=limit {
@@ -649,10 +649,7 @@ fn etcd_stream_and_watch_id_limits_hold() {
                 break n;
             }
         };
-        assert_eq!(
-            announced,
-            raftsql_etcd::server::MAX_STREAMS_PER_CONNECTION as usize
-        );
+        assert_eq!(announced, raftsql_etcd::MAX_STREAMS_PER_CONNECTION as usize);
 
         let mut w = WatchClient::connect(format!("http://{addr}"))
             .await

@@ -78,7 +78,7 @@ fn key(k: u64) -> Bytes {
 async fn sql_read(sql: &Client, k: u64) -> Result<Action, ()> {
     let rows = sql
         .query(
-            raftsql_etcd::store::DB,
+            raftsql_etcd::DB,
             "SELECT CAST(value AS TEXT) FROM kv_live WHERE key = ?1",
             vec![Value::Blob(key(k).to_vec())],
         )
