@@ -17,7 +17,7 @@
 //! joining an impostor.
 //!
 //! **Keeping roles.** While a node leads, its keeper probes every member every
-//! [`PROBE_EVERY`] and applies at most one change planned by `roles::plan` per round,
+//! `PROBE_EVERY` (2 s) and applies at most one change planned by `roles::plan` per round,
 //! waiting until it is applied.
 //!
 //! The services: [`MEMBERS_SERVICE`] answers on every node (clients send membership requests
@@ -27,7 +27,7 @@
 //! # Files
 //! | file | owns |
 //! |---|---|
-//! | `mod.rs` | the service names, [`start`]: services registered and tasks spawned on a node |
+//! | `mod.rs` | the service names, `start`: services registered and tasks spawned on a node |
 //! | `registry.rs` | the registry tables |
 //! | `token.rs` | join tokens and their HMACs |
 //! | `keeper.rs` | the role keeper and the registry-following tasks |
@@ -60,7 +60,7 @@ pub use token::DEFAULT_TOKEN_TTL;
 /// The replicated database holding the registry and the join tokens.
 pub const SYSTEM_DB: &str = "_raftsql";
 
-/// Membership requests ([`pb::MembershipRequest`]), answered on any node.
+/// Membership requests (`MembershipRequest` of `proto/raftsql.proto`), answered on any node.
 pub const MEMBERS_SERVICE: &str = "raftsql.members";
 
 /// The same requests, run on the leader.
