@@ -17,7 +17,7 @@
 //! joining an impostor.
 //!
 //! **Keeping roles.** While a node leads, its keeper probes every member every
-//! `PROBE_EVERY` (2 s) and applies at most one change planned by `roles::plan` per round,
+//! `PROBE_EVERY` (300 ms) and applies at most one change planned by `roles::plan` per round,
 //! waiting until it is applied.
 //!
 //! The services: [`MEMBERS_SERVICE`] answers on every node (clients send membership requests
