@@ -164,6 +164,21 @@ impl Client {
     }
 
     /// Status of one node, over plain TCP.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// # let client = raftsql_core::Client::new(vec![addr], "raftsql");
+    /// use raftsql_core::Client;
+    /// let s = Client::status_of(addr, "raftsql", false).await?;
+    /// assert_eq!((s.id, s.role.as_str()), (1, "leader"));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn status_of(
         addr: SocketAddr,
         cluster: &str,
@@ -367,6 +382,22 @@ impl Client {
     }
 
     /// Runs one write statement.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// # let client = raftsql_core::Client::new(vec![addr], "raftsql");
+    /// use raftsql_core::Value;
+    /// client.execute("main", "CREATE TABLE n(x INTEGER)", vec![]).await?;
+    /// let r = client.execute("main", "INSERT INTO n VALUES (?1)", vec![Value::Integer(7)]).await?;
+    /// assert_eq!((r.rows_affected, r.last_insert_rowid), (1, 1));
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn execute(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<ExecResult> {
         let mut r = self
             .execute_batch(db, &[Statement::with_params(sql, params)])
@@ -427,6 +458,20 @@ impl Client {
     }
 
     /// Runs a linearizable query: it sees every write acknowledged before it started.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// # let client = raftsql_core::Client::new(vec![addr], "raftsql");
+    /// let rows = client.query("main", "SELECT 'hello'", vec![]).await?;
+    /// assert_eq!(rows.rows, vec![vec!["hello".into()]]);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn query(&self, db: &str, sql: &str, params: Vec<Value>) -> Result<Rows> {
         self.query_with(db, sql, params, Consistency::Linearizable)
             .await

@@ -219,11 +219,53 @@ impl Node {
 
     /// Calls `service` on the current leader (which may be this node) and returns its reply.
     /// A call whose answer is lost after it was sent is [`Error::OutcomeUnknown`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// use std::sync::Arc;
+    /// use bytes::Bytes;
+    /// use raftsql_core::{Result, ServiceHandler};
+    ///
+    /// /// Answers with the payload reversed (on the leader).
+    /// struct Reverse;
+    /// impl ServiceHandler for Reverse {
+    ///     fn call(&self, payload: Bytes)
+    ///         -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes>> + Send>> {
+    ///         Box::pin(async move { Ok(payload.iter().rev().copied().collect::<Vec<u8>>().into()) })
+    ///     }
+    /// }
+    /// node.register_service("reverse", Arc::new(Reverse));
+    /// let reply = node.call_leader("reverse", Bytes::from_static(b"abc")).await?;
+    /// assert_eq!(&reply[..], b"cba");
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn call_leader(&self, service: &str, payload: Bytes) -> Result<Bytes> {
         self.shared.call_leader(service, payload).await
     }
 
     /// The index of the last entry applied here, and every later change of it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// let mut applied = node.subscribe_applied();
+    /// let before = *applied.borrow();
+    /// node.execute("main", "CREATE TABLE t(x)", vec![]).await?;
+    /// // Answered writes are applied here already; later ones arrive as changes.
+    /// assert!(*applied.borrow_and_update() > before);
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
         self.shared.applied_rx.clone()
     }
@@ -493,12 +535,38 @@ impl Node {
 
     /// Digest of each database's pages (equal on every replica once they applied the same
     /// index).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// node.execute("main", "CREATE TABLE t(x)", vec![]).await?;
+    /// let digests = node.digests().await?;
+    /// assert!(digests.contains_key("main")); // equal on every replica at the same index
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn digests(&self) -> Result<BTreeMap<String, String>> {
         self.shared.digests().await
     }
 
     /// Stops the node: the Raft and state machine threads finish, files are closed, the data
     /// directory lock is released when the last clone is dropped.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// # let node = raftsql_core::Node::start(raftsql_core::NodeConfig::new(1, dir.path(), addr)).await?;
+    /// # node.wait_ready(std::time::Duration::from_secs(10)).await?;
+    /// node.shutdown().await; // a leader of several hands leadership over first
+    /// assert!(node.execute("main", "SELECT 1", vec![]).await.is_err());
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(&self) {
         if self.shared.stopped.load(Ordering::SeqCst) {
             return;
