@@ -60,21 +60,24 @@
 //!
 //! # Layout
 //!
-//! The layers, from the caller down (`docs/ARCHITECTURE.md` has the data path of a write
-//! and every invariant with the test that checks it):
+//! The layers, from the top down; a module uses only those below it (`docs/ARCHITECTURE.md`
+//! has the data path of a write and every invariant with the test that checks it):
 //!
-//! | layer | modules | owns |
+//! | layer | path | owns |
 //! |---|---|---|
-//! | API | `node`, `client`, `consistency`, `error`, `value` | [`Node`], [`Client`], [`Consistency`], [`Error`], [`Value`] / [`Statement`] / [`Rows`] |
-//! | operations | [`members`], [`roles`](Targets), [`backup`], [`backup_schedule`], [`recover`], [`tls`] | membership and join tokens, the role keeper, backups, disaster recovery, certificates |
-//! | replication | `node` (the Raft thread), `snapshot`, `log` | the RawNode loop, snapshots for lagging nodes, the durable Raft log |
-//! | state machine | `state`, `committed`, `guard`, `entry` | databases and the writer, apply, checkpoints; what client SQL may do; the replicated entry format |
-//! | storage | `vfs` | the SQLite VFS that exposes the wal-index header |
-//! | network | `transport`, `mux` | framed TCP/TLS between nodes and clients; multiplexed client connections |
+//! | composition | `start.rs` | [`Node::start`]: the core with the services above it attached |
+//! | operations | [`members`], [`backup`], [`recover`], `roles.rs` | membership, join tokens and the role keeper; backups; disaster recovery; the role planner |
+//! | API | `client.rs`, `consistency.rs`, `error.rs`, `value.rs` | [`Client`], [`Consistency`], [`Error`], [`Value`] / [`Statement`] / [`Rows`] |
+//! | node | `node/` | [`Node`]: config, boot, API, forwarding to the leader, the network handler, the Raft thread, snapshot pulls |
+//! | state machine | `state/`, `guard.rs`, `snapshot.rs`, `committed.rs` | databases and the writer, batches, apply, checkpoints, recovery; what client SQL may do; snapshots |
+//! | replication format | `entry.rs`, `log.rs` | the replicated entry; the durable Raft log |
+//! | storage | `vfs.rs` | the SQLite VFS that exposes the wal-index header |
+//! | network | `net/` | frames, dialing, [`tls`], the server, the per-peer transport, one-call and multiplexed connections |
 //!
-//! Threads: the Raft thread (ready → persist → send → apply → advance), the state machine
-//! thread (one writer connection per database), the checkpoint fsync thread, and tokio tasks
-//! for the network and the API.
+//! Threads: the Raft thread (`raftsql-raft`: ready → send → persist → apply → advance), the
+//! state machine thread (`raftsql-sm`, one writer connection per database), the checkpoint
+//! fsync thread, and tokio tasks for the network and the API; they talk through one typed
+//! message enum per hop.
 #![warn(missing_docs)]
 
 pub mod backup;
