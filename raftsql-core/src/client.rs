@@ -72,9 +72,11 @@ pub struct Client {
 /// What every clone of a client shares.
 #[derive(Default)]
 struct Shared {
-    /// One connection slot per node; the slot's lock is held while (re)connecting, so
-    /// callers that find the connection broken reconnect once between them.
-    conns: parking_lot::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<MuxConn>>>>>,
+    /// The open connection to each node (a call takes a clone: no lock is held across it).
+    open: parking_lot::Mutex<HashMap<SocketAddr, MuxConn>>,
+    /// Held while (re)connecting to a node, so that callers who find its connection broken
+    /// reconnect once between them.
+    connecting: parking_lot::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// The node to try first: the leader, as last learned.
     preferred: parking_lot::Mutex<Option<SocketAddr>>,
     /// Where the next round over the endpoints starts.
@@ -210,16 +212,31 @@ impl Client {
 
     /// The shared connection to `addr`, opened (or reopened, if the node closed it) now.
     async fn conn_to(&self, addr: SocketAddr) -> std::io::Result<MuxConn> {
-        let slot = self.shared.conns.lock().entry(addr).or_default().clone();
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
+        if let Some(c) = self.open_conn(addr) {
+            return Ok(c);
         }
-        *slot = None;
+        let gate = self
+            .shared
+            .connecting
+            .lock()
+            .entry(addr)
+            .or_default()
+            .clone();
+        let _connecting = gate.lock().await;
+        // Another caller may have reconnected while this one waited.
+        if let Some(c) = self.open_conn(addr) {
+            return Ok(c);
+        }
         let c =
             MuxConn::connect(&self.dialer, Peer::Endpoint, addr, 0, &self.cluster, None).await?;
-        *slot = Some(c.clone());
+        self.shared.open.lock().insert(addr, c.clone());
         Ok(c)
+    }
+
+    /// The open connection to `addr`, if there is one the node has not closed.
+    fn open_conn(&self, addr: SocketAddr) -> Option<MuxConn> {
+        let open = self.shared.open.lock();
+        open.get(&addr).filter(|c| !c.is_closed()).cloned()
     }
 
     /// Forgets `addr` as the node to try first (it failed).

@@ -183,7 +183,9 @@ impl MuxConn {
     }
 }
 
-async fn write_loop(shared: Arc<Shared>, mut w: Writer, mut rx: mpsc::Receiver<bytes::Bytes>) {
+async fn write_loop(shared: Arc<Shared>, w: Writer, mut rx: mpsc::Receiver<bytes::Bytes>) {
+    // Buffered: the requests queued meanwhile leave in one write.
+    let mut w = tokio::io::BufWriter::with_capacity(super::server::WRITE_BUFFER, w);
     while let Some(b) = rx.recv().await {
         let mut r = w.write_all(&b).await;
         // Requests that queued meanwhile go out in the same flush.

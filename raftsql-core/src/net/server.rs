@@ -27,6 +27,9 @@ use super::frame::{
 };
 use super::tls::{removed_reason, PeerTls};
 
+/// How much of a connection's outgoing frames is gathered into one write.
+pub(super) const WRITE_BUFFER: usize = 64 << 10;
+
 /// The pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// How long a refused client's rest of a too-large request is read, so it reads the reason.
@@ -270,6 +273,9 @@ async fn serve_conn(
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let (tx, mut out) = mpsc::channel::<Bytes>(1024);
     tokio::spawn(async move {
+        // Buffered, so that the responses queued meanwhile leave in one write (on plain TCP
+        // each write_all would be a system call and a packet of its own).
+        let mut w = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w);
         while let Some(b) = out.recv().await {
             if w.write_all(&b).await.is_err() {
                 return;
