@@ -18,8 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use raftsql_tests::harness::etcd::free_port;
-use raftsql_tests::harness::etcdctl;
 use raftsql_tests::harness::Cluster;
+use raftsql_tests::harness::{self, etcdctl};
 
 const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "e2e-token-not-a-secret";
@@ -358,15 +358,11 @@ fn kube_apiserver_on_raftsql() {
     apply(
         "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.e2e.raftsql.io\nspec:\n  group: e2e.raftsql.io\n  scope: Namespaced\n  names: {plural: widgets, singular: widget, kind: Widget}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n",
     );
-    let deadline = Instant::now() + T;
-    loop {
-        let (success, _, err) = kubectl(&bin, port, &["get", "widgets", "-A"]);
-        if success {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the CRD is not served: {err}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    harness::wait_for(T, "the CRD served", || {
+        kubectl(&bin, port, &["get", "widgets", "-A"])
+            .0
+            .then_some(())
+    });
     apply("apiVersion: e2e.raftsql.io/v1\nkind: Widget\nmetadata: {name: w1, namespace: e2e}\nspec: {size: 3}\n");
     apply("apiVersion: v1\nkind: Event\nmetadata: {name: ev1, namespace: e2e}\ninvolvedObject: {kind: ConfigMap, name: cm0, namespace: e2e}\nreason: Tested\nmessage: hello\ntype: Normal\n");
     let got = ok(

@@ -389,8 +389,12 @@ fn cluster_show_tells_when_and_why_roles_and_leaders_changed() {
         }
     }
     let all = (1..=4).map(|i| addr(i, &cl)).collect::<Vec<_>>().join(",");
-    let (v, _) = wait_show(&all, "3 voters + 1 standby", |v| {
-        count(v, "voter") == 3 && count(v, "standby") == 1
+    // The keeper records a role change in the history just after the configuration change
+    // is applied: wait for both.
+    let (v, _) = wait_show(&all, "3 voters + 1 standby, recorded", |v| {
+        count(v, "voter") == 3
+            && count(v, "standby") == 1
+            && last_change(v, 4).is_some_and(|(_, to, _)| to == "standby")
     });
     eprintln!("{v:#}");
     assert_eq!(v["last_leader_change"]["node"].as_u64(), Some(1), "{v}");

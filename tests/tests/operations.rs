@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use raftsql_core::{backup_schedule, Client, Value};
-use raftsql_tests::harness::{bin, Cluster};
+use raftsql_tests::harness::{self, bin, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -239,39 +239,24 @@ fn scheduled_backups_keep_n_verified_files() {
         full |= n >= KEEP;
         n
     };
-    let deadline = Instant::now() + T;
-    while sample(&cl, "filling") < KEEP {
-        assert!(
-            Instant::now() < deadline,
-            "no {KEEP} backups\n{}",
-            cl.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    harness::try_wait_for(T, || (sample(&cl, "filling") >= KEEP).then_some(()))
+        .unwrap_or_else(|| panic!("no {KEEP} backups\n{}", cl.logs()));
     let before_kill: HashSet<PathBuf> = backups(&dir_of(&cl, watched)).into_iter().collect();
     let old_term = cl.status(watched, false).unwrap().term;
     cl.kill(leader);
     eprintln!("killed leader {leader}; watching node {watched}");
     // Two backups made under the new leader (a later term) replace older ones.
-    let deadline = Instant::now() + T;
-    loop {
+    harness::try_wait_for(T, || {
         sample(&cl, "after the kill");
-        let newer: Vec<_> = backups(&dir_of(&cl, watched))
+        let newer = backups(&dir_of(&cl, watched))
             .into_iter()
             .filter(|p| !before_kill.contains(p))
             .filter_map(|p| raftsql_core::backup::verify(&p).ok())
             .filter(|h| h.term > old_term)
-            .collect();
-        if newer.len() >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no backups after the leader change\n{}",
-            cl.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .count();
+        (newer >= 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no backups after the leader change\n{}", cl.logs()));
     // The killed node restarts, drops what it was writing, and goes on with its schedule.
     // What the kill left unfinished; the restart removes it (and may start a new one).
     let unfinished = |cl: &Cluster| -> Vec<String> {
@@ -284,18 +269,13 @@ fn scheduled_backups_keep_n_verified_files() {
     let at_kill = unfinished(&cl);
     let had = backups(&dir_of(&cl, leader));
     cl.spawn(leader);
-    let deadline = Instant::now() + T;
-    while backups(&dir_of(&cl, leader))
-        .iter()
-        .all(|p| had.contains(p))
-    {
+    harness::wait_for(T, "a backup after the restart", || {
         sample(&cl, "after the restart");
-        assert!(
-            Instant::now() < deadline,
-            "node {leader} took no backup after its restart"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let fresh = backups(&dir_of(&cl, leader))
+            .iter()
+            .any(|p| !had.contains(p));
+        fresh.then_some(())
+    });
     let left: Vec<String> = unfinished(&cl)
         .into_iter()
         .filter(|n| at_kill.contains(n))
@@ -315,11 +295,9 @@ fn scheduled_backups_keep_n_verified_files() {
 
     // Every file of every node checks out, by the library and by `snapshot list`.
     let w = dir_of(&cl, watched);
-    let deadline = Instant::now() + T;
-    while backups(&w).len() != KEEP {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    harness::wait_for(T, "exactly the kept backups", || {
+        (backups(&w).len() == KEEP).then_some(())
+    });
     // A copy, so that the schedule does not prune what the rest of the test looks at.
     let copy = cl.dir.path().join("copy");
     std::fs::create_dir(&copy).unwrap();

@@ -219,11 +219,9 @@ fn joins_pin_the_ca_and_removed_nodes_stay_out() {
     let mut cl = Cluster::prepare(3, &[], false);
     cl.spawn_first(&strings(&["--peer-tls"]));
     let tls1 = cl.data_dir(1).join("tls");
-    let deadline = std::time::Instant::now() + T;
-    while !tls1.join("node.key").exists() {
-        assert!(std::time::Instant::now() < deadline, "node 1 made no CA");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    harness::wait_for(T, "node 1's CA", || {
+        tls1.join("node.key").exists().then_some(())
+    });
     let fp = raftsql_core::tls::ClusterCa::load(&tls1)
         .unwrap()
         .fingerprint_hex();

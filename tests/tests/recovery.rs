@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use raftsql_core::Value;
-use raftsql_tests::harness::Cluster;
+use raftsql_tests::harness::{self, Cluster};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -32,19 +32,14 @@ fn recover_from_a_lost_majority() {
     // The registry (which recovery reports from) lists every member once the leader has
     // seeded it.
     let eps = cl.addr(leader).to_string();
-    let deadline = std::time::Instant::now() + T;
-    loop {
+    harness::wait_for(T, "a registry of 3 members", || {
         let (ok, out, _) =
             Cluster::run_cli(&["cluster", "show", "--format", "json", "--endpoints", &eps]);
         let n = serde_json::from_str::<serde_json::Value>(&out)
             .ok()
             .and_then(|v| v["nodes"].as_array().map(|a| a.len()));
-        if ok && n == Some(3) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "registry: {out}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (ok && n == Some(3)).then_some(())
+    });
     cl.wait_converged(T);
     // The leader and one follower are lost for good.
     let survivor = (1..=3).find(|i| *i != leader).unwrap();
@@ -247,8 +242,7 @@ fn an_idle_joined_node_keeps_its_configuration_across_kill_9() {
     cl.spawn_join(2, &join, &[]);
     // Settled: node 2 is in the configuration and has applied everything, and nothing is
     // written after that.
-    let deadline = std::time::Instant::now() + T;
-    loop {
+    harness::wait_for(T, "node 2 settled", || {
         let (ok, out, _) =
             Cluster::run_cli(&["cluster", "show", "--format", "json", "--endpoints", &ep]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
@@ -257,15 +251,8 @@ fn an_idle_joined_node_keeps_its_configuration_across_kill_9() {
                 ns.iter()
                     .any(|n| n["id"] == 2 && n["role"] != "spare" && n["lag"] == 0)
             });
-        if settled {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node 2 never settled: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        settled.then_some(())
+    });
     std::thread::sleep(Duration::from_secs(1));
     cl.kill(2);
     let dir = cl.data_dir(2).display().to_string();

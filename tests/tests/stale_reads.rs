@@ -10,7 +10,7 @@
 //! once from the leader's state: a deposed leader answered a failed CAS with the old value.)
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use raftsql_core::Value;
@@ -79,18 +79,12 @@ fn a_deposed_leader_does_not_answer_from_its_old_state() {
     )
     .expect("iptables partition");
     // The others elect a leader and write newer values.
-    let deadline = Instant::now() + T;
-    let new = loop {
-        if let Some(l) = others
+    let new = harness::wait_for(T, "a new leader", || {
+        others
             .iter()
             .copied()
             .find(|i| cl.status(*i, false).is_some_and(|s| s.role == "leader"))
-        {
-            break l;
-        }
-        assert!(Instant::now() < deadline, "no new leader");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     cl.rt.block_on(async {
         kv_new
             .put(PutRequest {
