@@ -11,7 +11,6 @@
 //! connection broke after it was sent is reported as [`Error::OutcomeUnknown`], never retried
 //! blindly.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use raftsql_proto::v1 as pb;
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
 use crate::net::conn::RpcConn;
-use crate::net::mux::{CallError, MuxConn};
+use crate::net::mux::{CallError, MuxCache, MuxConn};
 use crate::net::{Dialer, Peer};
 use crate::value::{ExecResult, Rows, Statement, Value};
 
@@ -72,11 +71,8 @@ pub struct Client {
 /// What every clone of a client shares.
 #[derive(Default)]
 struct Shared {
-    /// The open connection to each node (a call takes a clone: no lock is held across it).
-    open: parking_lot::Mutex<HashMap<SocketAddr, MuxConn>>,
-    /// Held while (re)connecting to a node, so that callers who find its connection broken
-    /// reconnect once between them.
-    connecting: parking_lot::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// The connection to each node (a call takes a clone: no lock is held across it).
+    conns: MuxCache,
     /// The node to try first: the leader, as last learned.
     preferred: parking_lot::Mutex<Option<SocketAddr>>,
     /// Where the next round over the endpoints starts.
@@ -212,31 +208,9 @@ impl Client {
 
     /// The shared connection to `addr`, opened (or reopened, if the node closed it) now.
     async fn conn_to(&self, addr: SocketAddr) -> std::io::Result<MuxConn> {
-        if let Some(c) = self.open_conn(addr) {
-            return Ok(c);
-        }
-        let gate = self
-            .shared
-            .connecting
-            .lock()
-            .entry(addr)
-            .or_default()
-            .clone();
-        let _connecting = gate.lock().await;
-        // Another caller may have reconnected while this one waited.
-        if let Some(c) = self.open_conn(addr) {
-            return Ok(c);
-        }
-        let c =
-            MuxConn::connect(&self.dialer, Peer::Endpoint, addr, 0, &self.cluster, None).await?;
-        self.shared.open.lock().insert(addr, c.clone());
-        Ok(c)
-    }
-
-    /// The open connection to `addr`, if there is one the node has not closed.
-    fn open_conn(&self, addr: SocketAddr) -> Option<MuxConn> {
-        let open = self.shared.open.lock();
-        open.get(&addr).filter(|c| !c.is_closed()).cloned()
+        let connect =
+            || MuxConn::connect(&self.dialer, Peer::Endpoint, addr, 0, &self.cluster, None);
+        self.shared.conns.get_or_connect(addr, connect).await
     }
 
     /// Forgets `addr` as the node to try first (it failed).
@@ -261,15 +235,28 @@ impl Client {
             return Err(Error::Invalid("the client has no endpoints".into()));
         }
         let deadline = Instant::now() + self.timeout;
-        let mut next = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        // Where a round over the endpoints starts (taken only when no node is preferred).
+        let mut next: Option<usize> = None;
         let mut last_err = Error::Unavailable("no endpoint answered".into());
         while Instant::now() < deadline {
             let preferred = *self.shared.preferred.lock();
             let target = preferred.unwrap_or_else(|| {
-                next += 1;
-                self.endpoints[next % self.endpoints.len()]
+                let n =
+                    next.get_or_insert_with(|| self.shared.next.fetch_add(1, Ordering::Relaxed));
+                let target = self.endpoints[*n % self.endpoints.len()];
+                *n += 1;
+                target
             });
-            let conn = match self.conn_to(target).await {
+            let connected = tokio::time::timeout_at(deadline.into(), self.conn_to(target)).await;
+            let Ok(connected) = connected else {
+                // Out of time while connecting: nothing was sent.
+                last_err = Error::Unavailable(format!(
+                    "{target}: not connected within the client's timeout ({:?})",
+                    self.timeout
+                ));
+                break;
+            };
+            let conn = match connected {
                 Ok(c) => c,
                 // A certificate the node refuses (or that does not verify) will not
                 // change by retrying.
@@ -317,19 +304,22 @@ impl Client {
                     match &err {
                         Error::NotLeader { leader_addr, .. } => {
                             let hint = leader_addr.as_ref().and_then(|a| a.parse().ok());
-                            *self.shared.preferred.lock() = hint;
+                            self.prefer(preferred, hint);
                             if hint.is_none() {
                                 tokio::time::sleep(RETRY_PAUSE).await;
                             }
                             last_err = err;
                         }
                         Error::Unavailable(_) => {
+                            // This node cannot serve now (cut off, no leader known): another
+                            // one may.
+                            self.unprefer(target);
                             tokio::time::sleep(RETRY_PAUSE).await;
                             last_err = err;
                         }
                         _ => {
                             // Stick to this node next time.
-                            *self.shared.preferred.lock() = Some(target);
+                            self.prefer(preferred, Some(target));
                             return Err(err);
                         }
                     }
@@ -342,12 +332,20 @@ impl Client {
                         }
                         _ => None,
                     };
-                    *self.shared.preferred.lock() = Some(hint.unwrap_or(target));
+                    self.prefer(preferred, Some(hint.unwrap_or(target)));
                     return Ok((target, body));
                 }
             }
         }
         Err(last_err)
+    }
+
+    /// Makes `new` the node to try first, unless it already is (`current`, read at the
+    /// start of the attempt): the shared lock is taken only for a change.
+    fn prefer(&self, current: Option<SocketAddr>, new: Option<SocketAddr>) {
+        if current != new {
+            *self.shared.preferred.lock() = new;
+        }
     }
 
     /// Runs statements atomically on `db`: all take effect or none.

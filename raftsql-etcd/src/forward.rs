@@ -2,7 +2,7 @@
 //! [`Forwarded`] message (a `oneof` of the etcd requests that write) through the node service
 //! [`SERVICE`] ([`raftsql_core::Node::call_leader`]); the leader's [`Service`] runs it on its
 //! own store and answers one [`ForwardedReply`]. etcd's errors travel as core application
-//! errors (`store::encode_err` / `decode_err`), so the follower's client sees etcd's code and
+//! errors (`error.rs`: `encode_err` / `decode_err`), so the follower's client sees etcd's code and
 //! message.
 
 use std::sync::Weak;

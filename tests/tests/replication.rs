@@ -387,6 +387,11 @@ fn bounded_reads_are_never_staler_than_their_bound() {
     // A linearizable read on the follower: a read-index round, which bounded reads reuse.
     assert_eq!(get(&at_f, Consistency::Linearizable).unwrap(), one(1));
     let round_done = std::time::Instant::now();
+    // A client of every node, answered by the follower first (so it prefers it).
+    let mut order = vec![c.addr(f)];
+    order.extend((1..=3).filter(|i| *i != f).map(|i| c.addr(i)));
+    let everywhere = Client::new(order, "raftsql");
+    assert_eq!(get(&everywhere, Consistency::Linearizable).unwrap(), one(1));
 
     let cut = harness::net::Partition::between(&[c.addr(f).ip()], &others).unwrap();
     // No round can complete now: this one is served from the last round's index.
@@ -409,6 +414,9 @@ fn bounded_reads_are_never_staler_than_their_bound() {
     assert!(get(&at_f, Consistency::Linearizable).is_err());
     // A local read answers what the node has: the value it was cut off with.
     assert_eq!(get(&at_f, Consistency::Local).unwrap(), one(1));
+    // A client of every node leaves the follower that cannot serve (Unavailable) for one
+    // that can, within its timeout, instead of retrying the follower until it gives up.
+    assert_eq!(get(&everywhere, Consistency::Linearizable).unwrap(), one(2));
 
     drop(cut);
     let deadline = std::time::Instant::now() + T;

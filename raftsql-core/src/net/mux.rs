@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -72,25 +72,39 @@ struct Shared {
     next_id: AtomicU64,
     /// Responses received so far.
     answered: AtomicU64,
+    /// Mirrors `State::closed` (set under the state lock), for the check before each call.
+    is_closed: AtomicBool,
     state: Mutex<State>,
 }
 
+/// A call waiting for its answer, and the size of its request frame.
+type Pending = (oneshot::Sender<Answer>, usize);
+
 #[derive(Default)]
 struct State {
-    pending: HashMap<u64, oneshot::Sender<Answer>>,
+    pending: HashMap<u64, Pending>,
     /// Set once, when the connection failed or was refused; no call is registered after.
     closed: Option<(io::ErrorKind, String)>,
+}
+
+impl State {
+    /// Marks the connection closed (first reason wins) and takes the pending calls.
+    fn close(&mut self, flag: &AtomicBool, kind: io::ErrorKind, msg: String) -> Vec<Pending> {
+        self.closed.get_or_insert((kind, msg));
+        flag.store(true, Ordering::Release);
+        self.pending.drain().map(|(_, p)| p).collect()
+    }
 }
 
 impl Shared {
     /// Closes the connection (first reason wins) and fails every pending call with it.
     fn close(&self, kind: io::ErrorKind, msg: String) {
-        let (pending, kind, msg) = {
+        let (pending, (kind, msg)) = {
             let mut s = self.state.lock();
-            let (kind, msg) = s.closed.get_or_insert((kind, msg)).clone();
-            (std::mem::take(&mut s.pending), kind, msg)
+            let pending = s.close(&self.is_closed, kind, msg);
+            (pending, s.closed.clone().expect("just closed"))
         };
-        for (_, tx) in pending {
+        for (tx, _) in pending {
             let _ = tx.send(Err(io::Error::new(kind, msg.clone())));
         }
     }
@@ -100,11 +114,15 @@ impl Shared {
 struct PendingGuard<'a> {
     shared: &'a Shared,
     id: u64,
+    /// False once the answer came (its entry is gone already).
+    armed: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.shared.state.lock().pending.remove(&self.id);
+        if self.armed {
+            self.shared.state.lock().pending.remove(&self.id);
+        }
     }
 }
 
@@ -125,6 +143,7 @@ impl MuxConn {
         let shared = Arc::new(Shared {
             next_id: AtomicU64::new(1),
             answered: AtomicU64::new(0),
+            is_closed: AtomicBool::new(false),
             state: Mutex::new(State::default()),
         });
         let (out, rx) = mpsc::channel(OUT_QUEUE);
@@ -135,7 +154,7 @@ impl MuxConn {
 
     /// True once the connection has failed or been refused: a call on it fails at once.
     pub fn is_closed(&self) -> bool {
-        self.shared.state.lock().closed.is_some()
+        self.shared.is_closed.load(Ordering::Acquire)
     }
 
     /// How many responses this connection has received.
@@ -148,38 +167,83 @@ impl MuxConn {
     /// or may not have reached the node.
     pub async fn call(&self, body: pb::request::Body) -> Result<pb::response::Body, CallError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&pb::Frame {
+            kind: Some(pb::frame::Kind::Request(pb::Request {
+                id,
+                body: Some(body),
+            })),
+        });
         let (tx, rx) = oneshot::channel();
         {
             let mut s = self.shared.state.lock();
             if let Some((kind, msg)) = &s.closed {
                 return Err(CallError::NotSent(io::Error::new(*kind, msg.clone())));
             }
-            s.pending.insert(id, tx);
+            s.pending.insert(id, (tx, frame.len()));
         }
-        let _guard = PendingGuard {
+        let mut guard = PendingGuard {
             shared: &self.shared,
             id,
+            armed: true,
         };
-        let f = pb::Frame {
-            kind: Some(pb::frame::Kind::Request(pb::Request {
-                id,
-                body: Some(body),
-            })),
-        };
-        if self.out.send(encode_frame(&f)).await.is_err() {
+        if self.out.send(frame).await.is_err() {
             // The writer task ended (it closed the connection as it did): nothing was sent.
             self.shared
                 .close(io::ErrorKind::BrokenPipe, "connection closed".into());
             let (kind, msg) = self.shared.state.lock().closed.clone().unwrap();
             return Err(CallError::NotSent(io::Error::new(kind, msg)));
         }
-        match rx.await {
+        let answer = rx.await;
+        guard.armed = false;
+        match answer {
             Ok(answer) => answer.map_err(CallError::Lost),
             Err(_) => Err(CallError::Lost(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "connection closed",
             ))),
         }
+    }
+}
+
+/// Open multiplexed connections by address; each is dialled once, however many callers find
+/// it missing or closed at the same moment (they wait for the one dialling).
+#[derive(Default)]
+pub(crate) struct MuxCache {
+    open: Mutex<HashMap<SocketAddr, MuxConn>>,
+    connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl MuxCache {
+    /// The open connection to `addr`, if there is one its node has not closed.
+    pub(crate) fn get(&self, addr: SocketAddr) -> Option<MuxConn> {
+        let open = self.open.lock();
+        open.get(&addr).filter(|c| !c.is_closed()).cloned()
+    }
+
+    /// The open connection to `addr`, or a new one from `connect`.
+    pub(crate) async fn get_or_connect<F, Fut>(
+        &self,
+        addr: SocketAddr,
+        connect: F,
+    ) -> io::Result<MuxConn>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = io::Result<MuxConn>>,
+    {
+        if let Some(c) = self.get(addr) {
+            return Ok(c);
+        }
+        let gate = self.connecting.lock().entry(addr).or_default().clone();
+        let _dialling = gate.lock().await;
+        // Another caller may have connected while this one waited.
+        if let Some(c) = self.get(addr) {
+            return Ok(c);
+        }
+        let c = connect().await?;
+        let mut open = self.open.lock();
+        open.retain(|_, c| !c.is_closed());
+        open.insert(addr, c.clone());
+        Ok(c)
     }
 }
 
@@ -195,11 +259,11 @@ async fn write_loop(shared: Arc<Shared>, w: Writer, mut rx: mpsc::Receiver<bytes
                 Err(_) => break,
             }
         }
-        if let Err(e) = r.and(w.flush().await) {
-            shared.close(e.kind(), e.to_string());
-            return;
+        if r.is_ok() {
+            r = w.flush().await;
         }
-        if shared.state.lock().closed.is_some() {
+        if let Err(e) = r {
+            shared.close(e.kind(), e.to_string());
             return;
         }
     }
@@ -219,19 +283,11 @@ async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<Reader>) {
                     .body
                     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty response"));
                 if r.id == 0 {
-                    // A connection-level answer: it answers every call, and the server closes.
-                    let pending = {
-                        let mut s = shared.state.lock();
-                        s.closed = Some((io::ErrorKind::ConnectionAborted, refused_msg(&body)));
-                        std::mem::take(&mut s.pending)
-                    };
-                    for (_, tx) in pending {
-                        let _ = tx.send(clone_answer(&body));
-                    }
+                    refused(&shared, body);
                     return;
                 }
                 let tx = shared.state.lock().pending.remove(&r.id);
-                if let Some(tx) = tx {
+                if let Some((tx, _)) = tx {
                     let _ = tx.send(body);
                 }
             }
@@ -254,10 +310,29 @@ async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<Reader>) {
     }
 }
 
-fn clone_answer(a: &Answer) -> Answer {
-    match a {
-        Ok(b) => Ok(b.clone()),
-        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+/// A connection-level answer (id 0): the node refused a request frame it would not read (too
+/// large) and closes. The refused request is the largest pending one (it exceeded the node's
+/// limit, which every frame the node read before it kept within); it gets the answer. The
+/// others may have run (a write among them has an unknown outcome) or may not have been read:
+/// they are Lost.
+fn refused(shared: &Shared, body: Answer) {
+    let msg = refused_msg(&body);
+    let pending = shared.state.lock().close(
+        &shared.is_closed,
+        io::ErrorKind::ConnectionAborted,
+        msg.clone(),
+    );
+    let largest = pending.iter().map(|(_, len)| *len).max().unwrap_or(0);
+    let mut answer = Some(body);
+    for (tx, len) in pending {
+        let a = match answer.take_if(|_| len == largest) {
+            Some(a) => a,
+            None => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("the node closed the connection after refusing another request: {msg}"),
+            )),
+        };
+        let _ = tx.send(a);
     }
 }
 
@@ -364,9 +439,11 @@ mod tests {
         assert!(matches!(not_sent, CallError::NotSent(_)), "{not_sent:?}");
     }
 
-    /// A connection-level answer (id 0) answers every pending call and closes the connection.
+    /// A connection-level answer (id 0: the node refused a frame too large to read) answers
+    /// the largest pending call, the refused one; the others may have run, so they are Lost
+    /// (a write among them has an unknown outcome, not the refusal); the connection closes.
     #[tokio::test]
-    async fn a_connection_level_answer_answers_every_pending_call() {
+    async fn a_refusal_answers_the_refused_call_and_loses_the_others() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let server = tokio::spawn(async move {
@@ -381,9 +458,10 @@ mod tests {
         let c = MuxConn::connect(&Dialer::Plain, Peer::Endpoint, addr, 0, "c", None)
             .await
             .unwrap();
-        let (a, b) = tokio::join!(c.call(query("a")), c.call(query("b")));
-        assert_eq!(columns(a.unwrap()), vec!["refused".to_string()]);
-        assert_eq!(columns(b.unwrap()), vec!["refused".to_string()]);
+        let big = "b".repeat(10_000);
+        let (small, large) = tokio::join!(c.call(query("a")), c.call(query(&big)));
+        assert_eq!(columns(large.unwrap()), vec!["refused".to_string()]);
+        assert!(matches!(small, Err(CallError::Lost(_))), "{small:?}");
         assert!(c.is_closed());
         drop(server.await.unwrap());
     }

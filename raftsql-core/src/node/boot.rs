@@ -195,7 +195,7 @@ impl Node {
             peers: Mutex::new(cfg.peers.clone()),
             receiving_snapshot: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
-            leader_conns: Mutex::new(HashMap::new()),
+            leader_conns: Default::default(),
             fresh: Mutex::new(None),
             services: parking_lot::RwLock::new(HashMap::new()),
             tls: material,

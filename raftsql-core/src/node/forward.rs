@@ -1,5 +1,5 @@
-//! Requests a follower sends on to the leader: forwarded writes and service calls, over a
-//! pool of connections to the leader; the follower then catches up to what the leader
+//! Requests a follower sends on to the leader: forwarded writes and service calls, over one
+//! multiplexed connection to the leader; the follower then catches up to what the leader
 //! applied, so its caller reads its own write there.
 
 use std::net::SocketAddr;
@@ -38,23 +38,22 @@ impl Shared {
                 "no leader is known right now (an election may be in progress)".into(),
             ));
         };
-        let open = self.leader_conns.lock().get(&addr).cloned();
-        if let Some(c) = open.filter(|c| !c.is_closed()) {
-            return Ok((addr, c));
-        }
-        let c = MuxConn::connect(
-            &self.dialer(),
-            Peer::Node(leader),
-            addr,
-            self.cfg.id,
-            &self.cfg.cluster,
-            Some(self.cfg.listen.ip()),
-        )
-        .await
-        .map_err(|e| Error::Unavailable(format!("cannot reach the leader at {addr}: {e}")))?;
-        let mut conns = self.leader_conns.lock();
-        conns.retain(|_, c| !c.is_closed());
-        conns.insert(addr, c.clone());
+        let dialer = self.dialer();
+        let connect = || {
+            MuxConn::connect(
+                &dialer,
+                Peer::Node(leader),
+                addr,
+                self.cfg.id,
+                &self.cfg.cluster,
+                Some(self.cfg.listen.ip()),
+            )
+        };
+        let c = self
+            .leader_conns
+            .get_or_connect(addr, connect)
+            .await
+            .map_err(|e| Error::Unavailable(format!("cannot reach the leader at {addr}: {e}")))?;
         Ok((addr, c))
     }
 

@@ -128,7 +128,7 @@ pub(super) struct Shared {
     receiving_snapshot: AtomicBool,
     stopped: AtomicBool,
     /// The connection to the leader that forwarded requests share (by its address).
-    leader_conns: Mutex<HashMap<SocketAddr, crate::net::mux::MuxConn>>,
+    leader_conns: crate::net::mux::MuxCache,
     /// The newest completed read index and when its round started ([`Consistency::Bounded`]).
     fresh: Mutex<Option<(Instant, u64)>>,
     /// Services by name, and whether clients (not only members) may call them.

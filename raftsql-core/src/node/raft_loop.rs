@@ -397,13 +397,15 @@ impl RaftDriver {
             };
             let before = *self.leadership.borrow();
             if now != before {
-                self.leadership.send_replace(now);
+                // The state machine hears first: a write queued by a caller that saw the new
+                // leadership must reach it after this message, not before.
                 if (now.leads(), now.term) != (before.leads(), before.term) {
                     let _ = self.sm_tx.send(ToStateMachine::Role {
                         is_leader: now.leads(),
                         term: now.term,
                     });
                 }
+                self.leadership.send_replace(now);
             }
         }
         if !ready.snapshot().is_empty() {
