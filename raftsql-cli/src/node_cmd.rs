@@ -15,7 +15,7 @@ pub(crate) async fn run_node_with(
     mut a: NodeArgs,
     joined: Option<raftsql_core::members::JoinTicket>,
 ) -> CliResult {
-    if a.voters % 2 == 0 {
+    if a.voters.is_multiple_of(2) {
         return Err(format!("--voters {}: must be odd", a.voters));
     }
     let stored_node = raftsql_core::stored_node(&a.data_dir).map_err(|e| e.to_string())?;
@@ -86,8 +86,7 @@ pub(crate) async fn run_node_with(
         return Err(format!(
             "--max-request-bytes must be between 1024 and {}",
             raftsql_core::MAX_FRAME
-        )
-        .into());
+        ));
     }
     cfg.max_request_bytes = a.max_request_bytes;
     cfg.max_result_bytes = a.max_result_bytes;

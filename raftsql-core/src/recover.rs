@@ -129,8 +129,10 @@ pub fn recover(data_dir: &Path, dry_run: bool) -> Result<RecoveryReport> {
     report.commit_index = commit;
     report.dropped_entries = last_index.saturating_sub(commit);
     // 2. The log: base at the commit index, this node the only voter.
-    let mut new_cs = ConfState::default();
-    new_cs.voters = vec![nf.id];
+    let new_cs = ConfState {
+        voters: vec![nf.id],
+        ..Default::default()
+    };
     log.reset_for_recovery(commit, term, new_cs)?;
     // 3. The checkpoint's configuration, the registry, old snapshots, the peer list.
     state::rewrite_checkpoint_conf(&state_root, vec![nf.id], Vec::new())?;

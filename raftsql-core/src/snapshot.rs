@@ -391,8 +391,10 @@ impl crate::log::SnapshotProvider for SnapshotStore {
         let first = self.log_first_index.load(Ordering::SeqCst);
         if let Some(m) = self.latest.lock().as_ref() {
             if m.index >= request_index && m.index + 1 >= first {
-                let mut s = Snapshot::default();
-                s.data = serde_json::to_vec(m).unwrap().into();
+                let mut s = Snapshot {
+                    data: serde_json::to_vec(m).unwrap().into(),
+                    ..Default::default()
+                };
                 let md = s.mut_metadata();
                 md.index = m.index;
                 md.term = m.term;

@@ -586,7 +586,7 @@ pub fn save_header(db_path: &str) -> Option<SavedHeader> {
     let mut out = [0u8; WAL_INDEX_HDR_BYTES];
     // SAFETY: region 0 is at least 32 KiB and stays mapped while any connection is open.
     unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), WAL_INDEX_HDR_BYTES) };
-    Some(out).map(SavedHeader)
+    Some(SavedHeader(out))
 }
 
 /// Puts back a header saved by [`save_header`], the way SQLite writes it: the second copy,

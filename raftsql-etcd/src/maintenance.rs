@@ -35,7 +35,6 @@ impl EtcdStore {
             errors: Vec::new(),
             db_size_in_use: size.1,
             is_learner: self.node().conf_roles().1.contains(&self.node().id()),
-            ..Default::default()
         })
     }
 

@@ -121,7 +121,7 @@ impl EtcdStore {
                 if !has_table(c, "meta")? {
                     return Ok(1);
                 }
-                Ok(meta(c, "rev", 1).map_err(encode_err)?)
+                meta(c, "rev", 1).map_err(encode_err)
             })
             .await
             .ok()
@@ -369,10 +369,9 @@ impl crate::server::Backend for EtcdStore {
                 let c = c?;
                 sent += c.len() as u64;
                 Ok(crate::pb::etcdserverpb::SnapshotResponse {
-                    header: Some(header.clone()),
+                    header: Some(header),
                     remaining_bytes: total.saturating_sub(sent),
                     blob: Bytes::from(c),
-                    ..Default::default()
                 })
             },
         );

@@ -461,7 +461,7 @@ async fn run_watch(
                     kv.mod_revision >= next
                         && keys.contains(&kv.key)
                         && !(deleted && no_delete)
-                        && !(!deleted && no_put)
+                        && (deleted || !no_put)
                 })
                 .map(|e| Event {
                     prev_kv: if c.prev_kv { e.prev_kv.clone() } else { None },

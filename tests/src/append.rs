@@ -434,9 +434,9 @@ mod tests {
     fn anomalies_are_found() {
         let a = append(1, &[0], 1, (0, 10), true);
         let b = append(2, &[0], 2, (20, 30), true);
-        fails(&[a.clone()], &[(0, &[])], "lost");
-        fails(&[a.clone()], &[(0, &[1, 1])], "duplicate");
-        fails(&[a.clone()], &[(0, &[1, 9])], "phantom");
+        fails(std::slice::from_ref(&a), &[(0, &[])], "lost");
+        fails(std::slice::from_ref(&a), &[(0, &[1, 1])], "duplicate");
+        fails(std::slice::from_ref(&a), &[(0, &[1, 9])], "phantom");
         fails(&[a.clone(), b.clone()], &[(0, &[2, 1])], "real-time order");
         fails(
             &[a.clone(), b.clone(), read(3, &[(0, &[2])], (40, 50))],
@@ -449,7 +449,7 @@ mod tests {
             "stale read",
         );
         let two = append(1, &[0, 1], 5, (0, 10), false);
-        fails(&[two.clone()], &[(0, &[5]), (1, &[])], "torn");
+        fails(std::slice::from_ref(&two), &[(0, &[5]), (1, &[])], "torn");
         fails(
             &[two, read(3, &[(0, &[5]), (1, &[])], (11, 12))],
             &[(0, &[5]), (1, &[5])],

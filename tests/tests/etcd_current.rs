@@ -166,15 +166,13 @@ fn iptables_or_skip() -> bool {
 
 /// The status a watch stream ends with, within `T`; any message before it is a failure.
 async fn canceled(rx: &mut tonic::Streaming<WatchResponse>, what: &str) -> tonic::Status {
-    loop {
-        match tokio::time::timeout(T, rx.message())
-            .await
-            .unwrap_or_else(|_| panic!("{what} was not canceled"))
-        {
-            Ok(Some(r)) => panic!("unexpected response while cut off: {r:?}"),
-            Ok(None) => panic!("the stream ended without a status"),
-            Err(s) => return s,
-        }
+    match tokio::time::timeout(T, rx.message())
+        .await
+        .unwrap_or_else(|_| panic!("{what} was not canceled"))
+    {
+        Ok(Some(r)) => panic!("unexpected response while cut off: {r:?}"),
+        Ok(None) => panic!("the stream ended without a status"),
+        Err(s) => s,
     }
 }
 
@@ -231,11 +229,7 @@ fn a_require_leader_watch_is_canceled_on_a_node_cut_off() {
         // New require-leader calls are refused while there is no leader.
         let (tx2, call2) = open(c.etcd_addr(f), true).await;
         tx2.send(create("/r/", 0)).await.unwrap();
-        let refused = call2
-            .await
-            .unwrap()
-            .err()
-            .expect("refused without a leader");
+        let refused = call2.await.unwrap().expect_err("refused without a leader");
         assert_eq!(refused.message(), "etcdserver: no leader");
         let mut req = tonic::Request::new(RangeRequest {
             key: Bytes::from_static(b"/r/1"),
@@ -247,8 +241,7 @@ fn a_require_leader_watch_is_canceled_on_a_node_cut_off() {
         let refused = kv
             .range(req)
             .await
-            .err()
-            .expect("unary refused without a leader");
+            .expect_err("unary refused without a leader");
         assert_eq!(refused.code(), tonic::Code::Unavailable);
 
         drop(cut);

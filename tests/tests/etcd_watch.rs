@@ -110,7 +110,7 @@ fn watch_streams_match_real_etcd() {
     // Watch through a follower: events come from what that node applied.
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     c.rt.block_on(async {
-        let mut sides = vec![side(etcd.addr).await, side(c.etcd_addr(follower)).await];
+        let mut sides = [side(etcd.addr).await, side(c.etcd_addr(follower)).await];
         let mut got: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
         for (i, s) in sides.iter_mut().enumerate() {
             // Some history first.

@@ -132,7 +132,7 @@ fn garbage_flood_leaves_a_normal_client_unaffected() {
     for i in 0..48u64 {
         let (stop, attacks) = (stop.clone(), attacks.clone());
         floods.push(cl.rt.spawn(async move {
-            let mut rng = Rng(0x5eed ^ (i + 1) * 0x9e37_79b9);
+            let mut rng = Rng(0x5eed ^ ((i + 1) * 0x9e37_79b9));
             let mut kind = i;
             while !stop.load(Ordering::SeqCst) {
                 attack(addr, etcd, kind, &mut rng).await;

@@ -73,10 +73,7 @@ fn bank_total_is_invariant_under_kills_pauses_and_partitions() {
                     "CREATE TABLE accounts(id INTEGER PRIMARY KEY, \
                      balance INTEGER NOT NULL CHECK (balance >= 0))",
                 ),
-                Statement::new(&format!(
-                    "INSERT INTO accounts VALUES {}",
-                    values.join(", ")
-                )),
+                Statement::new(format!("INSERT INTO accounts VALUES {}", values.join(", "))),
             ],
         ))
         .unwrap();

@@ -230,7 +230,7 @@ fn register(nodes: usize, seed: u64, mode: Mode, kinds: Vec<Kind>, name: &str) {
                         },
                     };
                     let invoked = us();
-                    let via_sql = mode.sql_reads && mode.bound && (r >> 16) % 2 == 0;
+                    let via_sql = mode.sql_reads && mode.bound && (r >> 16).is_multiple_of(2);
                     let sql = via_sql.then_some(&sql);
                     let r = tokio::time::timeout(op_timeout, run(&mut kv, sql, k, &action)).await;
                     let completed = us();

@@ -635,12 +635,15 @@ fn build(
     crate::fsutil::write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&meta).unwrap())?;
     crate::fsutil::write_atomic(&dir.join("state").join("CURRENT"), b"gen-0")?;
     let mut log = RaftLog::open(&dir.join("raft"))?;
-    let mut md = SnapshotMetadata::default();
-    md.index = header.index;
-    md.term = header.term;
-    let mut cs = ConfState::default();
-    cs.voters = vec![id];
-    md.set_conf_state(cs);
+    let mut md = SnapshotMetadata {
+        index: header.index,
+        term: header.term,
+        ..Default::default()
+    };
+    md.set_conf_state(ConfState {
+        voters: vec![id],
+        ..Default::default()
+    });
     log.apply_snapshot(&md)?;
     drop(log);
     NodeFile {

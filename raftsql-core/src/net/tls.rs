@@ -767,6 +767,50 @@ pub fn read_private(path: &Path) -> Result<String> {
     fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
+/// Why removed node `id` is refused (with TLS: its certificate is what is refused).
+pub(crate) fn removed_reason(id: u64, tls: bool) -> String {
+    if tls {
+        format!("node {id} was removed from the cluster; its certificate is revoked")
+    } else {
+        format!("node {id} was removed from the cluster")
+    }
+}
+
+impl Dialer {
+    /// A client's dialer: trust the CA certificates in `cacert` (e.g. a node's
+    /// `tls/ca.crt`), and present `cert`/`key` if given (etcdctl's `--cacert/--cert/--key`).
+    pub fn client(cacert: &Path, cert_key: Option<(&Path, &Path)>) -> Result<Dialer> {
+        let p = Arc::new(provider());
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(cacert, "--cacert")? {
+            roots.add(c).map_err(|e| tls_err("--cacert", e))?;
+        }
+        let b = ClientConfig::builder_with_provider(p)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_err("TLS versions", e))?
+            .with_root_certificates(roots);
+        let cfg = match cert_key {
+            Some((c, k)) => b
+                .with_client_auth_cert(load_certs(c, "--cert")?, load_key(k, "--key")?)
+                .map_err(|e| tls_err("--cert and --key", e))?,
+            None => b.with_no_client_auth(),
+        };
+        Ok(Dialer::Tls(Arc::new(cfg)))
+    }
+
+    /// A joiner's dialer: the server must present a chain whose CA has SHA-256 `fp`.
+    pub fn pinned(fp: [u8; 32]) -> Dialer {
+        let p = Arc::new(provider());
+        let cfg = ClientConfig::builder_with_provider(p.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCa { fp, provider: p }))
+            .with_no_client_auth();
+        Dialer::Join(Arc::new(cfg))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -873,49 +917,5 @@ mod tests {
         fs::set_permissions(tls.join("ca.key"), fs::Permissions::from_mode(0o644)).unwrap();
         let e = ClusterCa::load(&tls).unwrap_err();
         assert!(e.to_string().contains("readable by other users"), "{e}");
-    }
-}
-
-/// Why removed node `id` is refused (with TLS: its certificate is what is refused).
-pub(crate) fn removed_reason(id: u64, tls: bool) -> String {
-    if tls {
-        format!("node {id} was removed from the cluster; its certificate is revoked")
-    } else {
-        format!("node {id} was removed from the cluster")
-    }
-}
-
-impl Dialer {
-    /// A client's dialer: trust the CA certificates in `cacert` (e.g. a node's
-    /// `tls/ca.crt`), and present `cert`/`key` if given (etcdctl's `--cacert/--cert/--key`).
-    pub fn client(cacert: &Path, cert_key: Option<(&Path, &Path)>) -> Result<Dialer> {
-        let p = Arc::new(provider());
-        let mut roots = RootCertStore::empty();
-        for c in load_certs(cacert, "--cacert")? {
-            roots.add(c).map_err(|e| tls_err("--cacert", e))?;
-        }
-        let b = ClientConfig::builder_with_provider(p)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| tls_err("TLS versions", e))?
-            .with_root_certificates(roots);
-        let cfg = match cert_key {
-            Some((c, k)) => b
-                .with_client_auth_cert(load_certs(c, "--cert")?, load_key(k, "--key")?)
-                .map_err(|e| tls_err("--cert and --key", e))?,
-            None => b.with_no_client_auth(),
-        };
-        Ok(Dialer::Tls(Arc::new(cfg)))
-    }
-
-    /// A joiner's dialer: the server must present a chain whose CA has SHA-256 `fp`.
-    pub fn pinned(fp: [u8; 32]) -> Dialer {
-        let p = Arc::new(provider());
-        let cfg = ClientConfig::builder_with_provider(p.clone())
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default versions")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCa { fp, provider: p }))
-            .with_no_client_auth();
-        Dialer::Join(Arc::new(cfg))
     }
 }

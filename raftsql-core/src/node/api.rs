@@ -468,8 +468,10 @@ impl Node {
     /// until this node has applied it. Leader only.
     pub(crate) async fn change_role(&self, c: Change) -> Result<()> {
         use raft::eraftpb::ConfChangeType;
-        let mut cc = ConfChange::default();
-        cc.node_id = c.id;
+        let mut cc = ConfChange {
+            node_id: c.id,
+            ..Default::default()
+        };
         cc.set_change_type(match c.to {
             Role::Voter => ConfChangeType::AddNode,
             Role::Standby => ConfChangeType::AddLearnerNode,

@@ -69,9 +69,10 @@ impl Node {
         cfg.join = nf.joined;
         let mut log = RaftLog::open(&cfg.data_dir.join("raft"))?;
         if !log.is_initialized() && !cfg.join {
-            let mut cs = ConfState::default();
-            cs.voters = cfg.peers.keys().copied().collect();
-            log.bootstrap(cs)?;
+            log.bootstrap(ConfState {
+                voters: cfg.peers.keys().copied().collect(),
+                ..Default::default()
+            })?;
         }
         if !cfg.join && log.last_index() == 0 && log.first_index() == 1 {
             // The initial voters are also written as committed configuration entries 1..n
@@ -141,12 +142,16 @@ impl Node {
             log.set_hard_state(&hs)?;
             log.sync()?;
         } else if meta.checkpoint_index > log.last_index() {
-            let mut md = SnapshotMetadata::default();
-            md.index = meta.checkpoint_index;
-            md.term = meta.checkpoint_term;
-            let mut cs = ConfState::default();
-            cs.voters = meta.voters.clone();
-            cs.learners = meta.learners.clone();
+            let mut md = SnapshotMetadata {
+                index: meta.checkpoint_index,
+                term: meta.checkpoint_term,
+                ..Default::default()
+            };
+            let mut cs = ConfState {
+                voters: meta.voters.clone(),
+                learners: meta.learners.clone(),
+                ..Default::default()
+            };
             if cs.voters.is_empty() {
                 cs = log.conf_state().clone();
             }

@@ -178,7 +178,7 @@ impl Handler for NodeHandler {
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 receive_snapshot(shared.clone(), m);
             } else {
-                let _ = shared.raft.step(m);
+                shared.raft.step(m);
             }
         }
     }

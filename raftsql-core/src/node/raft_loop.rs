@@ -104,6 +104,7 @@ fn read_round(ctx: &[u8], me: u64, nonce: u64) -> Option<u64> {
 
 impl RaftDriver {
     /// The driver of `raw`, stepped with what arrives on `rx`, applying through `sm_tx`.
+    #[allow(clippy::too_many_arguments)] // the thread's own parts, each once
     pub(super) fn new(
         raw: RawNode<LogStorage>,
         storage: LogStorage,

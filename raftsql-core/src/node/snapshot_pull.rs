@@ -72,7 +72,7 @@ pub(super) fn receive_snapshot(shared: Arc<Shared>, m: Message) {
         .await;
         match r {
             Ok(()) => {
-                let _ = shared.raft.step(m);
+                shared.raft.step(m);
             }
             Err(e) => tracing::warn!("receiving snapshot failed: {e}"),
         }

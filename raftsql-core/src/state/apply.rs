@@ -23,7 +23,7 @@ impl StateMachine {
             return Ok(());
         }
         if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
-            let frames = Frames::decode(Bytes::from(e.data.clone()))
+            let frames = Frames::decode(e.data.clone())
                 .map_err(|err| Error::Corrupt(format!("entry {index}: {err}")))?;
             let own = self
                 .in_flight

@@ -182,7 +182,7 @@ pub(super) fn query_rows(
 ) -> Result<Rows> {
     let mut st = c.prepare_cached(&guard::client_key(&stmt.sql))?;
     guard::check_statement(g, &st)?;
-    let columns: Vec<String> = st.column_names().into_iter().map(String::from).collect();
+    let columns: Vec<String> = st.column_names().map(String::from).collect();
     let n = columns.len();
     let mut rows = st.query(rusqlite::params_from_iter(stmt.params.iter()))?;
     let mut out = Vec::new();

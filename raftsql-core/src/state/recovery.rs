@@ -8,7 +8,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use bytes::Bytes;
 use raft::eraftpb::EntryType;
 
 use super::checkpoint::{read_meta, Meta};
@@ -77,7 +76,7 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
             if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
                 continue;
             }
-            let f = Frames::decode(Bytes::from(e.data.clone()))
+            let f = Frames::decode(e.data.clone())
                 .map_err(|err| Error::Corrupt(format!("entry {}: {err}", e.index)))?;
             check_db_name(&f.db)?;
             let path = gen.join(format!("{}.db", f.db));

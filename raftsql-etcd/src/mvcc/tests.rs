@@ -21,7 +21,7 @@ fn history(c: &Connection, revisions: usize, seed: u64) {
         x ^= x << 17;
         let key = format!("/k/{:02}", x % 40).into_bytes();
         let mut t = WriteTxn::begin(c).unwrap();
-        if (x >> 8) % 5 == 0 {
+        if (x >> 8).is_multiple_of(5) {
             let mut end = key.clone();
             end.push(b'~');
             delete_range(

@@ -227,7 +227,7 @@ pub(crate) fn range_in_txn(c: &Connection, t: &WriteTxn, req: &RangeRequest) -> 
 /// Fills the headers of a txn response tree as etcd does: the top-level header is complete,
 /// a nested txn's header is empty, and each operation's header carries only the revision.
 pub(crate) fn set_headers(resp: &mut TxnResponse, top: &ResponseHeader) {
-    resp.header = Some(top.clone());
+    resp.header = Some(*top);
     fill_ops(resp, top.revision);
 }
 
@@ -238,9 +238,9 @@ pub(crate) fn fill_ops(resp: &mut TxnResponse, revision: i64) {
     };
     for r in &mut resp.responses {
         match &mut r.response {
-            Some(response_op::Response::ResponseRange(x)) => x.header = Some(h.clone()),
-            Some(response_op::Response::ResponsePut(x)) => x.header = Some(h.clone()),
-            Some(response_op::Response::ResponseDeleteRange(x)) => x.header = Some(h.clone()),
+            Some(response_op::Response::ResponseRange(x)) => x.header = Some(h),
+            Some(response_op::Response::ResponsePut(x)) => x.header = Some(h),
+            Some(response_op::Response::ResponseDeleteRange(x)) => x.header = Some(h),
             Some(response_op::Response::ResponseTxn(x)) => {
                 x.header = Some(ResponseHeader::default());
                 fill_ops(x, revision);
