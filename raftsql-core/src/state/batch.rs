@@ -305,21 +305,58 @@ fn in_savepoint(w: &Connection, f: Box<dyn WriteFn>) -> std::result::Result<Wait
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Test hook: the next RELEASE of a request's savepoint on this thread fails.
+    pub(super) static FAIL_NEXT_RELEASE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// RELEASE of a request's savepoint.
+fn release(w: &Connection) -> Result<()> {
+    #[cfg(test)]
+    if FAIL_NEXT_RELEASE.with(|f| f.take()) {
+        return Err(Error::Internal("RELEASE refused (test hook)".into()));
+    }
+    w.execute_batch(&format!("RELEASE {}", guard::INTERNAL_SAVEPOINT))?;
+    Ok(())
+}
+
 /// Releases the request's savepoint, first rolling back to it if `r` failed.
+///
+/// A request that ends with an error must leave none of its changes in the batch (they would
+/// commit with it while its caller hears of a failure). So if the savepoint cannot be
+/// released, the request's changes are rolled back and it fails; and if SQLite will not roll
+/// back to the savepoint either, the whole batch transaction is rolled back, which the
+/// caller sees as SQLite ending it (autocommit, see [`execute_batch`]).
 fn end_savepoint<T>(w: &Connection, r: Result<T>) -> Result<T> {
     if w.is_autocommit() {
         // SQLite ended the whole transaction; the caller sees it (see [`execute_batch`]).
         return r;
     }
-    if r.is_err() {
-        w.execute_batch(&format!("ROLLBACK TO {}", guard::INTERNAL_SAVEPOINT))?;
+    let failed = match r {
+        Ok(t) => match release(w) {
+            Ok(()) => return Ok(t),
+            Err(e) => e,
+        },
+        Err(e) => e,
+    };
+    let undone = w
+        .execute_batch(&format!(
+            "ROLLBACK TO {sp}; RELEASE {sp}",
+            sp = guard::INTERNAL_SAVEPOINT
+        ))
+        .map_err(Error::from);
+    if let Err(e) = undone {
+        tracing::warn!(
+            "could not roll back a failed request's savepoint ({e}): rolling back its batch"
+        );
+        let _ = w.execute_batch("ROLLBACK");
     }
-    w.execute_batch(&format!("RELEASE {}", guard::INTERNAL_SAVEPOINT))?;
-    r
+    Err(failed)
 }
 
 /// What [`execute_batch`] left on the writer.
-enum Executed {
+pub(super) enum Executed {
     /// The batch transaction is open holding the requests that succeeded; these answer them
     /// once it commits. (Failed requests were answered already.)
     Open(Vec<Waiter>),
@@ -342,7 +379,12 @@ enum Executed {
 /// and can be re-run, run again in a new transaction. If a Rust write ended it, that write
 /// gets its error, the Rust writes before it fail with Unavailable (retry), and the rest
 /// go back to the queue.
-fn execute_batch(w: &Connection, g: &Guard, budget: Duration, batch: Vec<WriteReq>) -> Executed {
+pub(super) fn execute_batch(
+    w: &Connection,
+    g: &Guard,
+    budget: Duration,
+    batch: Vec<WriteReq>,
+) -> Executed {
     let (mut sql, funcs): (Vec<WriteReq>, Vec<WriteReq>) =
         batch.into_iter().partition(WriteReq::is_sql);
     let begin =

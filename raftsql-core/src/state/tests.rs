@@ -123,3 +123,66 @@ fn replicas_applying_the_same_entries_are_identical() {
         assert!(pages < 10, "not truncated: {pages} pages");
     }
 }
+
+/// A request whose savepoint SQLite will not release fails, and none of its changes stay in
+/// the batch (they would commit with it while its caller hears of an error); the requests
+/// beside it are answered as usual.
+#[test]
+fn a_request_whose_savepoint_cannot_be_released_leaves_nothing_behind() {
+    use super::batch::{execute_batch, Executed, FAIL_NEXT_RELEASE};
+    use super::msg::{Work, WriteReq};
+    vfs::register().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let mut w = open_writer(&path).unwrap();
+    let g = crate::guard::Guard::install(&mut w, crate::guard::Role::Writer).unwrap();
+    w.execute_batch("CREATE TABLE t(x)").unwrap();
+    let req = |x: i64| {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let r = WriteReq {
+            db: "t".into(),
+            work: Work::Statements {
+                stmts: vec![crate::value::Statement::with_params(
+                    "INSERT INTO t VALUES (?1)",
+                    vec![crate::value::Value::Integer(x)],
+                )],
+                reply,
+            },
+            deadline: std::time::Instant::now() + std::time::Duration::from_secs(10),
+        };
+        (r, rx)
+    };
+    let (first, mut first_rx) = req(1);
+    let (second, mut second_rx) = req(2);
+    FAIL_NEXT_RELEASE.with(|f| f.set(true));
+    let budget = std::time::Duration::from_secs(5);
+    let waiters = match execute_batch(&w, &g, budget, vec![first, second]) {
+        Executed::Open(waiters) => waiters,
+        Executed::Requeue(reqs) => {
+            // The batch was rolled back and the second request comes back: run it again.
+            assert_eq!(reqs.len(), 1);
+            match execute_batch(&w, &g, budget, reqs) {
+                Executed::Open(waiters) => waiters,
+                _ => panic!("the second request did not run again"),
+            }
+        }
+        Executed::NotStarted => panic!("the batch did not start"),
+    };
+    w.execute_batch("COMMIT").unwrap();
+    for waiter in waiters {
+        waiter(Ok(()));
+    }
+    assert!(
+        matches!(first_rx.try_recv(), Ok(Err(_))),
+        "the request whose RELEASE failed must fail"
+    );
+    assert!(matches!(second_rx.try_recv(), Ok(Ok(_))));
+    let xs: Vec<i64> = w
+        .prepare("SELECT x FROM t ORDER BY x")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(xs, vec![2], "the failed request's row was committed");
+}
