@@ -112,22 +112,24 @@ impl EtcdError {
         })
     }
 
-    /// The error an application code names (see [`EtcdError::app_code`]).
+    /// The error an application code names: the one whose [`EtcdError::app_code`] it is
+    /// (one table, so the two directions cannot disagree).
     fn from_app_code(code: u32) -> Option<EtcdError> {
-        Some(match code {
-            1 => EtcdError::Compacted,
-            2 => EtcdError::FutureRev,
-            3 => EtcdError::KeyNotFound,
-            4 => EtcdError::EmptyKey,
-            5 => EtcdError::LeaseNotFound,
-            6 => EtcdError::DuplicateKey,
-            7 => EtcdError::TooManyOps,
-            8 => EtcdError::LeaseExist,
-            9 => EtcdError::LeaseTtlTooLarge,
-            10 => EtcdError::RequestTooLarge,
-            11 => EtcdError::TxnTooDeep,
-            _ => return None,
-        })
+        [
+            EtcdError::Compacted,
+            EtcdError::FutureRev,
+            EtcdError::KeyNotFound,
+            EtcdError::EmptyKey,
+            EtcdError::LeaseNotFound,
+            EtcdError::DuplicateKey,
+            EtcdError::TooManyOps,
+            EtcdError::LeaseExist,
+            EtcdError::LeaseTtlTooLarge,
+            EtcdError::RequestTooLarge,
+            EtcdError::TxnTooDeep,
+        ]
+        .into_iter()
+        .find(|e| e.app_code() == Some(code))
     }
 }
 

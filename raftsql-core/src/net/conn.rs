@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use raftsql_proto::v1 as pb;
 
 use super::dial::{Dialer, Peer};
-use super::frame::{encode_frame, hello, write_frame, FrameReader, Reader, Writer};
+use super::frame::{encode_frame, write_frame, FrameReader, Reader, Writer};
 
 /// A request/response connection to one node (one call at a time).
 pub struct RpcConn {
@@ -33,8 +33,9 @@ impl RpcConn {
         cluster: &str,
         local: Option<IpAddr>,
     ) -> io::Result<RpcConn> {
-        let (r, mut w) = dialer.open(addr, local, to).await?;
-        write_frame(&mut w, &hello(from_id, cluster)).await?;
+        let (r, w) = dialer
+            .open_with_hello(addr, local, to, from_id, cluster)
+            .await?;
         Ok(RpcConn {
             reader: FrameReader::new(r),
             writer: w,

@@ -10,7 +10,7 @@ use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::frame::Halves;
+use super::frame::{hello, write_frame, Halves};
 
 /// How long a TCP connect may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -78,6 +78,22 @@ impl Dialer {
     /// True unless plain TCP.
     pub fn is_tls(&self) -> bool {
         !matches!(self, Dialer::Plain)
+    }
+
+    /// Opens a connection to `to` at `addr` (source address `local` when given) and says
+    /// hello on it as `from_id` (0 for clients) of `cluster`: how every request connection
+    /// starts.
+    pub(crate) async fn open_with_hello(
+        &self,
+        addr: SocketAddr,
+        local: Option<IpAddr>,
+        to: Peer,
+        from_id: u64,
+        cluster: &str,
+    ) -> io::Result<Halves> {
+        let (r, mut w) = self.open(addr, local, to).await?;
+        write_frame(&mut w, &hello(from_id, cluster)).await?;
+        Ok((r, w))
     }
 
     /// Opens a connection to `addr` (source address `local` when given) meant for `to`.

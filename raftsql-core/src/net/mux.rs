@@ -28,7 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::dial::{Dialer, Peer};
-use super::frame::{encode_frame, hello, FrameReader, Reader, Writer};
+use super::frame::{encode_frame, FrameReader, Reader, Writer};
 
 /// Frames queued for the writer task before callers wait (backpressure).
 const OUT_QUEUE: usize = 1024;
@@ -137,9 +137,9 @@ impl MuxConn {
         cluster: &str,
         local: Option<IpAddr>,
     ) -> io::Result<MuxConn> {
-        let (r, mut w) = dialer.open(addr, local, to).await?;
-        w.write_all(&hello(from_id, cluster)).await?;
-        w.flush().await?;
+        let (r, w) = dialer
+            .open_with_hello(addr, local, to, from_id, cluster)
+            .await?;
         let shared = Arc::new(Shared {
             next_id: AtomicU64::new(1),
             answered: AtomicU64::new(0),

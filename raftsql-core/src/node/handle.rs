@@ -123,8 +123,6 @@ pub(crate) struct Leadership {
     pub(crate) role: RaftRole,
     /// The current term.
     pub(crate) term: u64,
-    /// The leader's id (0: none known).
-    pub(crate) leader_id: u64,
 }
 
 impl Leadership {

@@ -394,18 +394,17 @@ impl RaftDriver {
             let now = Leadership {
                 role: self.raw.raft.state.into(),
                 term: self.raw.raft.term,
-                leader_id: self.raw.raft.leader_id,
             };
             let before = *self.leadership.borrow();
-            if now != before {
+            if (now.leads(), now.term) != (before.leads(), before.term) {
                 // The state machine hears first: a write queued by a caller that saw the new
                 // leadership must reach it after this message, not before.
-                if (now.leads(), now.term) != (before.leads(), before.term) {
-                    let _ = self.sm_tx.send(ToStateMachine::Role {
-                        is_leader: now.leads(),
-                        term: now.term,
-                    });
-                }
+                let _ = self.sm_tx.send(ToStateMachine::Role {
+                    is_leader: now.leads(),
+                    term: now.term,
+                });
+            }
+            if now != before {
                 self.leadership.send_replace(now);
             }
         }
