@@ -455,7 +455,6 @@ pub async fn main(a: BenchSoakArgs) -> CliResult {
         for (i, addr) in addrs.iter().enumerate() {
             let mut n = NodeSample {
                 rss: p.pid(i).map_or(0, rss_bytes),
-                wal: dir_bytes(&dir.join(format!("node{}", i + 1)).join("state"), "-wal"),
                 raft_log: dir_bytes(&dir.join(format!("node{}", i + 1)).join("raft"), ""),
                 ..Default::default()
             };
@@ -468,6 +467,8 @@ pub async fn main(a: BenchSoakArgs) -> CliResult {
                 n.leader = s.role == "leader";
                 n.checkpoint = s.checkpoint_index;
                 n.log_first = s.log_first_index;
+                // The WAL is held in memory: its size comes from the node.
+                n.wal = s.wal_bytes.values().sum();
             }
             nodes.push(n);
         }

@@ -1,8 +1,9 @@
-//! The `raftsql` SQLite VFS: the unix VFS plus a window onto each database's wal-index.
+//! The `raftsql` SQLite VFS: the unix VFS, with each WAL kept in memory and a window onto each
+//! database's wal-index.
 //!
-//! Every raftsql database is opened through this VFS. Files (the database, its WAL, the
-//! wal-index `-shm`) are the unix VFS's own, so the database lives on disk and SQLite keeps
-//! only its page cache in memory. What the wrapper adds is access to the **wal-index header**
+//! Every raftsql database is opened through this VFS. The database file and the wal-index
+//! `-shm` are the unix VFS's own, so the database lives on disk and SQLite keeps only its page
+//! cache in memory. The **WAL lives in memory** (see below). What the wrapper adds is access to the **wal-index header**
 //! (the first 96 bytes of shm region 0: two copies of SQLite's `WalIndexHdr`). The state
 //! machine reads it to find the WAL frames a write transaction appended (frame range, page
 //! size, database size, salts), and writes it to make those frames disappear again when the
@@ -23,6 +24,16 @@
 //! checkpoint info) each 32 KiB region starts with the page number of each of its frames
 //! (4,062 in region 0, 4,096 in the others), which [`take_reads`] uses.
 //!
+//! # The WAL in memory
+//! A WAL file (`SQLITE_OPEN_WAL`) is a buffer in this process ([`MemWal`], one per WAL path,
+//! shared by every connection that opens it), not a file: SQLite's frame writes and reads,
+//! the capture of a batch's frames and a checkpoint's copy are memory copies instead of two
+//! system calls per frame. Nothing durable is lost: the Raft log is the durable record and
+//! the node never trusted a WAL across a restart (above). It holds at most what the
+//! checkpoint threshold lets accumulate (`--checkpoint-frames`, 16 MiB by default), plus one
+//! batch. `xAccess` and `xDelete` answer for it; [`drop_wal`] forgets it when the node
+//! removes a database's WAL, as it removed the file before. Its size is [`wal_sizes`].
+//!
 //! # Recording reads
 //! While the state machine runs a leader batch it records, on its own thread, every page
 //! image the writer reads of the committed state ([`record_reads`], [`take_reads`]): the
@@ -35,9 +46,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rusqlite::ffi;
 
 /// Name under which the VFS is registered with SQLite.
@@ -55,6 +66,23 @@ static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
 /// The unix VFS we delegate to.
 static mut UNIX_VFS: *mut ffi::sqlite3_vfs = std::ptr::null_mut();
 static IO_METHODS: OnceLock<ffi::sqlite3_io_methods> = OnceLock::new();
+/// The in-memory WALs, by WAL path (as SQLite names the file: the database's path + `-wal`).
+static MEM_WALS: OnceLock<Mutex<HashMap<Vec<u8>, Arc<MemWal>>>> = OnceLock::new();
+
+fn mem_wals() -> &'static Mutex<HashMap<Vec<u8>, Arc<MemWal>>> {
+    MEM_WALS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// One WAL's bytes, as the file would hold them. Readers (any connection) take the read
+/// lock for a copy; the one writer connection takes the write lock to append or truncate.
+#[derive(Default)]
+struct MemWal {
+    data: RwLock<Vec<u8>>,
+}
+
+/// A WAL emptied by a checkpoint keeps its buffer for the next frames, unless the buffer
+/// grew past this (one huge transaction): then it is freed.
+const MEM_WAL_KEEP_BYTES: usize = 64 << 20;
 
 fn shm_regions() -> &'static Mutex<HashMap<String, Vec<usize>>> {
     SHM_REGIONS.get_or_init(|| Mutex::new(HashMap::new()))
@@ -70,6 +98,8 @@ struct File {
     main_db_path: *mut c_char,
     /// For a WAL file, the path of its database, else null.
     wal_db_path: *mut c_char,
+    /// For a WAL file, its buffer (from `Arc::into_raw`, released on close); else null.
+    mem: *const MemWal,
 }
 
 /// Page reads being recorded on this thread.
@@ -227,6 +257,8 @@ unsafe fn register_inner() -> Result<(), String> {
     vfs.zName = CString::new(VFS_NAME).unwrap().into_raw();
     vfs.pNext = std::ptr::null_mut();
     vfs.xOpen = Some(x_open);
+    vfs.xDelete = Some(x_delete);
+    vfs.xAccess = Some(x_access);
     let vfs = Box::into_raw(Box::new(vfs));
     let rc = ffi::sqlite3_vfs_register(vfs, 0);
     if rc != ffi::SQLITE_OK {
@@ -253,7 +285,12 @@ unsafe extern "C" fn x_open(
     (*f).real = real;
     (*f).main_db_path = std::ptr::null_mut();
     (*f).wal_db_path = std::ptr::null_mut();
+    (*f).mem = std::ptr::null();
     (*f).base.pMethods = std::ptr::null();
+    (*real).pMethods = std::ptr::null();
+    if flags & ffi::SQLITE_OPEN_WAL != 0 && !name.is_null() {
+        return open_mem_wal(f, CStr::from_ptr(name), flags, out_flags);
+    }
     let rc = ((*UNIX_VFS).xOpen.unwrap())(UNIX_VFS, name, real, flags, out_flags);
     if rc != ffi::SQLITE_OK || (*real).pMethods.is_null() {
         return rc;
@@ -261,17 +298,37 @@ unsafe extern "C" fn x_open(
     if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 && !name.is_null() {
         (*f).main_db_path = CString::from(CStr::from_ptr(name)).into_raw();
     }
-    if flags & ffi::SQLITE_OPEN_WAL != 0 && !name.is_null() {
-        let wal = CStr::from_ptr(name).to_bytes();
-        if let Some(db) = wal.strip_suffix(b"-wal") {
-            if let Ok(db) = CString::new(db) {
-                (*f).wal_db_path = db.into_raw();
-            }
-        }
-    }
     let methods = IO_METHODS.get_or_init(|| io_methods((*(*real).pMethods).iVersion));
     (*f).base.pMethods = methods as *const _;
     rc
+}
+
+/// Opens WAL `name` as its in-memory buffer (created empty on first open).
+///
+/// # Safety
+/// `f` is the file object `x_open` is initializing; `out_flags` is null or writable.
+unsafe fn open_mem_wal(
+    f: *mut File,
+    name: &CStr,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    let wal = mem_wals()
+        .lock()
+        .entry(name.to_bytes().to_vec())
+        .or_default()
+        .clone();
+    (*f).mem = Arc::into_raw(wal);
+    if let Some(db) = name.to_bytes().strip_suffix(b"-wal") {
+        if let Ok(db) = CString::new(db) {
+            (*f).wal_db_path = db.into_raw();
+        }
+    }
+    if !out_flags.is_null() {
+        *out_flags = flags;
+    }
+    (*f).base.pMethods = MEM_IO_METHODS.get_or_init(mem_io_methods) as *const _;
+    ffi::SQLITE_OK
 }
 
 fn io_methods(version: c_int) -> ffi::sqlite3_io_methods {
@@ -526,6 +583,293 @@ unsafe extern "C" fn x_shm_barrier(file: *mut ffi::sqlite3_file) {
 unsafe extern "C" fn x_shm_unmap(file: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
     let (r, m) = real(file);
     m.xShmUnmap.unwrap()(r, delete)
+}
+
+static MEM_IO_METHODS: OnceLock<ffi::sqlite3_io_methods> = OnceLock::new();
+
+/// The methods of an in-memory WAL: version 1 (a WAL has no shm and no mapping).
+fn mem_io_methods() -> ffi::sqlite3_io_methods {
+    ffi::sqlite3_io_methods {
+        iVersion: 1,
+        xClose: Some(mem_close),
+        xRead: Some(mem_read),
+        xWrite: Some(mem_write),
+        xTruncate: Some(mem_truncate),
+        xSync: Some(mem_sync),
+        xFileSize: Some(mem_file_size),
+        xLock: Some(mem_lock),
+        xUnlock: Some(mem_lock),
+        xCheckReservedLock: Some(mem_check_reserved_lock),
+        xFileControl: Some(mem_file_control),
+        xSectorSize: Some(mem_sector_size),
+        xDeviceCharacteristics: Some(mem_device_characteristics),
+        xShmMap: None,
+        xShmLock: None,
+        xShmBarrier: None,
+        xShmUnmap: None,
+        xFetch: None,
+        xUnfetch: None,
+    }
+}
+
+/// The buffer of an in-memory WAL file.
+///
+/// # Safety
+/// `file` was opened by [`open_mem_wal`] and is not closed yet.
+unsafe fn mem<'a>(file: *mut ffi::sqlite3_file) -> &'a MemWal {
+    &*(*(file as *mut File)).mem
+}
+
+/// `xClose` of an in-memory WAL: releases this handle's share of the buffer (the buffer
+/// stays for the next connection until [`drop_wal`] or `xDelete`).
+///
+/// # Safety
+/// Called by SQLite, once, with a file [`open_mem_wal`] opened.
+unsafe extern "C" fn mem_close(file: *mut ffi::sqlite3_file) -> c_int {
+    let f = file as *mut File;
+    if !(*f).mem.is_null() {
+        drop(Arc::from_raw((*f).mem));
+        (*f).mem = std::ptr::null();
+    }
+    if !(*f).wal_db_path.is_null() {
+        drop(CString::from_raw((*f).wal_db_path));
+        (*f).wal_db_path = std::ptr::null_mut();
+    }
+    ffi::SQLITE_OK
+}
+
+/// `xRead` of an in-memory WAL: past the end, zeros and `SQLITE_IOERR_SHORT_READ`, as a
+/// file answers.
+///
+/// # Safety
+/// Called by SQLite with a file [`open_mem_wal`] opened and `buf` writable for `n` bytes.
+unsafe extern "C" fn mem_read(
+    file: *mut ffi::sqlite3_file,
+    buf: *mut c_void,
+    n: c_int,
+    off: i64,
+) -> c_int {
+    let (n, off) = (n.max(0) as usize, off.max(0) as usize);
+    let out = std::slice::from_raw_parts_mut(buf as *mut u8, n);
+    let got = {
+        let data = mem(file).data.read();
+        let avail = data.len().saturating_sub(off).min(n);
+        out[..avail].copy_from_slice(&data[off.min(data.len())..off.min(data.len()) + avail]);
+        avail
+    };
+    if got < n {
+        out[got..].fill(0);
+        return ffi::SQLITE_IOERR_SHORT_READ;
+    }
+    record(file, buf, n as c_int, off as i64);
+    ffi::SQLITE_OK
+}
+
+/// `xWrite` of an in-memory WAL (a write past the end zero-fills the gap, as a file does).
+///
+/// # Safety
+/// Called by SQLite with a file [`open_mem_wal`] opened and `buf` readable for `n` bytes.
+unsafe extern "C" fn mem_write(
+    file: *mut ffi::sqlite3_file,
+    buf: *const c_void,
+    n: c_int,
+    off: i64,
+) -> c_int {
+    count_wal_write(file);
+    let (n, off) = (n.max(0) as usize, off.max(0) as usize);
+    let src = std::slice::from_raw_parts(buf as *const u8, n);
+    let mut data = mem(file).data.write();
+    if data.len() < off + n {
+        data.resize(off + n, 0);
+    }
+    data[off..off + n].copy_from_slice(src);
+    ffi::SQLITE_OK
+}
+
+/// `xTruncate` of an in-memory WAL.
+///
+/// # Safety
+/// Called by SQLite with a file [`open_mem_wal`] opened.
+unsafe extern "C" fn mem_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    count_wal_write(file);
+    set_len(mem(file), size.max(0) as usize);
+    ffi::SQLITE_OK
+}
+
+fn set_len(wal: &MemWal, len: usize) {
+    let mut data = wal.data.write();
+    data.resize(len, 0);
+    if data.capacity() > MEM_WAL_KEEP_BYTES.max(len * 2) {
+        data.shrink_to(len);
+    }
+}
+
+/// `xSync` of an in-memory WAL: nothing to do (the Raft log is the durable record).
+///
+/// # Safety
+/// Called by SQLite; touches nothing.
+unsafe extern "C" fn mem_sync(_file: *mut ffi::sqlite3_file, _flags: c_int) -> c_int {
+    ffi::SQLITE_OK
+}
+
+/// `xFileSize` of an in-memory WAL.
+///
+/// # Safety
+/// Called by SQLite with a file [`open_mem_wal`] opened and `out` writable.
+unsafe extern "C" fn mem_file_size(file: *mut ffi::sqlite3_file, out: *mut i64) -> c_int {
+    *out = mem(file).data.read().len() as i64;
+    ffi::SQLITE_OK
+}
+
+/// `xLock`/`xUnlock` of an in-memory WAL: SQLite never locks a WAL file (its locks are in
+/// the wal-index), so there is nothing to hold.
+///
+/// # Safety
+/// Called by SQLite; touches nothing.
+unsafe extern "C" fn mem_lock(_file: *mut ffi::sqlite3_file, _lock: c_int) -> c_int {
+    ffi::SQLITE_OK
+}
+
+/// `xCheckReservedLock` of an in-memory WAL: never reserved.
+///
+/// # Safety
+/// Called by SQLite with `out` writable.
+unsafe extern "C" fn mem_check_reserved_lock(
+    _file: *mut ffi::sqlite3_file,
+    out: *mut c_int,
+) -> c_int {
+    *out = 0;
+    ffi::SQLITE_OK
+}
+
+/// `xFileControl` of an in-memory WAL: our VFS name; nothing else is known.
+///
+/// # Safety
+/// Called by SQLite with `arg` as the op defines it.
+unsafe extern "C" fn mem_file_control(
+    _file: *mut ffi::sqlite3_file,
+    op: c_int,
+    arg: *mut c_void,
+) -> c_int {
+    if op == ffi::SQLITE_FCNTL_VFSNAME {
+        *(arg as *mut *mut c_char) = ffi::sqlite3_mprintf(c"%s".as_ptr(), c"raftsql".as_ptr());
+        return ffi::SQLITE_OK;
+    }
+    ffi::SQLITE_NOTFOUND
+}
+
+/// `xSectorSize` of an in-memory WAL (SQLite's default).
+///
+/// # Safety
+/// Called by SQLite; touches nothing.
+unsafe extern "C" fn mem_sector_size(_file: *mut ffi::sqlite3_file) -> c_int {
+    4096
+}
+
+/// `xDeviceCharacteristics` of an in-memory WAL: what the unix VFS reports for a file.
+///
+/// # Safety
+/// Called by SQLite; touches nothing.
+unsafe extern "C" fn mem_device_characteristics(_file: *mut ffi::sqlite3_file) -> c_int {
+    ffi::SQLITE_IOCAP_POWERSAFE_OVERWRITE
+}
+
+/// True for the name of a WAL file.
+fn is_wal_name(path: &CStr) -> bool {
+    path.to_bytes().ends_with(b"-wal")
+}
+
+/// The VFS's `xDelete`: a WAL is forgotten (and any file of that name left by an older
+/// version removed); other files are the unix VFS's.
+///
+/// # Safety
+/// Called by SQLite with a valid path, per SQLite's VFS contract.
+unsafe extern "C" fn x_delete(
+    _vfs: *mut ffi::sqlite3_vfs,
+    path: *const c_char,
+    sync_dir: c_int,
+) -> c_int {
+    let rc = ((*UNIX_VFS).xDelete.unwrap())(UNIX_VFS, path, sync_dir);
+    if !path.is_null() && is_wal_name(CStr::from_ptr(path)) {
+        mem_wals().lock().remove(CStr::from_ptr(path).to_bytes());
+        return ffi::SQLITE_OK;
+    }
+    rc
+}
+
+/// The VFS's `xAccess`: a WAL exists when its buffer holds bytes (a file exists for SQLite
+/// when it is not empty); other files are the unix VFS's.
+///
+/// # Safety
+/// Called by SQLite with a valid path and `out` writable, per SQLite's VFS contract.
+unsafe extern "C" fn x_access(
+    _vfs: *mut ffi::sqlite3_vfs,
+    path: *const c_char,
+    flags: c_int,
+    out: *mut c_int,
+) -> c_int {
+    if !path.is_null() && is_wal_name(CStr::from_ptr(path)) {
+        let map = mem_wals().lock();
+        let len = map
+            .get(CStr::from_ptr(path).to_bytes())
+            .map_or(0, |w| w.data.read().len());
+        *out = (len > 0) as c_int;
+        return ffi::SQLITE_OK;
+    }
+    ((*UNIX_VFS).xAccess.unwrap())(UNIX_VFS, path, flags, out)
+}
+
+fn wal_key(db_path: &str) -> Vec<u8> {
+    let mut k = db_path.as_bytes().to_vec();
+    k.extend_from_slice(b"-wal");
+    k
+}
+
+/// Copies `buf.len()` bytes of `db_path`'s WAL from offset `off`; false if the WAL is
+/// shorter (or there is none).
+pub fn read_wal(db_path: &str, off: u64, buf: &mut [u8]) -> bool {
+    let Some(wal) = mem_wals().lock().get(&wal_key(db_path)).cloned() else {
+        return false;
+    };
+    let data = wal.data.read();
+    let (off, n) = (off as usize, buf.len());
+    if data.len() < off + n {
+        return false;
+    }
+    buf.copy_from_slice(&data[off..off + n]);
+    true
+}
+
+/// Empties `db_path`'s WAL (counted as a WAL write, see [`wal_writes`]).
+pub fn truncate_wal(db_path: &str) {
+    WAL_WRITES.fetch_add(1, Ordering::SeqCst);
+    if let Some(wal) = mem_wals().lock().get(&wal_key(db_path)).cloned() {
+        set_len(&wal, 0);
+    }
+}
+
+/// Forgets `db_path`'s WAL, as deleting its file did: the next connection to open it finds
+/// none. Call it with no connection to the database open.
+pub fn drop_wal(db_path: &str) {
+    WAL_WRITES.fetch_add(1, Ordering::SeqCst);
+    mem_wals().lock().remove(&wal_key(db_path));
+}
+
+/// The size in bytes of every WAL this process holds, by its database's path.
+pub fn wal_sizes() -> Vec<(String, u64)> {
+    let map = mem_wals().lock();
+    let mut out: Vec<(String, u64)> = map
+        .iter()
+        .map(|(k, w)| {
+            let db = k.strip_suffix(b"-wal").unwrap_or(k);
+            (
+                String::from_utf8_lossy(db).into_owned(),
+                w.data.read().len() as u64,
+            )
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Forgets the wal-index of `db_path` (call after closing every connection to it).

@@ -654,7 +654,25 @@ impl Shared {
             applied: self.progress.applied.load(Ordering::SeqCst),
             checkpoint: self.progress.checkpoint.load(Ordering::SeqCst),
             raft,
+            wal_bytes: self.wal_bytes(),
         }
+    }
+
+    /// The WALs of this node's databases (the process may hold other nodes' too).
+    fn wal_bytes(&self) -> BTreeMap<String, u64> {
+        let state = self.cfg.data_dir.join("state");
+        // SQLite names files by their absolute path.
+        let state = std::fs::canonicalize(&state).unwrap_or(state);
+        crate::vfs::wal_sizes()
+            .into_iter()
+            .filter_map(|(db, n)| {
+                let db = std::path::Path::new(&db);
+                db.starts_with(&state).then(|| {
+                    let name = db.file_stem().unwrap_or_default().to_string_lossy();
+                    (name.into_owned(), n)
+                })
+            })
+            .collect()
     }
 
     fn with_leader_hint(&self, e: Error) -> Error {

@@ -3,9 +3,6 @@
 //! the committed pages, and the proposal (steps 2-4 of the data path in ARCHITECTURE.md).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -552,14 +549,7 @@ fn capture_and_rewind(
         )),
     };
     if restarted {
-        let mut wal = db.handle.path.as_os_str().to_owned();
-        wal.push("-wal");
-        let wal = PathBuf::from(wal);
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&wal)
-            .and_then(|f| f.set_len(0))
-            .map_err(|e| Error::io(&wal, e))?;
+        vfs::truncate_wal(key);
         vfs::invalidate_header(key);
     } else {
         vfs::restore_header(key, saved);
@@ -573,14 +563,7 @@ fn capture_and_rewind(
 /// [`READ_CHUNK_FRAMES`], and the read stops with an error as soon as the distinct pages
 /// exceed [`MAX_ENTRY_PAGE_BYTES`] (a transaction of GiBs is refused after reading 48 MiB,
 /// not after loading it all).
-fn read_frames(db: &mut Db, first: u32, last: u32, page_size: u32) -> Result<Vec<Page>> {
-    let mut wal_path = db.handle.path.as_os_str().to_owned();
-    wal_path.push("-wal");
-    let wal_path = PathBuf::from(wal_path);
-    if db.wal.is_none() {
-        db.wal = Some(File::open(&wal_path).map_err(|e| Error::io(&wal_path, e))?);
-    }
-    let wal = db.wal.as_ref().unwrap();
+fn read_frames(db: &Db, first: u32, last: u32, page_size: u32) -> Result<Vec<Page>> {
     let frame = 24 + page_size as usize;
     let mut pages: BTreeMap<u32, Bytes> = BTreeMap::new();
     let mut buf = Vec::new();
@@ -588,8 +571,17 @@ fn read_frames(db: &mut Db, first: u32, last: u32, page_size: u32) -> Result<Vec
     while next <= last {
         let n = (last + 1 - next).min(READ_CHUNK_FRAMES);
         buf.resize(n as usize * frame, 0);
-        wal.read_exact_at(&mut buf, 32 + (next as u64 - 1) * frame as u64)
-            .map_err(|e| Error::io(&wal_path, e))?;
+        if !vfs::read_wal(
+            &db.handle.key,
+            32 + (next as u64 - 1) * frame as u64,
+            &mut buf,
+        ) {
+            return Err(Error::Internal(format!(
+                "the WAL of {} ends before frame {} of the commit it holds",
+                db.handle.key,
+                next + n - 1
+            )));
+        }
         for f in buf.chunks_exact(frame) {
             let pgno = u32::from_be_bytes(f[..4].try_into().unwrap());
             pages.insert(pgno, Bytes::copy_from_slice(&f[24..]));

@@ -212,7 +212,10 @@ pub(super) fn query_rows(
 /// Databases by name, as the readers see them.
 pub type DbMap = Arc<RwLock<HashMap<String, Arc<DbHandle>>>>;
 
+/// Removes the WAL (in memory, see vfs.rs) and the wal-index of database `db`: call it with
+/// no connection to it open.
 pub(super) fn remove_wal_files(db: &Path) {
+    vfs::drop_wal(&db.to_string_lossy());
     for suffix in ["-wal", "-shm"] {
         let mut p = db.as_os_str().to_owned();
         p.push(suffix);
@@ -383,7 +386,10 @@ mod tests {
         let path = dir.path().join("t.db");
         let w = open_writer(&path).unwrap();
         w.execute_batch("CREATE TABLE t(x)").unwrap();
-        let other = Connection::open(&path).unwrap();
+        // Another connection of the node (through the VFS: the WAL is in its memory).
+        let other =
+            Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), vfs::VFS_NAME)
+                .unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         // Without waiting, the writer is refused at once.
         let e = w.execute_batch("BEGIN IMMEDIATE").unwrap_err();

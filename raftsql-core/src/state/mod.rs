@@ -50,7 +50,7 @@ mod tests;
 mod tx;
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -94,7 +94,6 @@ pub(super) struct Db {
     writer: Connection,
     /// What client SQL may do on the writer.
     guard: Guard,
-    wal: Option<File>,
     /// Committed page images, the bases of page changes (committed.rs).
     committed: Committed,
 }
@@ -281,7 +280,6 @@ impl StateMachine {
             handle: Arc::new(DbHandle::new(name, path)),
             writer,
             guard,
-            wal: None,
             committed: Committed::default(),
         })
     }

@@ -411,14 +411,11 @@ impl Cluster {
             .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
     }
 
-    /// The size of database `db`'s WAL in node `id`'s current generation (0 if none).
+    /// The size of database `db`'s WAL on node `id`, as its status reports it (the WAL is
+    /// held in memory; 0 if the node does not answer or has none).
     pub fn wal_bytes(&self, id: u64, db: &str) -> u64 {
-        let state = self.data_dir(id).join("state");
-        let Ok(current) = std::fs::read_to_string(state.join("CURRENT")) else {
-            return 0;
-        };
-        std::fs::metadata(state.join(current.trim()).join(format!("{db}.db-wal")))
-            .map(|m| m.len())
+        self.status(id, false)
+            .and_then(|s| s.wal_bytes.get(db).copied())
             .unwrap_or(0)
     }
 
