@@ -45,7 +45,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
@@ -75,9 +75,25 @@ fn mem_wals() -> &'static Mutex<HashMap<Vec<u8>, Arc<MemWal>>> {
 
 /// One WAL's bytes, as the file would hold them. Readers (any connection) take the read
 /// lock for a copy; the one writer connection takes the write lock to append or truncate.
-#[derive(Default)]
 struct MemWal {
     data: RwLock<Vec<u8>>,
+    /// The length past which writes are refused with `SQLITE_FULL` ([`limit_wal_growth`]);
+    /// `usize::MAX` when unlimited.
+    limit: AtomicUsize,
+}
+
+impl Default for MemWal {
+    fn default() -> Self {
+        MemWal {
+            data: RwLock::default(),
+            limit: AtomicUsize::new(usize::MAX),
+        }
+    }
+}
+
+thread_local! {
+    /// Set when a write on this thread was refused by a WAL's limit ([`take_limit_hit`]).
+    static LIMIT_HIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A WAL emptied by a checkpoint keeps its buffer for the next frames, unless the buffer
@@ -307,12 +323,7 @@ unsafe extern "C" fn x_open(
 ///
 /// # Safety
 /// `f` is the file object `x_open` is initializing; `out_flags` is null or writable.
-unsafe fn open_mem_wal(
-    f: *mut File,
-    name: &CStr,
-    flags: c_int,
-    out_flags: *mut c_int,
-) -> c_int {
+unsafe fn open_mem_wal(f: *mut File, name: &CStr, flags: c_int, out_flags: *mut c_int) -> c_int {
     let wal = mem_wals()
         .lock()
         .entry(name.to_bytes().to_vec())
@@ -678,7 +689,12 @@ unsafe extern "C" fn mem_write(
     count_wal_write(file);
     let (n, off) = (n.max(0) as usize, off.max(0) as usize);
     let src = std::slice::from_raw_parts(buf as *const u8, n);
-    let mut data = mem(file).data.write();
+    let wal = mem(file);
+    if off + n > wal.limit.load(Ordering::Relaxed) {
+        LIMIT_HIT.with(|h| h.set(true));
+        return ffi::SQLITE_FULL;
+    }
+    let mut data = wal.data.write();
     if data.len() < off + n {
         data.resize(off + n, 0);
     }
@@ -846,6 +862,31 @@ pub fn truncate_wal(db_path: &str) {
     if let Some(wal) = mem_wals().lock().get(&wal_key(db_path)).cloned() {
         set_len(&wal, 0);
     }
+}
+
+/// Bounds the WAL of `db_path` to its current length plus `growth` bytes (`None`: lifts
+/// the bound). A leader transaction runs under it, so that one whose pages could never fit
+/// in an entry is refused while it writes instead of growing the WAL (this process's
+/// memory) by its whole size. Writes past the bound fail with `SQLITE_FULL` and mark this
+/// thread ([`take_limit_hit`]; setting a bound clears the mark, lifting it does not).
+/// Applies never run under a bound.
+pub fn limit_wal_growth(db_path: &str, growth: Option<usize>) {
+    let wal = mem_wals()
+        .lock()
+        .entry(wal_key(db_path))
+        .or_default()
+        .clone();
+    let limit = growth.map_or(usize::MAX, |g| wal.data.read().len().saturating_add(g));
+    wal.limit.store(limit, Ordering::Relaxed);
+    if growth.is_some() {
+        LIMIT_HIT.with(|h| h.set(false));
+    }
+}
+
+/// Whether a WAL write on this thread was refused by [`limit_wal_growth`]'s bound since the
+/// last call (the mark is cleared).
+pub fn take_limit_hit() -> bool {
+    LIMIT_HIT.with(|h| h.replace(false))
 }
 
 /// Forgets `db_path`'s WAL, as deleting its file did: the next connection to open it finds

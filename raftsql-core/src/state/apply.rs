@@ -120,6 +120,8 @@ impl StateMachine {
         }
         self.frames_since_checkpoint += f.pages.len() as u64;
         let db = self.db(&f.db)?;
+        // An apply is never bounded (a leader transaction's bound is lifted when it ends).
+        super::batch::limit_tx_growth(&db.handle.key, false);
         apply_pages(&db.writer, f, images, &mut db.committed)
     }
 }

@@ -25,6 +25,30 @@ const MAX_BATCH: usize = 512;
 /// frame ([`crate::MAX_FRAME`], 64 MiB) with room for the message around it.
 pub const MAX_ENTRY_PAGE_BYTES: usize = 48 << 20;
 
+/// How far a leader transaction may grow its WAL (vfs.rs keeps it in memory): every page an
+/// entry may carry, with its frame header, and a spare MiB. A transaction writing more is
+/// refused as it writes ([`wal_full_is_too_large`]).
+const MAX_TX_WAL_GROWTH: usize = MAX_ENTRY_PAGE_BYTES + MAX_ENTRY_PAGE_BYTES / 64 + (1 << 20);
+
+/// The error of a write that failed because the transaction outgrew [`MAX_TX_WAL_GROWTH`]
+/// (SQLite saw `SQLITE_FULL`), else `e`.
+pub(super) fn wal_full_is_too_large(e: Error) -> Error {
+    if vfs::take_limit_hit() {
+        Error::Invalid(format!(
+            "the transaction changed more than the {} MiB of pages one replicated entry may \
+             carry: split it into smaller transactions",
+            MAX_ENTRY_PAGE_BYTES >> 20
+        ))
+    } else {
+        e
+    }
+}
+
+/// Puts a leader transaction on `key` under [`MAX_TX_WAL_GROWTH`] (or lifts it: `false`).
+pub(super) fn limit_tx_growth(key: &str, on: bool) {
+    vfs::limit_wal_growth(key, on.then_some(MAX_TX_WAL_GROWTH));
+}
+
 impl StateMachine {
     /// Ready to execute a leader batch (I4).
     pub(super) fn can_write(&self) -> bool {
@@ -94,9 +118,11 @@ impl StateMachine {
         // The pages the batch reads of the committed state are the bases its entry is
         // diffed against (vfs.rs, "Recording reads").
         vfs::record_reads(&db.handle.key, PAGE_SIZE);
+        limit_tx_growth(&db.handle.key, true);
         let executed = execute_batch(&db.writer, &db.guard, budget, batch);
         if !matches!(executed, Executed::Open(_)) {
             vfs::stop_recording();
+            limit_tx_growth(&db.handle.key, false);
         }
         match executed {
             Executed::Open(waiters) => self.commit_and_propose(db_name, waiters),
@@ -131,6 +157,7 @@ impl StateMachine {
         };
         let (Some(saved), Some(before)) = (vfs::save_header(&key), vfs::read_header(&key)) else {
             vfs::stop_recording();
+            limit_tx_growth(&key, false);
             let _ = db.writer.execute_batch("ROLLBACK");
             fail(
                 waiters,
@@ -140,10 +167,12 @@ impl StateMachine {
         };
         let bases = vfs::take_reads(&key, before.max_frame);
         db.handle.gate.close();
-        if let Err(e) = db.writer.execute_batch("COMMIT") {
+        let committed = db.writer.execute_batch("COMMIT");
+        limit_tx_growth(&key, false);
+        if let Err(e) = committed {
             let _ = db.writer.execute_batch("ROLLBACK");
             db.handle.gate.open();
-            fail(waiters, e.into());
+            fail(waiters, wal_full_is_too_large(e.into()));
             return Ok(());
         }
         let captured = capture_and_rewind(db, &key, &saved, &before);
@@ -399,7 +428,7 @@ pub(super) fn execute_batch(
             let Work::Statements { stmts, .. } = &sql[i].work else {
                 unreachable!("partitioned")
             };
-            let r = run_request(w, g, stmts, budget);
+            let r = run_request(w, g, stmts, budget).map_err(wal_full_is_too_large);
             if w.is_autocommit() {
                 let req = sql.remove(i);
                 tracing::info!(
@@ -420,7 +449,7 @@ pub(super) fn execute_batch(
         let Work::Func(f) = req.work else {
             unreachable!("partitioned")
         };
-        let r = in_savepoint(w, f);
+        let r = in_savepoint(w, f).map_err(|(e, fail)| (wal_full_is_too_large(e), fail));
         if w.is_autocommit() {
             let (e, fail): (Option<Error>, Fail) = match r {
                 Ok(waiter) => (None, Box::new(move |e| waiter(Err(e)))),

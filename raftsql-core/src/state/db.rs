@@ -387,9 +387,8 @@ mod tests {
         let w = open_writer(&path).unwrap();
         w.execute_batch("CREATE TABLE t(x)").unwrap();
         // Another connection of the node (through the VFS: the WAL is in its memory).
-        let other =
-            Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), vfs::VFS_NAME)
-                .unwrap();
+        let other = Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), vfs::VFS_NAME)
+            .unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         // Without waiting, the writer is refused at once.
         let e = w.execute_batch("BEGIN IMMEDIATE").unwrap_err();

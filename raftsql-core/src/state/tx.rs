@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use super::batch::{limit_tx_growth, wal_full_is_too_large};
 use super::db::{query_rows, reset_cache};
 use super::msg::{TxOp, Waiter};
 use super::{OpenTx, StateMachine};
@@ -29,7 +30,9 @@ impl StateMachine {
                     reset_cache(&d.writer)?;
                     d.writer
                         .execute_batch("BEGIN IMMEDIATE")
-                        .map_err(Error::from)
+                        .map_err(Error::from)?;
+                    limit_tx_growth(&d.handle.key, true);
+                    Ok(())
                 });
                 match r {
                     Ok(()) => {
@@ -62,6 +65,7 @@ impl StateMachine {
                     .client(self.settings.statement_timeout, || {
                         query_rows(w, g, &stmt, self.settings.max_result_bytes)
                     })
+                    .map_err(wal_full_is_too_large)
                     .map(|rows| {
                         (
                             rows,
@@ -74,6 +78,7 @@ impl StateMachine {
                 if w.is_autocommit() {
                     // SQLite rolled the whole transaction back (OR ROLLBACK, RAISE(ROLLBACK),
                     // an interrupted write): it is over, and nothing may run outside one.
+                    limit_tx_growth(&db.handle.key, false);
                     self.open_tx = None;
                     let why = match r {
                         Err(e) => e.to_string(),
@@ -111,7 +116,9 @@ impl StateMachine {
 
     pub(super) fn rollback_tx(&mut self) {
         if let Some(tx) = self.open_tx.take() {
-            let _ = self.dbs[&tx.db].writer.execute_batch("ROLLBACK");
+            let db = &self.dbs[&tx.db];
+            let _ = db.writer.execute_batch("ROLLBACK");
+            limit_tx_growth(&db.handle.key, false);
         }
     }
 }
