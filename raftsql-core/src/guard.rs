@@ -53,6 +53,9 @@ pub const MAX_VALUE_BYTES: i32 = 48 << 20;
 
 /// Names of the savepoints this crate opens on the writer; a client may not name them.
 pub const INTERNAL_SAVEPOINT: &str = "raftsql_req";
+/// `SAVEPOINT` and `RELEASE` of [`INTERNAL_SAVEPOINT`], as run (through the statement cache).
+pub const INTERNAL_SAVEPOINT_SQL: &str = "SAVEPOINT raftsql_req";
+pub const INTERNAL_RELEASE_SQL: &str = "RELEASE raftsql_req";
 
 /// Which connection a guard is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

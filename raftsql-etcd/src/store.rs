@@ -58,12 +58,11 @@ impl Default for EtcdOptions {
 
 /// The header etcd puts on every response.
 pub fn header(cluster_id: u64, node: &Node, revision: i64) -> ResponseHeader {
-    let st = node.status();
     ResponseHeader {
         cluster_id,
-        member_id: st.id,
+        member_id: node.id(),
         revision,
-        raft_term: st.raft.term,
+        raft_term: node.term(),
     }
 }
 

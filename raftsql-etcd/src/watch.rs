@@ -73,13 +73,10 @@ pub(crate) fn read_events(
     no_delete: bool,
 ) -> rusqlite::Result<Batch> {
     let meta = |name: &str, d: i64| -> rusqlite::Result<i64> {
-        Ok(
-            c.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
+        Ok(c.prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
             .optional()?
-            .unwrap_or(d),
-        )
+            .unwrap_or(d))
     };
     let has_schema = crate::mvcc::has_table(c, "meta")?;
     if !has_schema {

@@ -70,6 +70,17 @@ impl Node {
         self.shared.status()
     }
 
+    /// The current term, as the Raft thread last published it (cheap: no lock, no copy; for
+    /// response headers).
+    pub fn term(&self) -> u64 {
+        self.shared.leadership.borrow().term
+    }
+
+    /// Bytes in each of this node's database WALs (held in memory, see `vfs.rs`), by name.
+    pub fn wal_bytes(&self) -> BTreeMap<String, u64> {
+        self.shared.wal_bytes()
+    }
+
     /// Runs one write statement (atomically, replicated) and says what it changed.
     ///
     /// ```
@@ -654,12 +665,11 @@ impl Shared {
             applied: self.progress.applied.load(Ordering::SeqCst),
             checkpoint: self.progress.checkpoint.load(Ordering::SeqCst),
             raft,
-            wal_bytes: self.wal_bytes(),
         }
     }
 
     /// The WALs of this node's databases (the process may hold other nodes' too).
-    fn wal_bytes(&self) -> BTreeMap<String, u64> {
+    pub(super) fn wal_bytes(&self) -> BTreeMap<String, u64> {
         let state = self.cfg.data_dir.join("state");
         // SQLite names files by their absolute path.
         let state = std::fs::canonicalize(&state).unwrap_or(state);

@@ -52,7 +52,7 @@ impl Shared {
                 log_first_index: s.raft.log_first,
                 log_last_index: s.raft.log_last,
                 db_digests,
-                wal_bytes: s.wal_bytes.into_iter().collect(),
+                wal_bytes: self.wal_bytes().into_iter().collect(),
             })),
         }
     }

@@ -107,8 +107,6 @@ pub struct Status {
     pub applied: u64,
     /// Durable checkpoint index.
     pub checkpoint: u64,
-    /// Bytes in each database's WAL (in memory, see vfs.rs), by database name.
-    pub wal_bytes: BTreeMap<String, u64>,
 }
 
 /// A registered service, and whether clients (not only members) may call it.

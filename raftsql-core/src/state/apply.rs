@@ -168,7 +168,9 @@ fn write_pages(
                 .all(|(p, c)| p.pgno == c.pgno && crc32fast::hash(&p.data) == c.crc)
     });
     let grown = in_transaction(w, |w| {
-        let old_pages: u32 = w.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let old_pages: u32 = w
+            .prepare_cached("PRAGMA page_count")?
+            .query_row([], |r| r.get(0))?;
         // Every base is read before anything is written: once the database grows inside
         // this transaction, a page between its old and new end would read as whatever an
         // old WAL frame or the file's tail holds there, not as the zeros the leader diffed

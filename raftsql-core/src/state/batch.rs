@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rusqlite::Connection;
 
-use super::db::{change_counter, committed_base, page1_counter, reset_cache, PAGE_SIZE};
+use super::db::{
+    change_counter, committed_base, exec_cached, page1_counter, reset_cache, PAGE_SIZE,
+};
 use super::msg::{Fail, SmToRaft, Waiter, Work, WriteFn, WriteReq};
 use super::{Db, InFlight, Kept, StateMachine};
 use crate::committed::Committed;
@@ -167,7 +169,7 @@ impl StateMachine {
         };
         let bases = vfs::take_reads(&key, before.max_frame);
         db.handle.gate.close();
-        let committed = db.writer.execute_batch("COMMIT");
+        let committed = exec_cached(&db.writer, "COMMIT");
         limit_tx_growth(&key, false);
         if let Err(e) = committed {
             let _ = db.writer.execute_batch("ROLLBACK");
@@ -316,7 +318,7 @@ impl StateMachine {
 
 /// Runs `f` inside a SAVEPOINT on `w`, rolling back to it if `f` fails.
 fn in_savepoint(w: &Connection, f: Box<dyn WriteFn>) -> std::result::Result<Waiter, (Error, Fail)> {
-    if let Err(e) = w.execute_batch(&format!("SAVEPOINT {}", guard::INTERNAL_SAVEPOINT)) {
+    if let Err(e) = exec_cached(w, guard::INTERNAL_SAVEPOINT_SQL) {
         return Err((e.into(), Box::new(move |e| f.fail(e))));
     }
     match f.run(w) {
@@ -343,7 +345,7 @@ fn release(w: &Connection) -> Result<()> {
     if FAIL_NEXT_RELEASE.with(|f| f.take()) {
         return Err(Error::Internal("RELEASE refused (test hook)".into()));
     }
-    w.execute_batch(&format!("RELEASE {}", guard::INTERNAL_SAVEPOINT))?;
+    exec_cached(w, guard::INTERNAL_RELEASE_SQL)?;
     Ok(())
 }
 
@@ -414,7 +416,7 @@ pub(super) fn execute_batch(
     let (mut sql, funcs): (Vec<WriteReq>, Vec<WriteReq>) =
         batch.into_iter().partition(WriteReq::is_sql);
     let begin =
-        || reset_cache(w).and_then(|_| w.execute_batch("BEGIN IMMEDIATE").map_err(Error::from));
+        || reset_cache(w).and_then(|_| exec_cached(w, "BEGIN IMMEDIATE").map_err(Error::from));
     let results = 'again: loop {
         if let Err(e) = begin() {
             let msg = e.to_string();
@@ -493,7 +495,7 @@ fn run_request(
     stmts: &[Statement],
     budget: Duration,
 ) -> Result<Vec<ExecResult>> {
-    w.execute_batch(&format!("SAVEPOINT {}", guard::INTERNAL_SAVEPOINT))?;
+    exec_cached(w, guard::INTERNAL_SAVEPOINT_SQL)?;
     let r = g.client(budget, || {
         let mut out = Vec::with_capacity(stmts.len());
         for s in stmts {

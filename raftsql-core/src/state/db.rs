@@ -105,6 +105,7 @@ impl DbHandle {
             vfs::VFS_NAME,
         )?;
         c.execute_batch("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")?;
+        c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let g = Guard::install(&mut c, Role::Reader)?;
         Ok((c, g))
     }
@@ -117,12 +118,13 @@ impl DbHandle {
     fn read_guarded<T>(&self, f: impl FnOnce(&Connection, &Guard) -> Result<T>) -> Result<T> {
         let (conn, guard) = self.reader()?;
         self.gate.enter();
-        let pinned = conn
-            .execute_batch("BEGIN")
-            .and_then(|_| conn.query_row("PRAGMA schema_version", [], |_| Ok(())));
+        let pinned = exec_cached(&conn, "BEGIN").and_then(|_| {
+            conn.prepare_cached("PRAGMA schema_version")?
+                .query_row([], |_| Ok(()))
+        });
         self.gate.leave();
         let out = pinned.map_err(Error::from).and_then(|_| f(&conn, &guard));
-        let _ = conn.execute_batch("COMMIT");
+        let _ = exec_cached(&conn, "COMMIT");
         if conn.is_autocommit() {
             self.pool.lock().push((conn, guard));
         }
@@ -214,6 +216,17 @@ pub type DbMap = Arc<RwLock<HashMap<String, Arc<DbHandle>>>>;
 
 /// Removes the WAL (in memory, see vfs.rs) and the wal-index of database `db`: call it with
 /// no connection to it open.
+/// Runs a statement that returns no rows through `c`'s statement cache: SQLite parses it
+/// once per connection, not on every call (transaction control runs several times per
+/// write and per read).
+pub(crate) fn exec_cached(c: &Connection, sql: &str) -> rusqlite::Result<()> {
+    c.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Statements each connection keeps prepared (rusqlite's default is 16, fewer than one
+/// etcd write uses with the transaction control around it).
+pub(super) const STATEMENT_CACHE: usize = 256;
+
 pub(super) fn remove_wal_files(db: &Path) {
     vfs::drop_wal(&db.to_string_lossy());
     for suffix in ["-wal", "-shm"] {
@@ -241,6 +254,7 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection> {
         "PRAGMA page_size={PAGE_SIZE}; PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; \
          PRAGMA wal_autocheckpoint=0; PRAGMA busy_timeout=0; PRAGMA cache_size=-16384;"
     ))?;
+    c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     // Map the wal-index now, so its header can be read before the first write.
     c.query_row("PRAGMA schema_version", [], |_| Ok(()))?;
     Ok(c)
@@ -253,7 +267,7 @@ pub(super) fn in_transaction<T>(
     begin_immediate(w)?;
     let r = f(w);
     match &r {
-        Ok(_) => w.execute_batch("COMMIT")?,
+        Ok(_) => exec_cached(w, "COMMIT")?,
         Err(_) => {
             let _ = w.execute_batch("ROLLBACK");
         }
@@ -282,7 +296,7 @@ fn begin_immediate(w: &Connection) -> Result<()> {
     let deadline = Instant::now() + BUSY_WAIT;
     let mut pause = BUSY_PAUSE_MIN;
     loop {
-        match w.execute_batch("BEGIN IMMEDIATE") {
+        match exec_cached(w, "BEGIN IMMEDIATE") {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
             {
