@@ -111,7 +111,7 @@ pub use net::tls;
 pub use net::{Dialer, Peer, DEFAULT_MAX_CLIENT_FRAME, MAX_FRAME};
 pub use node::{
     parse_peers, stored_id, stored_node, Node, NodeConfig, RaftStatus, ServiceHandler, Status,
-    StoredNode, Transaction, DEFAULT_MAX_RESULT_BYTES, DEFAULT_OFFLINE_AFTER,
+    StoredNode, Transaction, WeakNode, DEFAULT_MAX_RESULT_BYTES, DEFAULT_OFFLINE_AFTER,
     DEFAULT_STATEMENT_TIMEOUT, DEFAULT_TICK, DEFAULT_WRITE_TIMEOUT, MAX_TX_IDLE,
 };
 pub use roles::{Role, Targets};

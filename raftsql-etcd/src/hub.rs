@@ -6,7 +6,7 @@
 //! its synced watchers in memory and hands each write's events to them; this does the same
 //! with one task per store:
 //!
-//! - the hub task waits for the node to apply something, reads the events after the last
+//! - the hub's thread waits for the node to apply something, reads the events after the last
 //!   revision it read (every key, never splitting a revision, at most [`BATCH`] rows at a
 //!   time, `crate::watch::BATCH`) and broadcasts them as a [`Chunk`] covering revisions `[from, next)`;
 //! - a watch first catches up from history by its own reads ([`crate::watch`]), then takes
@@ -22,7 +22,6 @@
 //! revision sees the gap and reads history (so a write applied while the hub woke up is
 //! never left unsent).
 
-use raftsql_core::Consistency;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -60,14 +59,22 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    /// Starts the hub's task on `node`.
+    /// Starts the hub's thread on `node`.
     pub(crate) fn start(node: raftsql_core::Node) -> Arc<Hub> {
         let (tx, _) = broadcast::channel(BUFFER);
         let hub = Arc::new(Hub {
             tx,
             want_prev: AtomicUsize::new(0),
         });
-        tokio::spawn(run(node, hub.clone()));
+        let h = hub.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("etcd-watch-hub".into())
+            .spawn(move || run(node, h))
+        {
+            // Without a hub every watch reads its events from history itself (slower, the
+            // same events): see the module's notes.
+            tracing::error!("watch hub: cannot start its thread: {e}");
+        }
         hub
     }
 
@@ -100,9 +107,16 @@ impl Drop for Subscription {
     }
 }
 
-/// The hub's task: a read per applied change while anyone listens.
-async fn run(node: raftsql_core::Node, hub: Arc<Hub>) {
+/// The hub's thread: a read per applied change while anyone listens.
+///
+/// A thread of its own, not a task: it wakes once per applied change and reads on the spot
+/// (a task woke on a tokio worker, handed the read to the blocking pool and woke again for
+/// its answer: two more thread hops on every event's way to its watches).
+fn run(node: raftsql_core::Node, hub: Arc<Hub>) {
     let mut applied = node.subscribe_applied();
+    // Held weakly: the hub must not keep the node running (its last handle stops it, and
+    // the applied channel closing then ends this thread).
+    let node = node.downgrade();
     let all = Interval::new(b"\0", b"\0");
     // The next revision to read; `None` after an idle spell (start at the current one).
     let mut next: Option<i64> = None;
@@ -111,22 +125,23 @@ async fn run(node: raftsql_core::Node, hub: Arc<Hub>) {
             next = None;
         } else {
             let with_prev = hub.want_prev.load(Ordering::SeqCst) > 0;
-            let (iv, from) = (all.clone(), next);
-            let read = node
-                .read(DB, Consistency::Local, move |c| {
-                    let start = match from {
-                        Some(n) => n,
-                        None => match crate::mvcc::current_rev_in(c)? {
-                            Some(rev) => rev + 1,
-                            None => return Ok(None),
-                        },
-                    };
-                    Ok(Some((
-                        start,
-                        read_events(c, &iv, start, with_prev, false, false)?,
-                    )))
-                })
-                .await;
+            let from = next;
+            let Some(node) = node.upgrade() else {
+                return; // the node stopped
+            };
+            let read = node.read_local_blocking(DB, |c| {
+                let start = match from {
+                    Some(n) => n,
+                    None => match crate::mvcc::current_rev_in(c)? {
+                        Some(rev) => rev + 1,
+                        None => return Ok(None),
+                    },
+                };
+                Ok(Some((
+                    start,
+                    read_events(c, &all, start, with_prev, false, false)?,
+                )))
+            });
             match read {
                 Ok(Some(Some((
                     start,
@@ -173,8 +188,28 @@ async fn run(node: raftsql_core::Node, hub: Arc<Hub>) {
                 }
             }
         }
-        if applied.changed().await.is_err() {
+        if block_on(applied.changed()).is_err() {
             return; // the node stopped
         }
+    }
+}
+
+/// Runs `fut` to completion on this thread (not a runtime's: the hub's own), parking it
+/// until the future's waker is called.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
     }
 }

@@ -206,6 +206,22 @@ impl Node {
             .map_err(|e| Error::Internal(e.to_string()))?
     }
 
+    /// [`Node::read`] at [`Consistency::Local`], on the calling thread: for a thread of the
+    /// embedding program's own that follows this node's state (the etcd watch hub), saving
+    /// the hop to tokio's blocking pool and back. It blocks: never call it from async code.
+    /// `Ok(None)` if `db` does not exist yet.
+    pub fn read_local_blocking<T>(
+        &self,
+        db: &str,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<T>,
+    ) -> Result<Option<T>> {
+        state::check_db_name(db)?;
+        let Some(handle) = self.shared.dbs.read().get(db).cloned() else {
+            return Ok(None);
+        };
+        handle.read(f).map(Some)
+    }
+
     /// Registers a service other members can call (see [`ServiceHandler`]); a connection
     /// that did not identify as a member (a client) is refused.
     pub fn register_service(&self, name: &str, handler: Arc<dyn ServiceHandler>) {
@@ -382,7 +398,9 @@ impl Node {
         v
     }
 
-    pub(crate) fn downgrade(&self) -> WeakNode {
+    /// A reference to this node that does not keep it running: a background thread or task
+    /// of the embedding program holds it, so that dropping the last [`Node`] still stops it.
+    pub fn downgrade(&self) -> WeakNode {
         WeakNode {
             shared: Arc::downgrade(&self.shared),
             threads: Arc::downgrade(&self.threads),

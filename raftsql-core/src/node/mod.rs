@@ -162,7 +162,7 @@ pub struct Node {
 /// A [`Node`] reference that does not keep the node running (for its own background tasks
 /// and services, so that dropping the last [`Node`] still stops it).
 #[derive(Clone)]
-pub(crate) struct WeakNode {
+pub struct WeakNode {
     shared: std::sync::Weak<Shared>,
     threads: std::sync::Weak<Mutex<Vec<JoinHandle<()>>>>,
     lock: std::sync::Weak<File>,
@@ -170,7 +170,7 @@ pub(crate) struct WeakNode {
 
 impl WeakNode {
     /// The node, unless it was dropped or shut down.
-    pub(crate) fn upgrade(&self) -> Option<Node> {
+    pub fn upgrade(&self) -> Option<Node> {
         let node = Node {
             shared: self.shared.upgrade()?,
             threads: self.threads.upgrade()?,
