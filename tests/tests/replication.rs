@@ -345,6 +345,59 @@ fn refusing_an_oversized_transaction_keeps_memory_bounded() {
         .expect("the next write");
 }
 
+/// The same bound for an interactive transaction: it holds the writer across round trips,
+/// and each statement's pages reach the WAL (held in memory) as SQLite spills them. A
+/// statement that would grow it past one entry's pages is refused while it writes; the
+/// transaction ends, nothing of it is kept, and the leader's peak memory grows by about one
+/// entry, not by the statement's 400 MiB.
+#[test]
+fn an_oversized_interactive_transaction_is_refused_with_bounded_memory() {
+    let cl = Cluster::start(1, &["--statement-timeout", "120s"]);
+    let leader = cl.wait_leader(T);
+    let c = cl.client();
+    cl.rt
+        .block_on(c.execute(
+            "main",
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)",
+            vec![],
+        ))
+        .unwrap();
+    let before = cl.vm_hwm_kib(leader);
+    let r = cl.rt.block_on(async {
+        let mut tx = c.transaction("main", Duration::from_secs(30)).await?;
+        tx.execute("INSERT INTO t(v) VALUES ('first')", vec![])
+            .await?;
+        tx.execute(
+            "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 100000) \
+             INSERT INTO t(v) SELECT randomblob(4000) FROM s",
+            vec![],
+        )
+        .await?;
+        tx.commit().await
+    });
+    let after = cl.vm_hwm_kib(leader);
+    println!(
+        "leader VmHWM {before} KiB before, {after} KiB after an interactive ~400 MiB statement"
+    );
+    match r {
+        Err(Error::Invalid(m)) => assert!(m.contains("split it into smaller transactions"), "{m}"),
+        other => panic!("expected a clear refusal, got {other:?}"),
+    }
+    assert!(
+        after < before + 160 * 1024,
+        "the leader's peak memory grew by {} MiB",
+        (after - before) / 1024
+    );
+    cl.rt
+        .block_on(c.execute("main", "INSERT INTO t(v) VALUES ('small')", vec![]))
+        .expect("the next write");
+    assert_eq!(
+        cl.local_count(leader, "main", "SELECT count(*) FROM t"),
+        1,
+        "nothing of the refused transaction is kept"
+    );
+}
+
 /// Read consistency levels on a follower cut off from its cluster (iptables). A
 /// `Bounded(d)` read is served from the node's state, without a round trip, while a
 /// read-index round started within `d`; past that it fails rather than answer the value the

@@ -391,6 +391,40 @@ pub(super) fn committed_base(
 mod tests {
     use super::*;
 
+    /// The WAL is held in memory (vfs.rs): no `-wal` file reaches the disk, `wal_sizes`
+    /// reports its bytes, a checkpoint empties it, and `remove_wal_files` (what a restart
+    /// does) forgets the frames a checkpoint did not carry into the file.
+    #[test]
+    fn the_wal_is_held_in_memory_until_a_checkpoint_or_a_restart() {
+        vfs::register().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let key = path.to_string_lossy().into_owned();
+        let wal_of = |k: &str| {
+            vfs::wal_sizes()
+                .into_iter()
+                .find(|(d, _)| d == k)
+                .map(|(_, n)| n)
+        };
+        let w = open_writer(&path).unwrap();
+        w.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        assert!(!dir.path().join("m.db-wal").exists(), "a WAL file on disk");
+        assert!(wal_of(&key).unwrap() > 4096, "{:?}", wal_of(&key));
+        w.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        assert_eq!(wal_of(&key), Some(0));
+        w.execute_batch("INSERT INTO t VALUES (2)").unwrap();
+        drop(w);
+        remove_wal_files(&path);
+        assert_eq!(wal_of(&key), None);
+        let w = open_writer(&path).unwrap();
+        let n: i64 = w
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1, "only the checkpointed row survives a restart");
+    }
+
     /// I5: the writer's `BEGIN IMMEDIATE` (an apply's) waits out another connection's write
     /// lock instead of failing with SQLITE_BUSY (the writer keeps `busy_timeout=0`).
     #[test]
