@@ -21,7 +21,9 @@
 //!    before it steps.
 //! 3. **`SQLITE_DBCONFIG_DEFENSIVE`** on every connection while client SQL runs (it stops
 //!    `writable_schema`, `journal_mode=OFF`, `schema_version=N` and `sqlite_dbpage` writes
-//!    even if the first two layers had a hole); the writer lifts it only to apply an entry.
+//!    even if the first two layers had a hole). An apply lifts it on the writer and leaves
+//!    it off (each change of it expires the connection's prepared statements); client SQL on
+//!    the writer starts by turning it on (`state::batch::client_on_writer`).
 //!
 //! A statement runs as client SQL only inside [`Guard::client`]; code of this crate (and
 //! Rust closures given to `Node::write`/`Node::read`) runs as *internal* and is trusted.

@@ -479,6 +479,19 @@ pub(super) fn execute_batch(
     Executed::Open(waiters)
 }
 
+/// Runs client SQL `f` on the writer `w` as [`Guard::client`] does, with DEFENSIVE on (I14):
+/// an apply leaves it off (apply.rs), so every client statement on the writer starts here,
+/// turning it on (a no-op when it is on; only a change expires the connection's statements).
+pub(super) fn client_on_writer<T>(
+    w: &Connection,
+    g: &Guard,
+    budget: Duration,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    guard::set_defensive(w, true)?;
+    g.client(budget, f)
+}
+
 /// The error of a request that made SQLite end the batch transaction.
 fn ended_transaction(e: Option<Error>) -> Error {
     let why = e.map_or_else(|| "SQLite ended it".to_string(), |e| e.to_string());
@@ -496,7 +509,7 @@ fn run_request(
     budget: Duration,
 ) -> Result<Vec<ExecResult>> {
     exec_cached(w, guard::INTERNAL_SAVEPOINT_SQL)?;
-    let r = g.client(budget, || {
+    let r = client_on_writer(w, g, budget, || {
         let mut out = Vec::with_capacity(stmts.len());
         for s in stmts {
             let mut st = w.prepare_cached(&guard::client_key(&s.sql))?;

@@ -186,3 +186,53 @@ fn a_request_whose_savepoint_cannot_be_released_leaves_nothing_behind() {
         .collect();
     assert_eq!(xs, vec![2], "the failed request's row was committed");
 }
+
+/// I14's third layer: client SQL on the writer runs with DEFENSIVE on, also right after an
+/// apply, which lifts it to write `sqlite_dbpage` and leaves it off. (Turning it back on
+/// after every apply expired every statement the writer had prepared: SQLite expires them
+/// on any change of a connection's flags, and a follower re-prepared on every entry.)
+#[test]
+fn client_sql_on_the_writer_runs_defensive_even_right_after_an_apply() {
+    use super::batch::client_on_writer;
+    use rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE;
+    use rusqlite::StatementStatus::RePrepare;
+    vfs::register().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_writer(&dir.path().join("a.db")).unwrap();
+    let mut b = open_writer(&dir.path().join("b.db")).unwrap();
+    let g = crate::guard::Guard::install(&mut b, crate::guard::Role::Writer).unwrap();
+    let mut cache = Committed::default();
+    let mut apply = |sql: &str| {
+        let (pages, before, n) = leader_write(&a, sql);
+        let f = entry(pages, &before, n, page1_counter(&b).unwrap() + 1);
+        apply_pages(&b, &f, None, &mut cache).unwrap();
+    };
+    apply("CREATE TABLE t(x)");
+    let count = |b: &Connection| -> (i64, i32) {
+        let mut st = b.prepare_cached("SELECT count(*) FROM t").unwrap();
+        let n = st.query_row([], |r| r.get(0)).unwrap();
+        (n, st.get_status(RePrepare))
+    };
+    assert_eq!(count(&b), (0, 0));
+    apply("INSERT INTO t VALUES (1)");
+    apply("INSERT INTO t VALUES (2)");
+    assert_eq!(
+        count(&b),
+        (2, 0),
+        "an apply made the writer re-prepare its statements"
+    );
+    let budget = std::time::Duration::from_secs(5);
+    let on = client_on_writer(&b, &g, budget, || {
+        Ok(b.db_config(SQLITE_DBCONFIG_DEFENSIVE)?)
+    })
+    .unwrap();
+    assert!(on, "client SQL ran on the writer without DEFENSIVE");
+    // What DEFENSIVE stops even if the authorizer had a hole: a write of sqlite_dbpage.
+    let e = b
+        .execute(
+            "INSERT INTO sqlite_dbpage(pgno, data) VALUES (2, zeroblob(4096))",
+            [],
+        )
+        .unwrap_err();
+    assert_eq!(e.to_string(), "read-only");
+}

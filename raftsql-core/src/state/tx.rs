@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::batch::{limit_tx_growth, wal_full_is_too_large};
+use super::batch::{client_on_writer, limit_tx_growth, wal_full_is_too_large};
 use super::db::{query_rows, reset_cache};
 use super::msg::{TxOp, Waiter};
 use super::{OpenTx, StateMachine};
@@ -61,20 +61,19 @@ impl StateMachine {
                 tx.last_used = Instant::now();
                 let db = &self.dbs[&tx.db];
                 let (w, g) = (&db.writer, &db.guard);
-                let r = g
-                    .client(self.settings.statement_timeout, || {
-                        query_rows(w, g, &stmt, self.settings.max_result_bytes)
-                    })
-                    .map_err(wal_full_is_too_large)
-                    .map(|rows| {
-                        (
-                            rows,
-                            ExecResult {
-                                rows_affected: w.changes(),
-                                last_insert_rowid: w.last_insert_rowid(),
-                            },
-                        )
-                    });
+                let r = client_on_writer(w, g, self.settings.statement_timeout, || {
+                    query_rows(w, g, &stmt, self.settings.max_result_bytes)
+                })
+                .map_err(wal_full_is_too_large)
+                .map(|rows| {
+                    (
+                        rows,
+                        ExecResult {
+                            rows_affected: w.changes(),
+                            last_insert_rowid: w.last_insert_rowid(),
+                        },
+                    )
+                });
                 if w.is_autocommit() {
                     // SQLite rolled the whole transaction back (OR ROLLBACK, RAISE(ROLLBACK),
                     // an interrupted write): it is over, and nothing may run outside one.
