@@ -388,15 +388,21 @@ unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
     let f = file as *mut File;
     let (r, m) = real(file);
     let rc = m.xClose.unwrap()(r);
-    if !(*f).main_db_path.is_null() {
-        drop(CString::from_raw((*f).main_db_path));
-        (*f).main_db_path = std::ptr::null_mut();
-    }
-    if !(*f).wal_db_path.is_null() {
-        drop(CString::from_raw((*f).wal_db_path));
-        (*f).wal_db_path = std::ptr::null_mut();
-    }
+    free_paths(f);
     rc
+}
+
+/// Frees the paths `x_open` or [`open_mem_wal`] stored in `f`.
+///
+/// # Safety
+/// `f` is one of our files, being closed; its paths came from `CString::into_raw`.
+unsafe fn free_paths(f: *mut File) {
+    for p in [&mut (*f).main_db_path, &mut (*f).wal_db_path] {
+        if !p.is_null() {
+            drop(CString::from_raw(*p));
+            *p = std::ptr::null_mut();
+        }
+    }
 }
 /// SQLite's `xRead` for this VFS's files: the unix VFS's, plus what this VFS records.
 ///
@@ -642,10 +648,7 @@ unsafe extern "C" fn mem_close(file: *mut ffi::sqlite3_file) -> c_int {
         drop(Arc::from_raw((*f).mem));
         (*f).mem = std::ptr::null();
     }
-    if !(*f).wal_db_path.is_null() {
-        drop(CString::from_raw((*f).wal_db_path));
-        (*f).wal_db_path = std::ptr::null_mut();
-    }
+    free_paths(f);
     ffi::SQLITE_OK
 }
 
