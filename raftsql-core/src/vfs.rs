@@ -867,19 +867,26 @@ pub fn truncate_wal(db_path: &str) {
     }
 }
 
-/// Bounds the WAL of `db_path` to its current length plus `growth` bytes (`None`: lifts
-/// the bound). A leader transaction runs under it, so that one whose pages could never fit
-/// in an entry is refused while it writes instead of growing the WAL (this process's
-/// memory) by its whole size. Writes past the bound fail with `SQLITE_FULL` and mark this
-/// thread ([`take_limit_hit`]; setting a bound clears the mark, lifting it does not).
-/// Applies never run under a bound.
+/// Bounds the WAL of `db_path` to its committed frames (as the wal-index header counts
+/// them) plus `growth` bytes (`None`: lifts the bound). A leader transaction runs under it,
+/// so that one whose pages could never fit in an entry is refused while it writes instead
+/// of growing the WAL (this process's memory) by its whole size. The bound counts from the
+/// committed end, not from the buffer's length: a refused transaction leaves its frames
+/// past that end until the next checkpoint, and the next one must not stack on them.
+/// Writes past the bound fail with `SQLITE_FULL` and mark this thread ([`take_limit_hit`];
+/// setting a bound clears the mark, lifting it does not). Applies never run under a bound.
 pub fn limit_wal_growth(db_path: &str, growth: Option<usize>) {
     let wal = mem_wals()
         .lock()
         .entry(wal_key(db_path))
         .or_default()
         .clone();
-    let limit = growth.map_or(usize::MAX, |g| wal.data.read().len().saturating_add(g));
+    // The WAL's 32-byte header, then frames of a 24-byte header and a page each.
+    let committed_end = || match read_header(db_path) {
+        Some(h) => 32 + h.max_frame as usize * (24 + h.page_size as usize),
+        None => wal.data.read().len(),
+    };
+    let limit = growth.map_or(usize::MAX, |g| committed_end().saturating_add(g));
     wal.limit.store(limit, Ordering::Relaxed);
     if growth.is_some() {
         LIMIT_HIT.with(|h| h.set(false));

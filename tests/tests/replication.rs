@@ -343,6 +343,24 @@ fn refusing_an_oversized_transaction_keeps_memory_bounded() {
     cl.rt
         .block_on(c.execute("main", "INSERT INTO t(v) VALUES ('small')", vec![]))
         .expect("the next write");
+    // Again and again: each refused transaction leaves its frames past the WAL's committed
+    // end until a checkpoint, and the next one may not grow the WAL past that junk.
+    for _ in 0..4 {
+        let r = cl.rt.block_on(c.execute(
+            "main",
+            "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 100000) \
+             INSERT INTO t(v) SELECT randomblob(4000) FROM s",
+            vec![],
+        ));
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+    }
+    let again = cl.vm_hwm_kib(leader);
+    println!("leader VmHWM {again} KiB after four more");
+    assert!(
+        again < before + 160 * 1024,
+        "the leader's peak memory grew by {} MiB after five refusals",
+        (again - before) / 1024
+    );
 }
 
 /// The same bound for an interactive transaction: it holds the writer across round trips,
