@@ -90,6 +90,7 @@ mod fsutil;
 mod guard;
 mod log;
 pub mod members;
+mod memwal;
 mod metrics;
 mod net;
 mod node;

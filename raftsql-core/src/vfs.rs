@@ -31,7 +31,8 @@
 //! system calls per frame. Nothing durable is lost: the Raft log is the durable record and
 //! the node never trusted a WAL across a restart (above). It holds at most what the
 //! checkpoint threshold lets accumulate (`--checkpoint-frames`, 16 MiB by default), plus one
-//! batch. `xAccess` and `xDelete` answer for it; [`drop_wal`] forgets it when the node
+//! batch; past 64 MiB (a checkpoint held back by a long read) the rest goes to a spill file
+//! (memwal.rs), so memory stays bounded. `xAccess` and `xDelete` answer for it; [`drop_wal`] forgets it when the node
 //! removes a database's WAL, as it removed the file before. Its size is [`wal_sizes`].
 //!
 //! # Recording reads
@@ -44,11 +45,15 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::ffi::{c_char, c_int, c_void, CStr, CString, OsString};
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
+
+use crate::memwal::MemWal;
 use rusqlite::ffi;
 
 /// Name under which the VFS is registered with SQLite.
@@ -73,32 +78,10 @@ fn mem_wals() -> &'static Mutex<HashMap<Vec<u8>, Arc<MemWal>>> {
     MEM_WALS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// One WAL's bytes, as the file would hold them. Readers (any connection) take the read
-/// lock for a copy; the one writer connection takes the write lock to append or truncate.
-struct MemWal {
-    data: RwLock<Vec<u8>>,
-    /// The length past which writes are refused with `SQLITE_FULL` ([`limit_wal_growth`]);
-    /// `usize::MAX` when unlimited.
-    limit: AtomicUsize,
-}
-
-impl Default for MemWal {
-    fn default() -> Self {
-        MemWal {
-            data: RwLock::default(),
-            limit: AtomicUsize::new(usize::MAX),
-        }
-    }
-}
-
 thread_local! {
     /// Set when a write on this thread was refused by a WAL's limit ([`take_limit_hit`]).
     static LIMIT_HIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
-
-/// A WAL emptied by a checkpoint keeps its buffer for the next frames, unless the buffer
-/// grew past this (one huge transaction): then it is freed.
-const MEM_WAL_KEEP_BYTES: usize = 64 << 20;
 
 fn shm_regions() -> &'static Mutex<HashMap<String, Vec<usize>>> {
     SHM_REGIONS.get_or_init(|| Mutex::new(HashMap::new()))
@@ -324,11 +307,7 @@ unsafe extern "C" fn x_open(
 /// # Safety
 /// `f` is the file object `x_open` is initializing; `out_flags` is null or writable.
 unsafe fn open_mem_wal(f: *mut File, name: &CStr, flags: c_int, out_flags: *mut c_int) -> c_int {
-    let wal = mem_wals()
-        .lock()
-        .entry(name.to_bytes().to_vec())
-        .or_default()
-        .clone();
+    let wal = mem_wal(name.to_bytes());
     (*f).mem = Arc::into_raw(wal);
     if let Some(db) = name.to_bytes().strip_suffix(b"-wal") {
         if let Ok(db) = CString::new(db) {
@@ -665,11 +644,12 @@ unsafe extern "C" fn mem_read(
 ) -> c_int {
     let (n, off) = (n.max(0) as usize, off.max(0) as usize);
     let out = std::slice::from_raw_parts_mut(buf as *mut u8, n);
-    let got = {
-        let data = mem(file).data.read();
-        let avail = data.len().saturating_sub(off).min(n);
-        out[..avail].copy_from_slice(&data[off.min(data.len())..off.min(data.len()) + avail]);
-        avail
+    let got = match mem(file).data.read().read_at(off, out) {
+        Ok(got) => got,
+        Err(e) => {
+            tracing::error!("reading a WAL: {e}");
+            return ffi::SQLITE_IOERR_READ;
+        }
     };
     if got < n {
         out[got..].fill(0);
@@ -697,12 +677,13 @@ unsafe extern "C" fn mem_write(
         LIMIT_HIT.with(|h| h.set(true));
         return ffi::SQLITE_FULL;
     }
-    let mut data = wal.data.write();
-    if data.len() < off + n {
-        data.resize(off + n, 0);
+    match wal.data.write().write_at(off, src) {
+        Ok(()) => ffi::SQLITE_OK,
+        Err(e) => {
+            tracing::error!("writing a WAL: {e}");
+            ffi::SQLITE_IOERR_WRITE
+        }
     }
-    data[off..off + n].copy_from_slice(src);
-    ffi::SQLITE_OK
 }
 
 /// `xTruncate` of an in-memory WAL.
@@ -711,15 +692,12 @@ unsafe extern "C" fn mem_write(
 /// Called by SQLite with a file [`open_mem_wal`] opened.
 unsafe extern "C" fn mem_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
     count_wal_write(file);
-    set_len(mem(file), size.max(0) as usize);
-    ffi::SQLITE_OK
-}
-
-fn set_len(wal: &MemWal, len: usize) {
-    let mut data = wal.data.write();
-    data.resize(len, 0);
-    if data.capacity() > MEM_WAL_KEEP_BYTES.max(len * 2) {
-        data.shrink_to(len);
+    match mem(file).data.write().set_len(size.max(0) as usize) {
+        Ok(()) => ffi::SQLITE_OK,
+        Err(e) => {
+            tracing::error!("truncating a WAL: {e}");
+            ffi::SQLITE_IOERR_TRUNCATE
+        }
     }
 }
 
@@ -810,7 +788,7 @@ unsafe extern "C" fn x_delete(
 ) -> c_int {
     let rc = ((*UNIX_VFS).xDelete.unwrap())(UNIX_VFS, path, sync_dir);
     if !path.is_null() && is_wal_name(CStr::from_ptr(path)) {
-        mem_wals().lock().remove(CStr::from_ptr(path).to_bytes());
+        forget_wal(CStr::from_ptr(path).to_bytes());
         return ffi::SQLITE_OK;
     }
     rc
@@ -850,20 +828,18 @@ pub fn read_wal(db_path: &str, off: u64, buf: &mut [u8]) -> bool {
     let Some(wal) = mem_wals().lock().get(&wal_key(db_path)).cloned() else {
         return false;
     };
-    let data = wal.data.read();
-    let (off, n) = (off as usize, buf.len());
-    if data.len() < off + n {
-        return false;
-    }
-    buf.copy_from_slice(&data[off..off + n]);
-    true
+    let n = buf.len();
+    let got = wal.data.read().read_at(off as usize, buf);
+    matches!(got, Ok(got) if got == n)
 }
 
 /// Empties `db_path`'s WAL (counted as a WAL write, see [`wal_writes`]).
 pub fn truncate_wal(db_path: &str) {
     WAL_WRITES.fetch_add(1, Ordering::SeqCst);
     if let Some(wal) = mem_wals().lock().get(&wal_key(db_path)).cloned() {
-        set_len(&wal, 0);
+        if let Err(e) = wal.data.write().set_len(0) {
+            tracing::warn!("emptying the WAL of {db_path}: {e}");
+        }
     }
 }
 
@@ -876,11 +852,7 @@ pub fn truncate_wal(db_path: &str) {
 /// Writes past the bound fail with `SQLITE_FULL` and mark this thread ([`take_limit_hit`];
 /// setting a bound clears the mark, lifting it does not). Applies never run under a bound.
 pub fn limit_wal_growth(db_path: &str, growth: Option<usize>) {
-    let wal = mem_wals()
-        .lock()
-        .entry(wal_key(db_path))
-        .or_default()
-        .clone();
+    let wal = mem_wal(&wal_key(db_path));
     // The WAL's 32-byte header, then frames of a 24-byte header and a page each.
     let committed_end = || match read_header(db_path) {
         Some(h) => 32 + h.max_frame as usize * (24 + h.page_size as usize),
@@ -903,7 +875,27 @@ pub fn take_limit_hit() -> bool {
 /// none. Call it with no connection to the database open.
 pub fn drop_wal(db_path: &str) {
     WAL_WRITES.fetch_add(1, Ordering::SeqCst);
-    mem_wals().lock().remove(&wal_key(db_path));
+    forget_wal(&wal_key(db_path));
+}
+
+/// The WAL named `key` (the WAL file's path), created empty if there is none.
+fn mem_wal(key: &[u8]) -> Arc<MemWal> {
+    mem_wals()
+        .lock()
+        .entry(key.to_vec())
+        .or_insert_with(|| {
+            let mut spill = key.to_vec();
+            spill.extend_from_slice(b"spill");
+            Arc::new(MemWal::new(PathBuf::from(OsString::from_vec(spill))))
+        })
+        .clone()
+}
+
+/// Forgets the WAL named `key`, deleting its spill file if it has one.
+fn forget_wal(key: &[u8]) {
+    if let Some(wal) = mem_wals().lock().remove(key) {
+        wal.data.write().remove_spill();
+    }
 }
 
 /// The size in bytes of every WAL this process holds, by its database's path.

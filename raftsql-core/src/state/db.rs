@@ -229,7 +229,7 @@ pub(super) const STATEMENT_CACHE: usize = 256;
 
 pub(super) fn remove_wal_files(db: &Path) {
     vfs::drop_wal(&db.to_string_lossy());
-    for suffix in ["-wal", "-shm"] {
+    for suffix in ["-wal", "-walspill", "-shm"] {
         let mut p = db.as_os_str().to_owned();
         p.push(suffix);
         let _ = fs::remove_file(PathBuf::from(p));
@@ -423,6 +423,44 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1, "only the checkpointed row survives a restart");
+    }
+
+    /// A WAL longer than memory holds (a checkpoint held back while writes go on) spills to
+    /// `<db>-walspill` and reads back whole, through SQLite; the checkpoint that empties the
+    /// WAL deletes the spill file.
+    #[test]
+    fn a_wal_longer_than_memory_holds_spills_to_a_file_and_back() {
+        vfs::register().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let spill = dir.path().join("s.db-walspill");
+        let w = open_writer(&path).unwrap();
+        w.execute_batch(
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
+             WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 18000)
+             INSERT INTO t(v) SELECT zeroblob(4000) FROM s;",
+        )
+        .unwrap();
+        let wal = vfs::wal_sizes()
+            .into_iter()
+            .find(|(d, _)| *d == path.to_string_lossy())
+            .map(|(_, n)| n)
+            .unwrap();
+        assert!(wal > crate::memwal::MEM_BYTES as u64, "{wal}");
+        assert!(spill.exists(), "no spill file for a {wal}-byte WAL");
+        let (n, bytes): (i64, i64) = w
+            .query_row("SELECT count(*), sum(length(v)) FROM t", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((n, bytes), (18000, 18000 * 4000));
+        w.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        assert!(!spill.exists(), "the spill file outlived the checkpoint");
+        let ok: String = w
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
     }
 
     /// I5: the writer's `BEGIN IMMEDIATE` (an apply's) waits out another connection's write
