@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# raftsql-ab.sh - two raftsql builds compared on the etcd API, alternated on fresh clusters so
+# that a noisy machine hits both alike: per round, each build gets a new 3-node cluster
+# (127.0.0.31-33), 64 put clients over the three members for 10 s, then 1 put client for 5 s
+# straight to the leader and to a follower. One line per run.
+#
+# usage: benches/raftsql-ab.sh BEFORE_BIN AFTER_BIN [ROUNDS]      (default 3 rounds)
+# needs: etcdctl (apt-get install etcd-client), curl, python3.
+set -uo pipefail
+before=$1; after=$2; rounds=${3:-3}
+dir=$(mktemp -d /tmp/raftsql-ab.XXXXXX)
+stop() {
+  pkill -f "raftsql node --id [123] --listen 127.0.0.3" 2>/dev/null
+  for _ in $(seq 100); do pgrep -f "raftsql node --id [123] --listen 127.0.0.3" >/dev/null || return 0; sleep 0.1; done
+}
+trap stop EXIT
+one() { # BIN LABEL
+  local bin=$1 label=$2 peers="1=127.0.0.31:7000,2=127.0.0.32:7000,3=127.0.0.33:7000"
+  stop; rm -rf "$dir/c"; mkdir -p "$dir/c"
+  for i in 1 2 3; do
+    "$bin" node --id $i --listen 127.0.0.3$i:7000 --bootstrap-peers "$peers" \
+      --data-dir "$dir/c/n$i" --etcd-listen 127.0.0.3$i:2379 >"$dir/c/n$i.log" 2>&1 &
+  done
+  for _ in $(seq 100); do etcdctl --endpoints=127.0.0.31:2379 put /ready yes >/dev/null 2>&1 && break; sleep 0.2; done
+  local leader=""
+  for i in 1 2 3; do curl -s 127.0.0.3$i:2379/metrics | grep -q '^etcd_server_is_leader 1' && leader=$i; done
+  local follower=$(( leader % 3 + 1 ))
+  pick() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(str(d[k]) for k in sys.argv[1:]))" "$@"; }
+  local p64 p1l p1f
+  p64=$("$bin" bench etcd --endpoints 127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379 --op put --clients 64 --duration 10 2>/dev/null | pick ops_per_s p50_ms p99_ms)
+  p1l=$("$bin" bench etcd --endpoints 127.0.0.3$leader:2379 --op put --clients 1 --duration 5 2>/dev/null | pick p50_ms p99_ms)
+  p1f=$("$bin" bench etcd --endpoints 127.0.0.3$follower:2379 --op put --clients 1 --duration 5 2>/dev/null | pick p50_ms p99_ms)
+  echo "$label put-64 ops/s p50 p99: $p64 | put-1 leader p50 p99: $p1l | put-1 follower p50 p99: $p1f"
+}
+for r in $(seq "$rounds"); do
+  if [ $((r % 2)) = 1 ]; then one "$before" before; one "$after" after; else one "$after" after; one "$before" before; fi
+done
+rm -rf "$dir"
