@@ -32,8 +32,9 @@
 //! the node never trusted a WAL across a restart (above). It holds at most what the
 //! checkpoint threshold lets accumulate (`--checkpoint-frames`, 16 MiB by default), plus one
 //! batch; past 64 MiB (a checkpoint held back by a long read) the rest goes to a spill file
-//! (memwal.rs), so memory stays bounded. `xAccess` and `xDelete` answer for it; [`drop_wal`] forgets it when the node
-//! removes a database's WAL, as it removed the file before. Its size is [`wal_sizes`].
+//! (memwal.rs), so memory stays bounded. `xAccess` and `xDelete` answer for it; [`forget`]
+//! drops it when the node removes a database's WAL, as it removed the file before. Its size
+//! is [`wal_len`].
 //!
 //! # Recording reads
 //! While the state machine runs a leader batch it records, on its own thread, every page
@@ -617,7 +618,7 @@ unsafe fn mem<'a>(file: *mut ffi::sqlite3_file) -> &'a MemWal {
 }
 
 /// `xClose` of an in-memory WAL: releases this handle's share of the buffer (the buffer
-/// stays for the next connection until [`drop_wal`] or `xDelete`).
+/// stays for the next connection until [`forget`] or `xDelete`).
 ///
 /// # Safety
 /// Called by SQLite, once, with a file [`open_mem_wal`] opened.
@@ -825,7 +826,7 @@ fn wal_key(db_path: &str) -> Vec<u8> {
 /// Copies `buf.len()` bytes of `db_path`'s WAL from offset `off`; false if the WAL is
 /// shorter (or there is none).
 pub fn read_wal(db_path: &str, off: u64, buf: &mut [u8]) -> bool {
-    let Some(wal) = mem_wals().lock().get(&wal_key(db_path)).cloned() else {
+    let Some(wal) = wal_of(db_path) else {
         return false;
     };
     let n = buf.len();
@@ -836,7 +837,7 @@ pub fn read_wal(db_path: &str, off: u64, buf: &mut [u8]) -> bool {
 /// Empties `db_path`'s WAL (counted as a WAL write, see [`wal_writes`]).
 pub fn truncate_wal(db_path: &str) {
     WAL_WRITES.fetch_add(1, Ordering::SeqCst);
-    if let Some(wal) = mem_wals().lock().get(&wal_key(db_path)).cloned() {
+    if let Some(wal) = wal_of(db_path) {
         if let Err(e) = wal.data.write().set_len(0) {
             tracing::warn!("emptying the WAL of {db_path}: {e}");
         }
@@ -871,13 +872,6 @@ pub fn take_limit_hit() -> bool {
     LIMIT_HIT.with(|h| h.replace(false))
 }
 
-/// Forgets `db_path`'s WAL, as deleting its file did: the next connection to open it finds
-/// none. Call it with no connection to the database open.
-pub fn drop_wal(db_path: &str) {
-    WAL_WRITES.fetch_add(1, Ordering::SeqCst);
-    forget_wal(&wal_key(db_path));
-}
-
 /// The WAL named `key` (the WAL file's path), created empty if there is none.
 fn mem_wal(key: &[u8]) -> Arc<MemWal> {
     mem_wals()
@@ -898,26 +892,23 @@ fn forget_wal(key: &[u8]) {
     }
 }
 
-/// The size in bytes of every WAL this process holds, by its database's path.
-pub fn wal_sizes() -> Vec<(String, u64)> {
-    let map = mem_wals().lock();
-    let mut out: Vec<(String, u64)> = map
-        .iter()
-        .map(|(k, w)| {
-            let db = k.strip_suffix(b"-wal").unwrap_or(k);
-            (
-                String::from_utf8_lossy(db).into_owned(),
-                w.data.read().len() as u64,
-            )
-        })
-        .collect();
-    out.sort();
-    out
+/// The WAL of database `db_path`, if it has one.
+fn wal_of(db_path: &str) -> Option<Arc<MemWal>> {
+    mem_wals().lock().get(&wal_key(db_path)).cloned()
 }
 
-/// Forgets the wal-index of `db_path` (call after closing every connection to it).
+/// The size in bytes of database `db_path`'s WAL (`None`: it has none).
+pub fn wal_len(db_path: &str) -> Option<u64> {
+    wal_of(db_path).map(|w| w.data.read().len() as u64)
+}
+
+/// Forgets what this VFS holds of database `db_path`: its wal-index mapping and its WAL, as
+/// deleting the WAL file did (the next connection finds none; counted as a WAL write, see
+/// [`wal_writes`]). Call it with no connection to the database open.
 pub fn forget(db_path: &str) {
     shm_regions().lock().remove(db_path);
+    WAL_WRITES.fetch_add(1, Ordering::SeqCst);
+    forget_wal(&wal_key(db_path));
 }
 
 /// The fields of a wal-index header this crate uses.

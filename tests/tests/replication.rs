@@ -307,11 +307,13 @@ fn oversized_transaction_is_refused_clearly() {
     );
 }
 
-/// Refusing an oversized transaction costs the leader no more memory than one entry's worth:
-/// its frames are read in chunks and the read stops at the limit (it used to load every frame
-/// of the transaction first, so a 400 MiB `INSERT ... SELECT randomblob()` took 400 MiB).
-#[test]
-fn refusing_an_oversized_transaction_keeps_memory_bounded() {
+/// A ~400 MiB write: 100,000 blobs of 4,000 bytes, far more pages than one entry carries.
+const HUGE_INSERT: &str = "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s \
+     WHERE x < 100000) INSERT INTO t(v) SELECT randomblob(4000) FROM s";
+
+/// A one-node cluster with `t(k, v)` for the oversized-transaction tests (statements may run
+/// for 120 s), its leader, a client, and the leader's peak memory (VmHWM) before the test.
+fn oversized_setup() -> (Cluster, u64, Client, u64) {
     let cl = Cluster::start(1, &["--statement-timeout", "120s"]);
     let leader = cl.wait_leader(T);
     let c = cl.client();
@@ -323,44 +325,49 @@ fn refusing_an_oversized_transaction_keeps_memory_bounded() {
         ))
         .unwrap();
     let before = cl.vm_hwm_kib(leader);
-    let r = cl.rt.block_on(c.execute(
-        "main",
-        "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 100000) \
-         INSERT INTO t(v) SELECT randomblob(4000) FROM s",
-        vec![],
-    ));
-    let after = cl.vm_hwm_kib(leader);
-    println!("leader VmHWM {before} KiB before, {after} KiB after refusing a ~400 MiB transaction");
+    (cl, leader, c, before)
+}
+
+/// `r` is the clear refusal of an oversized transaction.
+fn assert_refused_as_too_large<T: std::fmt::Debug>(r: Result<T, Error>) {
     match r {
         Err(Error::Invalid(m)) => assert!(m.contains("split it into smaller transactions"), "{m}"),
         other => panic!("expected a clear refusal, got {other:?}"),
     }
+}
+
+/// The leader's peak memory grew by less than 160 MiB from `before` to `after` (KiB).
+fn assert_peak_growth_bounded(before: u64, after: u64, what: &str) {
     assert!(
         after < before + 160 * 1024,
-        "the leader's peak memory grew by {} MiB",
+        "the leader's peak memory grew by {} MiB{what}",
         (after - before) / 1024
     );
+}
+
+/// Refusing an oversized transaction costs the leader no more memory than one entry's worth:
+/// its frames are read in chunks and the read stops at the limit (it used to load every frame
+/// of the transaction first, so a 400 MiB `INSERT ... SELECT randomblob()` took 400 MiB).
+#[test]
+fn refusing_an_oversized_transaction_keeps_memory_bounded() {
+    let (cl, leader, c, before) = oversized_setup();
+    let r = cl.rt.block_on(c.execute("main", HUGE_INSERT, vec![]));
+    let after = cl.vm_hwm_kib(leader);
+    println!("leader VmHWM {before} KiB before, {after} KiB after refusing a ~400 MiB transaction");
+    assert_refused_as_too_large(r);
+    assert_peak_growth_bounded(before, after, "");
     cl.rt
         .block_on(c.execute("main", "INSERT INTO t(v) VALUES ('small')", vec![]))
         .expect("the next write");
     // Again and again: each refused transaction leaves its frames past the WAL's committed
     // end until a checkpoint, and the next one may not grow the WAL past that junk.
     for _ in 0..4 {
-        let r = cl.rt.block_on(c.execute(
-            "main",
-            "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 100000) \
-             INSERT INTO t(v) SELECT randomblob(4000) FROM s",
-            vec![],
-        ));
+        let r = cl.rt.block_on(c.execute("main", HUGE_INSERT, vec![]));
         assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
     }
     let again = cl.vm_hwm_kib(leader);
     println!("leader VmHWM {again} KiB after four more");
-    assert!(
-        again < before + 160 * 1024,
-        "the leader's peak memory grew by {} MiB after five refusals",
-        (again - before) / 1024
-    );
+    assert_peak_growth_bounded(before, again, " after five refusals");
 }
 
 /// The same bound for an interactive transaction: it holds the writer across round trips,
@@ -370,42 +377,20 @@ fn refusing_an_oversized_transaction_keeps_memory_bounded() {
 /// entry, not by the statement's 400 MiB.
 #[test]
 fn an_oversized_interactive_transaction_is_refused_with_bounded_memory() {
-    let cl = Cluster::start(1, &["--statement-timeout", "120s"]);
-    let leader = cl.wait_leader(T);
-    let c = cl.client();
-    cl.rt
-        .block_on(c.execute(
-            "main",
-            "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)",
-            vec![],
-        ))
-        .unwrap();
-    let before = cl.vm_hwm_kib(leader);
+    let (cl, leader, c, before) = oversized_setup();
     let r = cl.rt.block_on(async {
         let mut tx = c.transaction("main", Duration::from_secs(30)).await?;
         tx.execute("INSERT INTO t(v) VALUES ('first')", vec![])
             .await?;
-        tx.execute(
-            "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 100000) \
-             INSERT INTO t(v) SELECT randomblob(4000) FROM s",
-            vec![],
-        )
-        .await?;
+        tx.execute(HUGE_INSERT, vec![]).await?;
         tx.commit().await
     });
     let after = cl.vm_hwm_kib(leader);
     println!(
         "leader VmHWM {before} KiB before, {after} KiB after an interactive ~400 MiB statement"
     );
-    match r {
-        Err(Error::Invalid(m)) => assert!(m.contains("split it into smaller transactions"), "{m}"),
-        other => panic!("expected a clear refusal, got {other:?}"),
-    }
-    assert!(
-        after < before + 160 * 1024,
-        "the leader's peak memory grew by {} MiB",
-        (after - before) / 1024
-    );
+    assert_refused_as_too_large(r);
+    assert_peak_growth_bounded(before, after, "");
     cl.rt
         .block_on(c.execute("main", "INSERT INTO t(v) VALUES ('small')", vec![]))
         .expect("the next write");

@@ -686,20 +686,12 @@ impl Shared {
         }
     }
 
-    /// The WALs of this node's databases (the process may hold other nodes' too).
+    /// The WAL of each of this node's databases.
     pub(super) fn wal_bytes(&self) -> BTreeMap<String, u64> {
-        let state = self.cfg.data_dir.join("state");
-        // SQLite names files by their absolute path.
-        let state = std::fs::canonicalize(&state).unwrap_or(state);
-        crate::vfs::wal_sizes()
-            .into_iter()
-            .filter_map(|(db, n)| {
-                let db = std::path::Path::new(&db);
-                db.starts_with(&state).then(|| {
-                    let name = db.file_stem().unwrap_or_default().to_string_lossy();
-                    (name.into_owned(), n)
-                })
-            })
+        self.dbs
+            .read()
+            .iter()
+            .map(|(name, h)| (name.clone(), h.wal_bytes()))
             .collect()
     }
 

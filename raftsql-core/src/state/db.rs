@@ -110,6 +110,11 @@ impl DbHandle {
         Ok((c, g))
     }
 
+    /// Bytes in this database's WAL (held in memory, vfs.rs).
+    pub fn wal_bytes(&self) -> u64 {
+        vfs::wal_len(&self.key).unwrap_or(0)
+    }
+
     /// Runs `f` inside a read transaction whose snapshot holds only committed entries.
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         self.read_guarded(|c, _| f(c))
@@ -219,7 +224,7 @@ pub type DbMap = Arc<RwLock<HashMap<String, Arc<DbHandle>>>>;
 /// Runs a statement that returns no rows through `c`'s statement cache: SQLite parses it
 /// once per connection, not on every call (transaction control runs several times per
 /// write and per read).
-pub(crate) fn exec_cached(c: &Connection, sql: &str) -> rusqlite::Result<()> {
+pub(super) fn exec_cached(c: &Connection, sql: &str) -> rusqlite::Result<()> {
     c.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
@@ -228,7 +233,7 @@ pub(crate) fn exec_cached(c: &Connection, sql: &str) -> rusqlite::Result<()> {
 pub(super) const STATEMENT_CACHE: usize = 256;
 
 pub(super) fn remove_wal_files(db: &Path) {
-    vfs::drop_wal(&db.to_string_lossy());
+    vfs::forget(&db.to_string_lossy());
     for suffix in ["-wal", "-walspill", "-shm"] {
         let mut p = db.as_os_str().to_owned();
         p.push(suffix);
@@ -391,7 +396,7 @@ pub(super) fn committed_base(
 mod tests {
     use super::*;
 
-    /// The WAL is held in memory (vfs.rs): no `-wal` file reaches the disk, `wal_sizes`
+    /// The WAL is held in memory (vfs.rs): no `-wal` file reaches the disk, `wal_len`
     /// reports its bytes, a checkpoint empties it, and `remove_wal_files` (what a restart
     /// does) forgets the frames a checkpoint did not carry into the file.
     #[test]
@@ -400,12 +405,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
         let key = path.to_string_lossy().into_owned();
-        let wal_of = |k: &str| {
-            vfs::wal_sizes()
-                .into_iter()
-                .find(|(d, _)| d == k)
-                .map(|(_, n)| n)
-        };
+        let wal_of = vfs::wal_len;
         let w = open_writer(&path).unwrap();
         w.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
             .unwrap();
@@ -441,11 +441,7 @@ mod tests {
              INSERT INTO t(v) SELECT zeroblob(4000) FROM s;",
         )
         .unwrap();
-        let wal = vfs::wal_sizes()
-            .into_iter()
-            .find(|(d, _)| *d == path.to_string_lossy())
-            .map(|(_, n)| n)
-            .unwrap();
+        let wal = vfs::wal_len(&path.to_string_lossy()).unwrap();
         assert!(wal > crate::memwal::MEM_BYTES as u64, "{wal}");
         assert!(spill.exists(), "no spill file for a {wal}-byte WAL");
         let (n, bytes): (i64, i64) = w

@@ -81,7 +81,6 @@ impl StateMachine {
         let old = std::mem::replace(&mut self.gen_dir, gen);
         for (_, db) in self.dbs.drain() {
             vfs::forget(&db.handle.key);
-            vfs::drop_wal(&db.handle.key);
         }
         self.meta = new_meta;
         self.open_all()?;
