@@ -11,7 +11,7 @@ use std::time::Instant;
 use raft::eraftpb::EntryType;
 
 use super::checkpoint::{read_meta, Meta};
-use super::db::remove_wal_files;
+use super::db::{open_writer, remove_wal_files, PAGE_SIZE};
 use crate::entry::{Change, Frames};
 use crate::error::{Error, Result};
 use crate::fsutil::check_db_name;
@@ -81,15 +81,7 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
             check_db_name(&f.db)?;
             let path = gen.join(format!("{}.db", f.db));
             if !files.contains_key(&f.db) {
-                remove_wal_files(&path);
-                let file = fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .read(true)
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| Error::io(&path, e))?;
-                files.insert(f.db.clone(), file);
+                files.insert(f.db.clone(), open_for_replay(&path)?);
             }
             let file = &files[&f.db];
             // Entries up to an interrupted checkpoint's target may find pages the checkpoint
@@ -141,6 +133,59 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
         started.elapsed()
     );
     Ok(upto)
+}
+
+/// Opens a database file for the replay, first making whole what a crash may have left of
+/// its creation.
+///
+/// A database's first entry is diffed against the page 1 SQLite writes when `open_writer`
+/// creates the file (the header with the page size and WAL mode, identical on every node),
+/// and no entry carries that page. SQLite writes it through a rollback journal, so a crash
+/// before or while it does leaves no file, an empty one, or page 1 beside a journal that is
+/// hot (SQLite would roll the file back to 0 pages when it next opens it, after this replay).
+/// The journal is dropped (raftsql databases are in WAL mode from their creation on, so a
+/// rollback journal can only be that one) and a file shorter than a page is created again
+/// the same way, which gives that page back.
+fn open_for_replay(path: &Path) -> Result<File> {
+    remove_wal_files(path);
+    let journal = sibling(path, "-journal");
+    match fs::remove_file(&journal) {
+        Ok(()) => tracing::info!(
+            "dropped {}, left by a crash while SQLite created the file",
+            journal.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&journal, e)),
+    }
+    let len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    if len < PAGE_SIZE as u64 {
+        if len > 0 {
+            fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+        }
+        crate::vfs::register().map_err(Error::Internal)?;
+        drop(open_writer(path)?);
+        remove_wal_files(path);
+        tracing::info!(
+            "created {} again: a crash had left {len} bytes of it",
+            path.display()
+        );
+    }
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
 }
 
 /// The page of `size` bytes at `at` in a database file: `None` past its end, zeros past the
