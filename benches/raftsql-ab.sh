@@ -10,8 +10,8 @@ set -uo pipefail
 before=$1; after=$2; rounds=${3:-3}
 dir=$(mktemp -d /tmp/raftsql-ab.XXXXXX)
 stop() {
-  pkill -f "raftsql node --id [123] --listen 127.0.0.3" 2>/dev/null
-  for _ in $(seq 100); do pgrep -f "raftsql node --id [123] --listen 127.0.0.3" >/dev/null || return 0; sleep 0.1; done
+  pkill -f "node --id [123] --listen 127.0.0.3" 2>/dev/null
+  for _ in $(seq 100); do pgrep -f "node --id [123] --listen 127.0.0.3" >/dev/null || return 0; sleep 0.1; done
 }
 trap stop EXIT
 one() { # BIN LABEL
