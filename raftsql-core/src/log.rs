@@ -66,13 +66,20 @@
 //! **L5.** After an I/O error while writing, the log is *poisoned*: the on-disk tail may hold a
 //!    partial record that later appends would bury (turning a torn tail into corruption), so every
 //!    later mutation fails with [`LogError::Poisoned`]. Reads keep working.
+//! **L6.** The last segment may end in zero bytes: space allocated ahead of the appends
+//!    ([`PREALLOCATE`] at a time, `fallocate`), so that the `fdatasync` after an append does not
+//!    also have to commit a new file size (etcd preallocates its WAL segments for the same
+//!    reason). Replay ends the segment's records where only zero bytes remain (no record starts
+//!    with a zero length, crc and kind: the crc of an empty payload of kind 0 is not 0), and the
+//!    next append writes there. Before a segment stops being the last, its zero tail is cut off
+//!    and the cut is synced, so L3's "a bad record in an earlier segment is corruption" stands.
 
 #![warn(missing_docs)]
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -99,6 +106,9 @@ const KIND_CONF_STATE: u8 = 4;
 
 /// `len` + `crc` + `kind`.
 const RECORD_HEADER_LEN: usize = 9;
+
+/// Space allocated at a time at the end of the last segment (L6).
+pub const PREALLOCATE: u64 = 8 << 20;
 
 /// Entries records are split so that each payload stays around this size.
 const MAX_ENTRIES_PAYLOAD: usize = 16 << 20;
@@ -565,9 +575,11 @@ struct RawRecord {
 /// Outcome of [`scan_segment`].
 #[derive(Debug)]
 enum SegmentScan {
-    /// The segment's records, plus the offset and cause of a torn tail to cut off, if any.
+    /// The segment's records, where they end (before a zero tail, L6), and the offset and
+    /// cause of a torn tail to cut off, if any.
     Records {
         records: Vec<RawRecord>,
+        end: usize,
         torn: Option<(usize, String)>,
     },
     /// The (last) segment was torn while being created and holds nothing usable.
@@ -607,6 +619,21 @@ fn check_record_at(bytes: &[u8], off: usize) -> RecordCheck {
         return RecordCheck::BadChecksum { end };
     }
     RecordCheck::Valid { kind, end }
+}
+
+/// Allocates the file up to `len` bytes (zeros), without moving its write position.
+fn allocate(f: &File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `f` is an open file for the duration of the call; fallocate only reads its
+    // arguments.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Finds a complete, checksum-valid record of a known kind starting anywhere at or after
@@ -683,6 +710,14 @@ fn scan_segment(bytes: &[u8], is_last: bool) -> Result<SegmentScan, (usize, Stri
         if !is_last {
             return Err((off, format!("{reason} (in a segment that is not the last)")));
         }
+        if bytes[off..].iter().all(|&b| b == 0) {
+            // Space allocated ahead of the appends (L6), not a record: the records end here.
+            return Ok(SegmentScan::Records {
+                records,
+                end: off,
+                torn: None,
+            });
+        }
         if let Some(p) = bytes[claimed_end..].iter().position(|&b| b != 0) {
             return Err((
                 off,
@@ -700,11 +735,13 @@ fn scan_segment(bytes: &[u8], is_last: bool) -> Result<SegmentScan, (usize, Stri
         }
         return Ok(SegmentScan::Records {
             records,
+            end: off,
             torn: Some((off, reason)),
         });
     }
     Ok(SegmentScan::Records {
         records,
+        end: bytes.len(),
         torn: None,
     })
 }
@@ -720,6 +757,8 @@ struct SegmentMeta {
     path: PathBuf,
     /// Bytes written to the segment, including bytes still in the write buffer.
     size: u64,
+    /// The file's length: `size` plus the zero bytes allocated ahead of the appends (L6).
+    allocated: u64,
 }
 
 /// The durable Raft log: entries since the base, the hard state and the conf state, kept in
@@ -817,14 +856,14 @@ impl RaftLog {
                 reason,
             };
             let bytes = fs::read(&path).map_err(io_err(&path))?;
-            let (records, torn) = match scan_segment(&bytes, is_last) {
+            let (records, end, torn) = match scan_segment(&bytes, is_last) {
                 Err((offset, reason)) => return Err(corrupt(offset, reason)),
                 Ok(SegmentScan::TornCreation(reason)) => {
                     tracing::warn!(path = %path.display(), %reason, "removing torn raft log segment");
                     remove_segment_file(dir, &path)?;
                     continue;
                 }
-                Ok(SegmentScan::Records { records, torn }) => (records, torn),
+                Ok(SegmentScan::Records { records, end, torn }) => (records, end, torn),
             };
             if records.is_empty() {
                 if is_last {
@@ -862,7 +901,8 @@ impl RaftLog {
                     .replay(rec, j == 0, segments.is_empty())
                     .map_err(|r| corrupt(raw.offset, r))?;
             }
-            let mut size = bytes.len();
+            let mut size = end;
+            let mut allocated = bytes.len();
             if let Some((offset, reason)) = torn {
                 tracing::warn!(
                     path = %path.display(),
@@ -878,11 +918,13 @@ impl RaftLog {
                     .and_then(|_| f.sync_all())
                     .map_err(io_err(&path))?;
                 size = offset;
+                allocated = offset;
             }
             segments.push(SegmentMeta {
                 seq,
                 path,
                 size: size as u64,
+                allocated: allocated as u64,
             });
         }
 
@@ -894,12 +936,16 @@ impl RaftLog {
         }
 
         let active = match segments.last() {
-            Some(seg) => Some(BufWriter::new(
-                OpenOptions::new()
-                    .append(true)
+            Some(seg) => {
+                // Appends go where the records end, before any zero tail (L6).
+                let mut f = OpenOptions::new()
+                    .write(true)
                     .open(&seg.path)
-                    .map_err(io_err(&seg.path))?,
-            )),
+                    .map_err(io_err(&seg.path))?;
+                f.seek(SeekFrom::Start(seg.size))
+                    .map_err(io_err(&seg.path))?;
+                Some(BufWriter::new(f))
+            }
             None => None,
         };
         let next_seq = segments.last().map_or(1, |s| s.seq + 1);
@@ -1230,6 +1276,17 @@ impl RaftLog {
         let (Some(w), Some(seg)) = (self.active.as_mut(), self.segments.last_mut()) else {
             return Err(invalid("raft log has no active segment"));
         };
+        let end = seg.size + bytes.len() as u64;
+        if end > seg.allocated {
+            // L6. Without the space (a file system without fallocate, a full disk) appends
+            // just grow the file, and a full disk fails the write below.
+            let want = end + PREALLOCATE;
+            if allocate(w.get_ref(), want).is_ok() {
+                seg.allocated = want;
+            } else {
+                seg.allocated = end;
+            }
+        }
         if let Err(source) = w.write_all(bytes) {
             let e = LogError::Io {
                 path: seg.path.clone(),
@@ -1238,7 +1295,7 @@ impl RaftLog {
             self.poison(&e);
             return Err(e);
         }
-        seg.size += bytes.len() as u64;
+        seg.size = end;
         Ok(())
     }
 
@@ -1250,6 +1307,7 @@ impl RaftLog {
     /// and the directory synced.
     fn create_segment(&mut self, with_entries: bool) -> Result<(), LogError> {
         self.write_out(true)?;
+        self.trim_active()?;
         let result = self.try_create_segment(with_entries);
         if let Err(e) = &result {
             self.poison(e);
@@ -1288,9 +1346,31 @@ impl RaftLog {
             seq,
             path,
             size: header.len() as u64,
+            allocated: header.len() as u64,
         });
         // The handle still refers to the renamed file and is positioned at its end.
         self.active = Some(BufWriter::new(file));
+        Ok(())
+    }
+
+    /// Cuts the zero tail off the active segment and syncs the cut, before the segment stops
+    /// being the last (L6).
+    fn trim_active(&mut self) -> Result<(), LogError> {
+        let (Some(w), Some(seg)) = (self.active.as_ref(), self.segments.last_mut()) else {
+            return Ok(());
+        };
+        if seg.allocated > seg.size {
+            let f = w.get_ref();
+            if let Err(source) = f.set_len(seg.size).and_then(|_| f.sync_data()) {
+                let e = LogError::Io {
+                    path: seg.path.clone(),
+                    source,
+                };
+                self.poison(&e);
+                return Err(e);
+            }
+            seg.allocated = seg.size;
+        }
         Ok(())
     }
 
@@ -1665,10 +1745,19 @@ mod tests {
             log.set_hard_state(&hard_state(3, 1, 60)).unwrap();
             let old: Vec<(PathBuf, Vec<u8>)> = {
                 log.sync().unwrap();
-                segment_files(dir.path())
+                // What the rewrite leaves of them once the new segment exists: the last one
+                // without its zero tail (cut before the new segment is created, L6).
+                let last_size = log.segments.last().unwrap().size as usize;
+                let files = segment_files(dir.path());
+                let n = files.len();
+                files
                     .into_iter()
-                    .map(|p| {
-                        let b = fs::read(&p).unwrap();
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let mut b = fs::read(&p).unwrap();
+                        if i + 1 == n {
+                            b.truncate(last_size);
+                        }
                         (p, b)
                     })
                     .collect()
@@ -1765,11 +1854,19 @@ mod tests {
         log.sync().unwrap();
         let files = segment_files(dir.path());
         assert!(files.len() > 5, "only {} segments", files.len());
-        let on_disk: u64 = files.iter().map(|p| fs::metadata(p).unwrap().len()).sum();
-        assert_eq!(log.disk_bytes(), on_disk);
-        for p in &files {
+        let sizes: Vec<u64> = log.segments.iter().map(|s| s.size).collect();
+        assert_eq!(log.disk_bytes(), sizes.iter().sum::<u64>());
+        for (i, p) in files.iter().enumerate() {
             let bytes = fs::read(p).unwrap();
             assert_eq!(bytes[..8], SEGMENT_MAGIC);
+            let size = sizes[i] as usize;
+            if i + 1 < files.len() {
+                // L6: a segment that is no longer the last has no zero tail.
+                assert_eq!(bytes.len(), size, "segment {i}");
+            } else {
+                assert!(bytes.len() > size, "{} <= {size}", bytes.len());
+                assert!(bytes[size..].iter().all(|&b| b == 0));
+            }
         }
         let before = observe(&log);
         drop(log);
@@ -1813,22 +1910,34 @@ mod tests {
         let full = log.disk_bytes();
         drop(log);
         let path = segment_files(dir.path()).pop().unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().len(), full);
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(synced + (full - synced) / 2).unwrap();
-        drop(f);
-
-        let mut log = RaftLog::open(dir.path()).unwrap();
-        assert_eq!(observe(&log), synced_state);
-        assert_eq!(fs::metadata(&path).unwrap().len(), synced);
-        log.append(&entries(6..=6, 2)).unwrap();
-        let before = observe(&log);
-        drop(log);
-        assert_eq!(observe(&RaftLog::open(dir.path()).unwrap()), before);
+        let written = fs::read(&path).unwrap();
+        assert!(written.len() as u64 > full, "{} <= {full}", written.len());
+        assert!(written[full as usize..].iter().all(|&b| b == 0));
+        let half = synced + (full - synced) / 2;
+        // The file cut in the middle of the unsynced record, and the same record torn inside
+        // the space allocated ahead of it (the rest of the file zeros, L6).
+        for zeros_after in [false, true] {
+            let mut bytes = written.clone();
+            if zeros_after {
+                bytes[half as usize..].fill(0);
+            } else {
+                bytes.truncate(half as usize);
+            }
+            fs::write(&path, &bytes).unwrap();
+            let mut log = RaftLog::open(dir.path()).unwrap();
+            assert_eq!(observe(&log), synced_state);
+            assert_eq!(fs::metadata(&path).unwrap().len(), synced);
+            log.append(&entries(6..=6, 2)).unwrap();
+            let before = observe(&log);
+            drop(log);
+            assert_eq!(observe(&RaftLog::open(dir.path()).unwrap()), before);
+        }
     }
 
+    /// L6: the zero bytes after the last record are space for appends, kept across a reopen;
+    /// appends after the reopen go right after the last record and survive the next one.
     #[test]
-    fn zero_filled_tail_is_cut_off() {
+    fn a_zero_tail_is_space_for_the_next_appends() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = RaftLog::open(dir.path()).unwrap();
         log.append(&entries(1..=5, 1)).unwrap();
@@ -1837,12 +1946,18 @@ mod tests {
         let before = observe(&log);
         drop(log);
         let path = segment_files(dir.path()).pop().unwrap();
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(len + 4096).unwrap();
-        drop(f);
-        let log = RaftLog::open(dir.path()).unwrap();
+        let allocated = fs::metadata(&path).unwrap().len();
+        assert!(allocated > len, "{allocated} <= {len}");
+        let mut log = RaftLog::open(dir.path()).unwrap();
         assert_eq!(observe(&log), before);
-        assert_eq!(fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(log.disk_bytes(), len);
+        assert_eq!(fs::metadata(&path).unwrap().len(), allocated);
+        log.append(&entries(6..=9, 1)).unwrap();
+        log.sync().unwrap();
+        let after = observe(&log);
+        drop(log);
+        assert_eq!(fs::metadata(&path).unwrap().len(), allocated);
+        assert_eq!(observe(&RaftLog::open(dir.path()).unwrap()), after);
     }
 
     #[test]
@@ -1853,7 +1968,15 @@ mod tests {
         log.sync().unwrap();
         let before = observe(&log);
         let next = segment_file_name(0, log.next_seq);
+        let (last, size) = (log.segments[0].path.clone(), log.segments[0].size);
         drop(log);
+        // Creating a segment first cuts the zero tail off the one before (L6).
+        OpenOptions::new()
+            .write(true)
+            .open(&last)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
         for content in [&b"RSQ"[..], &[0u8; 64][..], &SEGMENT_MAGIC[..]] {
             fs::write(dir.path().join(&next), content).unwrap();
             fs::write(dir.path().join(format!("{next}.tmp")), b"junk").unwrap();
@@ -2310,8 +2433,8 @@ mod tests {
             }
             let synced_len = states[0].0;
             h.log = None;
-            let full_len = fs::metadata(&path).unwrap().len();
-            prop_assert_eq!(full_len, states[states.len() - 1].0);
+            let full_len = states[states.len() - 1].0;
+            prop_assert!(fs::metadata(&path).unwrap().len() >= full_len);
             let cut = synced_len + (full_len - synced_len) * cut / 1000;
             if zero_fill {
                 let mut bytes = fs::read(&path).unwrap();
@@ -2323,7 +2446,10 @@ mod tests {
             let (kept, expected) = states.iter().rev().find(|(end, _)| *end <= cut).unwrap().clone();
             h.reopen().unwrap();
             prop_assert_eq!(observe(h.log.as_ref().unwrap()), expected.clone());
-            prop_assert_eq!(fs::metadata(&path).unwrap().len(), kept);
+            prop_assert_eq!(h.log().segments.last().unwrap().size, kept);
+            // Past the records: nothing, or zeros when the cut left the rest zero (L6).
+            let left = fs::read(&path).unwrap();
+            prop_assert!(left[kept as usize..].iter().all(|&b| b == 0));
             // The log keeps working after recovery.
             h.log().append(&[entry(expected.last + 1, expected.base_term.max(1) + 5, b"again")]).unwrap();
             let again = observe(h.log.as_ref().unwrap());
@@ -2352,12 +2478,19 @@ mod tests {
             let is_last = seg + 1 == files.len();
             let path = &files[seg];
             let clean = fs::read(path).unwrap();
-            let pos = which_byte.index(clean.len());
-            let SegmentScan::Records { records, torn: None } = scan_segment(&clean, is_last).unwrap() else {
+            let SegmentScan::Records { records, torn: None, end } = scan_segment(&clean, is_last).unwrap() else {
                 panic!("clean segment does not scan cleanly");
             };
+            // A byte of the records, or a few past them (the space allocated ahead, L6).
+            let pos = which_byte.index((end + 64).min(clean.len()));
             let in_final_record =
                 is_last && records.last().is_some_and(|r| r.offset <= pos && pos < r.end);
+            // Past the records, in the space allocated ahead (L6): nothing is lost, the byte
+            // is either cut off as a torn record or reported.
+            let past_the_records = is_last && pos >= end;
+            let unchanged = past_the_records.then(|| {
+                RaftLog::open_with_segment_size(h.dir.path(), 256).map(|l| observe(&l)).unwrap()
+            });
             // What "losing exactly the final record" looks like.
             let expected = in_final_record.then(|| {
                 let copy = tempfile::tempdir().unwrap();
@@ -2372,6 +2505,14 @@ mod tests {
             bad[pos] ^= mask;
             fs::write(path, &bad).unwrap();
             let got = RaftLog::open_with_segment_size(h.dir.path(), 256);
+            if let Some(want) = unchanged {
+                match got {
+                    Ok(log) => prop_assert_eq!(observe(&log), want),
+                    Err(LogError::Corrupt { path: p, .. }) => prop_assert_eq!(&p, path),
+                    other => panic!("byte {pos} past the records: got {other:?}"),
+                }
+                return Ok(());
+            }
             match (expected, got) {
                 (None, Err(LogError::Corrupt { path: p, .. })) => prop_assert_eq!(&p, path),
                 (None, other) => panic!("expected Corrupt for byte {pos} of {}, got {other:?}", path.display()),
