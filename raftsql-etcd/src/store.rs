@@ -30,8 +30,10 @@ pub struct EtcdStore {
     pub(crate) clock: std::sync::Arc<parking_lot::Mutex<crate::lease::LeaseClock>>,
     /// Tunables.
     pub(crate) options: EtcdOptions,
-    /// The watch fan-out, started by the first watch (`hub.rs`).
-    hub: std::sync::OnceLock<std::sync::Arc<crate::hub::Hub>>,
+    /// The watch fan-out, started by the first watch (`hub.rs`). Shared by the store's
+    /// clones (each Watch stream serves a clone): one hub, one read per applied change, for
+    /// every stream of the node.
+    hub: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<crate::hub::Hub>>>,
 }
 
 /// Tunables of the etcd facade, with etcd's defaults.
