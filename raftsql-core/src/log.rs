@@ -776,6 +776,8 @@ pub struct RaftLog {
     active: Option<BufWriter<File>>,
     next_seq: u64,
     poisoned: Option<String>,
+    /// `fallocate` failed once (a file system without it): appends just grow the file.
+    no_allocate: bool,
     /// Holds the exclusive lock on the directory for the life of the log.
     _lock: File,
 }
@@ -957,6 +959,7 @@ impl RaftLog {
             active,
             next_seq,
             poisoned: None,
+            no_allocate: false,
             _lock: lock,
         })
     }
@@ -1281,9 +1284,10 @@ impl RaftLog {
             // L6. Without the space (a file system without fallocate, a full disk) appends
             // just grow the file, and a full disk fails the write below.
             let want = end + PREALLOCATE;
-            if allocate(w.get_ref(), want).is_ok() {
+            if !self.no_allocate && allocate(w.get_ref(), want).is_ok() {
                 seg.allocated = want;
             } else {
+                self.no_allocate = true;
                 seg.allocated = end;
             }
         }
