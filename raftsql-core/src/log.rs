@@ -903,7 +903,8 @@ impl RaftLog {
                     .replay(rec, j == 0, segments.is_empty())
                     .map_err(|r| corrupt(raw.offset, r))?;
             }
-            let mut size = end;
+            // Where the records end: before a zero tail (L6), or at a torn record.
+            let size = end;
             let mut allocated = bytes.len();
             if let Some((offset, reason)) = torn {
                 tracing::warn!(
@@ -919,7 +920,6 @@ impl RaftLog {
                 f.set_len(offset as u64)
                     .and_then(|_| f.sync_all())
                     .map_err(io_err(&path))?;
-                size = offset;
                 allocated = offset;
             }
             segments.push(SegmentMeta {

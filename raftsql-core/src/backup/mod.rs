@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::consistency::Consistency;
 use crate::error::{Error, Result};
+use crate::fsutil::with_suffix;
 use crate::log::RaftLog;
 use crate::members::{rewrite_registry_file, SYSTEM_DB};
 use crate::net::conn::RpcConn;
@@ -289,12 +290,7 @@ async fn pull(
         files: m.files.clone(),
     };
     let total = header.data_bytes();
-    // FILE.tmp beside FILE (never another file that happens to share its stem).
-    let tmp = {
-        let mut t = path.as_os_str().to_owned();
-        t.push(".tmp");
-        PathBuf::from(t)
-    };
+    let tmp = with_suffix(path, ".tmp");
     let result = async {
         let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = CrcWriter::new(BufWriter::new(f));

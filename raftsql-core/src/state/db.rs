@@ -13,6 +13,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::committed::Committed;
 use crate::error::{Error, Result};
+use crate::fsutil::with_suffix;
 use crate::guard::{self, Guard, Role};
 use crate::value::{Rows, Statement, Value};
 use crate::vfs;
@@ -235,9 +236,7 @@ pub(super) const STATEMENT_CACHE: usize = 256;
 pub(super) fn remove_wal_files(db: &Path) {
     vfs::forget(&db.to_string_lossy());
     for suffix in ["-wal", "-walspill", "-shm"] {
-        let mut p = db.as_os_str().to_owned();
-        p.push(suffix);
-        let _ = fs::remove_file(PathBuf::from(p));
+        let _ = fs::remove_file(with_suffix(db, suffix));
     }
 }
 

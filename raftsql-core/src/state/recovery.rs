@@ -14,7 +14,7 @@ use super::checkpoint::{read_meta, Meta};
 use super::db::{open_writer, remove_wal_files, PAGE_SIZE};
 use crate::entry::{Change, Frames};
 use crate::error::{Error, Result};
-use crate::fsutil::check_db_name;
+use crate::fsutil::{check_db_name, with_suffix};
 use crate::fsutil::{fsync_dir, write_atomic};
 
 /// The directory of the current generation of databases under `root`, if there is one.
@@ -148,7 +148,7 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
 /// the same way, which gives that page back.
 fn open_for_replay(path: &Path) -> Result<File> {
     remove_wal_files(path);
-    let journal = sibling(path, "-journal");
+    let journal = with_suffix(path, "-journal");
     match fs::remove_file(&journal) {
         Ok(()) => tracing::info!(
             "dropped {}, left by a crash while SQLite created the file",
@@ -179,13 +179,6 @@ fn open_for_replay(path: &Path) -> Result<File> {
         .write(true)
         .open(path)
         .map_err(|e| Error::io(path, e))
-}
-
-/// `path` with `suffix` appended to its file name.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(suffix);
-    PathBuf::from(p)
 }
 
 /// The page of `size` bytes at `at` in a database file: `None` past its end, zeros past the
