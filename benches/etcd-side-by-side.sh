@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # etcd-side-by-side.sh - the same `raftsql bench etcd` workloads against a real 3-member etcd
 # (../shared/anchors/etcd3.sh: 127.0.0.11-13) and a 3-node raftsql cluster (127.0.0.31-33) in
-# one run, clients spread over all three members of each. Prints one JSON line per run and a
-# Markdown table at the end.
+# one run, clients spread over all three members of each. A single client runs twice on each
+# cluster, once against its leader and once against a follower (which forwards): on one
+# endpoint the figure depends mostly on which of the two it is, and the leader is elected
+# anew in each run. Prints one JSON line per run and a Markdown table at the end.
 #
 # usage: benches/etcd-side-by-side.sh [SECONDS] [OUTDIR]     (defaults: 10, /tmp/etcd-side-by-side)
 #        OPS="put range" CLIENTS="1 64" RAFTSQL_BIN=/path/to/raftsql benches/etcd-side-by-side.sh
@@ -50,21 +52,42 @@ done
 etcd_eps=127.0.0.11:2379,127.0.0.12:2379,127.0.0.13:2379
 raftsql_eps=127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379
 
-run() { # label endpoints args...
-  local label=$1 eps=$2; shift 2
+# The leader's endpoint (which=leader) or a follower's (which=follower) among `eps`.
+member() { # eps which
+  etcdctl --endpoints="$1" endpoint status -w json | python3 -c '
+import json, sys
+which = sys.argv[1]
+for s in json.load(sys.stdin):
+    st = s["Status"]
+    if (st["leader"] == st["header"]["member_id"]) == (which == "leader"):
+        print(s["Endpoint"]); sys.exit(0)
+sys.exit("no " + which + " among " + sys.argv[2])' "$2" "$1"
+}
+run() { # label target endpoints args...
+  local label=$1 target=$2 eps=$3; shift 3
   "$raftsql" bench etcd --endpoints "$eps" --duration "$secs" --label "$label" "$@" 2>/dev/null \
+    | python3 -c 'import json, sys; r = json.loads(sys.stdin.read()); r["target"] = sys.argv[1]; print(json.dumps(r))' "$target" \
     | tee -a "$out/results.jsonl"
 }
 for op in ${OPS:-put range txn}; do
   for c in ${CLIENTS:-1 16 64 256}; do
     pre=(); [ "$op" = put ] || pre=(--preload --keys 10000)
-    run etcd "$etcd_eps" --op $op --clients $c "${pre[@]}"
-    run raftsql "$raftsql_eps" --op $op --clients $c "${pre[@]}"
+    if [ "$c" = 1 ]; then
+      for target in leader follower; do
+        ep=$(member "$etcd_eps" $target)
+        run etcd $target "$ep" --op $op --clients $c "${pre[@]}"
+        ep=$(member "$raftsql_eps" $target)
+        run raftsql $target "$ep" --op $op --clients $c "${pre[@]}"
+      done
+    else
+      run etcd all "$etcd_eps" --op $op --clients $c "${pre[@]}"
+      run raftsql all "$raftsql_eps" --op $op --clients $c "${pre[@]}"
+    fi
   done
 done
 if [ "${WATCH:-1}" = 1 ]; then
-  run etcd "$etcd_eps" --op watch --clients 4 --watchers 16 --rate 1000
-  run raftsql "$raftsql_eps" --op watch --clients 4 --watchers 16 --rate 1000
+  run etcd all "$etcd_eps" --op watch --clients 4 --watchers 16 --rate 1000
+  run raftsql all "$raftsql_eps" --op watch --clients 4 --watchers 16 --rate 1000
 fi
 
 python3 - "$out/results.jsonl" <<'EOF'
@@ -72,17 +95,17 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 by = {}
 for r in rows:
-    by.setdefault((r["op"], r["clients"]), {})[r["label"]] = r
-print("\n| op | clients | etcd ops/s | raftsql ops/s | raftsql/etcd | etcd p50/p99 ms | raftsql p50/p99 ms | errors e/r |")
-print("|---|---|---|---|---|---|---|---|")
-for (op, c), d in by.items():
+    by.setdefault((r["op"], r["clients"], r.get("target", "all")), {})[r["label"]] = r
+print("\n| op | clients | to | etcd ops/s | raftsql ops/s | raftsql/etcd | etcd p50/p99 ms | raftsql p50/p99 ms | errors e/r |")
+print("|---|---|---|---|---|---|---|---|---|")
+for (op, c, to), d in by.items():
     e, r = d.get("etcd", {}), d.get("raftsql", {})
     key = "puts_per_s" if op == "watch" else "ops_per_s"
     ratio = f"{r[key] / e[key]:.2f}x" if e.get(key) and r.get(key) else "-"
-    print(f"| {op} | {c} | {e.get(key)} | {r.get(key)} | {ratio} | {e.get('p50_ms')}/{e.get('p99_ms')} "
+    print(f"| {op} | {c} | {to} | {e.get(key)} | {r.get(key)} | {ratio} | {e.get('p50_ms')}/{e.get('p99_ms')} "
           f"| {r.get('p50_ms')}/{r.get('p99_ms')} | {e.get('errors')}/{r.get('errors')} |")
 print("\n(watch: puts/s at a capped rate; p50/p99 is the event latency, Put sent to event received by each of 16 watchers)")
-for (op, c), d in by.items():
+for (op, c, to), d in by.items():
     if op == "watch":
         e, r = d.get("etcd", {}), d.get("raftsql", {})
         print(f"(watch: the puts themselves, sent to acknowledged, p50/p99 ms: etcd "
