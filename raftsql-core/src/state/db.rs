@@ -361,7 +361,8 @@ pub(super) fn read_page(w: &Connection, pgno: u32) -> Result<Option<Vec<u8>>> {
 
 /// The committed image of page `pgno`: one the batch read (`recorded`, taken out), else the
 /// one `committed` holds, else `None` past the committed size if it is known, else the page
-/// read on `w` (which must see the committed state).
+/// read past SQLite (`vfs::read_committed_page`), else the page read on `w` (which must see
+/// the committed state).
 pub(super) fn committed_base(
     w: &Connection,
     recorded: Option<&mut HashMap<u32, Vec<u8>>>,
@@ -387,13 +388,81 @@ pub(super) fn committed_base(
             Ok(Some(b))
         }
         None if committed_pages.is_some_and(|n| pgno > n) => Ok(None),
-        None => Ok(read_page(w, pgno)?.map(Bytes::from)),
+        None => {
+            // Within the committed size, straight from the WAL or the file (vfs.rs).
+            if let Some(b) =
+                committed_pages.and_then(|_| vfs::read_committed_page(w, pgno, PAGE_SIZE))
+            {
+                #[cfg(debug_assertions)]
+                {
+                    let read = read_page(w, pgno)?;
+                    assert!(
+                        read.as_deref() == Some(&b[..]),
+                        "page {pgno} read past SQLite differs from the committed page"
+                    );
+                }
+                return Ok(Some(Bytes::from(b)));
+            }
+            Ok(read_page(w, pgno)?.map(Bytes::from))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `vfs::read_committed_page` reads every page as SQLite does: from the file while the
+    /// WAL has no frame (a new database; after a checkpoint), from the newest frame of it in
+    /// the WAL, across wal-index regions (more than 4,062 frames), from the file once a
+    /// checkpoint moved the page there and restarted the WAL; never a frame past the
+    /// committed end (frames a rewound transaction left in the WAL,
+    /// as a leader's capture leaves them).
+    #[test]
+    fn pages_read_past_sqlite_are_the_committed_pages() {
+        vfs::register().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.db");
+        let key = path.to_string_lossy().into_owned();
+        let w = open_writer(&path).unwrap();
+        let check = |w: &Connection, what: &str| {
+            let n: u32 = w.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+            for pgno in 1..=n {
+                let direct = vfs::read_committed_page(w, pgno, PAGE_SIZE)
+                    .unwrap_or_else(|| panic!("{what}: page {pgno} not readable past SQLite"));
+                let sqlite = read_page(w, pgno).unwrap().unwrap();
+                assert!(direct == sqlite, "{what}: page {pgno} differs");
+            }
+            n
+        };
+        // A new database: page 1 only, in the file, and a WAL with no frame yet.
+        assert_eq!(check(&w, "a new database"), 1);
+        w.execute_batch("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+            .unwrap();
+        // One row per transaction, each rewriting a leaf and the table's root: the same
+        // pages in many frames, over two wal-index regions.
+        for i in 0..5000 {
+            w.execute("INSERT INTO t VALUES (?1, zeroblob(300))", [i])
+                .unwrap();
+        }
+        let frames = vfs::read_header(&key).unwrap().max_frame;
+        assert!(frames > 4062, "only {frames} frames: one wal-index region");
+        let pages = check(&w, "two regions");
+        // Frames past the committed end, as a leader's rewind leaves them.
+        let saved = vfs::save_header(&key).unwrap();
+        w.execute_batch("UPDATE t SET v = zeroblob(301) WHERE k < 100")
+            .unwrap();
+        assert!(vfs::restore_header(&key, &saved));
+        reset_cache(&w).unwrap();
+        check(&w, "after a rewind");
+        // Into the file, the WAL restarted, some pages again in the new WAL.
+        w.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        check(&w, "an empty WAL after a checkpoint");
+        w.execute_batch("UPDATE t SET v = zeroblob(302) WHERE k = 7")
+            .unwrap();
+        assert!(check(&w, "after a checkpoint") >= pages);
+    }
 
     /// The WAL is held in memory (vfs.rs): no `-wal` file reaches the disk, `wal_len`
     /// reports its bytes, a checkpoint empties it, and `remove_wal_files` (what a restart
