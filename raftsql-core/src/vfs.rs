@@ -182,20 +182,43 @@ const FRAMES_IN_REGION_0: u32 = FRAMES_PER_REGION - (WAL_INDEX_HEADER_AREA / 4) 
 /// The two header copies and the checkpoint info at the start of region 0.
 const WAL_INDEX_HEADER_AREA: usize = 136;
 
+/// The wal-index region that indexes WAL frame `frame` (1-based; SQLite's `walFramePage`).
+fn region_of(frame: u32) -> usize {
+    ((frame + FRAMES_PER_REGION - FRAMES_IN_REGION_0 - 1) / FRAMES_PER_REGION) as usize
+}
+
+/// Region `k`'s page-number array (mapped at `base`) and the frame number before its first
+/// entry (SQLite's `walHashGet`: `aPgno`, `iZero`).
+fn region_pgnos(base: *const u32, k: usize) -> (*const u32, u32) {
+    if k == 0 {
+        // SAFETY: inside the mapped 32 KiB region (the header area is 136 bytes).
+        (unsafe { base.add(WAL_INDEX_HEADER_AREA / 4) }, 0)
+    } else {
+        (
+            base,
+            FRAMES_IN_REGION_0 + (k as u32 - 1) * FRAMES_PER_REGION,
+        )
+    }
+}
+
+/// Bytes of a WAL frame's header, before its page image.
+pub const FRAME_HEADER: u64 = 24;
+
+/// The byte offset in a WAL of frame `frame` (1-based): the WAL's 32-byte header, then
+/// frames of a [`FRAME_HEADER`] and a page each.
+pub fn frame_start(frame: u32, page_size: u32) -> u64 {
+    32 + (frame as u64 - 1) * (FRAME_HEADER + page_size as u64)
+}
+
 /// The page number of WAL frame `frame` (1-based), from the wal-index (SQLite's
 /// `walFramePgno`).
 fn frame_pgno(regions: &[usize], frame: u32) -> Option<u32> {
-    let k = ((frame + FRAMES_PER_REGION - FRAMES_IN_REGION_0 - 1) / FRAMES_PER_REGION) as usize;
-    let base = *regions.get(k).filter(|p| **p != 0)? as *const u32;
-    let i = if k == 0 {
-        WAL_INDEX_HEADER_AREA / 4 + frame as usize - 1
-    } else {
-        ((frame - 1 - FRAMES_IN_REGION_0) % FRAMES_PER_REGION) as usize
-    };
+    let k = region_of(frame);
+    let (pgnos, zero) = region_pgnos(*regions.get(k).filter(|p| **p != 0)? as *const u32, k);
     // SAFETY: a mapped region is 32 KiB and stays mapped while a connection to the database
-    // is open (the caller's writer is); `i` < 8192 u32s. The writer's transaction is open,
-    // so no other connection appends frames.
-    let pgno = unsafe { std::ptr::read_volatile(base.add(i)) };
+    // is open (the caller's writer is); the index is below the region's 4,096 frames. The
+    // writer's transaction is open, so no other connection appends frames.
+    let pgno = unsafe { std::ptr::read_volatile(pgnos.add((frame - zero - 1) as usize)) };
     (pgno != 0).then_some(pgno)
 }
 
@@ -211,19 +234,9 @@ fn find_frame(regions: &[usize], pgno: u32, last: u32) -> Option<Option<u32>> {
     if last == 0 {
         return Some(None);
     }
-    let last_region =
-        ((last + FRAMES_PER_REGION - FRAMES_IN_REGION_0 - 1) / FRAMES_PER_REGION) as usize;
-    for k in (0..=last_region).rev() {
+    for k in (0..=region_of(last)).rev() {
         let base = *regions.get(k).filter(|p| **p != 0)? as *const u32;
-        let (pgnos, zero) = if k == 0 {
-            // SAFETY: inside the mapped 32 KiB region (the header area is 136 bytes).
-            (unsafe { base.add(WAL_INDEX_HEADER_AREA / 4) }, 0)
-        } else {
-            (
-                base,
-                FRAMES_IN_REGION_0 + (k as u32 - 1) * FRAMES_PER_REGION,
-            )
-        };
+        let (pgnos, zero) = region_pgnos(base, k);
         // SAFETY: the hash table is the region's second 16 KiB, after 4,096 u32s.
         let hash = unsafe { base.add(FRAMES_PER_REGION as usize) } as *const u16;
         let mut slot = (pgno as u64 * HASH_MULTIPLIER) as usize & (HASH_SLOTS - 1);
@@ -297,17 +310,16 @@ pub fn read_committed_page(w: &rusqlite::Connection, pgno: u32, page_size: u32) 
     }
     // SAFETY: as above: a NUL-terminated path owned by the open file.
     let key = unsafe { CStr::from_ptr(path) }.to_str().ok()?;
-    let hdr = read_header(key)?;
+    let regions = shm_regions().lock().get(key).cloned()?;
+    let hdr = header_at(*regions.first().filter(|p| **p != 0)? as *const u8)?;
     if hdr.page_size != 0 && hdr.page_size != page_size {
         return None;
     }
     let size = page_size as usize;
     let mut page = vec![0u8; size];
-    let regions = shm_regions().lock().get(key).cloned()?;
     if let Some(frame) = find_frame(&regions, pgno, hdr.max_frame)? {
-        // The WAL's 32-byte header, then frames of a 24-byte header and a page each.
-        let off = 32 + (frame as u64 - 1) * (24 + size as u64) + 24;
-        return read_wal(key, off, &mut page).then_some(page);
+        return read_wal(key, frame_start(frame, page_size) + FRAME_HEADER, &mut page)
+            .then_some(page);
     }
     // SAFETY: `real` is the open unix file under ours; its xRead fills `page` (zeros past
     // the end of the file, with SQLITE_IOERR_SHORT_READ, as SQLite's pager takes them).
@@ -978,9 +990,9 @@ pub fn truncate_wal(db_path: &str) {
 /// setting a bound clears the mark, lifting it does not). Applies never run under a bound.
 pub fn limit_wal_growth(db_path: &str, growth: Option<usize>) {
     let wal = mem_wal(&wal_key(db_path));
-    // The WAL's 32-byte header, then frames of a 24-byte header and a page each.
+    // The end of the last committed frame: where the frame after it would start.
     let committed_end = || match read_header(db_path) {
-        Some(h) => 32 + h.max_frame as usize * (24 + h.page_size as usize),
+        Some(h) => frame_start(h.max_frame + 1, h.page_size) as usize,
         None => wal.data.read().len(),
     };
     let limit = growth.map_or(usize::MAX, |g| committed_end().saturating_add(g));
@@ -1067,7 +1079,12 @@ fn region0(db_path: &str) -> Option<*mut u8> {
 /// so that the header is not being rewritten concurrently (SQLite writes copy 2 then copy 1;
 /// we read copy 1 and check it equals copy 2).
 pub fn read_header(db_path: &str) -> Option<WalHeader> {
-    let saved = save_header(db_path)?;
+    header_at(region0(db_path)?)
+}
+
+/// The wal-index header in region 0 mapped at `p` (see [`read_header`]).
+fn header_at(p: *const u8) -> Option<WalHeader> {
+    let saved = header_copy(p);
     let h = &saved.0;
     if h[..48] != h[48..96] || h[12] == 0 {
         return None;
@@ -1084,11 +1101,15 @@ pub fn read_header(db_path: &str) -> Option<WalHeader> {
 
 /// Copies both header copies of `db_path`'s wal-index.
 pub fn save_header(db_path: &str) -> Option<SavedHeader> {
-    let p = region0(db_path)?;
+    Some(header_copy(region0(db_path)?))
+}
+
+/// Both header copies of the wal-index whose region 0 is mapped at `p`.
+fn header_copy(p: *const u8) -> SavedHeader {
     let mut out = [0u8; WAL_INDEX_HDR_BYTES];
     // SAFETY: region 0 is at least 32 KiB and stays mapped while any connection is open.
     unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), WAL_INDEX_HDR_BYTES) };
-    Some(SavedHeader(out))
+    SavedHeader(out)
 }
 
 /// Puts back a header saved by [`save_header`], the way SQLite writes it: the second copy,

@@ -608,18 +608,15 @@ fn capture_and_rewind(
 /// exceed [`MAX_ENTRY_PAGE_BYTES`] (a transaction of GiBs is refused after reading 48 MiB,
 /// not after loading it all).
 fn read_frames(db: &Db, first: u32, last: u32, page_size: u32) -> Result<Vec<Page>> {
-    let frame = 24 + page_size as usize;
+    let header = vfs::FRAME_HEADER as usize;
+    let frame = header + page_size as usize;
     let mut pages: BTreeMap<u32, Bytes> = BTreeMap::new();
     let mut buf = Vec::new();
     let mut next = first;
     while next <= last {
         let n = (last + 1 - next).min(READ_CHUNK_FRAMES);
         buf.resize(n as usize * frame, 0);
-        if !vfs::read_wal(
-            &db.handle.key,
-            32 + (next as u64 - 1) * frame as u64,
-            &mut buf,
-        ) {
+        if !vfs::read_wal(&db.handle.key, vfs::frame_start(next, page_size), &mut buf) {
             return Err(Error::Internal(format!(
                 "the WAL of {} ends before frame {} of the commit it holds",
                 db.handle.key,
@@ -628,7 +625,7 @@ fn read_frames(db: &Db, first: u32, last: u32, page_size: u32) -> Result<Vec<Pag
         }
         for f in buf.chunks_exact(frame) {
             let pgno = u32::from_be_bytes(f[..4].try_into().unwrap());
-            pages.insert(pgno, Bytes::copy_from_slice(&f[24..]));
+            pages.insert(pgno, Bytes::copy_from_slice(&f[header..]));
         }
         if pages.len() * page_size as usize > MAX_ENTRY_PAGE_BYTES {
             return Err(too_large(

@@ -370,41 +370,32 @@ pub(super) fn committed_base(
     committed_pages: Option<u32>,
     pgno: u32,
 ) -> Result<Option<Bytes>> {
-    let held = match recorded.and_then(|r| r.remove(&pgno)) {
+    let mut held = match recorded.and_then(|r| r.remove(&pgno)) {
         Some(b) => Some(Bytes::from(b)),
         None => committed.get(pgno).cloned(),
     };
+    if held.is_none() {
+        match committed_pages {
+            Some(n) if pgno > n => return Ok(None),
+            // Within the committed size, straight from the WAL or the file (vfs.rs).
+            Some(_) => held = vfs::read_committed_page(w, pgno, PAGE_SIZE).map(Bytes::from),
+            None => {}
+        }
+    }
     match held {
         Some(b) => {
-            // The test builds check every recorded or cached base against SQLite's own.
+            // The test builds check every base not read through SQLite against SQLite's own.
             #[cfg(debug_assertions)]
             {
                 let read = read_page(w, pgno)?;
                 assert!(
                     read.as_deref() == Some(&b[..]),
-                    "the held base of page {pgno} differs from the committed page"
+                    "the held or directly read base of page {pgno} differs from the committed page"
                 );
             }
             Ok(Some(b))
         }
-        None if committed_pages.is_some_and(|n| pgno > n) => Ok(None),
-        None => {
-            // Within the committed size, straight from the WAL or the file (vfs.rs).
-            if let Some(b) =
-                committed_pages.and_then(|_| vfs::read_committed_page(w, pgno, PAGE_SIZE))
-            {
-                #[cfg(debug_assertions)]
-                {
-                    let read = read_page(w, pgno)?;
-                    assert!(
-                        read.as_deref() == Some(&b[..]),
-                        "page {pgno} read past SQLite differs from the committed page"
-                    );
-                }
-                return Ok(Some(Bytes::from(b)));
-            }
-            Ok(read_page(w, pgno)?.map(Bytes::from))
-        }
+        None => Ok(read_page(w, pgno)?.map(Bytes::from)),
     }
 }
 
@@ -412,19 +403,26 @@ pub(super) fn committed_base(
 mod tests {
     use super::*;
 
+    /// A new database file `name` in a directory of its own, opened by its writer through
+    /// the VFS (the directory lives as long as the returned guard).
+    fn new_db(name: &str) -> (tempfile::TempDir, PathBuf, Connection) {
+        vfs::register().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        let w = open_writer(&path).unwrap();
+        (dir, path, w)
+    }
+
     /// `vfs::read_committed_page` reads every page as SQLite does: from the file while the
     /// WAL has no frame (a new database; after a checkpoint), from the newest frame of it in
     /// the WAL, across wal-index regions (more than 4,062 frames), from the file once a
     /// checkpoint moved the page there and restarted the WAL; never a frame past the
-    /// committed end (frames a rewound transaction left in the WAL,
-    /// as a leader's capture leaves them).
+    /// committed end (frames a rewound transaction left in the WAL, as a leader's capture
+    /// leaves them).
     #[test]
     fn pages_read_past_sqlite_are_the_committed_pages() {
-        vfs::register().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.db");
+        let (_dir, path, w) = new_db("p.db");
         let key = path.to_string_lossy().into_owned();
-        let w = open_writer(&path).unwrap();
         let check = |w: &Connection, what: &str| {
             let n: u32 = w.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
             for pgno in 1..=n {
@@ -469,12 +467,9 @@ mod tests {
     /// does) forgets the frames a checkpoint did not carry into the file.
     #[test]
     fn the_wal_is_held_in_memory_until_a_checkpoint_or_a_restart() {
-        vfs::register().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.db");
+        let (dir, path, w) = new_db("m.db");
         let key = path.to_string_lossy().into_owned();
         let wal_of = vfs::wal_len;
-        let w = open_writer(&path).unwrap();
         w.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
             .unwrap();
         assert!(!dir.path().join("m.db-wal").exists(), "a WAL file on disk");
@@ -498,11 +493,8 @@ mod tests {
     /// WAL deletes the spill file.
     #[test]
     fn a_wal_longer_than_memory_holds_spills_to_a_file_and_back() {
-        vfs::register().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
+        let (dir, path, w) = new_db("s.db");
         let spill = dir.path().join("s.db-walspill");
-        let w = open_writer(&path).unwrap();
         w.execute_batch(
             "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
              WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 18000)
@@ -531,10 +523,7 @@ mod tests {
     /// lock instead of failing with SQLITE_BUSY (the writer keeps `busy_timeout=0`).
     #[test]
     fn begin_immediate_waits_out_a_held_lock() {
-        vfs::register().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let w = open_writer(&path).unwrap();
+        let (_dir, path, w) = new_db("t.db");
         w.execute_batch("CREATE TABLE t(x)").unwrap();
         // Another connection of the node (through the VFS: the WAL is in its memory).
         let other = Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), vfs::VFS_NAME)
