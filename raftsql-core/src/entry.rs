@@ -223,30 +223,57 @@ impl PageChange {
 
 /// The runs `start..end` where `a` and `b` differ, merged across equal gaps of at most
 /// [`RANGE_OVERHEAD`] bytes (a separate range would cost more than the gap).
+///
+/// Eight bytes at a time: the leader diffs every page of every batch (a byte loop with a
+/// slice comparison per word was 9% of its state machine under 64 etcd writers).
 fn differing_runs(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
+    assert_eq!(a.len(), b.len(), "a page diffed against a base of another size");
     let n = a.len();
     let mut out: Vec<(usize, usize)> = Vec::new();
     let mut i = 0;
     while i < n {
-        while i + 8 <= n && a[i..i + 8] == b[i..i + 8] {
-            i += 8;
-        }
-        while i < n && a[i] == b[i] {
-            i += 1;
-        }
+        i = next_run(a, b, i, false);
         if i == n {
             break;
         }
         let start = i;
-        while i < n && a[i] != b[i] {
-            i += 1;
-        }
+        // Byte `start` differs: the run is at least that byte long.
+        i = next_run(a, b, start + 1, true);
         match out.last_mut() {
             Some(last) if start - last.1 <= RANGE_OVERHEAD => last.1 = i,
             _ => out.push((start, i)),
         }
     }
     out
+}
+
+/// The first offset at or after `i` where `a` and `b` are equal (`differing`: we are in a
+/// run of differing bytes) or differ (we are in an equal gap); `a.len()` if there is none.
+fn next_run(a: &[u8], b: &[u8], mut i: usize, differing: bool) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let n = a.len();
+    while i + 8 < n {
+        let word = |s: &[u8]| u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+        // A byte of x is zero where the pages are equal.
+        let x = word(a) ^ word(b);
+        // The lowest set high bit marks the first byte that ends the run: a nonzero byte
+        // in a gap; in a run, a zero byte (the classic has-zero-byte test, exact for the
+        // lowest zero byte: a borrow only reaches the bytes above it).
+        let ends = if differing {
+            x.wrapping_sub(ONES) & !x & HIGHS
+        } else {
+            x
+        };
+        if ends != 0 {
+            return i + (ends.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < n && (a[i] != b[i]) == differing {
+        i += 1;
+    }
+    i
 }
 
 /// The pages a write transaction changed, as replicated through Raft.
@@ -553,6 +580,48 @@ mod tests {
                 c.write_into(&mut page);
             }
             prop_assert_eq!(&page, versions.last().unwrap());
+        }
+    }
+
+    /// The runs as a byte loop finds them: what `differing_runs` must return.
+    fn differing_runs_bytewise(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] == b[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < a.len() && a[i] != b[i] {
+                i += 1;
+            }
+            match out.last_mut() {
+                Some(last) if start - last.1 <= RANGE_OVERHEAD => last.1 = i,
+                _ => out.push((start, i)),
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// Word-at-a-time run finding agrees with the byte loop: on pages of any length
+        /// (not only multiples of 8), with changes of any pattern, including bytes whose
+        /// xor is 0x01 or 0x80 (the edges of the has-zero-byte test) beside equal ones.
+        #[test]
+        fn differing_runs_are_the_bytewise_runs(
+            len in 0usize..80,
+            base in prop::collection::vec(any::<u8>(), 80),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), prop::sample::select(vec![0x01u8, 0x80, 0xff, 0x7f, 0x10])), 0..24),
+        ) {
+            let a = &base[..len];
+            let mut b = a.to_vec();
+            if len > 0 {
+                for (at, x) in flips {
+                    b[at.index(len)] ^= x;
+                }
+            }
+            prop_assert_eq!(differing_runs(a, &b), differing_runs_bytewise(a, &b));
         }
     }
 
