@@ -227,7 +227,11 @@ impl PageChange {
 /// Eight bytes at a time: the leader diffs every page of every batch (a byte loop with a
 /// slice comparison per word was 9% of its state machine under 64 etcd writers).
 fn differing_runs(a: &[u8], b: &[u8]) -> Vec<(usize, usize)> {
-    assert_eq!(a.len(), b.len(), "a page diffed against a base of another size");
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "a page diffed against a base of another size"
+    );
     let n = a.len();
     let mut out: Vec<(usize, usize)> = Vec::new();
     let mut i = 0;
@@ -253,7 +257,7 @@ fn next_run(a: &[u8], b: &[u8], mut i: usize, differing: bool) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let n = a.len();
-    while i + 8 < n {
+    while i + 8 <= n {
         let word = |s: &[u8]| u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
         // A byte of x is zero where the pages are equal.
         let x = word(a) ^ word(b);

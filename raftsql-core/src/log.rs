@@ -73,8 +73,16 @@
 //!    with a zero length, crc and kind: the crc of an empty payload of kind 0 is not 0), and the
 //!    next append writes there. Before a segment stops being the last, its zero tail is cut off
 //!    and the cut is synced, so L3's "a bad record in an earlier segment is corruption" stands.
+//! **L7.** A log that keeps a spare ([`RaftLog::keep_spare`], the node's) makes its segments of
+//!    a file already written with zeros and synced (`spare.rs`: an `fdatasync` into written
+//!    blocks skips the extent update that allocated ones need), and rolls over early into one
+//!    when the active segment was only allocated. The spare is a `*.seg.tmp` file until its
+//!    header is written, synced and it is renamed into place: L2 holds for it, and opening the
+//!    log removes a spare a crash left behind.
 
 #![warn(missing_docs)]
+
+mod spare;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -109,6 +117,10 @@ const RECORD_HEADER_LEN: usize = 9;
 
 /// Space allocated at a time at the end of the last segment (L6).
 pub const PREALLOCATE: u64 = 8 << 20;
+
+/// Bytes a log writes after opening before it asks for a spare segment (at most the segment
+/// size): a log opened and closed again soon (tests, the tools) does not write one.
+const SPARE_AFTER: u64 = 1 << 20;
 
 /// Entries records are split so that each payload stays around this size.
 const MAX_ENTRIES_PAYLOAD: usize = 16 << 20;
@@ -759,6 +771,9 @@ struct SegmentMeta {
     size: u64,
     /// The file's length: `size` plus the zero bytes allocated ahead of the appends (L6).
     allocated: u64,
+    /// Those zero bytes were written and synced (the segment was a spare, L7), not only
+    /// allocated.
+    zeros_written: bool,
 }
 
 /// The durable Raft log: entries since the base, the hard state and the conf state, kept in
@@ -778,6 +793,10 @@ pub struct RaftLog {
     poisoned: Option<String>,
     /// `fallocate` failed once (a file system without it): appends just grow the file.
     no_allocate: bool,
+    /// The spare segment new segments are made of (L7), if this log keeps one.
+    spare: Option<spare::Spare>,
+    /// Bytes appended since the log was opened (a spare is wanted past [`SPARE_AFTER`]).
+    appended: u64,
     /// Holds the exclusive lock on the directory for the life of the log.
     _lock: File,
 }
@@ -927,6 +946,7 @@ impl RaftLog {
                 path,
                 size: size as u64,
                 allocated: allocated as u64,
+                zeros_written: false,
             });
         }
 
@@ -960,8 +980,22 @@ impl RaftLog {
             next_seq,
             poisoned: None,
             no_allocate: false,
+            spare: None,
+            appended: 0,
             _lock: lock,
         })
+    }
+
+    /// Keeps a spare segment from now on (L7): once this log has written a little, a thread
+    /// writes the next segment's file with zeros ahead of time, so that the `fdatasync`s
+    /// after appends skip the file system's extent updates. The node's log keeps one; tools
+    /// that open a log for a moment do not.
+    pub fn keep_spare(&mut self) -> Result<(), LogError> {
+        if self.spare.is_none() {
+            self.spare =
+                Some(spare::Spare::start(&self.dir, self.segment_size).map_err(io_err(&self.dir))?);
+        }
+        Ok(())
     }
 
     /// The log directory.
@@ -1267,9 +1301,12 @@ impl RaftLog {
     /// Makes sure there is an active segment with room for a record: creates the first segment,
     /// or rolls over once the active one has reached the segment size.
     fn prepare_write(&mut self) -> Result<(), LogError> {
+        let spare_ready = || self.spare.as_ref().is_some_and(|s| s.ready());
         match self.segments.last() {
             None => self.create_segment(true),
             Some(seg) if seg.size >= self.segment_size => self.create_segment(false),
+            // L7: out of an only allocated segment as soon as a written one is there.
+            Some(seg) if !seg.zeros_written && spare_ready() => self.create_segment(false),
             Some(_) => Ok(()),
         }
     }
@@ -1280,6 +1317,12 @@ impl RaftLog {
             return Err(invalid("raft log has no active segment"));
         };
         let end = seg.size + bytes.len() as u64;
+        self.appended += bytes.len() as u64;
+        if let Some(spare) = &self.spare {
+            if self.appended >= SPARE_AFTER.min(self.segment_size) {
+                spare.want();
+            }
+        }
         if end > seg.allocated {
             // L6. Without the space (a file system without fallocate, a full disk) appends
             // just grow the file, and a full disk fails the write below.
@@ -1326,12 +1369,18 @@ impl RaftLog {
         self.next_seq += 1;
         let name = segment_file_name(self.state.base_index, seq);
         let path = self.dir.join(&name);
-        let tmp = self.dir.join(format!("{name}.tmp"));
+        // A spare (L7) is written with zeros and synced already: the header goes over its
+        // start. Else a new file, allocated as appends come.
+        let spare = self.spare.as_ref().and_then(|s| s.take());
+        let tmp = match &spare {
+            Some((path, _)) => path.clone(),
+            None => self.dir.join(format!("{name}.tmp")),
+        };
         let write_tmp = || -> io::Result<File> {
             let mut f = OpenOptions::new()
                 .write(true)
                 .create(true)
-                .truncate(true)
+                .truncate(spare.is_none())
                 .open(&tmp)?;
             f.write_all(&header)?;
             f.sync_all()?;
@@ -1346,12 +1395,19 @@ impl RaftLog {
         };
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         sync_dir(&self.dir)?;
+        let size = header.len() as u64;
+        let spare_size = spare.map_or(0, |(_, len)| len);
         self.segments.push(SegmentMeta {
             seq,
             path,
-            size: header.len() as u64,
-            allocated: header.len() as u64,
+            size,
+            allocated: size.max(spare_size),
+            zeros_written: spare_size > size,
         });
+        // The spare is renamed away: the next one may be written.
+        if let Some(s) = self.spare.as_ref().filter(|_| spare_size > 0) {
+            s.want();
+        }
         // The handle still refers to the renamed file and is positioned at its end.
         self.active = Some(BufWriter::new(file));
         Ok(())
@@ -2278,6 +2334,8 @@ mod tests {
     struct Harness {
         dir: tempfile::TempDir,
         segment_size: u64,
+        /// The log keeps a spare segment (L7).
+        spare: bool,
         log: Option<RaftLog>,
         model: Model,
     }
@@ -2289,9 +2347,18 @@ mod tests {
             Harness {
                 dir,
                 segment_size,
+                spare: false,
                 log: Some(log),
                 model: Model::default(),
             }
+        }
+
+        /// A log that keeps a spare segment (L7), also after each reopen.
+        fn with_spare(segment_size: u64) -> Harness {
+            let mut h = Harness::new(segment_size);
+            h.spare = true;
+            h.log().keep_spare().unwrap();
+            h
         }
 
         fn log(&mut self) -> &mut RaftLog {
@@ -2304,6 +2371,9 @@ mod tests {
                 self.dir.path(),
                 self.segment_size,
             )?);
+            if self.spare {
+                self.log().keep_spare()?;
+            }
             Ok(())
         }
 
@@ -2385,6 +2455,93 @@ mod tests {
         }
     }
 
+    /// Waits (20 s at most) until the log's spare segment is written.
+    fn await_spare(log: &RaftLog) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !log.spare.as_ref().expect("a log keeping a spare").ready() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no spare segment within 20 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// L7: a log that keeps a spare makes its segments of files written with zeros ahead of
+    /// time (rolling over early out of a segment that was only allocated), they replay like any
+    /// other, and a spare a closed log left behind is removed when the log opens.
+    #[test]
+    fn segments_made_of_spares_replay_and_a_left_spare_is_removed() {
+        let size = 16 << 10;
+        let mut h = Harness::with_spare(size);
+        let append = |h: &mut Harness, n: u8| {
+            h.apply(&Op::Append {
+                back: 0,
+                count: 4,
+                bump: 0,
+                data: vec![n; 300],
+            });
+            h.apply(&Op::HardState { frac: 100, vote: 0 });
+        };
+        // Until the log has written a segment's worth, nothing asks for a spare.
+        append(&mut h, 0);
+        let spare_path = h.dir.path().join(spare::SPARE_FILE);
+        assert!(
+            !spare_path.exists(),
+            "a spare before the log wrote anything"
+        );
+        let first = h.log().segments.last().unwrap().path.clone();
+        assert!(!h.log().segments.last().unwrap().zeros_written);
+        let mut n = 1;
+        while h.log().appended < size {
+            append(&mut h, n);
+            n = n.wrapping_add(1);
+        }
+        // Three times: a spare is ready, the next rollover (early out of the first segment,
+        // then at the segment size) makes the new segment of it.
+        let mut made_of_spares = Vec::new();
+        for round in 0..3 {
+            await_spare(h.log.as_ref().unwrap());
+            let before = h.log().segments.last().unwrap().path.clone();
+            let mut appends = 0;
+            while h.log().segments.last().unwrap().path == before {
+                append(&mut h, n);
+                n = n.wrapping_add(1);
+                appends += 1;
+            }
+            if round == 0 {
+                assert_eq!(appends, 1, "no early rollover into the ready spare");
+            }
+            let seg = h.log().segments.last().unwrap();
+            assert!(
+                seg.zeros_written && seg.allocated == size,
+                "round {round}: {seg:?}"
+            );
+            assert_eq!(fs::metadata(&seg.path).unwrap().len(), size);
+            made_of_spares.push(seg.path.clone());
+        }
+        // The first segment rolled over early; segments that stopped being the last lost
+        // their zero tails (L6).
+        let records_end = |p: &Path| match scan_segment(&fs::read(p).unwrap(), false) {
+            Ok(SegmentScan::Records { end, .. }) => end as u64,
+            _ => panic!("{} does not scan", p.display()),
+        };
+        for p in [&first, &made_of_spares[0], &made_of_spares[1]] {
+            assert_eq!(
+                fs::metadata(p).unwrap().len(),
+                records_end(p),
+                "{}",
+                p.display()
+            );
+        }
+        await_spare(h.log.as_ref().unwrap());
+        assert!(spare_path.exists());
+        h.reopen().unwrap();
+        h.check();
+        assert!(!spare_path.exists(), "the left spare was not removed");
+        assert_eq!(segment_files(h.dir.path()).len(), 5);
+    }
+
     fn copy_dir(from: &Path, to: &Path) {
         for e in fs::read_dir(from).unwrap() {
             let p = e.unwrap().path();
@@ -2402,8 +2559,11 @@ mod tests {
         fn prop_matches_model_across_reopen(
             ops in prop::collection::vec(any_op(), 0..60),
             small in any::<bool>(),
+            spare in any::<bool>(),
         ) {
-            let mut h = Harness::new(if small { 300 } else { DEFAULT_SEGMENT_SIZE });
+            let size = if small { 300 } else { DEFAULT_SEGMENT_SIZE };
+            // With a spare (L7) segments roll over whenever one is ready: any interleaving.
+            let mut h = if spare { Harness::with_spare(size) } else { Harness::new(size) };
             for op in &ops {
                 h.apply(op);
             }
