@@ -2,7 +2,8 @@
 # raftsql-ab.sh - two raftsql builds compared on the etcd API, alternated on fresh clusters so
 # that a noisy machine hits both alike: per round, each build gets a new 3-node cluster
 # (127.0.0.31-33), 64 put clients over the three members for 10 s, then 1 put client for 5 s
-# straight to the leader and to a follower. One line per run.
+# straight to the leader and to a follower. One line per run, ending with each member's Raft log
+# fsyncs over the run (count/mean).
 #
 # usage: benches/raftsql-ab.sh BEFORE_BIN AFTER_BIN [ROUNDS]      (default 3 rounds)
 # needs: etcdctl (apt-get install etcd-client), curl, python3.
@@ -30,7 +31,12 @@ one() { # BIN LABEL
   p64=$("$bin" bench etcd --endpoints 127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379 --op put --clients 64 --duration 10 2>/dev/null | pick ops_per_s p50_ms p99_ms)
   p1l=$("$bin" bench etcd --endpoints 127.0.0.3$leader:2379 --op put --clients 1 --duration 5 2>/dev/null | pick p50_ms p99_ms)
   p1f=$("$bin" bench etcd --endpoints 127.0.0.3$follower:2379 --op put --clients 1 --duration 5 2>/dev/null | pick p50_ms p99_ms)
-  echo "$label put-64 ops/s p50 p99: $p64 | put-1 leader p50 p99: $p1l | put-1 follower p50 p99: $p1f"
+  # The Raft log's fsyncs over the whole run, on every member: count and mean.
+  local fs=""
+  for i in 1 2 3; do
+    fs="$fs $(curl -s 127.0.0.3$i:2379/metrics | awk '/^etcd_disk_wal_fsync_duration_seconds_sum/ {s=$2} /^etcd_disk_wal_fsync_duration_seconds_count/ {c=$2} END {printf "%d/%.0fus", c, c ? s/c*1e6 : 0}')"
+  done
+  echo "$label put-64 ops/s p50 p99: $p64 | put-1 leader p50 p99: $p1l | put-1 follower p50 p99: $p1f | fsyncs/mean:$fs"
 }
 for r in $(seq "$rounds"); do
   if [ $((r % 2)) = 1 ]; then one "$before" before; one "$after" after; else one "$after" after; one "$before" before; fi
