@@ -81,6 +81,8 @@ struct NodeSample {
     leader: bool,
     rss: u64,
     wal: u64,
+    /// Bytes of the Raft log's segment files (the last one's length counts the zeros written
+    /// ahead of the appends, up to a segment; the spare segment is not counted).
     raft_log: u64,
     checkpoint: u64,
     log_first: u64,
@@ -455,7 +457,7 @@ pub async fn main(a: BenchSoakArgs) -> CliResult {
         for (i, addr) in addrs.iter().enumerate() {
             let mut n = NodeSample {
                 rss: p.pid(i).map_or(0, rss_bytes),
-                raft_log: dir_bytes(&dir.join(format!("node{}", i + 1)).join("raft"), ""),
+                raft_log: dir_bytes(&dir.join(format!("node{}", i + 1)).join("raft"), ".seg"),
                 ..Default::default()
             };
             if let Ok(Ok(s)) = tokio::time::timeout(

@@ -11,8 +11,9 @@
 //! [`segment_file_name`]): `seq` increases by one for every new segment and orders the segments,
 //! `base` is the index of the segment's leading base record. (A sequence number is needed because
 //! several segments may share a base index: a segment that fills up during normal operation rolls
-//! over to a new one with the same base.) Besides segments the directory holds a `LOCK` file and,
-//! transiently, `*.seg.tmp` files of segments being created.
+//! over to a new one with the same base.) Besides segments the directory holds a `LOCK` file,
+//! transiently `*.seg.tmp` files of segments being created, and, in a log that keeps one, the
+//! spare segment `spare.seg.tmp` (L7).
 //!
 //! Each segment starts with the 8-byte magic `RSQLLOG1`, followed by records:
 //!
@@ -47,7 +48,7 @@
 //!   A Base record that is *not* the first of its segment is a compaction record: `i` must lie in
 //!   `[base, last_index]` with term `t`; entries up to `i` are dropped.
 //!
-//! # Invariants of the log (L1-L5; the cluster's are I1-I16 in docs/ARCHITECTURE.md)
+//! # Invariants of the log (L1-L7; the cluster's are I1-I16 in docs/ARCHITECTURE.md)
 //!
 //! **L1.** Replaying all segments reproduces the in-memory state (entries, base, hard state, conf
 //!    state) exactly. Every mutating method writes its record(s) *before* changing memory, in the
@@ -78,7 +79,10 @@
 //!    blocks skips the extent update that allocated ones need), and rolls over early into one
 //!    when the active segment was only allocated. The spare is a `*.seg.tmp` file until its
 //!    header is written, synced and it is renamed into place: L2 holds for it, and opening the
-//!    log removes a spare a crash left behind.
+//!    log removes a spare a crash left behind. A spare is as large as the segment size or the
+//!    node's compaction threshold, whichever is smaller (a compaction rewrites the log into a
+//!    new segment, so a segment does not grow past it). After a restart the last segment
+//!    counts as allocated: the first spare ends it early (one extra segment per restart).
 
 #![warn(missing_docs)]
 
@@ -793,7 +797,9 @@ pub struct RaftLog {
     poisoned: Option<String>,
     /// `fallocate` failed once (a file system without it): appends just grow the file.
     no_allocate: bool,
-    /// The spare segment new segments are made of (L7), if this log keeps one.
+    /// The spare segment new segments are made of (L7), if this log keeps one. Declared before
+    /// `_lock`: dropping it joins its thread before the directory is unlocked, so a log opened
+    /// again on the directory never races with a thread still writing the old spare.
     spare: Option<spare::Spare>,
     /// Bytes appended since the log was opened (a spare is wanted past [`SPARE_AFTER`]).
     appended: u64,
@@ -988,12 +994,14 @@ impl RaftLog {
 
     /// Keeps a spare segment from now on (L7): once this log has written a little, a thread
     /// writes the next segment's file with zeros ahead of time, so that the `fdatasync`s
-    /// after appends skip the file system's extent updates. The node's log keeps one; tools
+    /// after appends skip the file system's extent updates. The spare is `max_bytes` long, or
+    /// the segment size if that is smaller: the node gives its compaction threshold, past
+    /// which the log is rewritten into a new segment anyway. The node's log keeps one; tools
     /// that open a log for a moment do not.
-    pub fn keep_spare(&mut self) -> Result<(), LogError> {
+    pub fn keep_spare(&mut self, max_bytes: u64) -> Result<(), LogError> {
         if self.spare.is_none() {
-            self.spare =
-                Some(spare::Spare::start(&self.dir, self.segment_size).map_err(io_err(&self.dir))?);
+            let size = self.segment_size.min(max_bytes).max(1);
+            self.spare = Some(spare::Spare::start(&self.dir, size).map_err(io_err(&self.dir))?);
         }
         Ok(())
     }
@@ -1299,7 +1307,8 @@ impl RaftLog {
     }
 
     /// Makes sure there is an active segment with room for a record: creates the first segment,
-    /// or rolls over once the active one has reached the segment size.
+    /// or rolls over once the active one has reached the segment size, or early, out of a
+    /// segment that was only allocated, once a spare is ready (L7).
     fn prepare_write(&mut self) -> Result<(), LogError> {
         let spare_ready = || self.spare.as_ref().is_some_and(|s| s.ready());
         match self.segments.last() {
@@ -1408,7 +1417,8 @@ impl RaftLog {
         if let Some(s) = self.spare.as_ref().filter(|_| spare_size > 0) {
             s.want();
         }
-        // The handle still refers to the renamed file and is positioned at its end.
+        // The handle still refers to the renamed file and is positioned at the end of the
+        // header (the end of the file, or the start of a spare's zeros).
         self.active = Some(BufWriter::new(file));
         Ok(())
     }
@@ -2357,7 +2367,7 @@ mod tests {
         fn with_spare(segment_size: u64) -> Harness {
             let mut h = Harness::new(segment_size);
             h.spare = true;
-            h.log().keep_spare().unwrap();
+            h.log().keep_spare(u64::MAX).unwrap();
             h
         }
 
@@ -2372,7 +2382,7 @@ mod tests {
                 self.segment_size,
             )?);
             if self.spare {
-                self.log().keep_spare()?;
+                self.log().keep_spare(u64::MAX)?;
             }
             Ok(())
         }
@@ -2492,9 +2502,16 @@ mod tests {
         );
         let first = h.log().segments.last().unwrap().path.clone();
         assert!(!h.log().segments.last().unwrap().zeros_written);
+        // One operation at a time up to the threshold, so that no operation after the one
+        // that asks for the spare can roll over into it before the rounds below look.
         let mut n = 1;
         while h.log().appended < size {
-            append(&mut h, n);
+            h.apply(&Op::Append {
+                back: 0,
+                count: 1,
+                bump: 0,
+                data: vec![n; 300],
+            });
             n = n.wrapping_add(1);
         }
         // Three times: a spare is ready, the next rollover (early out of the first segment,
@@ -2536,10 +2553,12 @@ mod tests {
         }
         await_spare(h.log.as_ref().unwrap());
         assert!(spare_path.exists());
+        let segments = segment_files(h.dir.path());
+        assert!(made_of_spares.iter().all(|p| segments.contains(p)));
         h.reopen().unwrap();
         h.check();
         assert!(!spare_path.exists(), "the left spare was not removed");
-        assert_eq!(segment_files(h.dir.path()).len(), 5);
+        assert_eq!(segment_files(h.dir.path()), segments);
     }
 
     fn copy_dir(from: &Path, to: &Path) {

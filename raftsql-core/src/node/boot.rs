@@ -69,7 +69,7 @@ impl Node {
         cfg.join = nf.joined;
         let mut log = RaftLog::open(&cfg.data_dir.join("raft"))?;
         // Segments of files written with zeros ahead of time: faster fsyncs (log.rs, L7).
-        log.keep_spare()?;
+        log.keep_spare(cfg.compact_log_bytes)?;
         if !log.is_initialized() && !cfg.join {
             log.bootstrap(ConfState {
                 voters: cfg.peers.keys().copied().collect(),
