@@ -2561,6 +2561,44 @@ mod tests {
         assert_eq!(segment_files(h.dir.path()), segments);
     }
 
+    /// L7: while no spare can be written (here a directory stands where the spare goes, as a
+    /// full disk would fail it) the log goes on with allocated segments, and once the
+    /// obstacle is gone a later try makes spares again.
+    #[test]
+    fn a_failing_spare_leaves_the_log_working_and_is_tried_again() {
+        let size = 16 << 10;
+        let mut h = Harness::with_spare(size);
+        let spare_path = h.dir.path().join(spare::SPARE_FILE);
+        fs::create_dir(&spare_path).unwrap();
+        let mut n = 0u8;
+        // Past the threshold and through two rollovers at the segment size: no spare.
+        let mut rollovers = 0;
+        while rollovers < 2 {
+            let before = h.log().segments.len();
+            h.apply(&Op::Append {
+                back: 0,
+                count: 1,
+                bump: 0,
+                data: vec![n; 300],
+            });
+            n = n.wrapping_add(1);
+            if h.log().segments.len() > before {
+                rollovers += 1;
+                assert!(!h.log().segments.last().unwrap().zeros_written);
+            }
+        }
+        assert!(!h.log.as_ref().unwrap().spare.as_ref().unwrap().ready());
+        h.check();
+        // The obstacle goes: a later try succeeds, and the next rollover uses the spare.
+        fs::remove_dir(&spare_path).unwrap();
+        await_spare(h.log.as_ref().unwrap());
+        h.apply(&Op::HardState { frac: 100, vote: 0 });
+        let seg = h.log().segments.last().unwrap();
+        assert!(seg.zeros_written && seg.allocated == size, "{seg:?}");
+        h.reopen().unwrap();
+        h.check();
+    }
+
     fn copy_dir(from: &Path, to: &Path) {
         for e in fs::read_dir(from).unwrap() {
             let p = e.unwrap().path();

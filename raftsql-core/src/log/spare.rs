@@ -20,13 +20,15 @@
 //!   next one, so the thread never writes the file the log is renaming.
 //! - The name ends in `.seg.tmp`: opening the log removes it like any unfinished segment, so
 //!   a crash at any point leaves nothing the log could take for data.
-//! - An I/O error (a full disk) ends the thread: the log goes on allocating as before.
+//! - After an I/O error (a full disk) the file is removed and the thread tries again
+//!   [`RETRY`] later; meanwhile the log allocates its segments as they grow, as before.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -35,6 +37,12 @@ pub(super) const SPARE_FILE: &str = "spare.seg.tmp";
 
 /// Zeros written between two `fdatasync`s.
 const CHUNK: usize = 1 << 20;
+
+/// After a failed spare (a full disk), the next try waits this long.
+#[cfg(not(test))]
+const RETRY: Duration = Duration::from_secs(30);
+#[cfg(test)]
+const RETRY: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct State {
@@ -140,9 +148,12 @@ fn prepare_loop(path: &Path, size: u64, shared: &Shared) {
                     path = %path.display(),
                     error = %e,
                     "could not write a spare raft log segment; segments are allocated as \
-                     they grow instead"
+                     they grow until a try in {RETRY:?} succeeds"
                 );
-                return;
+                let mut s = shared.state.lock();
+                if !s.stop {
+                    shared.changed.wait_for(&mut s, RETRY);
+                }
             }
         }
     }
