@@ -855,7 +855,11 @@ impl RaftLog {
             let Some(name) = dirent.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            if name.ends_with(TMP_SUFFIX) {
+            if name == spare::SPARE_FILE {
+                // The spare of the last run (L7), written or not: a new one is made.
+                tracing::debug!(path = %path.display(), "removing the spare raft log segment");
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            } else if name.ends_with(TMP_SUFFIX) {
                 // A segment whose creation did not finish (L2): never part of the log.
                 tracing::warn!(path = %path.display(), "removing unfinished raft log segment");
                 fs::remove_file(&path).map_err(io_err(&path))?;
