@@ -1005,9 +1005,18 @@ impl RaftLog {
     pub fn keep_spare(&mut self, max_bytes: u64) -> Result<(), LogError> {
         if self.spare.is_none() {
             let size = self.segment_size.min(max_bytes).max(1);
-            self.spare = Some(spare::Spare::start(&self.dir, size).map_err(io_err(&self.dir))?);
+            let spare = spare::Spare::start(&self.dir, size).map_err(io_err(&self.dir))?;
+            if self.appended >= self.spare_after() {
+                spare.want();
+            }
+            self.spare = Some(spare);
         }
         Ok(())
+    }
+
+    /// Bytes appended since opening after which a spare is wanted (L7).
+    fn spare_after(&self) -> u64 {
+        SPARE_AFTER.min(self.segment_size)
     }
 
     /// The log directory.
@@ -1326,16 +1335,22 @@ impl RaftLog {
 
     /// Appends encoded records to the active segment.
     fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), LogError> {
+        // A spare is asked for once, when the log crosses the threshold; after that each
+        // segment made of a spare asks for the next (try_create_segment), not each append.
+        let threshold = self.spare_after();
+        let was_below = self.appended < threshold;
+        self.appended += bytes.len() as u64;
+        if let Some(spare) = self
+            .spare
+            .as_ref()
+            .filter(|_| was_below && self.appended >= threshold)
+        {
+            spare.want();
+        }
         let (Some(w), Some(seg)) = (self.active.as_mut(), self.segments.last_mut()) else {
             return Err(invalid("raft log has no active segment"));
         };
         let end = seg.size + bytes.len() as u64;
-        self.appended += bytes.len() as u64;
-        if let Some(spare) = &self.spare {
-            if self.appended >= SPARE_AFTER.min(self.segment_size) {
-                spare.want();
-            }
-        }
         if end > seg.allocated {
             // L6. Without the space (a file system without fallocate, a full disk) appends
             // just grow the file, and a full disk fails the write below.
@@ -2469,6 +2484,18 @@ mod tests {
         }
     }
 
+    /// Appends one entry of 300 bytes of `n` (then the next `n`): the spare tests' unit of
+    /// log growth.
+    fn append_one(h: &mut Harness, n: &mut u8) {
+        h.apply(&Op::Append {
+            back: 0,
+            count: 1,
+            bump: 0,
+            data: vec![*n; 300],
+        });
+        *n = n.wrapping_add(1);
+    }
+
     /// Waits (20 s at most) until the log's spare segment is written.
     fn await_spare(log: &RaftLog) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -2510,13 +2537,7 @@ mod tests {
         // that asks for the spare can roll over into it before the rounds below look.
         let mut n = 1;
         while h.log().appended < size {
-            h.apply(&Op::Append {
-                back: 0,
-                count: 1,
-                bump: 0,
-                data: vec![n; 300],
-            });
-            n = n.wrapping_add(1);
+            append_one(&mut h, &mut n);
         }
         // Three times: a spare is ready, the next rollover (early out of the first segment,
         // then at the segment size) makes the new segment of it.
@@ -2579,13 +2600,7 @@ mod tests {
         let mut rollovers = 0;
         while rollovers < 2 {
             let before = h.log().segments.len();
-            h.apply(&Op::Append {
-                back: 0,
-                count: 1,
-                bump: 0,
-                data: vec![n; 300],
-            });
-            n = n.wrapping_add(1);
+            append_one(&mut h, &mut n);
             if h.log().segments.len() > before {
                 rollovers += 1;
                 assert!(!h.log().segments.last().unwrap().zeros_written);
