@@ -697,7 +697,90 @@ unsafe extern "C" fn x_shm_lock(
     flags: c_int,
 ) -> c_int {
     let (r, m) = real(file);
-    m.xShmLock.unwrap()(r, off, n, flags)
+    let pinned = HEADER_PIN
+        .try_with(|p| p.borrow().is_some())
+        .unwrap_or(false);
+    if !pinned {
+        return m.xShmLock.unwrap()(r, off, n, flags);
+    }
+    // A checkpoint running under `with_header_pin`: the pin is let go before the first
+    // lock of a read slot, or the checkpoint lock's release (SQLite has read its header by
+    // then; a torn header is read again under the write lock first, pin held), ...
+    if off >= WAL_READ_LOCK0 || (off == WAL_CKPT_LOCK && flags & ffi::SQLITE_SHM_UNLOCK != 0) {
+        HEADER_PIN.with(|p| {
+            if let Some(pin) = p.borrow_mut().as_mut() {
+                if pin.held {
+                    pin.held = false;
+                    (pin.hook)(false);
+                }
+            }
+        });
+    }
+    let rc = m.xShmLock.unwrap()(r, off, n, flags);
+    // ... and taken as soon as the checkpoint lock is, before SQLite reads the header.
+    if rc == ffi::SQLITE_OK
+        && off == WAL_CKPT_LOCK
+        && n == 1
+        && flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
+    {
+        HEADER_PIN.with(|p| {
+            if let Some(pin) = p.borrow_mut().as_mut() {
+                if !pin.used {
+                    pin.used = true;
+                    pin.held = true;
+                    (pin.hook)(true);
+                }
+            }
+        });
+    }
+    rc
+}
+
+/// SQLite's wal-index lock slots (walformat.html): the checkpointer's (`WAL_CKPT_LOCK`) and
+/// the first read slot (`WAL_READ_LOCK(0)`; the read slots follow it).
+const WAL_CKPT_LOCK: c_int = 1;
+const WAL_READ_LOCK0: c_int = 3;
+
+/// The hook of [`with_header_pin`] on this thread.
+struct HeaderPin {
+    /// Called with `true` to take the pin, `false` to let it go.
+    hook: Box<dyn FnMut(bool)>,
+    /// Taken and not yet let go.
+    held: bool,
+    /// Taken once already (it is taken once per call).
+    used: bool,
+}
+
+thread_local! {
+    static HEADER_PIN: RefCell<Option<HeaderPin>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, a checkpoint on a connection of this thread, with `hook(true)` called right
+/// after SQLite takes the checkpoint lock and `hook(false)` right before it locks a read
+/// slot or releases the checkpoint lock.
+///
+/// In between, SQLite reads the wal-index header that bounds the checkpoint (its `mxPage`
+/// and its end; `sqlite3WalCheckpoint` reads the header, then locks read marks and read
+/// slot 0 before it copies a frame; a torn header it reads again under the write lock).
+/// A hook that enters a database's read gate thus makes the checkpoint work from a header
+/// that holds only committed frames, never a leader's speculative COMMIT (the gate is
+/// closed from COMMIT to the rewind), without holding the gate for the whole copy, which
+/// would stop the state machine's next COMMIT.
+pub fn with_header_pin<R>(hook: impl FnMut(bool) + 'static, f: impl FnOnce() -> R) -> R {
+    HEADER_PIN.with(|p| {
+        *p.borrow_mut() = Some(HeaderPin {
+            hook: Box::new(hook),
+            held: false,
+            used: false,
+        })
+    });
+    let out = f();
+    if let Some(mut pin) = HEADER_PIN.with(|p| p.borrow_mut().take()) {
+        if pin.held {
+            (pin.hook)(false);
+        }
+    }
+    out
 }
 /// SQLite's `xShmBarrier` for this VFS's files: the unix VFS's, plus what this VFS records.
 ///

@@ -1,5 +1,11 @@
 //! Checkpoints: the WAL copied into the database files, the files fsynced on a thread of
 //! their own, and only then the checkpoint index C recorded in `meta.json` (I9).
+//!
+//! A checkpoint has three steps, and the state machine thread only starts and ends them:
+//! 1. the passive copy of the committed frames, on a thread (`passive_copy.rs`);
+//! 2. on this thread, `wal_checkpoint(TRUNCATE)` on the writer: the frames written during
+//!    step 1, then the WAL emptied;
+//! 3. the files fsynced on a thread, then C recorded.
 
 use std::fs::File;
 use std::io::Read;
@@ -11,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::msg::SmToRaft;
+use super::passive_copy::{self, CopyJob};
 use super::StateMachine;
 use crate::error::{Error, Result};
 use crate::fsutil::{fsync_dir, write_atomic};
@@ -44,6 +51,13 @@ pub(super) fn read_meta(gen: &Path) -> Result<Meta> {
     serde_json::from_str(&s).map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))
 }
 
+/// A checkpoint whose first phase, the passive copy, runs on a thread of its own.
+pub(super) struct Copying {
+    started: Instant,
+    /// How many frames the copy left in the database files, or why it failed.
+    done: Receiver<Result<u64>>,
+}
+
 /// A checkpoint whose copy is done, waiting for the fsyncs of its files.
 pub(super) struct Syncing {
     /// Its index and term: the checkpoint index and term once the files are durable.
@@ -64,31 +78,75 @@ fn sync_files(files: &[PathBuf], dir: &Path) -> Result<()> {
 }
 
 impl StateMachine {
-    /// Checkpoints every database into its file and advances C (I9).
+    /// Checkpoints every database into its file and advances C (I9): starts the passive
+    /// copy when the WAL has grown enough, and runs the second phase once it is done. Called
+    /// only with no interactive transaction open (phase 2 needs the writer).
     pub(super) fn maybe_checkpoint(&mut self) -> Result<()> {
+        if let Some(c) = &self.copying {
+            let r = match c.done.try_recv() {
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => Err(Error::Internal(
+                    "the checkpoint's copy thread ended without an answer".into(),
+                )),
+                Ok(r) => r,
+            };
+            let c = self.copying.take().unwrap();
+            match r {
+                Ok(frames) => tracing::trace!(
+                    "checkpoint copy: {frames} frames in the files after {:?}",
+                    c.started.elapsed()
+                ),
+                // Phase 2 copies it all, as a checkpoint did before it had two phases.
+                Err(e) => tracing::warn!("the checkpoint's passive copy failed: {e}"),
+            }
+            return self.checkpoint(c.started);
+        }
         if self.syncing.is_some()
             || self.frames_since_checkpoint < self.settings.checkpoint_frames
             || Instant::now() < self.next_checkpoint
         {
             return Ok(());
         }
-        self.checkpoint()
+        self.start_copy()
     }
 
-    /// Starts a checkpoint of every database: records its target, has SQLite copy the WAL
-    /// into each database file, and leaves the fsyncs of the files to a thread of their own
-    /// ([`StateMachine::finish_checkpoint`] records the checkpoint index once they are done).
-    /// The copy is a third of a checkpoint's time and the fsyncs more than half (at 64 etcd
-    /// clients: 15 and 23 ms of 42); writes and applies go on during the fsyncs. Nothing
-    /// else writes the database files meanwhile: the next checkpoint waits for this one.
-    fn checkpoint(&mut self) -> Result<()> {
+    /// Records the target, pins a reader of each database at it, and starts the passive
+    /// copy (passive_copy.rs, P1). Without a pin or a thread, phase 2 does the whole copy.
+    fn start_copy(&mut self) -> Result<()> {
         let applied = self.applied();
-        if applied <= self.meta.checkpoint_index || self.syncing.is_some() {
+        if applied <= self.meta.checkpoint_index {
             return Ok(());
         }
         let started = Instant::now();
-        // Record the target first: once SQLite starts copying, the files hold pages of
-        // entries up to `applied`, and recovery must replay at least that far.
+        self.record_target(applied)?;
+        let mut jobs = Vec::with_capacity(self.dbs.len());
+        for db in self.dbs.values() {
+            match db.handle.pin() {
+                Ok(pin) => jobs.push(CopyJob {
+                    handle: db.handle.clone(),
+                    pin,
+                }),
+                Err(e) => {
+                    tracing::warn!("checkpoint copy not started: {}: {e}", db.handle.name);
+                    return self.checkpoint(started);
+                }
+            }
+        }
+        match passive_copy::spawn(jobs) {
+            Ok(done) => {
+                self.copying = Some(Copying { started, done });
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!("checkpoint copy not started: {e}");
+                self.checkpoint(started)
+            }
+        }
+    }
+
+    /// Records in `meta.json` that the database files may hold pages of entries up to
+    /// `applied` (recovery replays at least that far), before anything copies them there.
+    fn record_target(&mut self, applied: u64) -> Result<()> {
         if self.meta.checkpoint_target != applied {
             self.meta.checkpoint_target = applied;
             write_atomic(
@@ -96,6 +154,23 @@ impl StateMachine {
                 &serde_json::to_vec(&self.meta).unwrap(),
             )?;
         }
+        Ok(())
+    }
+
+    /// Phase 2 of a checkpoint of every database: records its target, has SQLite copy what
+    /// is left of the WAL into each database file and empty the WAL, and leaves the fsyncs
+    /// of the files to a thread of their own ([`StateMachine::finish_checkpoint`] records
+    /// the checkpoint index once they are done). Writes and applies go on during the
+    /// fsyncs. Nothing else writes the database files meanwhile: the next checkpoint waits
+    /// for this one.
+    fn checkpoint(&mut self, started: Instant) -> Result<()> {
+        let applied = self.applied();
+        if applied <= self.meta.checkpoint_index || self.syncing.is_some() {
+            return Ok(());
+        }
+        // Record the target first: once SQLite starts copying, the files hold pages of
+        // entries up to `applied`, and recovery must replay at least that far.
+        self.record_target(applied)?;
         for db in self.dbs.values() {
             let (busy, log, done): (i64, i64, i64) =
                 db.writer
@@ -145,6 +220,13 @@ impl StateMachine {
     /// them), and lets the Raft log be compacted up to it. If they failed, the next
     /// checkpoint starts at once and fsyncs everything again.
     pub(super) fn finish_checkpoint(&mut self, wait: bool) -> Result<()> {
+        if wait {
+            // Nothing may write the files after this (a snapshot install, a shutdown): a
+            // copy still running ends first, and its phase 2 is not run.
+            if let Some(c) = self.copying.take() {
+                let _ = c.done.recv();
+            }
+        }
         let Some(s) = &self.syncing else {
             return Ok(());
         };
@@ -185,7 +267,7 @@ impl StateMachine {
 
 /// Crash-test hook: aborts the process at the named point when the environment variable
 /// `RAFTSQL_CRASH_AT` names it (used by the crash tests; costs one env lookup).
-fn failpoint(name: &str) {
+pub(super) fn failpoint(name: &str) {
     if std::env::var("RAFTSQL_CRASH_AT").is_ok_and(|v| v == name) {
         eprintln!("raftsql: failpoint {name} reached: aborting");
         std::process::abort();

@@ -35,16 +35,27 @@ pub struct Gate {
 struct GateState {
     pinning: usize,
     closed: bool,
+    /// Threads waiting in `enter` for the gate to open (what tests await).
+    waiting: usize,
 }
 
 impl Gate {
     /// Waits until the gate is open and registers a reader pinning its snapshot.
     pub fn enter(&self) {
         let mut g = self.state.lock();
-        while g.closed {
-            self.cv.wait(&mut g);
+        if g.closed {
+            g.waiting += 1;
+            while g.closed {
+                self.cv.wait(&mut g);
+            }
+            g.waiting -= 1;
         }
         g.pinning += 1;
+    }
+    /// How many threads wait for the gate to open.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.state.lock().waiting
     }
     /// The reader has pinned its snapshot.
     pub fn leave(&self) {
@@ -67,6 +78,24 @@ impl Gate {
         let mut g = self.state.lock();
         g.closed = false;
         self.cv.notify_all();
+    }
+}
+
+/// A read transaction held open by [`DbHandle::pin`]; ended, and its connection given back
+/// to the pool, when dropped.
+pub(super) struct Pinned {
+    handle: Arc<DbHandle>,
+    conn: Option<(Connection, Guard)>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some((conn, guard)) = self.conn.take() {
+            let _ = exec_cached(&conn, "COMMIT");
+            if conn.is_autocommit() {
+                self.handle.pool.lock().push((conn, guard));
+            }
+        }
     }
 }
 
@@ -109,6 +138,24 @@ impl DbHandle {
         c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let g = Guard::install(&mut c, Role::Reader)?;
         Ok((c, g))
+    }
+
+    /// A read transaction pinned at the committed state of this moment, for another thread
+    /// to hold (a passive checkpoint's bound, passive_copy.rs). Called on the state machine
+    /// thread between batches, when the wal-index header is the committed one.
+    pub(super) fn pin(self: &Arc<Self>) -> Result<Pinned> {
+        let (conn, guard) = self.reader()?;
+        self.gate.enter();
+        let pinned = exec_cached(&conn, "BEGIN").and_then(|_| {
+            conn.prepare_cached("PRAGMA schema_version")?
+                .query_row([], |_| Ok(()))
+        });
+        self.gate.leave();
+        pinned?;
+        Ok(Pinned {
+            handle: self.clone(),
+            conn: Some((conn, guard)),
+        })
     }
 
     /// Bytes in this database's WAL (held in memory, vfs.rs).

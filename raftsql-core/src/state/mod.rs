@@ -35,6 +35,7 @@
 //! | `apply.rs` | applying committed entries (publish own frames, or write pages) |
 //! | `tx.rs` | interactive transactions |
 //! | `checkpoint.rs` | checkpoints and the checkpoint index |
+//! | `passive_copy.rs` | a checkpoint's first phase: the copy on a thread of its own |
 //! | `install.rs` | making and installing snapshots |
 //! | `recovery.rs` | start-up recovery of the database files |
 
@@ -44,6 +45,7 @@ mod checkpoint;
 mod db;
 mod install;
 mod msg;
+mod passive_copy;
 mod recovery;
 #[cfg(test)]
 mod tests;
@@ -57,7 +59,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use checkpoint::{read_meta, Syncing};
+use checkpoint::{read_meta, Copying, Syncing};
 use db::{open_writer, remove_wal_files};
 use msg::Waiter;
 use rusqlite::Connection;
@@ -161,6 +163,8 @@ pub struct StateMachine {
     seq: u64,
     frames_since_checkpoint: u64,
     next_checkpoint: Instant,
+    /// A checkpoint whose first phase (the passive copy) runs off this thread.
+    copying: Option<Copying>,
     /// A checkpoint whose files are being fsynced off this thread.
     syncing: Option<Syncing>,
     settings: SmSettings,
@@ -231,6 +235,7 @@ impl StateMachine {
             seq: 0,
             frames_since_checkpoint: 0,
             next_checkpoint: Instant::now(),
+            copying: None,
             syncing: None,
             batch_started: Instant::now(),
             settings,
