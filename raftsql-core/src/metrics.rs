@@ -45,10 +45,13 @@ pub struct WriteMetrics {
     pub commit: Histogram,
     /// `raftsql_apply_seconds`: writing one entry's pages into its database.
     pub apply: Histogram,
-    /// `raftsql_checkpoint_seconds`: one checkpoint on any node (the WAL copied into every
-    /// database file, the files fsynced, the checkpoint index recorded): the state machine
-    /// neither applies nor starts a batch meanwhile.
+    /// `raftsql_checkpoint_seconds`: one checkpoint on any node, from its start to the
+    /// checkpoint index recorded (the passive copy, phase 2, the files' fsyncs). Writes and
+    /// applies go on during most of it; see `checkpoint_stall`.
     pub checkpoint: Histogram,
+    /// `raftsql_checkpoint_stall_seconds`: the part of a checkpoint the state machine stops
+    /// for (phase 2: copying what was written during the passive copy, emptying the WAL).
+    pub checkpoint_stall: Histogram,
 }
 
 fn seconds(name: &str, help: &str) -> Histogram {
@@ -120,6 +123,10 @@ impl Metrics {
                 "raftsql_checkpoint_seconds",
                 "One checkpoint: the WAL copied into the database files, which are fsynced.",
             ),
+            checkpoint_stall: seconds(
+                "raftsql_checkpoint_stall_seconds",
+                "The part of a checkpoint the state machine stops writes and applies for.",
+            ),
         };
         for c in [
             Box::new(write.batch_requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -127,6 +134,7 @@ impl Metrics {
             Box::new(write.commit.clone()),
             Box::new(write.apply.clone()),
             Box::new(write.checkpoint.clone()),
+            Box::new(write.checkpoint_stall.clone()),
             Box::new(wal_fsync.clone()),
             Box::new(leader_changes.clone()),
             Box::new(backup_last_success.clone()),

@@ -54,6 +54,8 @@ pub(super) fn read_meta(gen: &Path) -> Result<Meta> {
 /// A checkpoint whose first phase, the passive copy, runs on a thread of its own.
 pub(super) struct Copying {
     started: Instant,
+    /// How long the state machine stopped to start it.
+    stalled: Duration,
     /// How many frames the copy left in the database files, or why it failed.
     done: Receiver<Result<u64>>,
 }
@@ -99,7 +101,7 @@ impl StateMachine {
                 // Phase 2 copies it all, as a checkpoint did before it had two phases.
                 Err(e) => tracing::warn!("the checkpoint's passive copy failed: {e}"),
             }
-            return self.checkpoint(c.started);
+            return self.checkpoint(c.started, c.stalled);
         }
         if self.syncing.is_some()
             || self.frames_since_checkpoint < self.settings.checkpoint_frames
@@ -128,18 +130,22 @@ impl StateMachine {
                 }),
                 Err(e) => {
                     tracing::warn!("checkpoint copy not started: {}: {e}", db.handle.name);
-                    return self.checkpoint(started);
+                    return self.checkpoint(started, started.elapsed());
                 }
             }
         }
         match passive_copy::spawn(jobs) {
             Ok(done) => {
-                self.copying = Some(Copying { started, done });
+                self.copying = Some(Copying {
+                    started,
+                    stalled: started.elapsed(),
+                    done,
+                });
                 Ok(())
             }
             Err(e) => {
                 tracing::warn!("checkpoint copy not started: {e}");
-                self.checkpoint(started)
+                self.checkpoint(started, started.elapsed())
             }
         }
     }
@@ -163,13 +169,21 @@ impl StateMachine {
     /// the checkpoint index once they are done). Writes and applies go on during the
     /// fsyncs. Nothing else writes the database files meanwhile: the next checkpoint waits
     /// for this one.
-    fn checkpoint(&mut self, started: Instant) -> Result<()> {
+    /// `stalled`: how long this thread already stopped for the checkpoint (phase 1's start).
+    fn checkpoint(&mut self, started: Instant, stalled: Duration) -> Result<()> {
         let applied = self.applied();
         if applied <= self.meta.checkpoint_index || self.syncing.is_some() {
             return Ok(());
         }
         // Record the target first: once SQLite starts copying, the files hold pages of
         // entries up to `applied`, and recovery must replay at least that far.
+        let stall = Instant::now();
+        let observe = |s: &Self| {
+            s.settings
+                .metrics
+                .checkpoint_stall
+                .observe((stalled + stall.elapsed()).as_secs_f64())
+        };
         self.record_target(applied)?;
         for db in self.dbs.values() {
             let (busy, log, done): (i64, i64, i64) =
@@ -183,9 +197,11 @@ impl StateMachine {
             if log > 0 && done < log {
                 // A reader still needs older frames; try again later.
                 self.next_checkpoint = Instant::now() + CHECKPOINT_RETRY;
+                observe(self);
                 return Ok(());
             }
         }
+        observe(self);
         self.frames_since_checkpoint = 0;
         let files: Vec<PathBuf> = self.dbs.values().map(|d| d.handle.path.clone()).collect();
         let dir = self.gen_dir.clone();
