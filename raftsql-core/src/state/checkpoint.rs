@@ -18,12 +18,21 @@ use serde::{Deserialize, Serialize};
 
 use super::msg::SmToRaft;
 use super::passive_copy::{self, CopyJob};
+use super::target;
 use super::StateMachine;
 use crate::error::{Error, Result};
 use crate::fsutil::{fsync_dir, write_atomic};
 
 /// When a reader still needs older frames, the checkpoint is tried again after this.
 const CHECKPOINT_RETRY: Duration = Duration::from_millis(100);
+
+/// A copy round that leaves more frames than this written meanwhile is followed by another
+/// one, up to [`COPY_ROUNDS`], so that phase 2, which stops the state machine, has only a
+/// few left to copy (a frame takes ~5 us to copy under load; a round of 4,000 took 20-30 ms
+/// under 64 etcd put clients, and phase 2 after it 4-8 ms).
+const COPY_AGAIN_FRAMES: u64 = 256;
+/// At most this many copy rounds per checkpoint.
+const COPY_ROUNDS: u32 = 3;
 
 /// What `meta.json` records about a generation.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -37,7 +46,8 @@ pub struct Meta {
     /// Learners at that index.
     pub learners: Vec<u64>,
     /// A checkpoint to this index was started: the database files may hold pages of entries
-    /// up to it (recovery replays at least that far before SQLite opens them).
+    /// up to it (recovery replays at least that far before SQLite opens them). Read for data
+    /// directories of older versions; the target now has a record of its own (target.rs).
     #[serde(default)]
     pub checkpoint_target: u64,
 }
@@ -56,6 +66,10 @@ pub(super) struct Copying {
     started: Instant,
     /// How long the state machine stopped to start it.
     stalled: Duration,
+    /// Which round of the copy this is (1, 2, ...).
+    round: u32,
+    /// `frames_since_checkpoint` when this round's readers were pinned.
+    frames_at_pin: u64,
     /// How many frames the copy left in the database files, or why it failed.
     done: Receiver<Result<u64>>,
 }
@@ -93,11 +107,19 @@ impl StateMachine {
                 Ok(r) => r,
             };
             let c = self.copying.take().unwrap();
+            let written = self.frames_since_checkpoint - c.frames_at_pin;
             match r {
-                Ok(frames) => tracing::trace!(
-                    "checkpoint copy: {frames} frames in the files after {:?}",
-                    c.started.elapsed()
-                ),
+                Ok(frames) => {
+                    tracing::debug!(
+                        "checkpoint copy round {}: {frames} frames in the files after {:?}, \
+                         {written} written since",
+                        c.round,
+                        c.started.elapsed()
+                    );
+                    if written > COPY_AGAIN_FRAMES && c.round < COPY_ROUNDS {
+                        return self.start_copy(c.started, c.stalled, c.round + 1);
+                    }
+                }
                 // Phase 2 copies it all, as a checkpoint did before it had two phases.
                 Err(e) => tracing::warn!("the checkpoint's passive copy failed: {e}"),
             }
@@ -109,18 +131,20 @@ impl StateMachine {
         {
             return Ok(());
         }
-        self.start_copy()
+        self.start_copy(Instant::now(), Duration::ZERO, 1)
     }
 
-    /// Records the target, pins a reader of each database at it, and starts the passive
-    /// copy (passive_copy.rs, P1). Without a pin or a thread, phase 2 does the whole copy.
-    fn start_copy(&mut self) -> Result<()> {
+    /// Pins a reader of each database at the applied entry and starts a round of the passive
+    /// copy, which records that entry as the target first (passive_copy.rs, P1). Without a
+    /// pin or a thread, phase 2 does the whole copy. `started`: the checkpoint's start;
+    /// `stalled`: how long this thread already stopped for it.
+    fn start_copy(&mut self, started: Instant, stalled: Duration, round: u32) -> Result<()> {
         let applied = self.applied();
         if applied <= self.meta.checkpoint_index {
             return Ok(());
         }
-        let started = Instant::now();
-        self.record_target(applied)?;
+        let stall = Instant::now();
+        let stalled = move || stalled + stall.elapsed();
         let mut jobs = Vec::with_capacity(self.dbs.len());
         for db in self.dbs.values() {
             match db.handle.pin() {
@@ -130,35 +154,37 @@ impl StateMachine {
                 }),
                 Err(e) => {
                     tracing::warn!("checkpoint copy not started: {}: {e}", db.handle.name);
-                    return self.checkpoint(started, started.elapsed());
+                    return self.checkpoint(started, stalled());
                 }
             }
         }
-        match passive_copy::spawn(jobs) {
+        // The copy's thread records the target before it copies (P1): its fsync need not
+        // stop this thread.
+        match passive_copy::spawn(&self.gen_dir, applied, jobs) {
             Ok(done) => {
+                self.target = applied;
                 self.copying = Some(Copying {
                     started,
-                    stalled: started.elapsed(),
+                    stalled: stalled(),
+                    round,
+                    frames_at_pin: self.frames_since_checkpoint,
                     done,
                 });
                 Ok(())
             }
             Err(e) => {
                 tracing::warn!("checkpoint copy not started: {e}");
-                self.checkpoint(started, started.elapsed())
+                self.checkpoint(started, stalled())
             }
         }
     }
 
-    /// Records in `meta.json` that the database files may hold pages of entries up to
-    /// `applied` (recovery replays at least that far), before anything copies them there.
+    /// Records that the database files may hold pages of entries up to `applied`
+    /// (recovery replays at least that far), before anything copies them there.
     fn record_target(&mut self, applied: u64) -> Result<()> {
-        if self.meta.checkpoint_target != applied {
-            self.meta.checkpoint_target = applied;
-            write_atomic(
-                &self.gen_dir.join("meta.json"),
-                &serde_json::to_vec(&self.meta).unwrap(),
-            )?;
+        if self.target != applied {
+            target::write(&self.gen_dir, applied)?;
+            self.target = applied;
         }
         Ok(())
     }

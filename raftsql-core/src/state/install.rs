@@ -83,6 +83,7 @@ impl StateMachine {
             vfs::forget(&db.handle.key);
         }
         self.meta = new_meta;
+        self.target = 0;
         self.open_all()?;
         let _ = fs::remove_dir_all(&old);
         let _ = fs::remove_dir_all(dir);

@@ -36,6 +36,7 @@
 //! | `tx.rs` | interactive transactions |
 //! | `checkpoint.rs` | checkpoints and the checkpoint index |
 //! | `passive_copy.rs` | a checkpoint's first phase: the copy on a thread of its own |
+//! | `target.rs` | the checkpoint target's record |
 //! | `install.rs` | making and installing snapshots |
 //! | `recovery.rs` | start-up recovery of the database files |
 
@@ -47,6 +48,7 @@ mod install;
 mod msg;
 mod passive_copy;
 mod recovery;
+mod target;
 #[cfg(test)]
 mod tests;
 mod tx;
@@ -163,6 +165,8 @@ pub struct StateMachine {
     seq: u64,
     frames_since_checkpoint: u64,
     next_checkpoint: Instant,
+    /// The checkpoint target last recorded in this generation (target.rs).
+    target: u64,
     /// A checkpoint whose first phase (the passive copy) runs off this thread.
     copying: Option<Copying>,
     /// A checkpoint whose files are being fsynced off this thread.
@@ -235,6 +239,7 @@ impl StateMachine {
             seq: 0,
             frames_since_checkpoint: 0,
             next_checkpoint: Instant::now(),
+            target: 0,
             copying: None,
             syncing: None,
             batch_started: Instant::now(),

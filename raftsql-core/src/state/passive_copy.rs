@@ -29,6 +29,7 @@
 //! (P2), `..._stops_at_the_pinned_reader` (P1),
 //! `crash::a_crash_after_the_passive_copy_recovers_exactly` (a crash between the phases).
 
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 
@@ -44,13 +45,19 @@ pub(super) struct CopyJob {
     pub(super) pin: Pinned,
 }
 
-/// Starts the copy of every database on a thread `raftsql-ckcopy`; the receiver gets the
+/// Starts the copy of every database of generation `gen` on a thread `raftsql-ckcopy`,
+/// which first records `target` (the entry the jobs are pinned at); the receiver gets the
 /// number of frames it backfilled once it is done (the pins are dropped by then).
-pub(super) fn spawn(jobs: Vec<CopyJob>) -> Result<Receiver<Result<u64>>> {
+pub(super) fn spawn(gen: &Path, target: u64, jobs: Vec<CopyJob>) -> Result<Receiver<Result<u64>>> {
     let (tx, rx) = mpsc::channel();
+    let gen = gen.to_path_buf();
     std::thread::Builder::new()
         .name("raftsql-ckcopy".into())
         .spawn(move || {
+            if let Err(e) = super::target::write(&gen, target) {
+                let _ = tx.send(Err(e));
+                return;
+            }
             let mut frames = 0;
             let mut out = Ok(());
             for job in jobs {

@@ -37,6 +37,7 @@ pub fn rewrite_checkpoint_conf(root: &Path, voters: Vec<u64>, learners: Vec<u64>
     meta.learners = learners;
     meta.checkpoint_target = 0;
     write_atomic(&gen.join("meta.json"), &serde_json::to_vec(&meta).unwrap())?;
+    super::target::clear(&gen)?;
     Ok(meta)
 }
 
@@ -54,11 +55,9 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
         return Ok(0);
     };
     let mut meta = read_meta(&gen)?;
-    let upto = log
-        .hard_state()
-        .commit
-        .max(meta.checkpoint_target)
-        .min(log.last_index());
+    // Older nodes recorded the target in meta.json; this one in its own record (target.rs).
+    let target = meta.checkpoint_target.max(super::target::read(&gen)?);
+    let upto = log.hard_state().commit.max(target).min(log.last_index());
     if upto <= meta.checkpoint_index {
         return Ok(meta.checkpoint_index);
     }
@@ -88,7 +87,7 @@ pub fn recover_files(root: &Path, log: &crate::log::RaftLog) -> Result<u64> {
             // already carried further: their ranges are written as they are (entry.rs: a
             // replay over mixed versions ends at the last one). From there on every page is
             // exactly its entry's base, and each one is checked against the entry's crc32.
-            let mixed = e.index <= meta.checkpoint_target;
+            let mixed = e.index <= target;
             let size = f.page_size as usize;
             for c in &f.pages {
                 let at = (c.pgno as u64 - 1) * f.page_size as u64;
