@@ -767,6 +767,18 @@ thread_local! {
 /// closed from COMMIT to the rewind), without holding the gate for the whole copy, which
 /// would stop the state machine's next COMMIT.
 pub fn with_header_pin<R>(hook: impl FnMut(bool) + 'static, f: impl FnOnce() -> R) -> R {
+    /// Lets a pin still held go and removes the hook, even if `f` panics (a pin never let
+    /// go would keep the gate's next close waiting forever).
+    struct Unpin;
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            if let Ok(Some(mut pin)) = HEADER_PIN.try_with(|p| p.borrow_mut().take()) {
+                if pin.held {
+                    (pin.hook)(false);
+                }
+            }
+        }
+    }
     HEADER_PIN.with(|p| {
         *p.borrow_mut() = Some(HeaderPin {
             hook: Box::new(hook),
@@ -774,13 +786,8 @@ pub fn with_header_pin<R>(hook: impl FnMut(bool) + 'static, f: impl FnOnce() -> 
             used: false,
         })
     });
-    let out = f();
-    if let Some(mut pin) = HEADER_PIN.with(|p| p.borrow_mut().take()) {
-        if pin.held {
-            (pin.hook)(false);
-        }
-    }
-    out
+    let _unpin = Unpin;
+    f()
 }
 /// SQLite's `xShmBarrier` for this VFS's files: the unix VFS's, plus what this VFS records.
 ///

@@ -66,6 +66,8 @@ pub(super) struct Copying {
     started: Instant,
     /// How long the state machine stopped to start it.
     stalled: Duration,
+    /// The target the copy records before it copies.
+    target: u64,
     /// Which round of the copy this is (1, 2, ...).
     round: u32,
     /// `frames_since_checkpoint` when this round's readers were pinned.
@@ -110,6 +112,7 @@ impl StateMachine {
             let written = self.frames_since_checkpoint - c.frames_at_pin;
             match r {
                 Ok(frames) => {
+                    self.target = c.target;
                     tracing::debug!(
                         "checkpoint copy round {}: {frames} frames in the files after {:?}, \
                          {written} written since",
@@ -120,10 +123,22 @@ impl StateMachine {
                         return self.start_copy(c.started, c.stalled, c.round + 1);
                     }
                 }
-                // Phase 2 copies it all, as a checkpoint did before it had two phases.
-                Err(e) => tracing::warn!("the checkpoint's passive copy failed: {e}"),
+                // Phase 2 copies it all, as a checkpoint did before it had two phases, and
+                // records the target itself (the copy may have failed to).
+                Err(e) => {
+                    tracing::warn!("the checkpoint's passive copy failed: {e}");
+                    self.target = 0;
+                }
             }
             return self.checkpoint(c.started, c.stalled);
+        }
+        if let Some(started) = self.truncate_again {
+            // Phase 2 found readers on older frames: only phase 2 is tried again.
+            if Instant::now() < self.next_checkpoint {
+                return Ok(());
+            }
+            self.truncate_again = None;
+            return self.checkpoint(started, Duration::ZERO);
         }
         if self.syncing.is_some()
             || self.frames_since_checkpoint < self.settings.checkpoint_frames
@@ -154,6 +169,7 @@ impl StateMachine {
                 }),
                 Err(e) => {
                     tracing::warn!("checkpoint copy not started: {}: {e}", db.handle.name);
+                    drop(jobs);
                     return self.checkpoint(started, stalled());
                 }
             }
@@ -162,8 +178,8 @@ impl StateMachine {
         // stop this thread.
         match passive_copy::spawn(&self.gen_dir, applied, jobs) {
             Ok(done) => {
-                self.target = applied;
                 self.copying = Some(Copying {
+                    target: applied,
                     started,
                     stalled: stalled(),
                     round,
@@ -223,6 +239,7 @@ impl StateMachine {
             if log > 0 && done < log {
                 // A reader still needs older frames; try again later.
                 self.next_checkpoint = Instant::now() + CHECKPOINT_RETRY;
+                self.truncate_again = Some(started);
                 observe(self);
                 return Ok(());
             }

@@ -88,6 +88,17 @@ pub(super) struct Pinned {
     conn: Option<(Connection, Guard)>,
 }
 
+impl Pinned {
+    /// The connection, its read transaction still open, for the caller to end (a snapshot
+    /// build reads from it on a thread of its own).
+    pub(super) fn into_connection(mut self) -> Connection {
+        self.conn
+            .take()
+            .expect("a pin holds its connection until dropped")
+            .0
+    }
+}
+
 impl Drop for Pinned {
     fn drop(&mut self) {
         if let Some((conn, guard)) = self.conn.take() {
@@ -141,8 +152,8 @@ impl DbHandle {
     }
 
     /// A read transaction pinned at the committed state of this moment, for another thread
-    /// to hold (a passive checkpoint's bound, passive_copy.rs). Called on the state machine
-    /// thread between batches, when the wal-index header is the committed one.
+    /// to hold (a passive checkpoint's bound, passive_copy.rs; the state a snapshot is built
+    /// from, install.rs). Called on the state machine thread between batches.
     pub(super) fn pin(self: &Arc<Self>) -> Result<Pinned> {
         let (conn, guard) = self.reader()?;
         self.gate.enter();

@@ -22,12 +22,9 @@ impl StateMachine {
         let term = self.applied_term;
         let mut pinned = Vec::new();
         for (name, db) in &self.dbs {
-            let r = db.handle.reader().and_then(|(c, _)| {
-                failpoint_err("snapshot-pin", name)?;
-                c.execute_batch("BEGIN")?;
-                c.query_row("PRAGMA schema_version", [], |_| Ok(()))?;
-                Ok(c)
-            });
+            let r = failpoint_err("snapshot-pin", name)
+                .and_then(|_| db.handle.pin())
+                .map(|p| p.into_connection());
             match r {
                 Ok(c) => pinned.push((name.clone(), c)),
                 Err(e) => {

@@ -5,6 +5,7 @@
 //! ```text
 //! <data>/state/CURRENT              name of the current generation directory
 //! <data>/state/gen-<index>-<n>/     one generation: <db>.db files + meta.json
+//!                                     + checkpoint-target (target.rs)
 //! ```
 //! `meta.json` holds the **checkpoint index C**: every database file in the generation holds
 //! exactly the effects of the Raft entries up to C. A new generation is made only by a
@@ -169,6 +170,9 @@ pub struct StateMachine {
     target: u64,
     /// A checkpoint whose first phase (the passive copy) runs off this thread.
     copying: Option<Copying>,
+    /// A checkpoint whose phase 2 found readers on older frames (its start): phase 2 is
+    /// tried again at `next_checkpoint`.
+    truncate_again: Option<Instant>,
     /// A checkpoint whose files are being fsynced off this thread.
     syncing: Option<Syncing>,
     settings: SmSettings,
@@ -241,6 +245,7 @@ impl StateMachine {
             next_checkpoint: Instant::now(),
             target: 0,
             copying: None,
+            truncate_again: None,
             syncing: None,
             batch_started: Instant::now(),
             settings,

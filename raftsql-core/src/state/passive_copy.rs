@@ -17,7 +17,8 @@
 //!   That read happens with the database's read gate entered (`vfs::with_header_pin`), so
 //!   it is never the header of a leader's speculative COMMIT (the gate is closed from COMMIT
 //!   to the rewind).
-//! - **P3, one checkpoint at a time.** Phase 2 and snapshot installs wait for the copy
+//! - **P3, one checkpoint at a time.** Phase 2 starts only once the copy has answered
+//!   (`StateMachine::maybe_checkpoint`), snapshot installs and shutdown wait for it
 //!   (`StateMachine::finish_checkpoint`); SQLite's checkpoint lock would refuse a second
 //!   one anyway.
 //!
@@ -98,17 +99,18 @@ impl Copier {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             vfs::VFS_NAME,
         )?;
-        // Like the writer: no checkpoint on close, no fsync here (the checkpoint's fsyncs
-        // follow phase 2), never wait for a lock.
+        // Like the writer: no checkpoint on close, never wait for a lock, no fsync here
+        // (the checkpoint's fsyncs follow phase 2).
         c.set_db_config(
             rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
             true,
         )?;
-        c.execute_batch("PRAGMA synchronous=OFF; PRAGMA busy_timeout=0;")?;
-        // Opening the WAL reads its header: through the gate, like any reader.
+        c.busy_timeout(std::time::Duration::ZERO)?;
+        // The first statement loads the schema and opens the WAL, which reads its header:
+        // through the gate, like any reader.
         handle.gate.enter();
         let opened = c
-            .query_row("PRAGMA schema_version", [], |_| Ok(()))
+            .execute_batch("PRAGMA synchronous=OFF")
             .and_then(|_| c.prepare_cached(Self::SQL).map(drop));
         handle.gate.leave();
         opened?;

@@ -8,13 +8,14 @@
 //! under load on the state machine thread).
 //!
 //! ```text
-//! checkpoint-target = slot 0 | slot 1, 32 bytes each
-//! slot = magic "RSQT" | seq: u64 LE | target: u64 LE | crc32(magic..target): u32 LE | 0: u64
+//! checkpoint-target = slot 0 at byte 0 | slot 1 at byte 512 (sectors of their own)
+//! slot = magic "RSQT" | seq: u64 LE | target: u64 LE | crc32(magic..target): u32 LE
 //! ```
 //!
 //! # Invariants
 //! - A write goes to the slot that does not hold the newest valid record, and is synced
 //!   before it returns: a torn write leaves the other slot, the previous target, intact.
+//!   The directory is synced too until the file holds a valid record.
 //! - The target read is the newest valid slot's (0 with no file or no valid slot), or
 //!   `meta.json`'s older `checkpoint_target`, whichever is larger (`recovery.rs`).
 //!
@@ -30,7 +31,10 @@ use crate::fsutil::fsync_dir;
 
 const FILE: &str = "checkpoint-target";
 const MAGIC: &[u8; 4] = b"RSQT";
-const SLOT: usize = 32;
+/// Bytes of a slot.
+const SLOT: usize = 24;
+/// Where slot `i` starts.
+const SLOT_AT: [usize; 2] = [0, 512];
 
 /// (seq, target) of a whole slot.
 fn parse(b: &[u8; SLOT]) -> Option<(u64, u64)> {
@@ -45,10 +49,10 @@ fn parse(b: &[u8; SLOT]) -> Option<(u64, u64)> {
 
 /// Both slots of an open record: (index of the newest whole one, its seq and target).
 fn newest(f: &File) -> io::Result<Option<(usize, u64, u64)>> {
-    let mut b = [0u8; 2 * SLOT];
+    let mut b = [0u8; 512 + SLOT];
     let n = f.read_at(&mut b, 0)?;
-    let slots = (0..2).filter(|i| (i + 1) * SLOT <= n).filter_map(|i| {
-        let slot: &[u8; SLOT] = b[i * SLOT..(i + 1) * SLOT].try_into().unwrap();
+    let slots = (0..2).filter(|i| SLOT_AT[*i] + SLOT <= n).filter_map(|i| {
+        let slot: &[u8; SLOT] = b[SLOT_AT[i]..SLOT_AT[i] + SLOT].try_into().unwrap();
         parse(slot).map(|(s, t)| (i, s, t))
     });
     Ok(slots.max_by_key(|(_, s, _)| *s))
@@ -70,7 +74,6 @@ pub(super) fn read(gen: &Path) -> Result<u64> {
 pub(super) fn write(gen: &Path, target: u64) -> Result<()> {
     let p = gen.join(FILE);
     let io = |e| Error::io(&p, e);
-    let existed = p.exists();
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -78,7 +81,8 @@ pub(super) fn write(gen: &Path, target: u64) -> Result<()> {
         .truncate(false)
         .open(&p)
         .map_err(io)?;
-    let (slot, seq) = match newest(&f).map_err(io)? {
+    let last = newest(&f).map_err(io)?;
+    let (slot, seq) = match last {
         Some((i, s, _)) => (1 - i, s + 1),
         None => (0, 1),
     };
@@ -88,9 +92,10 @@ pub(super) fn write(gen: &Path, target: u64) -> Result<()> {
     b[12..20].copy_from_slice(&target.to_le_bytes());
     let crc = crc32fast::hash(&b[0..20]);
     b[20..24].copy_from_slice(&crc.to_le_bytes());
-    f.write_all_at(&b, (slot * SLOT) as u64).map_err(io)?;
+    f.write_all_at(&b, SLOT_AT[slot] as u64).map_err(io)?;
     f.sync_data().map_err(io)?;
-    if !existed {
+    if last.is_none() {
+        // A new file (or one whose first write failed): its name must survive a crash too.
         fsync_dir(gen)?;
     }
     Ok(())
@@ -125,7 +130,10 @@ mod tests {
         // The next write goes over the torn slot, not over 9.
         write(dir.path(), 20).unwrap();
         assert_eq!(read(dir.path()).unwrap(), 20);
-        f.write_all_at(&[0; 32], 0).unwrap();
+        f.write_all_at(&[0; SLOT], 0).unwrap();
         assert_eq!(read(dir.path()).unwrap(), 9);
+        // A torn slot 1 as well: no target is recorded.
+        f.write_all_at(&[1; 3], 512 + 20).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), 0);
     }
 }
