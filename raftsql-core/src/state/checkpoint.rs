@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::msg::SmToRaft;
-use super::passive_copy::{self, CopyJob};
+use super::passive_copy::{CopyJob, CopyThread};
 use super::target;
 use super::StateMachine;
 use crate::error::{Error, Result};
@@ -176,7 +176,18 @@ impl StateMachine {
         }
         // The copy's thread records the target before it copies (P1): its fsync need not
         // stop this thread.
-        match passive_copy::spawn(&self.gen_dir, applied, jobs) {
+        if self.copier.is_none() {
+            match CopyThread::start() {
+                Ok(t) => self.copier = Some(t),
+                Err(e) => {
+                    tracing::warn!("checkpoint copy not started: {e}");
+                    drop(jobs);
+                    return self.checkpoint(started, stalled());
+                }
+            }
+        }
+        let copier = self.copier.as_ref().expect("started above");
+        match copier.round(&self.gen_dir, applied, jobs) {
             Ok(done) => {
                 self.copying = Some(Copying {
                     target: applied,

@@ -81,6 +81,9 @@ impl StateMachine {
         }
         self.meta = new_meta;
         self.target = 0;
+        // The copy thread's connections are to the old files: it ends with them, and the
+        // next checkpoint starts it again.
+        self.copier = None;
         self.open_all()?;
         let _ = fs::remove_dir_all(&old);
         let _ = fs::remove_dir_all(dir);

@@ -168,6 +168,8 @@ pub struct StateMachine {
     next_checkpoint: Instant,
     /// The checkpoint target last recorded in this generation (target.rs).
     target: u64,
+    /// The thread of the checkpoints' passive copies, once the first one started.
+    copier: Option<passive_copy::CopyThread>,
     /// A checkpoint whose first phase (the passive copy) runs off this thread.
     copying: Option<Copying>,
     /// A checkpoint whose phase 2 found readers on older frames (its start): phase 2 is
@@ -244,6 +246,7 @@ impl StateMachine {
             frames_since_checkpoint: 0,
             next_checkpoint: Instant::now(),
             target: 0,
+            copier: None,
             copying: None,
             truncate_again: None,
             syncing: None,

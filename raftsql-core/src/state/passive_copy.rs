@@ -30,9 +30,12 @@
 //! (P2), `..._stops_at_the_pinned_reader` (P1),
 //! `crash::a_crash_after_the_passive_copy_recovers_exactly` (a crash between the phases).
 
-use std::path::Path;
-use std::sync::mpsc::{self, Receiver};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -46,41 +49,109 @@ pub(super) struct CopyJob {
     pub(super) pin: Pinned,
 }
 
-/// Starts the copy of every database of generation `gen` on a thread `raftsql-ckcopy`,
-/// which first records `target` (the entry the jobs are pinned at); the receiver gets the
-/// number of frames it backfilled once it is done (the pins are dropped by then).
-pub(super) fn spawn(gen: &Path, target: u64, jobs: Vec<CopyJob>) -> Result<Receiver<Result<u64>>> {
-    let (tx, rx) = mpsc::channel();
-    let gen = gen.to_path_buf();
-    std::thread::Builder::new()
-        .name("raftsql-ckcopy".into())
-        .spawn(move || {
-            if let Err(e) = super::target::write(&gen, target) {
-                let _ = tx.send(Err(e));
-                return;
-            }
-            let mut frames = 0;
-            let mut out = Ok(());
-            for job in jobs {
-                match copy(&job.handle) {
-                    Ok(n) => frames += n,
-                    Err(e) => out = Err(e),
-                }
-                drop(job.pin);
-            }
-            if frames > 0 {
-                super::checkpoint::failpoint("checkpoint-after-copy");
-            }
-            let _ = tx.send(out.map(|_| frames));
-        })
-        .map_err(|e| Error::Internal(format!("no thread for the checkpoint's copy: {e}")))?;
-    Ok(rx)
+/// A round of the copy: record `target` in generation `gen`, then copy every job's
+/// database; the answer is how many frames are in the files afterwards (the pins are
+/// dropped by then).
+pub(super) struct CopyRound {
+    pub(super) gen: PathBuf,
+    pub(super) target: u64,
+    pub(super) jobs: Vec<CopyJob>,
+    pub(super) done: Sender<Result<u64>>,
 }
 
-/// A passive checkpoint of one database on a connection of its own; returns how many
-/// frames of the WAL are in the database file afterwards.
-pub(super) fn copy(handle: &Arc<DbHandle>) -> Result<u64> {
-    Copier::open(handle)?.run()
+/// The thread `raftsql-ckcopy`, started with the first checkpoint and kept for the node's
+/// life: it keeps one connection per database between rounds (and closes those of
+/// databases a round no longer names, after a snapshot install), instead of a new thread
+/// and new connections 6-7 times a second.
+pub(super) struct CopyThread {
+    tx: Option<Sender<CopyRound>>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl CopyThread {
+    pub(super) fn start() -> Result<CopyThread> {
+        let (tx, rx) = mpsc::channel::<CopyRound>();
+        let join = std::thread::Builder::new()
+            .name("raftsql-ckcopy".into())
+            .spawn(move || {
+                let mut copiers: HashMap<PathBuf, Copier> = HashMap::new();
+                while let Ok(round) = rx.recv() {
+                    copiers.retain(|p, _| round.jobs.iter().any(|j| &j.handle.path == p));
+                    let _ = round.done.send(run_round(
+                        &mut copiers,
+                        round.gen,
+                        round.target,
+                        round.jobs,
+                    ));
+                }
+            })
+            .map_err(|e| Error::Internal(format!("no thread for the checkpoint's copy: {e}")))?;
+        Ok(CopyThread {
+            tx: Some(tx),
+            join: Some(join),
+        })
+    }
+
+    /// Starts a round; the receiver gets its answer.
+    pub(super) fn round(
+        &self,
+        gen: &Path,
+        target: u64,
+        jobs: Vec<CopyJob>,
+    ) -> Result<Receiver<Result<u64>>> {
+        let (done, rx) = mpsc::channel();
+        let round = CopyRound {
+            gen: gen.to_path_buf(),
+            target,
+            jobs,
+            done,
+        };
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(round).ok())
+            .ok_or_else(|| Error::Internal("the checkpoint's copy thread has stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+impl Drop for CopyThread {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// One round on the copy thread: the target first (P1), then each database's copy.
+fn run_round(
+    copiers: &mut HashMap<PathBuf, Copier>,
+    gen: PathBuf,
+    target: u64,
+    jobs: Vec<CopyJob>,
+) -> Result<u64> {
+    super::target::write(&gen, target)?;
+    let mut frames = 0;
+    let mut out = Ok(());
+    for job in jobs {
+        let copier = match copiers.entry(job.handle.path.clone()) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => Copier::open(&job.handle).map(|c| e.insert(c)),
+        };
+        match copier.and_then(|c| c.run()) {
+            Ok(n) => frames += n,
+            Err(e) => {
+                // A connection that failed is opened again next time.
+                copiers.remove(&job.handle.path);
+                out = Err(e);
+            }
+        }
+        drop(job.pin);
+    }
+    if frames > 0 {
+        super::checkpoint::failpoint("checkpoint-after-copy");
+    }
+    out.map(|_| frames)
 }
 
 /// A connection ready to checkpoint one database.
@@ -121,7 +192,7 @@ impl Copier {
     }
 
     /// Runs the checkpoint, its header read behind the gate (P2).
-    pub(super) fn run(self) -> Result<u64> {
+    pub(super) fn run(&self) -> Result<u64> {
         let mut st = self.conn.prepare_cached(Self::SQL)?;
         let h = self.handle.clone();
         let r = vfs::with_header_pin(
@@ -142,6 +213,12 @@ impl Copier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A passive checkpoint of one database on a connection of its own; returns how many
+    /// frames of the WAL are in the database file afterwards.
+    fn copy(handle: &Arc<DbHandle>) -> Result<u64> {
+        Copier::open(handle)?.run()
+    }
     use crate::state::db::{open_writer, remove_wal_files};
 
     fn handle(dir: &std::path::Path) -> (Arc<DbHandle>, Connection) {
