@@ -98,6 +98,16 @@ struct Sample {
     events: u64,
 }
 
+/// The first etcd errors are printed (an error count alone does not say what failed).
+const ERRORS_SHOWN: u64 = 10;
+
+/// Prints the first [`ERRORS_SHOWN`] etcd errors of the run.
+fn note_error(c: &Counters, e: &impl std::fmt::Display) {
+    if c.etcd_errors.load(Ordering::Relaxed) < ERRORS_SHOWN {
+        eprintln!("etcd error: {e}");
+    }
+}
+
 /// Counters the load tasks bump.
 #[derive(Default)]
 struct Counters {
@@ -272,8 +282,11 @@ pub async fn main(a: BenchSoakArgs) -> CliResult {
                             ..Default::default()
                         })
                         .await;
-                    if r.is_ok() {
-                        cache.lock().unwrap().insert(key, 0);
+                    match &r {
+                        Ok(_) => {
+                            cache.lock().unwrap().insert(key, 0);
+                        }
+                        Err(e) => note_error(&c, e),
                     }
                     r.is_ok()
                 } else {
@@ -298,7 +311,10 @@ pub async fn main(a: BenchSoakArgs) -> CliResult {
                             }
                             true
                         }
-                        Err(_) => false,
+                        Err(e) => {
+                            note_error(&c, &e);
+                            false
+                        }
                     }
                 };
                 if ok {
