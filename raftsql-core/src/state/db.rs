@@ -156,13 +156,7 @@ impl DbHandle {
     /// from, install.rs). Called on the state machine thread between batches.
     pub(super) fn pin(self: &Arc<Self>) -> Result<Pinned> {
         let (conn, guard) = self.reader()?;
-        self.gate.enter();
-        let pinned = exec_cached(&conn, "BEGIN").and_then(|_| {
-            conn.prepare_cached("PRAGMA schema_version")?
-                .query_row([], |_| Ok(()))
-        });
-        self.gate.leave();
-        pinned?;
+        self.begin_pinned(&conn)?;
         Ok(Pinned {
             handle: self.clone(),
             conn: Some((conn, guard)),
@@ -179,14 +173,21 @@ impl DbHandle {
         self.read_guarded(|c, _| f(c))
     }
 
-    fn read_guarded<T>(&self, f: impl FnOnce(&Connection, &Guard) -> Result<T>) -> Result<T> {
-        let (conn, guard) = self.reader()?;
+    /// Begins a read transaction on `conn` and pins its snapshot, through the gate (so
+    /// never at a leader's speculative COMMIT).
+    fn begin_pinned(&self, conn: &Connection) -> rusqlite::Result<()> {
         self.gate.enter();
-        let pinned = exec_cached(&conn, "BEGIN").and_then(|_| {
+        let pinned = exec_cached(conn, "BEGIN").and_then(|_| {
             conn.prepare_cached("PRAGMA schema_version")?
                 .query_row([], |_| Ok(()))
         });
         self.gate.leave();
+        pinned
+    }
+
+    fn read_guarded<T>(&self, f: impl FnOnce(&Connection, &Guard) -> Result<T>) -> Result<T> {
+        let (conn, guard) = self.reader()?;
+        let pinned = self.begin_pinned(&conn);
         let out = pinned.map_err(Error::from).and_then(|_| f(&conn, &guard));
         let _ = exec_cached(&conn, "COMMIT");
         if conn.is_autocommit() {
@@ -298,20 +299,24 @@ pub(super) fn remove_wal_files(db: &Path) {
     }
 }
 
-pub(super) fn open_writer(path: &Path) -> Result<Connection> {
-    let c = Connection::open_with_flags_and_vfs(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        vfs::VFS_NAME,
-    )?;
-    // The frames of an uncommitted batch must never reach the database file, so SQLite may
-    // not checkpoint on its own, not even on close.
+/// A read-write connection through the raftsql VFS that never checkpoints on close: the
+/// frames of an uncommitted batch must never reach the database file, so SQLite may not
+/// checkpoint on its own. `create`: the file may be created.
+pub(super) fn open_read_write(path: &Path, create: bool) -> Result<Connection> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let c = Connection::open_with_flags_and_vfs(path, flags, vfs::VFS_NAME)?;
     c.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
         true,
     )?;
+    Ok(c)
+}
+
+pub(super) fn open_writer(path: &Path) -> Result<Connection> {
+    let c = open_read_write(path, true)?;
     c.execute_batch(&format!(
         "PRAGMA page_size={PAGE_SIZE}; PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; \
          PRAGMA wal_autocheckpoint=0; PRAGMA busy_timeout=0; PRAGMA cache_size=-16384;"

@@ -37,9 +37,9 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
-use super::db::{DbHandle, Pinned};
+use super::db::{open_read_write, DbHandle, Pinned};
 use crate::error::{Error, Result};
 use crate::vfs;
 
@@ -165,17 +165,9 @@ impl Copier {
 
     /// Opens the connection and its WAL, and prepares the checkpoint.
     pub(super) fn open(handle: &Arc<DbHandle>) -> Result<Copier> {
-        let c = Connection::open_with_flags_and_vfs(
-            &handle.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            vfs::VFS_NAME,
-        )?;
         // Like the writer: no checkpoint on close, never wait for a lock, no fsync here
         // (the checkpoint's fsyncs follow phase 2).
-        c.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        )?;
+        let c = open_read_write(&handle.path, false)?;
         c.busy_timeout(std::time::Duration::ZERO)?;
         // The first statement loads the schema and opens the WAL, which reads its header:
         // through the gate, like any reader.
