@@ -116,7 +116,11 @@ impl Cluster {
             dir,
             nodes,
             peers,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args: args
+                .iter()
+                .map(|s| s.to_string())
+                .chain(extra_node_args())
+                .collect(),
             rt,
             client_tls: Default::default(),
         };
@@ -610,4 +614,13 @@ impl Drop for Cluster {
             ));
         }
     }
+}
+
+/// `RAFTSQL_TEST_NODE_ARGS`: more arguments for every node of every cluster, space-separated,
+/// after the test's own (a flag the test gives too is refused by the node as given twice),
+/// e.g. `--checkpoint-frames 32` to run a workload with a checkpoint every few writes.
+fn extra_node_args() -> Vec<String> {
+    std::env::var("RAFTSQL_TEST_NODE_ARGS")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
 }
