@@ -160,34 +160,7 @@ impl StateMachine {
         }
         let stall = Instant::now();
         let stalled = move || stalled + stall.elapsed();
-        let mut jobs = Vec::with_capacity(self.dbs.len());
-        for db in self.dbs.values() {
-            match db.handle.pin() {
-                Ok(pin) => jobs.push(CopyJob {
-                    handle: db.handle.clone(),
-                    pin,
-                }),
-                Err(e) => {
-                    tracing::warn!("checkpoint copy not started: {}: {e}", db.handle.name);
-                    drop(jobs);
-                    return self.checkpoint(started, stalled());
-                }
-            }
-        }
-        // The copy's thread records the target before it copies (P1): its fsync need not
-        // stop this thread.
-        if self.copier.is_none() {
-            match CopyThread::start() {
-                Ok(t) => self.copier = Some(t),
-                Err(e) => {
-                    tracing::warn!("checkpoint copy not started: {e}");
-                    drop(jobs);
-                    return self.checkpoint(started, stalled());
-                }
-            }
-        }
-        let copier = self.copier.as_ref().expect("started above");
-        match copier.round(&self.gen_dir, applied, jobs) {
+        match self.send_round(applied) {
             Ok(done) => {
                 self.copying = Some(Copying {
                     target: applied,
@@ -200,10 +173,37 @@ impl StateMachine {
                 Ok(())
             }
             Err(e) => {
+                // The pins taken are dropped by now.
                 tracing::warn!("checkpoint copy not started: {e}");
                 self.checkpoint(started, stalled())
             }
         }
+    }
+
+    /// Pins every database at `applied` and hands them to the copy thread (started with
+    /// the first round), which records `applied` as the target before it copies (P1): its
+    /// fsync need not stop this thread.
+    fn send_round(&mut self, applied: u64) -> Result<Receiver<Result<u64>>> {
+        let jobs =
+            self.dbs
+                .values()
+                .map(|db| {
+                    let pin = db.handle.pin().map_err(|e| {
+                        Error::Internal(format!("database {}: {e}", db.handle.name))
+                    })?;
+                    Ok(CopyJob {
+                        handle: db.handle.clone(),
+                        pin,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+        if self.copier.is_none() {
+            self.copier = Some(CopyThread::start()?);
+        }
+        self.copier
+            .as_ref()
+            .expect("started above")
+            .round(&self.gen_dir, applied, jobs)
     }
 
     /// Records that the database files may hold pages of entries up to `applied`
@@ -228,8 +228,6 @@ impl StateMachine {
         if applied <= self.meta.checkpoint_index || self.syncing.is_some() {
             return Ok(());
         }
-        // Record the target first: once SQLite starts copying, the files hold pages of
-        // entries up to `applied`, and recovery must replay at least that far.
         let stall = Instant::now();
         let observe = |s: &Self| {
             s.settings
@@ -237,6 +235,8 @@ impl StateMachine {
                 .checkpoint_stall
                 .observe((stalled + stall.elapsed()).as_secs_f64())
         };
+        // Record the target first: once SQLite starts copying, the files hold pages of
+        // entries up to `applied`, and recovery must replay at least that far.
         self.record_target(applied)?;
         for db in self.dbs.values() {
             let (busy, log, done): (i64, i64, i64) =

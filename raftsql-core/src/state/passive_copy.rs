@@ -52,11 +52,11 @@ pub(super) struct CopyJob {
 /// A round of the copy: record `target` in generation `gen`, then copy every job's
 /// database; the answer is how many frames are in the files afterwards (the pins are
 /// dropped by then).
-pub(super) struct CopyRound {
-    pub(super) gen: PathBuf,
-    pub(super) target: u64,
-    pub(super) jobs: Vec<CopyJob>,
-    pub(super) done: Sender<Result<u64>>,
+struct CopyRound {
+    gen: PathBuf,
+    target: u64,
+    jobs: Vec<CopyJob>,
+    done: Sender<Result<u64>>,
 }
 
 /// The thread `raftsql-ckcopy`, started with the first checkpoint and kept for the node's
@@ -221,6 +221,14 @@ mod tests {
         (Arc::new(DbHandle::new("main", path)), w)
     }
 
+    /// Inserts rows `keys` of 500 random bytes into `t`, one statement each.
+    fn insert_rows(w: &Connection, keys: std::ops::RangeInclusive<i64>) {
+        for k in keys {
+            w.execute("INSERT INTO t VALUES (?1, randomblob(500))", [k])
+                .unwrap();
+        }
+    }
+
     /// Rows of `t` in the database file alone, as a fresh copy of it without its WAL sees.
     fn rows_in_file(h: &DbHandle, dir: &std::path::Path) -> i64 {
         let copy = dir.join("copy.db");
@@ -239,10 +247,7 @@ mod tests {
         let (h, w) = handle(dir.path());
         w.execute_batch("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
             .unwrap();
-        for i in 1..=100 {
-            w.execute("INSERT INTO t VALUES (?1, randomblob(500))", [i])
-                .unwrap();
-        }
+        insert_rows(&w, 1..=100);
         // The copy's connection is open (and has read the header once) before the commit.
         let copier = Copier::open(&h).unwrap();
         // The leader's speculative COMMIT: the gate closed, the header saved, 100 more rows
@@ -250,10 +255,7 @@ mod tests {
         let saved = vfs::save_header(&h.key).unwrap();
         h.gate.close();
         w.execute_batch("BEGIN IMMEDIATE").unwrap();
-        for i in 101..=200 {
-            w.execute("INSERT INTO t VALUES (?1, randomblob(500))", [i])
-                .unwrap();
-        }
+        insert_rows(&w, 101..=200);
         w.execute_batch("COMMIT").unwrap();
         let copier = std::thread::spawn(move || copier.run());
         // With the gate the copy waits there once it holds the checkpoint lock; without it,
@@ -308,10 +310,7 @@ mod tests {
             .unwrap();
         w.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .unwrap();
-        for i in 1..=200 {
-            w.execute("INSERT INTO t VALUES (?1, randomblob(500))", [i])
-                .unwrap();
-        }
+        insert_rows(&w, 1..=200);
         let at_pin = pages_of(&w);
         let pin = h.pin().unwrap();
         // The first 100 rows change after the pin: their pages' newest frames are past it.
