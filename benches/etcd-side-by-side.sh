@@ -39,16 +39,8 @@ wait_gone
 
 echo "starting etcd (127.0.0.11-13) and raftsql (127.0.0.31-33)" >&2
 "$anchors/etcd3.sh" start "$out/etcd"
-peers="1=127.0.0.31:7000,2=127.0.0.32:7000,3=127.0.0.33:7000"
-for i in 1 2 3; do
-  "$raftsql" node --id $i --listen 127.0.0.3$i:7000 --bootstrap-peers "$peers" \
-    --data-dir "$out/raftsql/n$i" --etcd-listen 127.0.0.3$i:2379 >"$out/raftsql-n$i.log" 2>&1 &
-  pids+=($!)
-done
-for t in $(seq 100); do
-  etcdctl --endpoints=127.0.0.31:2379 put /ready yes >/dev/null 2>&1 && break
-  sleep 0.2
-done
+. "$(dirname "$0")/cluster.sh"
+start_raftsql "$raftsql" "$out/raftsql" "$out/raftsql-" || true
 etcd_eps=127.0.0.11:2379,127.0.0.12:2379,127.0.0.13:2379
 raftsql_eps=127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379
 

@@ -25,15 +25,9 @@ stop() {
 }
 trap stop EXIT
 rm -rf "$dir" && mkdir -p "$dir"
-peers="1=127.0.0.31:7000,2=127.0.0.32:7000,3=127.0.0.33:7000"
-for i in 1 2 3; do
-  "$bin" node --id $i --listen 127.0.0.3$i:7000 --bootstrap-peers "$peers" \
-    --data-dir "$dir/n$i" --etcd-listen 127.0.0.3$i:2379 >"$dir/n$i.log" 2>&1 &
-  pids+=($!)
-done
-for _ in $(seq 100); do etcdctl --endpoints=127.0.0.31:2379 put /ready yes >/dev/null 2>&1 && break; sleep 0.2; done
-leader=0
-for i in 1 2 3; do curl -s 127.0.0.3$i:2379/metrics | grep -q '^etcd_server_is_leader 1' && leader=$i; done
+. "$root/benches/cluster.sh"
+start_raftsql "$bin" "$dir" "$dir/" || true
+leader=$(raftsql_leader)
 [ "$leader" != 0 ] || { echo "no leader" >&2; exit 1; }
 n=$leader; [ "${NODE:-leader}" = follower ] && n=$(( leader % 3 + 1 ))
 eps=127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379; [ "${TO:-all}" = node ] && eps=127.0.0.3$n:2379

@@ -16,16 +16,13 @@ stop() {
   for _ in $(seq 100); do pgrep -f "node --id [123] --listen 127.0.0.3" >/dev/null || return 0; sleep 0.1; done
 }
 trap stop EXIT
+. "$(dirname "$0")/cluster.sh"
 one() { # BIN LABEL
-  local bin=$1 label=$2 peers="1=127.0.0.31:7000,2=127.0.0.32:7000,3=127.0.0.33:7000"
+  local bin=$1 label=$2 pids=()
   stop; rm -rf "$dir/c"; mkdir -p "$dir/c"
-  for i in 1 2 3; do
-    "$bin" node --id $i --listen 127.0.0.3$i:7000 --bootstrap-peers "$peers" \
-      --data-dir "$dir/c/n$i" --etcd-listen 127.0.0.3$i:2379 >"$dir/c/n$i.log" 2>&1 &
-  done
-  for _ in $(seq 100); do etcdctl --endpoints=127.0.0.31:2379 put /ready yes >/dev/null 2>&1 && break; sleep 0.2; done
-  local leader=""
-  for i in 1 2 3; do curl -s 127.0.0.3$i:2379/metrics | grep -q '^etcd_server_is_leader 1' && leader=$i; done
+  start_raftsql "$bin" "$dir/c" "$dir/c/" || true
+  local leader
+  leader=$(raftsql_leader)
   local follower=$(( leader % 3 + 1 ))
   pick() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(str(d[k]) for k in sys.argv[1:]))" "$@"; }
   local p64 p1l p1f
