@@ -74,19 +74,19 @@ fn key(k: u64) -> Bytes {
     Bytes::from(format!("/register/{k}"))
 }
 
-/// Reads key `k` with a linearizable SQL query of the etcd facade's live table.
+/// Reads key `k` with a linearizable SQL query of the etcd facade's live keys (`kv_now`).
 async fn sql_read(sql: &Client, k: u64) -> Result<Action, ()> {
     let rows = sql
         .query(
             raftsql_etcd::DB,
-            "SELECT CAST(value AS TEXT) FROM kv_live WHERE key = ?1",
+            "SELECT CAST(value AS TEXT) FROM kv_now WHERE key = ?1",
             vec![Value::Blob(key(k).to_vec())],
         )
         .await
         .map_err(|_| ())?;
     let v = rows.rows.first().map(|r| match &r[0] {
         Value::Text(t) => t.parse().unwrap(),
-        other => panic!("kv_live.value of /register/{k}: {other:?}"),
+        other => panic!("kv_now.value of /register/{k}: {other:?}"),
     });
     Ok(Action::Read(v))
 }

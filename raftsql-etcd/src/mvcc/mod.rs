@@ -5,7 +5,10 @@
 //! ```sql
 //! kv_rev(rev, sub, key, create_rev, version, value, lease)  -- every revision of every key;
 //!                                                            -- version 0 marks a deletion
-//! kv_live(key, create_rev, mod_rev, version, value, lease)  -- the current value of each key
+//! kv_live(key, create_rev, mod_rev, mod_sub, version, lease) -- the current state of each key;
+//!                                                            -- its value is in kv_rev's row
+//!                                                            -- (mod_rev, mod_sub)
+//! kv_now(key, create_rev, mod_rev, version, value, lease)   -- view: kv_live with the values
 //! meta(name, value)                                          -- 'rev', 'compact_rev'
 //! lease(id, ttl, granted_ttl)                                -- leases (issue 4, Lease API)
 //! ```
@@ -18,7 +21,9 @@
 //! - `meta.rev` is the store's revision: 1 for an empty store (as etcd), +1 for each write
 //!   transaction that changes something (a delete that deletes nothing changes nothing).
 //! - `kv_live` holds exactly the non-deleted keys at `meta.rev`, each with the fields of its
-//!   newest `kv_rev` row; reading at the current revision never touches history.
+//!   newest `kv_rev` row and that row's (rev, sub); reading at the current revision touches
+//!   history only for that one row per key (the value is stored once: schema 2, a put wrote
+//!   it twice before). Compaction never removes a key's newest row.
 //! - Reading at an older revision R walks the distinct keys of the range through the
 //!   `(key, rev)` index, one seek per key (never a GROUP BY over the history).
 //! - Revisions below `meta.compact_rev` may be gone: reading them is `ErrCompacted`.

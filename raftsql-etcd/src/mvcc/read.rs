@@ -1,5 +1,6 @@
-//! Reads: ranges at the current revision (from `kv_live`) or an older one (from `kv_rev`,
-//! one index seek per key), counts, and the revision checks etcd makes.
+//! Reads: ranges at the current revision (from `kv_live`, each value from its `kv_rev` row:
+//! the view `kv_now`) or an older one (from `kv_rev`, one index seek per key), counts, and the
+//! revision checks etcd makes.
 
 use std::collections::BTreeMap;
 
@@ -85,6 +86,16 @@ pub(crate) fn row_to_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<Kv> {
     })
 }
 
+/// The live keys of `iv` with their values, in key order (`?1` the start, `?2` the end if
+/// `iv` has one).
+fn live_range_sql(c: &Connection, iv: &Interval) -> rusqlite::Result<String> {
+    let from = live_source(c)?;
+    Ok(match iv.end {
+        Some(_) => format!("SELECT key, create_rev, mod_rev, version, value, lease FROM {from} WHERE key >= ?1 AND key < ?2 ORDER BY key"),
+        None => format!("SELECT key, create_rev, mod_rev, version, value, lease FROM {from} WHERE key >= ?1 ORDER BY key"),
+    })
+}
+
 /// How many keys `iv` holds now.
 pub(crate) fn live_count(c: &Connection, iv: &Interval) -> R<i64> {
     let mut st = match &iv.end {
@@ -111,16 +122,13 @@ pub(crate) fn range_keys(
 ) -> R<(Vec<Kv>, i64)> {
     let mut out = Vec::new();
     if rev >= current {
-        let (sql_rows, sql_count) = match iv.end {
-            Some(_) => (
-                "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key >= ?1 AND key < ?2 ORDER BY key",
-                "SELECT count(*) FROM kv_live WHERE key >= ?1 AND key < ?2",
-            ),
-            None => (
-                "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key >= ?1 ORDER BY key",
-                "SELECT count(*) FROM kv_live WHERE key >= ?1",
-            ),
-        };
+        let (sql_rows, sql_count) = (
+            live_range_sql(c, iv)?,
+            match iv.end {
+                Some(_) => "SELECT count(*) FROM kv_live WHERE key >= ?1 AND key < ?2",
+                None => "SELECT count(*) FROM kv_live WHERE key >= ?1",
+            },
+        );
         let end = iv.end.clone().unwrap_or_default();
         let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
             st.raw_bind_parameter(1, &iv.start)?;
@@ -138,7 +146,7 @@ pub(crate) fn range_keys(
             .transpose()?
             .unwrap_or(0);
         if limit != 0 || count > 0 {
-            let mut st = c.prepare_cached(sql_rows)?;
+            let mut st = c.prepare_cached(&sql_rows)?;
             bind(&mut st)?;
             let mut rows = st.raw_query();
             while let Some(r) = rows.next()? {
@@ -213,11 +221,7 @@ pub(crate) fn range_at_recent(
     let mut out = Vec::new();
     let full = |out: &Vec<Kv>| limit != 0 && out.len() >= limit;
     let mut old = changed.into_values().flatten().peekable();
-    let sql = match iv.end {
-        Some(_) => "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key >= ?1 AND key < ?2 ORDER BY key",
-        None => "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key >= ?1 ORDER BY key",
-    };
-    let mut st = c.prepare_cached(sql)?;
+    let mut st = c.prepare_cached(&live_range_sql(c, iv)?)?;
     st.raw_bind_parameter(1, &iv.start)?;
     if let Some(end) = &iv.end {
         st.raw_bind_parameter(2, end)?;

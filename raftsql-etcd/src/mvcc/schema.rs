@@ -13,25 +13,73 @@ CREATE TABLE IF NOT EXISTS kv_rev (
 CREATE INDEX IF NOT EXISTS kv_rev_key ON kv_rev(key, rev);
 CREATE TABLE IF NOT EXISTS kv_live (
   key BLOB PRIMARY KEY, create_rev INTEGER NOT NULL, mod_rev INTEGER NOT NULL,
-  version INTEGER NOT NULL, value BLOB NOT NULL, lease INTEGER NOT NULL) WITHOUT ROWID;
+  mod_sub INTEGER NOT NULL, version INTEGER NOT NULL, lease INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS kv_live_lease ON kv_live(lease) WHERE lease != 0;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lease (id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL, granted_ttl INTEGER NOT NULL);
 ";
 
+/// The current state of every live key with its value, which is stored once, in the key's
+/// newest `kv_rev` row (`kv_live` names it by `mod_rev`, `mod_sub`). `CROSS JOIN` keeps
+/// `kv_live` the outer loop, so a range walks `kv_live`'s key order and seeks one `kv_rev`
+/// row per key by its primary key.
+const VIEW: &str = "
+CREATE VIEW IF NOT EXISTS kv_now(key, create_rev, mod_rev, version, value, lease) AS
+  SELECT l.key, l.create_rev, l.mod_rev, l.version, r.value, l.lease
+  FROM kv_live AS l CROSS JOIN kv_rev AS r ON r.rev = l.mod_rev AND r.sub = l.mod_sub;
+";
+
+/// Schema 1 to 2: `kv_live` loses its copy of the value (a put wrote it twice) and gains
+/// `mod_sub`, which names the `kv_rev` row holding it: the newest row of the key at its
+/// `mod_rev` (compaction never removes a key's newest row, `prune_history`).
+const MIGRATE_1_TO_2: &str = "
+CREATE TABLE kv_live_2 (
+  key BLOB PRIMARY KEY, create_rev INTEGER NOT NULL, mod_rev INTEGER NOT NULL,
+  mod_sub INTEGER NOT NULL, version INTEGER NOT NULL, lease INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO kv_live_2(key, create_rev, mod_rev, mod_sub, version, lease)
+  SELECT l.key, l.create_rev, l.mod_rev,
+    (SELECT max(r.sub) FROM kv_rev AS r INDEXED BY kv_rev_key WHERE r.key = l.key AND r.rev = l.mod_rev),
+    l.version, l.lease
+  FROM kv_live AS l;
+DROP TABLE kv_live;
+ALTER TABLE kv_live_2 RENAME TO kv_live;
+CREATE INDEX kv_live_lease ON kv_live(lease) WHERE lease != 0;
+";
+
 /// The schema's version, kept in the database's `user_version`: the DDL above runs when a
-/// database is behind it (once), not on every write.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// database is behind it (once, by the first write), not on every write. Reads of a database
+/// still at version 1 (written by an older raftsql, no write since) read its `kv_live`
+/// directly ([`live_source`]).
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 pub(crate) fn ensure_schema(c: &Connection) -> rusqlite::Result<()> {
-    let v: i64 = c
-        .prepare_cached("PRAGMA user_version")?
-        .query_row([], |r| r.get(0))?;
+    let v = schema_version(c)?;
     if v < SCHEMA_VERSION {
-        c.execute_batch(SCHEMA)?;
+        if v == 1 {
+            c.execute_batch(MIGRATE_1_TO_2)?;
+        } else {
+            c.execute_batch(SCHEMA)?;
+        }
+        c.execute_batch(VIEW)?;
         c.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     }
     Ok(())
+}
+
+fn schema_version(c: &Connection) -> rusqlite::Result<i64> {
+    c.prepare_cached("PRAGMA user_version")?
+        .query_row([], |r| r.get(0))
+}
+
+/// What reads of the live keys with their values select from, as
+/// `key, create_rev, mod_rev, version, value, lease`: the view `kv_now`, or, in a database
+/// still at schema 1, the table `kv_live` (which held the values then).
+pub(crate) fn live_source(c: &Connection) -> rusqlite::Result<&'static str> {
+    Ok(if schema_version(c)? >= 2 {
+        "kv_now"
+    } else {
+        "kv_live"
+    })
 }
 
 pub(crate) fn meta(c: &Connection, name: &str, default: i64) -> R<i64> {

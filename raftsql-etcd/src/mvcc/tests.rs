@@ -330,3 +330,87 @@ fn puts_etcd_refuses_are_refused() {
         Err(EtcdError::LeaseNotFound)
     ));
 }
+
+/// Every live key with its value through the range read, and a read at a past revision.
+fn snapshot_reads(c: &Connection, past: i64) -> Vec<(Vec<Kv>, i64)> {
+    let current = meta(c, "rev", 1).unwrap();
+    let mut out = Vec::new();
+    for iv in ranges() {
+        out.push(range_keys(c, &iv, current, current, 0).unwrap());
+        out.push(range_keys(c, &iv, past, current, 3).unwrap());
+    }
+    out
+}
+
+/// A store written at schema 1 (values in `kv_live` too) reads the same before and after
+/// the first write migrates it, and keeps taking writes: `mod_sub` names the right `kv_rev`
+/// row also for a key written at sub-revision > 0 and after a compaction.
+#[test]
+fn a_schema_1_store_reads_the_same_before_and_after_its_migration() {
+    let c = db();
+    history(&c, 600, 0x9e37_79b9_7f4a_7c15);
+    // Two keys in one revision: the second at sub-revision 1.
+    let mut t = WriteTxn::begin(&c).unwrap();
+    for (k, v) in [("/k/03", "a"), ("/k/31", "b")] {
+        put(
+            &c,
+            &mut t,
+            &PutRequest {
+                key: k.as_bytes().to_vec().into(),
+                value: v.as_bytes().to_vec().into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    t.finish(&c).unwrap();
+    let current = meta(&c, "rev", 1).unwrap();
+    compact(&c, current - 100);
+    let past = current - 40;
+    let before = snapshot_reads(&c, past);
+    assert!(before[0].1 > 20, "{:?}", before[0].1);
+    // The same store as raftsql wrote it at schema 1.
+    c.execute_batch(
+        "CREATE TABLE kv_live_1 (
+           key BLOB PRIMARY KEY, create_rev INTEGER NOT NULL, mod_rev INTEGER NOT NULL,
+           version INTEGER NOT NULL, value BLOB NOT NULL, lease INTEGER NOT NULL) WITHOUT ROWID;
+         INSERT INTO kv_live_1 SELECT key, create_rev, mod_rev, version, value, lease FROM kv_now;
+         DROP VIEW kv_now; DROP TABLE kv_live; ALTER TABLE kv_live_1 RENAME TO kv_live;
+         CREATE INDEX kv_live_lease ON kv_live(lease) WHERE lease != 0;
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    assert_eq!(snapshot_reads(&c, past), before, "read at schema 1");
+    ensure_schema(&c).unwrap();
+    let columns: Vec<String> = c
+        .prepare("SELECT name FROM pragma_table_info('kv_live')")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "key",
+            "create_rev",
+            "mod_rev",
+            "mod_sub",
+            "version",
+            "lease"
+        ]
+    );
+    assert_eq!(snapshot_reads(&c, past), before, "read after the migration");
+    let live = |k: &str| live(&c, k.as_bytes(), true).unwrap().unwrap().value;
+    assert_eq!(
+        (live("/k/03"), live("/k/31")),
+        (b"a".to_vec(), b"b".to_vec())
+    );
+    history(&c, 50, 7);
+    let now = meta(&c, "rev", 1).unwrap();
+    assert!(now > current + 30, "{now}");
+    for iv in ranges() {
+        let recent = range_at_recent(&c, &iv, current, 0).unwrap().unwrap();
+        assert_eq!(recent, range_at_by_key(&c, &iv, current, 0).unwrap());
+    }
+}

@@ -37,12 +37,18 @@ impl WriteTxn {
     }
 }
 
-pub(crate) fn live(c: &Connection, key: &[u8]) -> R<Option<Kv>> {
-    Ok(c.prepare_cached(
-        "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_live WHERE key = ?1",
-    )?
-    .query_row([key], row_to_kv)
-    .optional()?)
+/// The live state of `key` (on a database at the current schema: writes run after
+/// [`ensure_schema`]); its value only if `with_value` (it is in `kv_rev`: one more seek), else
+/// empty.
+pub(crate) fn live(c: &Connection, key: &[u8], with_value: bool) -> R<Option<Kv>> {
+    let sql = if with_value {
+        "SELECT key, create_rev, mod_rev, version, value, lease FROM kv_now WHERE key = ?1"
+    } else {
+        "SELECT key, create_rev, mod_rev, version, x'', lease FROM kv_live WHERE key = ?1"
+    };
+    Ok(c.prepare_cached(sql)?
+        .query_row([key], row_to_kv)
+        .optional()?)
 }
 
 pub(crate) fn lease_exists(c: &Connection, id: i64) -> R<bool> {
@@ -56,7 +62,7 @@ pub(crate) fn put(c: &Connection, t: &mut WriteTxn, req: &PutRequest) -> R<PutRe
     if req.key.is_empty() {
         return Err(EtcdError::EmptyKey);
     }
-    let prev = live(c, &req.key)?;
+    let prev = live(c, &req.key, req.ignore_value || req.prev_kv)?;
     let value = if req.ignore_value {
         prev.as_ref().ok_or(EtcdError::KeyNotFound)?.value.clone()
     } else {
@@ -78,11 +84,11 @@ pub(crate) fn put(c: &Connection, t: &mut WriteTxn, req: &PutRequest) -> R<PutRe
     c.prepare_cached("INSERT INTO kv_rev(rev, sub, key, create_rev, version, value, lease) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
         .execute(params![rev, t.sub, &req.key[..], create_rev, version, value, lease])?;
     c.prepare_cached(
-        "INSERT INTO kv_live(key, create_rev, mod_rev, version, value, lease) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO kv_live(key, create_rev, mod_rev, mod_sub, version, lease) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(key) DO UPDATE SET create_rev = excluded.create_rev, mod_rev = excluded.mod_rev,
-           version = excluded.version, value = excluded.value, lease = excluded.lease",
+           mod_sub = excluded.mod_sub, version = excluded.version, lease = excluded.lease",
     )?
-    .execute(params![&req.key[..], create_rev, rev, version, value, lease])?;
+    .execute(params![&req.key[..], create_rev, rev, t.sub, version, lease])?;
     t.sub += 1;
     Ok(PutResponse {
         header: None,
