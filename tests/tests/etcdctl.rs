@@ -144,7 +144,9 @@ fn a_large_snapshot_streams_in_bounded_memory() {
             .await
             .unwrap();
         let mut x = 0x2545_f491_4f6c_dd1du64;
-        for i in 0..64 {
+        // 128 values of 512 KiB: each is stored once (etcd schema 2), so the database
+        // holds 64 MiB of them.
+        for i in 0..128 {
             let value: Vec<u8> = (0..512 * 1024)
                 .map(|_| {
                     x ^= x << 13;
