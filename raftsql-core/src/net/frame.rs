@@ -30,6 +30,34 @@ pub(crate) async fn write_frame(w: &mut Writer, b: &[u8]) -> io::Result<()> {
     w.flush().await
 }
 
+/// Bytes a connection's writer buffers before it writes them (see [`write_queued`]).
+pub(crate) const WRITE_BUFFER: usize = 64 << 10;
+
+/// Writes the encoded frames `rx` yields to `w`, as few system calls as it can: the frames
+/// already queued when one is written go into the same buffer, and before each flush the
+/// task yields once, so that the tasks woken by the same event queue theirs first (the
+/// answers of one applied batch finish on as many tasks, one after the other). Returns when
+/// `rx` ends, with the buffer written, or at the first write error.
+pub(crate) async fn write_queued<W: AsyncWrite + Unpin>(
+    w: W,
+    rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+) -> io::Result<tokio::io::BufWriter<W>> {
+    let mut w = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w);
+    while let Some(b) = rx.recv().await {
+        w.write_all(&b).await?;
+        for round in 0..2 {
+            while let Ok(b) = rx.try_recv() {
+                w.write_all(&b).await?;
+            }
+            if round == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        w.flush().await?;
+    }
+    Ok(w)
+}
+
 /// Largest frame accepted from a peer (a Raft batch, a snapshot chunk, a forwarded write).
 pub const MAX_FRAME: usize = 64 << 20;
 

@@ -248,28 +248,14 @@ impl MuxCache {
 }
 
 async fn write_loop(shared: Arc<Shared>, w: Writer, mut rx: mpsc::Receiver<bytes::Bytes>) {
-    // Buffered: the requests queued meanwhile leave in one write.
-    let mut w = tokio::io::BufWriter::with_capacity(super::server::WRITE_BUFFER, w);
-    while let Some(b) = rx.recv().await {
-        let mut r = w.write_all(&b).await;
-        // Requests that queued meanwhile go out in the same flush.
-        while r.is_ok() {
-            match rx.try_recv() {
-                Ok(b) => r = w.write_all(&b).await,
-                Err(_) => break,
-            }
+    match super::frame::write_queued(w, &mut rx).await {
+        // Every handle is gone: end the stream (a TLS close_notify, then FIN) so the node
+        // closes its side and the reader task ends too.
+        Ok(mut w) => {
+            let _ = w.shutdown().await;
         }
-        if r.is_ok() {
-            r = w.flush().await;
-        }
-        if let Err(e) = r {
-            shared.close(e.kind(), e.to_string());
-            return;
-        }
+        Err(e) => shared.close(e.kind(), e.to_string()),
     }
-    // Every handle is gone: end the stream (a TLS close_notify, then FIN) so the node closes
-    // its side and the reader task ends too.
-    let _ = w.shutdown().await;
 }
 
 async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<Reader>) {

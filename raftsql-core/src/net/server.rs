@@ -17,7 +17,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use raftsql_proto::v1 as pb;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -26,9 +25,6 @@ use super::frame::{
     MAX_HELLO_FRAME,
 };
 use super::tls::{removed_reason, PeerTls};
-
-/// How much of a connection's outgoing frames is gathered into one write.
-pub(super) const WRITE_BUFFER: usize = 64 << 10;
 
 /// The pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
@@ -273,25 +269,9 @@ async fn serve_conn(
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let (tx, mut out) = mpsc::channel::<Bytes>(1024);
     tokio::spawn(async move {
-        // Buffered, so that the responses queued meanwhile leave in one write (on plain TCP
-        // each write_all would be a system call and a packet of its own).
-        let mut w = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w);
-        while let Some(b) = out.recv().await {
-            if w.write_all(&b).await.is_err() {
-                return;
-            }
-            // Responses that queued meanwhile go out in the same flush.
-            let mut failed = false;
-            while let Ok(b) = out.try_recv() {
-                if w.write_all(&b).await.is_err() {
-                    failed = true;
-                    break;
-                }
-            }
-            if failed || w.flush().await.is_err() {
-                return;
-            }
-        }
+        // The responses queued together leave in one write (on plain TCP each frame would
+        // otherwise be a system call and a packet of its own).
+        let _ = super::frame::write_queued(w, &mut out).await;
     });
     loop {
         match reader.next().await {
