@@ -177,6 +177,13 @@ fn hand_written() -> Vec<Op> {
             ..prefix("c/")
         }),
         Op::Range(RangeRequest {
+            // Keys only, sorted by the values it does not return.
+            keys_only: true,
+            sort_order: SortOrder::Descend as i32,
+            sort_target: SortTarget::Value as i32,
+            ..prefix("c/")
+        }),
+        Op::Range(RangeRequest {
             sort_target: SortTarget::Mod as i32,
             limit: 1,
             ..prefix("c/")

@@ -86,13 +86,17 @@ pub(crate) fn row_to_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<Kv> {
     })
 }
 
-/// The live keys of `iv` with their values, in key order (`?1` the start, `?2` the end if
-/// `iv` has one).
-fn live_range_sql(c: &Connection, iv: &Interval) -> rusqlite::Result<String> {
-    let from = live_source(c)?;
+/// The live keys of `iv`, with their values or with empty ones, in key order (`?1` the
+/// start, `?2` the end if `iv` has one).
+fn live_range_sql(c: &Connection, iv: &Interval, with_values: bool) -> rusqlite::Result<String> {
+    let (from, value) = if with_values {
+        (live_source(c)?, "value")
+    } else {
+        ("kv_live", "x''")
+    };
     Ok(match iv.end {
-        Some(_) => format!("SELECT key, create_rev, mod_rev, version, value, lease FROM {from} WHERE key >= ?1 AND key < ?2 ORDER BY key"),
-        None => format!("SELECT key, create_rev, mod_rev, version, value, lease FROM {from} WHERE key >= ?1 ORDER BY key"),
+        Some(_) => format!("SELECT key, create_rev, mod_rev, version, {value}, lease FROM {from} WHERE key >= ?1 AND key < ?2 ORDER BY key"),
+        None => format!("SELECT key, create_rev, mod_rev, version, {value}, lease FROM {from} WHERE key >= ?1 ORDER BY key"),
     })
 }
 
@@ -112,18 +116,21 @@ pub(crate) fn live_count(c: &Connection, iv: &Interval) -> R<i64> {
     Ok(n.unwrap_or(0))
 }
 
-/// Keys of `iv` at revision `rev` (`rev` = current: from `kv_live`), in key order.
+/// Keys of `iv` at revision `rev` (`rev` = current: from `kv_live`), in key order. At the
+/// current revision the values are read only `with_values` (each is one more seek, into
+/// `kv_rev`); without, they are empty.
 pub(crate) fn range_keys(
     c: &Connection,
     iv: &Interval,
     rev: i64,
     current: i64,
     limit: usize,
+    with_values: bool,
 ) -> R<(Vec<Kv>, i64)> {
     let mut out = Vec::new();
     if rev >= current {
         let (sql_rows, sql_count) = (
-            live_range_sql(c, iv)?,
+            live_range_sql(c, iv, with_values)?,
             match iv.end {
                 Some(_) => "SELECT count(*) FROM kv_live WHERE key >= ?1 AND key < ?2",
                 None => "SELECT count(*) FROM kv_live WHERE key >= ?1",
@@ -221,7 +228,7 @@ pub(crate) fn range_at_recent(
     let mut out = Vec::new();
     let full = |out: &Vec<Kv>| limit != 0 && out.len() >= limit;
     let mut old = changed.into_values().flatten().peekable();
-    let mut st = c.prepare_cached(&live_range_sql(c, iv)?)?;
+    let mut st = c.prepare_cached(&live_range_sql(c, iv, true)?)?;
     st.raw_bind_parameter(1, &iv.start)?;
     if let Some(end) = &iv.end {
         st.raw_bind_parameter(2, end)?;
@@ -315,10 +322,12 @@ pub(crate) fn range(c: &Connection, req: &RangeRequest, header_rev: i64) -> R<Ra
         0
     };
     let (mut kvs, count) = if req.count_only {
-        let (_, n) = range_keys(c, &iv, rev, current, 1)?;
+        let (_, n) = range_keys(c, &iv, rev, current, 1, false)?;
         (Vec::new(), n)
     } else {
-        range_keys(c, &iv, rev, current, limit)?
+        // A keys-only answer still sorts by value when asked to.
+        let with_values = !req.keys_only || target == SortTarget::Value;
+        range_keys(c, &iv, rev, current, limit, with_values)?
     };
     if filtered {
         kvs.retain(|kv| {

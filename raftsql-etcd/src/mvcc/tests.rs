@@ -336,8 +336,8 @@ fn snapshot_reads(c: &Connection, past: i64) -> Vec<(Vec<Kv>, i64)> {
     let current = meta(c, "rev", 1).unwrap();
     let mut out = Vec::new();
     for iv in ranges() {
-        out.push(range_keys(c, &iv, current, current, 0).unwrap());
-        out.push(range_keys(c, &iv, past, current, 3).unwrap());
+        out.push(range_keys(c, &iv, current, current, 0, true).unwrap());
+        out.push(range_keys(c, &iv, past, current, 3, true).unwrap());
     }
     out
 }

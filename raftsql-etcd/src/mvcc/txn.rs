@@ -26,8 +26,9 @@ pub const MAX_TXN_TOTAL_OPS: usize = 1024;
 pub(crate) fn compare_one(c: &Connection, t: &WriteTxn, cmp: &Compare) -> R<bool> {
     use compare::{CompareResult, CompareTarget, TargetUnion};
     let iv = Interval::new(&cmp.key, &cmp.range_end);
-    let (kvs, _) = range_keys(c, &iv, t.read_rev(), t.read_rev(), 0)?;
     let target = CompareTarget::try_from(cmp.target).unwrap_or(CompareTarget::Version);
+    let with_values = target == CompareTarget::Value;
+    let (kvs, _) = range_keys(c, &iv, t.read_rev(), t.read_rev(), 0, with_values)?;
     let result = CompareResult::try_from(cmp.result).unwrap_or(CompareResult::Equal);
     let test = |kv: &Kv| -> bool {
         let ord = if target == CompareTarget::Value {

@@ -106,7 +106,7 @@ pub(crate) fn delete_range(
     req: &DeleteRangeRequest,
 ) -> R<DeleteRangeResponse> {
     let iv = Interval::new(&req.key, &req.range_end);
-    let (kvs, _) = range_keys(c, &iv, i64::MAX, 0, 0)?;
+    let (kvs, _) = range_keys(c, &iv, i64::MAX, 0, 0, req.prev_kv)?;
     let rev = t.rev + 1;
     for kv in &kvs {
         c.prepare_cached("INSERT INTO kv_rev(rev, sub, key, create_rev, version, value, lease) VALUES (?1, ?2, ?3, 0, 0, x'', 0)")?
