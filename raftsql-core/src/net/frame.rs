@@ -45,13 +45,12 @@ pub(crate) async fn write_queued<W: AsyncWrite + Unpin>(
     let mut w = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w);
     while let Some(b) = rx.recv().await {
         w.write_all(&b).await?;
-        for round in 0..2 {
-            while let Ok(b) = rx.try_recv() {
-                w.write_all(&b).await?;
-            }
-            if round == 0 {
-                tokio::task::yield_now().await;
-            }
+        while let Ok(b) = rx.try_recv() {
+            w.write_all(&b).await?;
+        }
+        tokio::task::yield_now().await;
+        while let Ok(b) = rx.try_recv() {
+            w.write_all(&b).await?;
         }
         w.flush().await?;
     }

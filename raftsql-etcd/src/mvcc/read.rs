@@ -87,17 +87,40 @@ pub(crate) fn row_to_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<Kv> {
 }
 
 /// The live keys of `iv`, with their values or with empty ones, in key order (`?1` the
-/// start, `?2` the end if `iv` has one).
-fn live_range_sql(c: &Connection, iv: &Interval, with_values: bool) -> rusqlite::Result<String> {
-    let (from, value) = if with_values {
-        (live_source(c)?, "value")
+/// start, `?2` the end if `iv` has one). Static text: a read neither formats nor allocates it.
+fn live_range_sql(
+    c: &Connection,
+    iv: &Interval,
+    with_values: bool,
+) -> rusqlite::Result<&'static str> {
+    macro_rules! rows {
+        ($value:literal, $from:literal) => {
+            (
+                concat!(
+                    "SELECT key, create_rev, mod_rev, version, ",
+                    $value,
+                    ", lease FROM ",
+                    $from,
+                    " WHERE key >= ?1 AND key < ?2 ORDER BY key"
+                ),
+                concat!(
+                    "SELECT key, create_rev, mod_rev, version, ",
+                    $value,
+                    ", lease FROM ",
+                    $from,
+                    " WHERE key >= ?1 ORDER BY key"
+                ),
+            )
+        };
+    }
+    let (bounded, open) = if !with_values {
+        rows!("x''", "kv_live")
+    } else if values_in_kv_live(c)? {
+        rows!("value", "kv_live")
     } else {
-        ("kv_live", "x''")
+        rows!("value", "kv_now")
     };
-    Ok(match iv.end {
-        Some(_) => format!("SELECT key, create_rev, mod_rev, version, {value}, lease FROM {from} WHERE key >= ?1 AND key < ?2 ORDER BY key"),
-        None => format!("SELECT key, create_rev, mod_rev, version, {value}, lease FROM {from} WHERE key >= ?1 ORDER BY key"),
-    })
+    Ok(if iv.end.is_some() { bounded } else { open })
 }
 
 /// How many keys `iv` holds now.
@@ -153,7 +176,7 @@ pub(crate) fn range_keys(
             .transpose()?
             .unwrap_or(0);
         if limit != 0 || count > 0 {
-            let mut st = c.prepare_cached(&sql_rows)?;
+            let mut st = c.prepare_cached(sql_rows)?;
             bind(&mut st)?;
             let mut rows = st.raw_query();
             while let Some(r) = rows.next()? {
@@ -228,7 +251,7 @@ pub(crate) fn range_at_recent(
     let mut out = Vec::new();
     let full = |out: &Vec<Kv>| limit != 0 && out.len() >= limit;
     let mut old = changed.into_values().flatten().peekable();
-    let mut st = c.prepare_cached(&live_range_sql(c, iv, true)?)?;
+    let mut st = c.prepare_cached(live_range_sql(c, iv, true)?)?;
     st.raw_bind_parameter(1, &iv.start)?;
     if let Some(end) = &iv.end {
         st.raw_bind_parameter(2, end)?;

@@ -49,7 +49,7 @@ CREATE INDEX kv_live_lease ON kv_live(lease) WHERE lease != 0;
 /// The schema's version, kept in the database's `user_version`: the DDL above runs when a
 /// database is behind it (once, by the first write), not on every write. Reads of a database
 /// still at version 1 (written by an older raftsql, no write since) read its `kv_live`
-/// directly ([`live_source`]).
+/// directly ([`values_in_kv_live`]).
 pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 pub(crate) fn ensure_schema(c: &Connection) -> rusqlite::Result<()> {
@@ -71,15 +71,10 @@ fn schema_version(c: &Connection) -> rusqlite::Result<i64> {
         .query_row([], |r| r.get(0))
 }
 
-/// What reads of the live keys with their values select from, as
-/// `key, create_rev, mod_rev, version, value, lease`: the view `kv_now`, or, in a database
-/// still at schema 1, the table `kv_live` (which held the values then).
-pub(crate) fn live_source(c: &Connection) -> rusqlite::Result<&'static str> {
-    Ok(if schema_version(c)? >= 2 {
-        "kv_now"
-    } else {
-        "kv_live"
-    })
+/// Whether `c`'s database is still at schema 1 (written by an older raftsql, no write
+/// since), whose `kv_live` holds the values: reads select from it instead of `kv_now`.
+pub(crate) fn values_in_kv_live(c: &Connection) -> rusqlite::Result<bool> {
+    Ok(schema_version(c)? < 2)
 }
 
 pub(crate) fn meta(c: &Connection, name: &str, default: i64) -> R<i64> {
