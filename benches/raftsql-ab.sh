@@ -4,12 +4,18 @@
 # (127.0.0.31-33), 64 put clients over the three members for 10 s, then 1 put client for 5 s
 # straight to the leader and to a follower. One line per run, ending with each member's Raft log
 # fsyncs over the run (count/mean) and each member's checkpoint stalls in the 64-client phase
-# (raftsql_checkpoint_stall_seconds, count/mean). ONLY64=1: the 64-client phase only.
+# (raftsql_checkpoint_stall_seconds, count/mean), and the members' CPU time per put in the
+# 64-client phase (/proc/PID/stat; the machine is CPU-bound there on a quiet day). The load
+# generator is one binary for both builds (LOADGEN, by default BEFORE_BIN), so that a change
+# to the client side of the binary does not count for the nodes. ONLY64=1: the 64-client
+# phase only. OP=txn (or range): that operation in the 64-client phase instead of put.
 #
 # usage: benches/raftsql-ab.sh BEFORE_BIN AFTER_BIN [ROUNDS]      (default 3 rounds)
 # needs: etcdctl (apt-get install etcd-client), curl, python3.
 set -uo pipefail
 before=$1; after=$2; rounds=${3:-3}
+gen=${LOADGEN:-$before}
+op=${OP:-put}
 dir=$(mktemp -d /tmp/raftsql-ab.XXXXXX)
 stop() {
   pkill -f "node --id [123] --listen 127.0.0.3" 2>/dev/null
@@ -25,25 +31,29 @@ one() { # BIN LABEL
   leader=$(raftsql_leader)
   local follower=$(( leader % 3 + 1 ))
   pick() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(str(d[k]) for k in sys.argv[1:]))" "$@"; }
-  local p64 p1l p1f
-  p64=$("$bin" bench etcd --endpoints 127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379 --op put --clients 64 --duration 10 2>/dev/null | pick ops_per_s p50_ms p99_ms)
+  local p64 p1l p1f cpu0 cpu
+  cpu_ticks() { local p t=0; for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+  cpu0=$(cpu_ticks)
+  p64=$("$gen" bench etcd --endpoints 127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379 --op "$op" --clients 64 --duration 10 2>/dev/null | pick ops_per_s p50_ms p99_ms)
+  cpu=$(( ($(cpu_ticks) - cpu0) * 1000000 / $(getconf CLK_TCK) ))
+  cpu="$(python3 -c "import sys; print(round($cpu / (float(sys.argv[1]) * 10)))" "${p64%% *}")us"
   # The state machines' checkpoint stalls during the 64-client phase (builds without the metric: 0/0us).
   local st=""
   for i in 1 2 3; do
     st="$st $(curl -s 127.0.0.3$i:2379/metrics | awk '/^raftsql_checkpoint_stall_seconds_sum/ {s=$2} /^raftsql_checkpoint_stall_seconds_count/ {c=$2} END {printf "%d/%.0fus", c, c ? s/c*1e6 : 0}')"
   done
   if [ -n "${ONLY64:-}" ]; then
-    echo "$label put-64 ops/s p50 p99: $p64 | checkpoint stalls/mean:$st"
+    echo "$label $op-64 ops/s p50 p99: $p64 | members' CPU per op: $cpu | checkpoint stalls/mean:$st"
     return
   fi
-  p1l=$("$bin" bench etcd --endpoints 127.0.0.3$leader:2379 --op put --clients 1 --duration 5 2>/dev/null | pick p50_ms p99_ms)
-  p1f=$("$bin" bench etcd --endpoints 127.0.0.3$follower:2379 --op put --clients 1 --duration 5 2>/dev/null | pick p50_ms p99_ms)
+  p1l=$("$gen" bench etcd --endpoints 127.0.0.3$leader:2379 --op put --clients 1 --duration 5 2>/dev/null | pick p50_ms p99_ms)
+  p1f=$("$gen" bench etcd --endpoints 127.0.0.3$follower:2379 --op put --clients 1 --duration 5 2>/dev/null | pick p50_ms p99_ms)
   # The Raft log's fsyncs over the whole run, on every member: count and mean.
   local fs=""
   for i in 1 2 3; do
     fs="$fs $(curl -s 127.0.0.3$i:2379/metrics | awk '/^etcd_disk_wal_fsync_duration_seconds_sum/ {s=$2} /^etcd_disk_wal_fsync_duration_seconds_count/ {c=$2} END {printf "%d/%.0fus", c, c ? s/c*1e6 : 0}')"
   done
-  echo "$label put-64 ops/s p50 p99: $p64 | put-1 leader p50 p99: $p1l | put-1 follower p50 p99: $p1f | fsyncs/mean:$fs | checkpoint stalls/mean:$st"
+  echo "$label $op-64 ops/s p50 p99: $p64 | members' CPU per op: $cpu | put-1 leader p50 p99: $p1l | put-1 follower p50 p99: $p1f | fsyncs/mean:$fs | checkpoint stalls/mean:$st"
 }
 for r in $(seq "$rounds"); do
   if [ $((r % 2)) = 1 ]; then one "$before" before; one "$after" after; else one "$after" after; one "$before" before; fi
