@@ -70,6 +70,12 @@ impl Interval {
             }
         }
     }
+    /// Whether the interval holds one key at most (`[k, k\0)`, e.g. a get or a compare).
+    pub(crate) fn is_single_key(&self) -> bool {
+        self.end.as_deref().is_some_and(|e| {
+            e.len() == self.start.len() + 1 && e.ends_with(&[0]) && e.starts_with(&self.start)
+        })
+    }
     pub(crate) fn contains(&self, k: &[u8]) -> bool {
         k >= &self.start[..] && self.end.as_ref().is_none_or(|e| k < &e[..])
     }
@@ -167,15 +173,16 @@ pub(crate) fn range_keys(
             }
             Ok(())
         };
-        let mut st = c.prepare_cached(sql_count)?;
-        bind(&mut st)?;
-        let count: i64 = st
-            .raw_query()
-            .next()?
-            .map(|r| r.get(0))
-            .transpose()?
-            .unwrap_or(0);
-        if limit != 0 || count > 0 {
+        // One key: its row is its count (a get and a Txn compare run one statement, not two).
+        let count: Option<i64> = if iv.is_single_key() {
+            None
+        } else {
+            let mut st = c.prepare_cached(sql_count)?;
+            bind(&mut st)?;
+            let n = st.raw_query().next()?.map(|r| r.get(0)).transpose()?;
+            Some(n.unwrap_or(0))
+        };
+        if limit != 0 || count != Some(0) {
             let mut st = c.prepare_cached(sql_rows)?;
             bind(&mut st)?;
             let mut rows = st.raw_query();
@@ -186,6 +193,7 @@ pub(crate) fn range_keys(
                 }
             }
         }
+        let count = count.unwrap_or(out.len() as i64);
         return Ok((out, count));
     }
     if let Some(found) = range_at_recent(c, iv, rev, limit)? {

@@ -78,6 +78,36 @@ fn a_read_at_a_past_revision_from_recent_writes_matches_one_seek_per_key() {
 }
 
 /// Every row of `kv_rev`, in primary key order.
+/// A single-key range takes its count from its row (one statement); a range that holds the
+/// same keys but is not a single key counts them first. Both must answer alike.
+#[test]
+fn a_single_key_range_counts_as_a_wider_one() {
+    let c = db();
+    history(&c, 300, 11);
+    let current = meta(&c, "rev", 1).unwrap();
+    let mut seen = [0usize; 2];
+    for k in (0..42).map(|i| format!("/k/{i:02}").into_bytes()) {
+        let mut end = k.clone();
+        end.push(0);
+        let single = Interval::new(&k, &end);
+        assert!(single.is_single_key());
+        end.push(0);
+        let wider = Interval::new(&k, &end);
+        assert!(!wider.is_single_key());
+        for (limit, with_values) in [(0, true), (0, false), (1, true), (2, false)] {
+            let one = range_keys(&c, &single, current, current, limit, with_values).unwrap();
+            let two = range_keys(&c, &wider, current, current, limit, with_values).unwrap();
+            assert_eq!(one, two, "key {k:?}, limit {limit}, values {with_values}");
+            assert_eq!(one.1, one.0.len() as i64);
+        }
+        seen[range_keys(&c, &single, current, current, 0, false)
+            .unwrap()
+            .1 as usize] += 1;
+    }
+    // Both kinds of key were read: live ones and absent ones (deleted or never written).
+    assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
+}
+
 fn rows(c: &Connection) -> Vec<(i64, i64, Vec<u8>, i64)> {
     c.prepare("SELECT rev, sub, key, version FROM kv_rev ORDER BY rev, sub")
         .unwrap()
