@@ -200,10 +200,7 @@ pub async fn join(a: JoinArgs) -> CliResult {
     )
     .await
     .map_err(|e| format!("join refused: {e}"))?;
-    eprintln!(
-        "raftsql: joined cluster {:?} as node {} (a spare; the leader assigns its role)",
-        ticket.cluster, ticket.id
-    );
+    // "joined cluster" is printed by the node once it has stored what the ticket gave it.
     run_node_with(a.node, Some(ticket)).await
 }
 

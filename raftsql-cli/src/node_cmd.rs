@@ -135,6 +135,14 @@ pub(crate) async fn run_node_with(
             .map_err(|e| format!("--backup-dir {}: {e}", s.dir.display()))?;
     }
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
+    if let Some(t) = &joined {
+        // Only now: the node has stored its id and, with peer TLS, its key and certificates,
+        // so a data directory that saw this line restarts as this member.
+        eprintln!(
+            "raftsql: joined cluster {:?} as node {} (a spare; the leader assigns its role)",
+            t.cluster, t.id
+        );
+    }
     if let Some(schedule) = backups {
         let dir = schedule.dir.clone();
         raftsql_core::backup_schedule::spawn(&node, schedule)
