@@ -82,6 +82,17 @@ fn mem_wals() -> &'static Mutex<HashMap<Vec<u8>, Arc<MemWal>>> {
 thread_local! {
     /// Set when a write on this thread was refused by a WAL's limit ([`take_limit_hit`]).
     static LIMIT_HIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Crash-test hook ([`abort_after_writes`]): the database-file writes this thread may
+    /// still make, and the failpoint's name.
+    static WRITES_BEFORE_ABORT: std::cell::Cell<Option<(u32, &'static str)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Crash-test hook: from now on this thread may make `n` more writes to database files (not
+/// WALs); the next one aborts the process, printing `failpoint NAME reached` as the other
+/// failpoints do. `None` lifts it. Lets a crash test stop SQLite in the middle of a copy.
+pub(crate) fn abort_after_writes(limit: Option<(u32, &'static str)>) {
+    WRITES_BEFORE_ABORT.with(|c| c.set(limit));
 }
 
 fn shm_regions() -> &'static Mutex<HashMap<String, Vec<usize>>> {
@@ -550,6 +561,13 @@ unsafe extern "C" fn x_write(
     off: i64,
 ) -> c_int {
     count_wal_write(file);
+    if let Some((left, name)) = WRITES_BEFORE_ABORT.with(|c| c.get()) {
+        if left == 0 {
+            eprintln!("raftsql: failpoint {name} reached: aborting");
+            std::process::abort();
+        }
+        WRITES_BEFORE_ABORT.with(|c| c.set(Some((left - 1, name))));
+    }
     let (r, m) = real(file);
     m.xWrite.unwrap()(r, buf, n, off)
 }

@@ -200,6 +200,13 @@ fn a_crash_after_the_passive_copy_recovers_exactly() {
     crash_in_a_checkpoint_recovers_exactly("checkpoint-after-copy");
 }
 
+/// A crash in the middle of the passive copy (the database file holds two of the copy's
+/// pages and not the rest, the target recorded before the copy) recovers exactly.
+#[test]
+fn a_crash_in_the_middle_of_the_passive_copy_recovers_exactly() {
+    crash_in_a_checkpoint_recovers_exactly("checkpoint-mid-copy");
+}
+
 fn crash_in_a_checkpoint_recovers_exactly(failpoint: &str) {
     let mut c = Cluster::start(3, &["--checkpoint-frames", "32"]);
     c.wait_leader(T);

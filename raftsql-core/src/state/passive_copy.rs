@@ -183,8 +183,23 @@ impl Copier {
         })
     }
 
-    /// Runs the checkpoint, its header read behind the gate (P2).
+    /// Runs the checkpoint, its header read behind the gate (P2); returns how many frames of
+    /// the WAL are in the database file afterwards.
     pub(super) fn run(&self) -> Result<u64> {
+        // Crash tests: the process aborts in the middle of a copy, after its second page
+        // write, so that the file holds some of the copy's pages and not the others.
+        let torn = std::env::var("RAFTSQL_CRASH_AT").is_ok_and(|v| v == "checkpoint-mid-copy");
+        if torn {
+            vfs::abort_after_writes(Some((2, "checkpoint-mid-copy")));
+        }
+        let r = self.copy();
+        if torn {
+            vfs::abort_after_writes(None);
+        }
+        r
+    }
+
+    fn copy(&self) -> Result<u64> {
         let mut st = self.conn.prepare_cached(Self::SQL)?;
         let h = self.handle.clone();
         let r = vfs::with_header_pin(
