@@ -408,12 +408,7 @@ fn an_oversized_interactive_transaction_is_refused_with_bounded_memory() {
 /// sees the write made meanwhile.
 #[test]
 fn bounded_reads_are_never_staler_than_their_bound() {
-    if let Err(e) = harness::net::Partition::available() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "iptables is required in CI: {e}"
-        );
-        eprintln!("skipped: {e}");
+    if !harness::net::Partition::usable_or_skip() {
         return;
     }
     let c = Cluster::start(3, &[]);
@@ -538,12 +533,7 @@ fn keep_writing(
 #[test]
 fn a_leader_cut_off_while_it_checkpoints_leaves_the_replicas_identical() {
     use std::sync::atomic::Ordering::SeqCst;
-    if let Err(e) = harness::net::Partition::available() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "iptables is required in CI: {e}"
-        );
-        eprintln!("skipped: {e}");
+    if !harness::net::Partition::usable_or_skip() {
         return;
     }
     let c = Cluster::start(3, &["--checkpoint-frames", "16"]);

@@ -68,6 +68,22 @@ impl Partition {
         drop(p);
         Ok(())
     }
+
+    /// For a test that needs iptables: true if it can be used; else false after saying why
+    /// the test is skipped (outside CI; in CI a missing iptables fails the test).
+    pub fn usable_or_skip() -> bool {
+        match Partition::available() {
+            Ok(()) => true,
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "iptables is required in CI: {e}"
+                );
+                eprintln!("skipped: {e}");
+                false
+            }
+        }
+    }
 }
 
 impl Drop for Partition {
