@@ -6,6 +6,8 @@
 #                                 pids are appended to the array `pids`; returns once a put
 #                                 succeeds (1 if none did within 20 s)
 #   raftsql_leader                the member that says it leads (1-3; 0 if none does)
+#   members_cpu_ticks             CPU time (user + system, clock ticks) the processes in
+#                                 `pids` have used so far
 
 start_raftsql() {
   local bin=$1 data=$2 log=$3 i
@@ -28,4 +30,10 @@ raftsql_leader() {
     curl -s 127.0.0.3$i:2379/metrics | grep -q '^etcd_server_is_leader 1' && { echo $i; return; }
   done
   echo 0
+}
+
+members_cpu_ticks() {
+  local p t=0
+  for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo $t
 }

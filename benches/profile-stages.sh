@@ -42,8 +42,7 @@ cleanup() {
 trap cleanup EXIT
 . "$root/benches/cluster.sh"
 start_raftsql "$bin" "$out" "$out/" || { echo "the cluster did not start (logs in $out)" >&2; exit 1; }
-cpu_ticks() { local p t=0; for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
-cpu0=$(cpu_ticks)
+cpu0=$(members_cpu_ticks)
 "$bin" bench etcd --endpoints 127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379 --op "$op" \
   --clients "$clients" --duration "$secs" >"$out/bench.json" 2>"$out/bench.err" &
 bench=$!
@@ -52,7 +51,7 @@ sleep $((secs / 4 + 1))
 perf record -F 299 --call-graph dwarf,16384 -p "$(IFS=,; echo "${pids[*]}")" \
   -o "$out/perf.data" -- sleep $((secs / 2)) 2>"$out/perf.err" >/dev/null
 wait $bench
-cpu=$(( ($(cpu_ticks) - cpu0) * 1000000 / $(getconf CLK_TCK) ))
+cpu=$(( ($(members_cpu_ticks) - cpu0) * 1000000 / $(getconf CLK_TCK) ))
 perf script -i "$out/perf.data" -F comm,ip,sym 2>/dev/null >"$out/stacks.txt"
 python3 - "$out/bench.json" "$cpu" "$out/stacks.txt" "$(raftsql_leader)" <<'EOF'
 import collections, json, re, sys

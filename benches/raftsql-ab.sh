@@ -32,10 +32,9 @@ one() { # BIN LABEL
   local follower=$(( leader % 3 + 1 ))
   pick() { python3 -c "import json,sys; d=json.load(sys.stdin); print(' '.join(str(d[k]) for k in sys.argv[1:]))" "$@"; }
   local p64 p1l p1f cpu0 cpu
-  cpu_ticks() { local p t=0; for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
-  cpu0=$(cpu_ticks)
+  cpu0=$(members_cpu_ticks)
   p64=$("$gen" bench etcd --endpoints 127.0.0.31:2379,127.0.0.32:2379,127.0.0.33:2379 --op "$op" --clients 64 --duration 10 2>/dev/null | pick ops_per_s p50_ms p99_ms)
-  cpu=$(( ($(cpu_ticks) - cpu0) * 1000000 / $(getconf CLK_TCK) ))
+  cpu=$(( ($(members_cpu_ticks) - cpu0) * 1000000 / $(getconf CLK_TCK) ))
   cpu="$(python3 -c "import sys; print(round($cpu / (float(sys.argv[1]) * 10)))" "${p64%% *}")us"
   # The state machines' checkpoint stalls during the 64-client phase (builds without the metric: 0/0us).
   local st=""

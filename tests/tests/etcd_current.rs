@@ -149,21 +149,6 @@ fn a_progress_request_never_overtakes_a_watchs_events() {
     });
 }
 
-/// True if iptables can cut links here; otherwise skips (outside CI) or fails (in CI).
-fn iptables_or_skip() -> bool {
-    match Partition::available() {
-        Ok(()) => true,
-        Err(e) => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "iptables is required in CI: {e}"
-            );
-            eprintln!("skipped: {e}");
-            false
-        }
-    }
-}
-
 /// The status a watch stream ends with, within `T`; any message before it is a failure.
 async fn canceled(rx: &mut tonic::Streaming<WatchResponse>, what: &str) -> tonic::Status {
     match tokio::time::timeout(T, rx.message())
@@ -182,7 +167,7 @@ async fn canceled(rx: &mut tonic::Streaming<WatchResponse>, what: &str) -> tonic
 /// stays open (etcd's behaviour); new require-leader calls are refused at once.
 #[test]
 fn a_require_leader_watch_is_canceled_on_a_node_cut_off() {
-    if !iptables_or_skip() {
+    if !Partition::usable_or_skip() {
         return;
     }
     let c = Cluster::start_with_etcd(3, &[]);
@@ -353,11 +338,7 @@ fn the_http_endpoints_answer_and_readyz_fails_without_quorum() {
         .lines()
         .any(|l| l == "etcd_server_is_leader 1"));
 
-    if let Err(e) = Partition::available() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "iptables is required in CI: {e}"
-        );
+    if !Partition::usable_or_skip() {
         return;
     }
     let others: Vec<IpAddr> = (1..=3)
@@ -557,7 +538,7 @@ fn a_range_stream_of_10k_keys_equals_the_range() {
 /// Before, its require-leader watch stayed open for as long as the cut lasted.
 #[test]
 fn a_require_leader_watch_is_canceled_on_a_standby_cut_off() {
-    if !iptables_or_skip() {
+    if !Partition::usable_or_skip() {
         return;
     }
     let c = Cluster::start_with_etcd(4, &[]);

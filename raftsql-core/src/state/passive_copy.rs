@@ -188,9 +188,10 @@ impl Copier {
     pub(super) fn run(&self) -> Result<u64> {
         // Crash tests: the process aborts in the middle of a copy, after its second page
         // write, so that the file holds some of the copy's pages and not the others.
-        let torn = std::env::var("RAFTSQL_CRASH_AT").is_ok_and(|v| v == "checkpoint-mid-copy");
+        const MID_COPY: &str = "checkpoint-mid-copy";
+        let torn = std::env::var("RAFTSQL_CRASH_AT").is_ok_and(|v| v == MID_COPY);
         if torn {
-            vfs::abort_after_writes(Some((2, "checkpoint-mid-copy")));
+            vfs::abort_after_writes(Some((2, MID_COPY)));
         }
         let r = self.copy();
         if torn {

@@ -158,33 +158,18 @@ pub(crate) fn range_keys(
 ) -> R<(Vec<Kv>, i64)> {
     let mut out = Vec::new();
     if rev >= current {
-        let (sql_rows, sql_count) = (
-            live_range_sql(c, iv, with_values)?,
-            match iv.end {
-                Some(_) => "SELECT count(*) FROM kv_live WHERE key >= ?1 AND key < ?2",
-                None => "SELECT count(*) FROM kv_live WHERE key >= ?1",
-            },
-        );
-        let end = iv.end.clone().unwrap_or_default();
-        let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
-            st.raw_bind_parameter(1, &iv.start)?;
-            if iv.end.is_some() {
-                st.raw_bind_parameter(2, &end)?;
-            }
-            Ok(())
-        };
         // One key: its row is its count (a get and a Txn compare run one statement, not two).
-        let count: Option<i64> = if iv.is_single_key() {
+        let count = if iv.is_single_key() {
             None
         } else {
-            let mut st = c.prepare_cached(sql_count)?;
-            bind(&mut st)?;
-            let n = st.raw_query().next()?.map(|r| r.get(0)).transpose()?;
-            Some(n.unwrap_or(0))
+            Some(live_count(c, iv)?)
         };
         if limit != 0 || count != Some(0) {
-            let mut st = c.prepare_cached(sql_rows)?;
-            bind(&mut st)?;
+            let mut st = c.prepare_cached(live_range_sql(c, iv, with_values)?)?;
+            st.raw_bind_parameter(1, &iv.start)?;
+            if let Some(end) = &iv.end {
+                st.raw_bind_parameter(2, end)?;
+            }
             let mut rows = st.raw_query();
             while let Some(r) = rows.next()? {
                 out.push(row_to_kv(r)?);

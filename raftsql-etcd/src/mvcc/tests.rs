@@ -77,7 +77,6 @@ fn a_read_at_a_past_revision_from_recent_writes_matches_one_seek_per_key() {
     }
 }
 
-/// Every row of `kv_rev`, in primary key order.
 /// A single-key range takes its count from its row (one statement); a range that holds the
 /// same keys but is not a single key counts them first. Both must answer alike.
 #[test]
@@ -108,6 +107,7 @@ fn a_single_key_range_counts_as_a_wider_one() {
     assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
 }
 
+/// Every row of `kv_rev`, in primary key order.
 fn rows(c: &Connection) -> Vec<(i64, i64, Vec<u8>, i64)> {
     c.prepare("SELECT rev, sub, key, version FROM kv_rev ORDER BY rev, sub")
         .unwrap()
